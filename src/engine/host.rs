@@ -1,0 +1,146 @@
+//! Host-name normalisation shared by policy compilation and request matching.
+//!
+//! Both sides go through the same function so that a policy for `Bücher.example`
+//! matches a viewer sending `xn--bcher-kva.example.:443`.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// Why a host could not be normalised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostError {
+    Empty,
+    TooLong,
+    Invalid(String),
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostError::Empty => f.write_str("host is empty"),
+            HostError::TooLong => write!(f, "host is longer than {MAX_HOST_LEN} bytes"),
+            HostError::Invalid(why) => write!(f, "host is not a valid name: {why}"),
+        }
+    }
+}
+
+/// DNS limits a name to 253 bytes; anything longer cannot name a domain.
+pub const MAX_HOST_LEN: usize = 253;
+
+/// Splits a viewer `Host`/`:authority` into its host part, dropping the port.
+/// IPv6 literals keep their brackets (`[::1]:8080` -> `[::1]`).
+pub fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.rfind(':') {
+        Some(colon) if authority[colon + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+            &authority[..colon]
+        }
+        _ => authority,
+    }
+}
+
+fn is_plain_ascii_name(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !host.starts_with('.')
+        && !host.ends_with('.')
+        && !host.contains("..")
+        && !host.contains("xn--")
+}
+
+/// Normalises a host name (no port): lower case, no trailing dot, IDN in punycode.
+/// The common case (already lower-case ASCII) borrows and does not allocate.
+pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
+    if host.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if host.len() > MAX_HOST_LEN + 1 {
+        return Err(HostError::TooLong);
+    }
+    if is_plain_ascii_name(host) {
+        return Ok(Cow::Borrowed(host));
+    }
+    let trimmed = host.strip_suffix('.').unwrap_or(host);
+    if trimmed.is_empty() {
+        return Err(HostError::Empty);
+    }
+    let parsed = url::Host::parse(trimmed).map_err(|e| HostError::Invalid(e.to_string()))?;
+    let ascii = match parsed {
+        url::Host::Domain(d) => d,
+        url::Host::Ipv4(ip) => ip.to_string(),
+        url::Host::Ipv6(ip) => format!("[{ip}]"),
+    };
+    if ascii.len() > MAX_HOST_LEN {
+        return Err(HostError::TooLong);
+    }
+    if ascii.contains(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':' | '_')))
+    {
+        return Err(HostError::Invalid(format!("`{ascii}` has characters not allowed in a host name")));
+    }
+    Ok(Cow::Owned(ascii))
+}
+
+/// Normalises a viewer authority: the port is ignored, the host normalised.
+pub fn normalize_authority(authority: &str) -> Result<Cow<'_, str>, HostError> {
+    normalize_host(strip_port(authority))
+}
+
+/// True when `host` is an IPv4 or (bracketed or bare) IPv6 literal.
+pub fn is_ip_literal(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<Ipv4Addr>().is_ok() || bare.parse::<Ipv6Addr>().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation_table() {
+        let cases: &[(&str, Result<&str, HostError>)] = &[
+            ("img.example.com", Ok("img.example.com")),
+            ("IMG.Example.COM", Ok("img.example.com")),
+            ("img.example.com.", Ok("img.example.com")),
+            ("Bücher.example", Ok("xn--bcher-kva.example")),
+            ("xn--bcher-kva.example", Ok("xn--bcher-kva.example")),
+            ("127.0.0.1", Ok("127.0.0.1")),
+            ("[::1]", Ok("[::1]")),
+            ("", Err(HostError::Empty)),
+            (".", Err(HostError::Empty)),
+        ];
+        for (input, want) in cases {
+            let got = normalize_host(input).map(|h| h.into_owned());
+            assert_eq!(got, want.clone().map(str::to_owned), "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn authority_port_is_ignored() {
+        assert_eq!(normalize_authority("Img.Example.com:8080").unwrap(), "img.example.com");
+        assert_eq!(normalize_authority("[::1]:443").unwrap(), "[::1]");
+        assert_eq!(normalize_authority("a.example.com.:80").unwrap(), "a.example.com");
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(normalize_host("a b.example").is_err());
+        assert!(normalize_host("a\r\nb").is_err());
+        assert!(normalize_host(&"a".repeat(300)).is_err());
+    }
+
+    #[test]
+    fn ip_literals() {
+        assert!(is_ip_literal("10.0.0.1"));
+        assert!(is_ip_literal("[2001:db8::1]"));
+        assert!(is_ip_literal("2001:db8::1"));
+        assert!(!is_ip_literal("origin.example.net"));
+    }
+}

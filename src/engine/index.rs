@@ -1,0 +1,217 @@
+//! The compiled policy set: a domain index with O(1) exact lookups and
+//! O(labels) wildcard lookups, independent of how many domains are loaded.
+
+use super::decision::{normalize_viewer_host, CompiledPolicy, MatchKind, Outcome, ViewerRequest};
+use super::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
+use super::host::normalize_host;
+use super::policy::{parse_policy, DomainPattern};
+use super::settings::{parse_settings, Settings};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// Exact names and wildcard suffixes, each mapped to its compiled policy.
+#[derive(Debug, Clone, Default)]
+pub struct DomainIndex {
+    exact: HashMap<String, Arc<CompiledPolicy>>,
+    wildcard: HashMap<String, Arc<CompiledPolicy>>,
+}
+
+impl DomainIndex {
+    fn insert(&mut self, policy: Arc<CompiledPolicy>) {
+        match &policy.policy.domain {
+            DomainPattern::Exact(name) => self.exact.insert(name.clone(), policy),
+            DomainPattern::Wildcard(suffix) => self.wildcard.insert(suffix.clone(), policy),
+        };
+    }
+
+    /// The most specific policy for a normalised host: the exact name first, then
+    /// the longest wildcard suffix. `*.a.com` covers `x.a.com` and `y.x.a.com`, not `a.com`.
+    pub fn lookup(&self, host: &str) -> Option<(&Arc<CompiledPolicy>, MatchKind)> {
+        if let Some(p) = self.exact.get(host) {
+            return Some((p, MatchKind::Exact));
+        }
+        if self.wildcard.is_empty() {
+            return None;
+        }
+        let mut rest = host;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            if let Some(p) = self.wildcard.get(rest) {
+                return Some((p, MatchKind::Wildcard));
+            }
+        }
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, pattern: &DomainPattern) -> Option<&Arc<CompiledPolicy>> {
+        match pattern {
+            DomainPattern::Exact(name) => self.exact.get(name),
+            DomainPattern::Wildcard(suffix) => self.wildcard.get(suffix),
+        }
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<CompiledPolicy>> {
+        self.exact.values().chain(self.wildcard.values())
+    }
+}
+
+/// Why a plugin configuration could not be used at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Not JSON, or not the `{settings, policies}` envelope.
+    Envelope(String),
+    Settings(Diagnostics),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Envelope(why) => write!(f, "plugin configuration rejected: {why}"),
+            ConfigError::Settings(d) => write!(f, "plugin configuration rejected:\n{d}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Settings plus every domain's compiled policy: what the filter serves from.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    pub settings: Settings,
+    pub index: DomainIndex,
+}
+
+/// One policy document and where it came from.
+pub struct PolicySource<'v> {
+    pub source: String,
+    pub document: &'v Value,
+}
+
+/// The result of compiling a set: what is served now, and every finding.
+pub struct CompiledSet {
+    pub set: PolicySet,
+    pub diagnostics: Diagnostics,
+    /// Domains whose new policy was rejected and whose last good policy stays.
+    pub kept_previous: Vec<String>,
+    /// Policies that were rejected (each domain counted once).
+    pub rejected: usize,
+}
+
+fn domain_of(document: &Value) -> Option<DomainPattern> {
+    let text = document.get("domain")?.as_str()?;
+    match text.strip_prefix("*.") {
+        Some(rest) => normalize_host(rest).ok().map(|n| DomainPattern::Wildcard(n.into_owned())),
+        None => normalize_host(text).ok().map(|n| DomainPattern::Exact(n.into_owned())),
+    }
+}
+
+impl PolicySet {
+    /// Compiles policies one domain at a time. A rejected policy never takes its
+    /// domain down: when `previous` served that domain, its last good policy stays.
+    pub fn compile(settings: Settings, sources: &[PolicySource<'_>], previous: Option<&PolicySet>) -> CompiledSet {
+        let mut diagnostics = Vec::new();
+        let mut accepted: Vec<(usize, CompiledPolicy)> = Vec::new();
+        let mut rejected_domains: Vec<Option<DomainPattern>> = Vec::new();
+        for (i, src) in sources.iter().enumerate() {
+            let (policy, found) = parse_policy(&src.source, src.document);
+            diagnostics.extend(found);
+            match policy {
+                Some(p) => accepted.push((i, CompiledPolicy::compile(p, &settings))),
+                None => rejected_domains.push(domain_of(src.document)),
+            }
+        }
+        let mut by_domain: HashMap<DomainPattern, Vec<usize>> = HashMap::new();
+        for (slot, (_, p)) in accepted.iter().enumerate() {
+            by_domain.entry(p.policy.domain.clone()).or_default().push(slot);
+        }
+        let mut duplicate = vec![false; accepted.len()];
+        for slots in by_domain.values().filter(|s| s.len() > 1) {
+            let names: Vec<&str> = slots.iter().map(|&s| sources[accepted[s].0].source.as_str()).collect();
+            for &slot in slots {
+                duplicate[slot] = true;
+                let (i, p) = &accepted[slot];
+                diagnostics.push(PolicyDiagnostic {
+                    severity: Severity::Error,
+                    source: sources[*i].source.clone(),
+                    domain: Some(p.name.clone()),
+                    path: "/domain".to_owned(),
+                    message: format!("domain `{}` is defined more than once ({})", p.name, names.join(", ")),
+                    fix: Some("keep exactly one policy per domain".to_owned()),
+                });
+            }
+        }
+        let mut index = DomainIndex::default();
+        for (slot, (_, p)) in accepted.into_iter().enumerate() {
+            if duplicate[slot] {
+                rejected_domains.push(Some(p.policy.domain.clone()));
+            } else {
+                index.insert(Arc::new(p));
+            }
+        }
+        rejected_domains.sort_by_key(|d| d.as_ref().map(DomainPattern::display_name));
+        rejected_domains.dedup();
+        let mut kept_previous = Vec::new();
+        for pattern in rejected_domains.iter().flatten() {
+            if let Some(old) = previous.and_then(|prev| prev.index.get(pattern)) {
+                if index.get(pattern).is_none() {
+                    kept_previous.push(old.name.clone());
+                    index.insert(Arc::clone(old));
+                }
+            }
+        }
+        CompiledSet {
+            set: PolicySet { settings, index },
+            diagnostics: Diagnostics(diagnostics),
+            kept_previous,
+            rejected: rejected_domains.len(),
+        }
+    }
+
+    /// Parses a plugin configuration: `{"settings": {...}, "policies": [...]}`.
+    pub fn from_plugin_config(bytes: &[u8], previous: Option<&PolicySet>) -> Result<CompiledSet, ConfigError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| ConfigError::Envelope(format!("not valid JSON: {e}")))?;
+        let Value::Object(map) = &value else {
+            return Err(ConfigError::Envelope("expected a JSON object with `settings` and `policies`".to_owned()));
+        };
+        if let Some(unknown) = map.keys().find(|k| !matches!(k.as_str(), "settings" | "policies" | "$schema")) {
+            return Err(ConfigError::Envelope(format!("unknown top-level field `{unknown}`")));
+        }
+        let settings = parse_settings("plugin configuration", map.get("settings")).map_err(|d| ConfigError::Settings(Diagnostics(d)))?;
+        let policies = match map.get("policies") {
+            Some(Value::Array(list)) => list,
+            Some(_) => return Err(ConfigError::Envelope("`policies` must be an array of policy objects".to_owned())),
+            None => return Err(ConfigError::Envelope("missing `policies`".to_owned())),
+        };
+        let sources: Vec<PolicySource> = policies
+            .iter()
+            .enumerate()
+            .map(|(i, document)| PolicySource { source: format!("policies[{i}]"), document })
+            .collect();
+        Ok(Self::compile(settings, &sources, previous))
+    }
+
+    /// Decides where a request goes.
+    pub fn decide<'a>(&'a self, request: &ViewerRequest<'a>) -> Outcome<'a> {
+        let host = match normalize_viewer_host(request.authority) {
+            Ok(h) => h,
+            Err(e) => return Outcome::BadHost(e),
+        };
+        match self.index.lookup(&host) {
+            Some((policy, matched)) => match policy.decide(matched, host, request, &self.settings) {
+                Some(d) => Outcome::Origin(Box::new(d)),
+                None => Outcome::NoRoute { domain: &policy.name },
+            },
+            None => Outcome::UnknownDomain { viewer_host: host },
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The policy engine: pure, no proxy-wasm, no I/O. It runs in the filter, the
+//! CLI, the benchmarks and the JavaScript package alike.
+
+mod decision;
+mod diagnostic;
+pub mod host;
+mod index;
+mod policy;
+mod settings;
+
+pub use decision::{
+    viewer_scheme, CacheOverride, CompiledPolicy, Failover, FailoverPlan, MatchKind, OriginDecision, OriginRole,
+    OriginTarget, Outcome, ResponsePlan, ViewerRequest, ViewerSchemeSource,
+};
+pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
+pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource};
+pub use policy::{
+    parse_policy, DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme,
+};
+pub use settings::{parse_settings, Settings, UnknownDomain};

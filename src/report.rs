@@ -1,0 +1,143 @@
+//! JSON views of decisions and diagnostics, shared by the CLI, the golden
+//! cases and the JavaScript package so that all of them speak the same shape.
+
+use crate::engine::{Failover, OriginDecision, OriginTarget, Outcome, PolicyDiagnostic, PolicySet, ViewerRequest};
+use serde_json::{json, Map, Value};
+
+fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("role".into(), t.role.as_str().into());
+    m.insert("cluster".into(), t.cluster.into());
+    m.insert("scheme".into(), t.scheme.as_str().into());
+    m.insert("port".into(), t.port.into());
+    m.insert("authority".into(), t.authority.as_ref().into());
+    m.insert("sni".into(), t.sni.as_deref().map_or(Value::Null, Value::from));
+    m.insert("dynamic_host".into(), t.dynamic_host.map_or(Value::Null, Value::from));
+    m
+}
+
+fn decision_json(d: &OriginDecision<'_>) -> Value {
+    let failover = match &d.failover {
+        Failover::NotConfigured => Value::Null,
+        Failover::MethodNotEligible => json!({
+            "eligible": false,
+            "reason": "method not in the policy's failover methods",
+        }),
+        Failover::Plan(plan) => {
+            let mut m = target_json(&plan.target);
+            m.insert("eligible".into(), true.into());
+            m.insert("statuses".into(), plan.statuses.into());
+            m.insert("timeout_ms".into(), plan.timeout_ms.into());
+            Value::Object(m)
+        }
+    };
+    let cache: Map<String, Value> = d
+        .policy
+        .cache_overrides()
+        .iter()
+        .map(|c| (c.status.to_string(), Value::from(c.cache_control.as_str())))
+        .collect();
+    json!({
+        "outcome": "origin",
+        "domain": d.policy.name,
+        "match": match d.matched { crate::engine::MatchKind::Exact => "exact", crate::engine::MatchKind::Wildcard => "wildcard" },
+        "viewer_host": d.viewer_host,
+        "viewer_scheme": d.viewer_scheme.as_str(),
+        "origin": Value::Object(target_json(&d.target)),
+        "failover": failover,
+        "cache": cache,
+        "rule": d.scheme_rule(),
+    })
+}
+
+/// The decision for a request as JSON (`outcome` is `origin`, `unknown_domain`,
+/// `bad_host` or `no_route`).
+pub fn outcome_json(set: &PolicySet, outcome: &Outcome<'_>) -> Value {
+    match outcome {
+        Outcome::Origin(d) => decision_json(d),
+        Outcome::UnknownDomain { viewer_host } => json!({
+            "outcome": "unknown_domain",
+            "viewer_host": viewer_host,
+            "action": match set.settings.unknown_domain {
+                crate::engine::UnknownDomain::PassThrough => json!("pass_through"),
+                crate::engine::UnknownDomain::LocalReply { status } => json!({"local_reply": status}),
+            },
+        }),
+        Outcome::BadHost(e) => json!({"outcome": "bad_host", "error": e.to_string()}),
+        Outcome::NoRoute { domain } => json!({"outcome": "no_route", "domain": domain}),
+    }
+}
+
+pub fn diagnostic_json(d: &PolicyDiagnostic) -> Value {
+    json!({
+        "severity": d.severity.to_string(),
+        "source": d.source,
+        "domain": d.domain,
+        "path": d.path,
+        "message": d.message,
+        "fix": d.fix,
+    })
+}
+
+/// A request as golden cases and `explain` describe it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestSpec {
+    pub authority: String,
+    pub scheme: Option<String>,
+    pub x_forwarded_proto: Option<String>,
+    pub method: String,
+}
+
+impl RequestSpec {
+    pub fn from_json(value: &Value) -> Result<Self, String> {
+        let obj = value.as_object().ok_or("request must be an object")?;
+        let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+        for key in obj.keys() {
+            if !matches!(key.as_str(), "authority" | "scheme" | "x_forwarded_proto" | "method" | "path") {
+                return Err(format!("unknown request field `{key}`"));
+            }
+        }
+        Ok(RequestSpec {
+            authority: text("authority").ok_or("request needs `authority`")?,
+            scheme: text("scheme"),
+            x_forwarded_proto: text("x_forwarded_proto"),
+            method: text("method").unwrap_or_else(|| "GET".to_owned()),
+        })
+    }
+
+    pub fn as_viewer_request(&self) -> ViewerRequest<'_> {
+        ViewerRequest {
+            authority: &self.authority,
+            scheme: self.scheme.as_deref(),
+            x_forwarded_proto: self.x_forwarded_proto.as_deref(),
+            method: &self.method,
+        }
+    }
+}
+
+/// Lists where `actual` differs from `expected`, looking only at keys `expected` names.
+pub fn subset_mismatches(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            for (k, ev) in e {
+                let p = format!("{path}/{k}");
+                match a.get(k) {
+                    Some(av) => subset_mismatches(ev, av, &p, out),
+                    None => out.push(format!("{p}: expected {ev}, missing")),
+                }
+            }
+        }
+        (e, a) if e != a => out.push(format!("{path}: expected {e}, got {a}")),
+        _ => {}
+    }
+}
+
+/// The primary-response plan as JSON, for golden cases.
+pub fn response_json(decision: &OriginDecision<'_>, status: u16) -> Value {
+    let plan = decision.on_primary_response(status);
+    json!({
+        "cache_control": plan.cache_control,
+        "failover": plan.fail_over,
+        "origin_error": plan.origin_error,
+    })
+}
