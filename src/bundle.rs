@@ -1,7 +1,9 @@
 //! Reading a policy directory and turning it into the filter's plugin
 //! configuration. Native only: this is the part that touches files.
 
-use crate::engine::{parse_settings, CompiledSet, Diagnostics, PolicyDiagnostic, PolicySet, PolicySource, Severity};
+use crate::engine::{
+    parse_settings, CompiledSet, Diagnostics, PolicyDiagnostic, PolicySet, PolicySource, Severity,
+};
 use serde_json::{json, Value};
 use std::fs;
 use std::io::Write as _;
@@ -21,7 +23,14 @@ pub struct PolicyDir {
 }
 
 fn unreadable(source: String, message: String) -> PolicyDiagnostic {
-    PolicyDiagnostic { severity: Severity::Error, source, domain: None, path: String::new(), message, fix: None }
+    PolicyDiagnostic {
+        severity: Severity::Error,
+        source,
+        domain: None,
+        path: String::new(),
+        message,
+        fix: None,
+    }
 }
 
 /// Reads `*.json` files from `dir` (not recursively), sorted by name so that
@@ -34,9 +43,16 @@ pub fn read_dir(dir: &Path) -> Result<PolicyDir, String> {
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "json"))
         .collect();
     paths.sort();
-    let mut out = PolicyDir { settings: None, policies: Vec::new(), unreadable: Vec::new() };
+    let mut out = PolicyDir {
+        settings: None,
+        policies: Vec::new(),
+        unreadable: Vec::new(),
+    };
     for path in paths {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name == SCHEMA_FILE {
             continue;
         }
@@ -45,12 +61,14 @@ pub fn read_dir(dir: &Path) -> Result<PolicyDir, String> {
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(v) => v,
                 Err(e) => {
-                    out.unreadable.push(unreadable(shown, format!("not valid JSON: {e}")));
+                    out.unreadable
+                        .push(unreadable(shown, format!("not valid JSON: {e}")));
                     continue;
                 }
             },
             Err(e) => {
-                out.unreadable.push(unreadable(shown, format!("cannot read: {e}")));
+                out.unreadable
+                    .push(unreadable(shown, format!("cannot read: {e}")));
                 continue;
             }
         };
@@ -65,18 +83,30 @@ pub fn read_dir(dir: &Path) -> Result<PolicyDir, String> {
 
 /// Reads the given files and directories into one policy set description.
 pub fn read_paths(paths: &[PathBuf]) -> Result<PolicyDir, String> {
-    let mut all = PolicyDir { settings: None, policies: Vec::new(), unreadable: Vec::new() };
+    let mut all = PolicyDir {
+        settings: None,
+        policies: Vec::new(),
+        unreadable: Vec::new(),
+    };
     for path in paths {
         let part = if path.is_dir() {
             read_dir(path)?
         } else {
             let bytes = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
             let shown = path.display().to_string();
-            let mut one = PolicyDir { settings: None, policies: Vec::new(), unreadable: Vec::new() };
+            let mut one = PolicyDir {
+                settings: None,
+                policies: Vec::new(),
+                unreadable: Vec::new(),
+            };
             match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) if path.file_name().is_some_and(|n| n == SETTINGS_FILE) => one.settings = Some(v),
+                Ok(v) if path.file_name().is_some_and(|n| n == SETTINGS_FILE) => {
+                    one.settings = Some(v)
+                }
                 Ok(v) => one.policies.push((shown, v)),
-                Err(e) => one.unreadable.push(unreadable(shown, format!("not valid JSON: {e}"))),
+                Err(e) => one
+                    .unreadable
+                    .push(unreadable(shown, format!("not valid JSON: {e}"))),
             }
             one
         };
@@ -101,7 +131,10 @@ impl PolicyDir {
         let sources: Vec<PolicySource> = self
             .policies
             .iter()
-            .map(|(source, document)| PolicySource { source: source.clone(), document })
+            .map(|(source, document)| PolicySource {
+                source: source.clone(),
+                document,
+            })
             .collect();
         let compiled = PolicySet::compile(settings, &sources, None);
         diagnostics.extend(compiled.diagnostics.0.iter().cloned());
@@ -121,8 +154,14 @@ impl PolicyDir {
 /// Writes `bytes` to `path` so that a watcher never sees a partial file:
 /// a temporary file in the same directory, synced, then renamed over the target.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut file = fs::File::create(&tmp)?;
     file.write_all(bytes)?;

@@ -1,1 +1,302 @@
-fn main() {}
+//! `origin-policy` command line: check, explain and bundle policy files.
+
+use origin_policy::bundle::{read_paths, write_atomically, PolicyDir};
+use origin_policy::engine::{Diagnostics, Failover, Outcome};
+use origin_policy::report::{diagnostic_json, outcome_json, RequestSpec};
+use serde_json::{json, Value};
+use std::fmt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage:
+  origin-policy check [--json] [PATH...]
+      Validate policy files (default PATH: policies/). Exit 1 on any error.
+  origin-policy explain [--json] [--policies PATH] [--method M] [--x-forwarded-proto P] URL
+      Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
+  origin-policy bundle [--wasm FILE] [--out DIR] [PATH...]
+      Write DIR/plugin-config.json and DIR/origin-policy.ecds.json (default DIR: run/),
+      each replaced atomically so that Envoy's file watch sees whole files only.";
+
+/// Why the command line failed.
+#[derive(Debug)]
+enum CliError {
+    Usage(String),
+    Io(String),
+    Invalid(Diagnostics),
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Usage(why) => write!(f, "{why}\n\n{USAGE}"),
+            CliError::Io(why) => f.write_str(why),
+            CliError::Invalid(d) => write!(f, "{d}\npolicies rejected"),
+        }
+    }
+}
+
+struct Args {
+    flags: Vec<(String, Option<String>)>,
+    positional: Vec<String>,
+}
+
+impl Args {
+    fn parse(raw: &[String], with_value: &[&str]) -> Result<Args, CliError> {
+        let mut args = Args {
+            flags: Vec::new(),
+            positional: Vec::new(),
+        };
+        let mut it = raw.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                if with_value.contains(&name) {
+                    let v = it
+                        .next()
+                        .ok_or_else(|| CliError::Usage(format!("--{name} needs a value")))?;
+                    args.flags.push((name.to_owned(), Some(v.clone())));
+                } else if name == "json" {
+                    args.flags.push((name.to_owned(), None));
+                } else {
+                    return Err(CliError::Usage(format!("unknown option --{name}")));
+                }
+            } else {
+                args.positional.push(a.clone());
+            }
+        }
+        Ok(args)
+    }
+
+    fn value(&self, name: &str) -> Option<&str> {
+        self.flags
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.flags.iter().any(|(n, _)| n == name)
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        if self.positional.is_empty() {
+            vec![PathBuf::from("policies")]
+        } else {
+            self.positional.iter().map(PathBuf::from).collect()
+        }
+    }
+}
+
+fn load(paths: &[PathBuf]) -> Result<PolicyDir, CliError> {
+    read_paths(paths).map_err(CliError::Io)
+}
+
+fn check(args: &Args) -> Result<(), CliError> {
+    let dir = load(&args.paths())?;
+    let (compiled, diagnostics) = dir.compile();
+    let domains = compiled.map_or(0, |c| c.set.index.len());
+    if args.has("json") {
+        let list: Vec<Value> = diagnostics.0.iter().map(diagnostic_json).collect();
+        println!(
+            "{}",
+            json!({"ok": !diagnostics.has_errors(), "domains": domains, "diagnostics": list})
+        );
+    } else {
+        for d in &diagnostics.0 {
+            println!("{d}");
+        }
+        let errors = diagnostics.errors().count();
+        let warnings = diagnostics.warnings().count();
+        println!("{domains} domains valid, {errors} errors, {warnings} warnings");
+    }
+    if diagnostics.has_errors() {
+        return Err(CliError::Invalid(Diagnostics(Vec::new())));
+    }
+    Ok(())
+}
+
+/// Splits `scheme://authority/path` without normalising the authority, so that
+/// `explain` sees exactly what a viewer would send.
+fn split_url(url: &str) -> Result<(String, String), CliError> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| CliError::Usage(format!("`{url}` is not a URL like https://host/path")))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    Ok((scheme.to_ascii_lowercase(), authority.to_owned()))
+}
+
+fn explain(args: &Args) -> Result<(), CliError> {
+    let [url] = args.positional.as_slice() else {
+        return Err(CliError::Usage("explain takes exactly one URL".to_owned()));
+    };
+    let policies = PathBuf::from(args.value("policies").unwrap_or("policies"));
+    let dir = load(&[policies])?;
+    let (compiled, diagnostics) = dir.compile();
+    for d in diagnostics.errors() {
+        eprintln!("{d}");
+    }
+    let set = compiled.ok_or(CliError::Invalid(diagnostics))?.set;
+    let (scheme, authority) = split_url(url)?;
+    let spec = RequestSpec {
+        authority,
+        scheme: Some(scheme),
+        x_forwarded_proto: args.value("x-forwarded-proto").map(str::to_owned),
+        method: args.value("method").unwrap_or("GET").to_ascii_uppercase(),
+    };
+    let outcome = set.decide(&spec.as_viewer_request());
+    if args.has("json") {
+        println!("{}", outcome_json(&set, &outcome));
+        return Ok(());
+    }
+    match &outcome {
+        Outcome::Origin(d) => {
+            let t = &d.target;
+            println!(
+                "domain     {} ({} match)",
+                d.policy.name,
+                if d.policy.policy.domain.is_wildcard() {
+                    "wildcard"
+                } else {
+                    "exact"
+                }
+            );
+            println!("origin     {} via cluster {}", t.role.as_str(), t.cluster);
+            println!("scheme     {}  port {}", t.scheme.as_str(), t.port);
+            println!("rule       {}", d.scheme_rule());
+            println!("host       {}", t.authority);
+            println!(
+                "sni        {}",
+                t.sni
+                    .as_deref()
+                    .unwrap_or("(none: plain HTTP or IP address)")
+            );
+            if let Some(h) = t.dynamic_host {
+                println!("dfp        {h}:{}", t.port);
+            }
+            let cache: Vec<String> = d
+                .policy
+                .cache_overrides()
+                .iter()
+                .map(|c| format!("{}={}", c.status, c.cache_control))
+                .collect();
+            println!(
+                "cache      {}",
+                if cache.is_empty() {
+                    "origin headers kept".to_owned()
+                } else {
+                    cache.join(", ")
+                }
+            );
+            match &d.failover {
+                Failover::NotConfigured => println!("failover   none (no secondary origin)"),
+                Failover::MethodNotEligible => {
+                    println!("failover   not for {} requests", spec.method)
+                }
+                Failover::Plan(p) => println!(
+                    "failover   on {:?} -> {} via {} ({}://{}:{}, timeout {} ms)",
+                    p.statuses,
+                    p.target.authority,
+                    p.target.cluster,
+                    p.target.scheme.as_str(),
+                    p.target.authority,
+                    p.target.port,
+                    p.timeout_ms
+                ),
+            }
+        }
+        other => println!("{}", outcome_json(&set, other)),
+    }
+    Ok(())
+}
+
+fn ecds_resource(plugin_config: &str, wasm: &str) -> Value {
+    json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": "origin-policy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": "origin-policy",
+                    "root_id": "origin-policy",
+                    "vm_config": {
+                        "vm_id": "origin-policy",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": wasm}}
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": plugin_config
+                    }
+                }
+            }
+        }]
+    })
+}
+
+fn bundle(args: &Args) -> Result<(), CliError> {
+    let dir = load(&args.paths())?;
+    let (_, diagnostics) = dir.compile();
+    for d in diagnostics.warnings() {
+        eprintln!("{d}");
+    }
+    if diagnostics.has_errors() {
+        return Err(CliError::Invalid(Diagnostics(
+            diagnostics.errors().cloned().collect(),
+        )));
+    }
+    let out = PathBuf::from(args.value("out").unwrap_or("run"));
+    std::fs::create_dir_all(&out).map_err(|e| CliError::Io(format!("{}: {e}", out.display())))?;
+    let wasm = args
+        .value("wasm")
+        .unwrap_or("target/wasm32-wasip1/release/origin_policy.wasm");
+    let wasm_abs = std::fs::canonicalize(wasm).map_err(|e| {
+        CliError::Io(format!(
+            "{wasm}: {e} (build it with cargo build --release --target wasm32-wasip1)"
+        ))
+    })?;
+    let config = dir.plugin_config().to_string();
+    let ecds = ecds_resource(&config, &wasm_abs.to_string_lossy());
+    let write = |name: &str, text: String| {
+        let path = out.join(name);
+        write_atomically(&path, text.as_bytes())
+            .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+        println!("wrote {}", path.display());
+        Ok::<(), CliError>(())
+    };
+    write("plugin-config.json", config)?;
+    write("origin-policy.ecds.json", format!("{ecds:#}"))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = raw.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match command.as_str() {
+        "check" => Args::parse(rest, &[]).and_then(|a| check(&a)),
+        "explain" => Args::parse(rest, &["policies", "method", "x-forwarded-proto"])
+            .and_then(|a| explain(&a)),
+        "bundle" => Args::parse(rest, &["wasm", "out"]).and_then(|a| bundle(&a)),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(CliError::Usage(format!("unknown command `{other}`"))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Invalid(d)) if d.0.is_empty() => ExitCode::from(1),
+        Err(e @ CliError::Invalid(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

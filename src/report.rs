@@ -1,7 +1,9 @@
 //! JSON views of decisions and diagnostics, shared by the CLI, the golden
 //! cases and the JavaScript package so that all of them speak the same shape.
 
-use crate::engine::{Failover, OriginDecision, OriginTarget, Outcome, PolicyDiagnostic, PolicySet, ViewerRequest};
+use crate::engine::{
+    Failover, OriginDecision, OriginTarget, Outcome, PolicyDiagnostic, PolicySet, ViewerRequest,
+};
 use serde_json::{json, Map, Value};
 
 fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
@@ -11,8 +13,14 @@ fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
     m.insert("scheme".into(), t.scheme.as_str().into());
     m.insert("port".into(), t.port.into());
     m.insert("authority".into(), t.authority.as_ref().into());
-    m.insert("sni".into(), t.sni.as_deref().map_or(Value::Null, Value::from));
-    m.insert("dynamic_host".into(), t.dynamic_host.map_or(Value::Null, Value::from));
+    m.insert(
+        "sni".into(),
+        t.sni.as_deref().map_or(Value::Null, Value::from),
+    );
+    m.insert(
+        "dynamic_host".into(),
+        t.dynamic_host.map_or(Value::Null, Value::from),
+    );
     m
 }
 
@@ -93,7 +101,10 @@ impl RequestSpec {
         let obj = value.as_object().ok_or("request must be an object")?;
         let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
         for key in obj.keys() {
-            if !matches!(key.as_str(), "authority" | "scheme" | "x_forwarded_proto" | "method" | "path") {
+            if !matches!(
+                key.as_str(),
+                "authority" | "scheme" | "x_forwarded_proto" | "method" | "path"
+            ) {
                 return Err(format!("unknown request field `{key}`"));
             }
         }

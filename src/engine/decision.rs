@@ -1,7 +1,9 @@
 //! Turning a viewer request into an origin decision.
 
 use super::host::{is_ip_literal, normalize_authority, strip_port, HostError};
-use super::policy::{DomainPattern, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme};
+use super::policy::{
+    DomainPattern, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme,
+};
 use super::settings::Settings;
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -109,7 +111,13 @@ pub struct CompiledPolicy {
     cache: Vec<CacheOverride>,
 }
 
-fn route(policy: &Policy, origin: &Origin, role: OriginRole, scheme: Scheme, settings: &Settings) -> Option<OriginRoute> {
+fn route(
+    policy: &Policy,
+    origin: &Origin,
+    role: OriginRole,
+    scheme: Scheme,
+    settings: &Settings,
+) -> Option<OriginRoute> {
     let port = match policy.protocol {
         ProtocolPolicy::Off => origin.port,
         _ => match scheme {
@@ -137,7 +145,9 @@ fn route(policy: &Policy, origin: &Origin, role: OriginRole, scheme: Scheme, set
     // itself; the accelerated and custom names are virtual hosts, sent as given.
     let host = match &policy.origin_host {
         OriginHost::AccelerationDomain => HostSource::Viewer,
-        OriginHost::OriginDomain if port != scheme.default_port() => HostSource::Fixed(format!("{}:{port}", origin.address)),
+        OriginHost::OriginDomain if port != scheme.default_port() => {
+            HostSource::Fixed(format!("{}:{port}", origin.address))
+        }
         OriginHost::OriginDomain => HostSource::Fixed(origin.address.clone()),
         OriginHost::Custom(h) => HostSource::Fixed(h.clone()),
     };
@@ -154,30 +164,59 @@ fn route(policy: &Policy, origin: &Origin, role: OriginRole, scheme: Scheme, set
             }
         }
     };
-    Some(OriginRoute { role, cluster, scheme, port, host, sni, dynamic_host })
+    Some(OriginRoute {
+        role,
+        cluster,
+        scheme,
+        port,
+        host,
+        sni,
+        dynamic_host,
+    })
 }
 
 fn routes(policy: &Policy, origin: &Origin, role: OriginRole, settings: &Settings) -> OriginRoutes {
     let schemes = policy.schemes_for(origin);
-    let make = |s: Scheme| schemes.contains(&s).then(|| route(policy, origin, role, s, settings)).flatten();
-    OriginRoutes { http: make(Scheme::Http), https: make(Scheme::Https) }
+    let make = |s: Scheme| {
+        schemes
+            .contains(&s)
+            .then(|| route(policy, origin, role, s, settings))
+            .flatten()
+    };
+    OriginRoutes {
+        http: make(Scheme::Http),
+        https: make(Scheme::Https),
+    }
 }
 
 impl CompiledPolicy {
     pub fn compile(policy: Policy, settings: &Settings) -> Self {
         let primary = routes(&policy, &policy.primary, OriginRole::Primary, settings);
-        let secondary = policy.secondary.as_ref().map(|s| routes(&policy, s, OriginRole::Secondary, settings));
+        let secondary = policy
+            .secondary
+            .as_ref()
+            .map(|s| routes(&policy, s, OriginRole::Secondary, settings));
         let cache = policy
             .cache_status_ttl
             .iter()
             .filter_map(|(status, ttl)| {
                 ttl.map(|secs| CacheOverride {
                     status: *status,
-                    cache_control: if secs == 0 { "no-store".to_owned() } else { format!("max-age={secs}") },
+                    cache_control: if secs == 0 {
+                        "no-store".to_owned()
+                    } else {
+                        format!("max-age={secs}")
+                    },
                 })
             })
             .collect();
-        CompiledPolicy { name: policy.domain.display_name(), primary, secondary, cache, policy }
+        CompiledPolicy {
+            name: policy.domain.display_name(),
+            primary,
+            secondary,
+            cache,
+            policy,
+        }
     }
 
     /// The `cache-control` to force for an origin response status, if any.
@@ -274,11 +313,15 @@ pub struct OriginDecision<'a> {
 pub enum Outcome<'a> {
     Origin(Box<OriginDecision<'a>>),
     /// No policy covers this host.
-    UnknownDomain { viewer_host: Cow<'a, str> },
+    UnknownDomain {
+        viewer_host: Cow<'a, str>,
+    },
     /// The Host cannot name any domain.
     BadHost(HostError),
     /// The policy has no route for the scheme picked; validation prevents this.
-    NoRoute { domain: &'a str },
+    NoRoute {
+        domain: &'a str,
+    },
 }
 
 fn parse_scheme(value: &str) -> Option<Scheme> {
@@ -295,7 +338,10 @@ fn parse_scheme(value: &str) -> Option<Scheme> {
 /// The viewer's scheme. `:scheme` wins by default: Envoy derives it from the
 /// downstream connection, whereas `x-forwarded-proto` can be sent by anyone
 /// unless a trusted proxy in front of the edge overwrites it.
-pub fn viewer_scheme(request: &ViewerRequest<'_>, settings: &Settings) -> (Scheme, ViewerSchemeSource) {
+pub fn viewer_scheme(
+    request: &ViewerRequest<'_>,
+    settings: &Settings,
+) -> (Scheme, ViewerSchemeSource) {
     if settings.trust_x_forwarded_proto {
         if let Some(s) = request.x_forwarded_proto.and_then(parse_scheme) {
             return (s, ViewerSchemeSource::XForwardedProto);
@@ -347,7 +393,15 @@ impl CompiledPolicy {
             }
             _ => Failover::NotConfigured,
         };
-        Some(OriginDecision { policy: self, matched, viewer_host, viewer_scheme, viewer_scheme_source: source, target, failover })
+        Some(OriginDecision {
+            policy: self,
+            matched,
+            viewer_host,
+            viewer_scheme,
+            viewer_scheme_source: source,
+            target,
+            failover,
+        })
     }
 }
 
@@ -366,9 +420,13 @@ impl<'a> OriginDecision<'a> {
     pub fn on_primary_response(&self, status: u16) -> ResponsePlan<'a> {
         let policy: &'a CompiledPolicy = self.policy;
         ResponsePlan {
-            cache_control: policy.cache_override(status).map(|c| c.cache_control.as_str()),
+            cache_control: policy
+                .cache_override(status)
+                .map(|c| c.cache_control.as_str()),
             fail_over: matches!(&self.failover, Failover::Plan(plan) if plan.triggers_on(status)),
-            origin_error: (500..=599).contains(&status).then(|| format!("orig response {status} error")),
+            origin_error: (500..=599)
+                .contains(&status)
+                .then(|| format!("orig response {status} error")),
         }
     }
 }

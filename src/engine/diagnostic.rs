@@ -37,7 +37,11 @@ impl fmt::Display for PolicyDiagnostic {
         if let Some(domain) = &self.domain {
             write!(f, ": {domain}")?;
         }
-        let path = if self.path.is_empty() { "/" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
         write!(f, ": {path}: {}", self.message)?;
         if let Some(fix) = &self.fix {
             write!(f, " (fix: {fix})")?;

@@ -81,9 +81,12 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
     if ascii.len() > MAX_HOST_LEN {
         return Err(HostError::TooLong);
     }
-    if ascii.contains(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':' | '_')))
-    {
-        return Err(HostError::Invalid(format!("`{ascii}` has characters not allowed in a host name")));
+    if ascii.contains(|c: char| {
+        !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':' | '_'))
+    }) {
+        return Err(HostError::Invalid(format!(
+            "`{ascii}` has characters not allowed in a host name"
+        )));
     }
     Ok(Cow::Owned(ascii))
 }
@@ -124,9 +127,15 @@ mod tests {
 
     #[test]
     fn authority_port_is_ignored() {
-        assert_eq!(normalize_authority("Img.Example.com:8080").unwrap(), "img.example.com");
+        assert_eq!(
+            normalize_authority("Img.Example.com:8080").unwrap(),
+            "img.example.com"
+        );
         assert_eq!(normalize_authority("[::1]:443").unwrap(), "[::1]");
-        assert_eq!(normalize_authority("a.example.com.:80").unwrap(), "a.example.com");
+        assert_eq!(
+            normalize_authority("a.example.com.:80").unwrap(),
+            "a.example.com"
+        );
     }
 
     #[test]

@@ -110,15 +110,23 @@ pub struct CompiledSet {
 fn domain_of(document: &Value) -> Option<DomainPattern> {
     let text = document.get("domain")?.as_str()?;
     match text.strip_prefix("*.") {
-        Some(rest) => normalize_host(rest).ok().map(|n| DomainPattern::Wildcard(n.into_owned())),
-        None => normalize_host(text).ok().map(|n| DomainPattern::Exact(n.into_owned())),
+        Some(rest) => normalize_host(rest)
+            .ok()
+            .map(|n| DomainPattern::Wildcard(n.into_owned())),
+        None => normalize_host(text)
+            .ok()
+            .map(|n| DomainPattern::Exact(n.into_owned())),
     }
 }
 
 impl PolicySet {
     /// Compiles policies one domain at a time. A rejected policy never takes its
     /// domain down: when `previous` served that domain, its last good policy stays.
-    pub fn compile(settings: Settings, sources: &[PolicySource<'_>], previous: Option<&PolicySet>) -> CompiledSet {
+    pub fn compile(
+        settings: Settings,
+        sources: &[PolicySource<'_>],
+        previous: Option<&PolicySet>,
+    ) -> CompiledSet {
         let mut diagnostics = Vec::new();
         let mut accepted: Vec<(usize, CompiledPolicy)> = Vec::new();
         let mut rejected_domains: Vec<Option<DomainPattern>> = Vec::new();
@@ -132,11 +140,17 @@ impl PolicySet {
         }
         let mut by_domain: HashMap<DomainPattern, Vec<usize>> = HashMap::new();
         for (slot, (_, p)) in accepted.iter().enumerate() {
-            by_domain.entry(p.policy.domain.clone()).or_default().push(slot);
+            by_domain
+                .entry(p.policy.domain.clone())
+                .or_default()
+                .push(slot);
         }
         let mut duplicate = vec![false; accepted.len()];
         for slots in by_domain.values().filter(|s| s.len() > 1) {
-            let names: Vec<&str> = slots.iter().map(|&s| sources[accepted[s].0].source.as_str()).collect();
+            let names: Vec<&str> = slots
+                .iter()
+                .map(|&s| sources[accepted[s].0].source.as_str())
+                .collect();
             for &slot in slots {
                 duplicate[slot] = true;
                 let (i, p) = &accepted[slot];
@@ -145,7 +159,11 @@ impl PolicySet {
                     source: sources[*i].source.clone(),
                     domain: Some(p.name.clone()),
                     path: "/domain".to_owned(),
-                    message: format!("domain `{}` is defined more than once ({})", p.name, names.join(", ")),
+                    message: format!(
+                        "domain `{}` is defined more than once ({})",
+                        p.name,
+                        names.join(", ")
+                    ),
                     fix: Some("keep exactly one policy per domain".to_owned()),
                 });
             }
@@ -178,24 +196,43 @@ impl PolicySet {
     }
 
     /// Parses a plugin configuration: `{"settings": {...}, "policies": [...]}`.
-    pub fn from_plugin_config(bytes: &[u8], previous: Option<&PolicySet>) -> Result<CompiledSet, ConfigError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| ConfigError::Envelope(format!("not valid JSON: {e}")))?;
+    pub fn from_plugin_config(
+        bytes: &[u8],
+        previous: Option<&PolicySet>,
+    ) -> Result<CompiledSet, ConfigError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ConfigError::Envelope(format!("not valid JSON: {e}")))?;
         let Value::Object(map) = &value else {
-            return Err(ConfigError::Envelope("expected a JSON object with `settings` and `policies`".to_owned()));
+            return Err(ConfigError::Envelope(
+                "expected a JSON object with `settings` and `policies`".to_owned(),
+            ));
         };
-        if let Some(unknown) = map.keys().find(|k| !matches!(k.as_str(), "settings" | "policies" | "$schema")) {
-            return Err(ConfigError::Envelope(format!("unknown top-level field `{unknown}`")));
+        if let Some(unknown) = map
+            .keys()
+            .find(|k| !matches!(k.as_str(), "settings" | "policies" | "$schema"))
+        {
+            return Err(ConfigError::Envelope(format!(
+                "unknown top-level field `{unknown}`"
+            )));
         }
-        let settings = parse_settings("plugin configuration", map.get("settings")).map_err(|d| ConfigError::Settings(Diagnostics(d)))?;
+        let settings = parse_settings("plugin configuration", map.get("settings"))
+            .map_err(|d| ConfigError::Settings(Diagnostics(d)))?;
         let policies = match map.get("policies") {
             Some(Value::Array(list)) => list,
-            Some(_) => return Err(ConfigError::Envelope("`policies` must be an array of policy objects".to_owned())),
+            Some(_) => {
+                return Err(ConfigError::Envelope(
+                    "`policies` must be an array of policy objects".to_owned(),
+                ))
+            }
             None => return Err(ConfigError::Envelope("missing `policies`".to_owned())),
         };
         let sources: Vec<PolicySource> = policies
             .iter()
             .enumerate()
-            .map(|(i, document)| PolicySource { source: format!("policies[{i}]"), document })
+            .map(|(i, document)| PolicySource {
+                source: format!("policies[{i}]"),
+                document,
+            })
             .collect();
         Ok(Self::compile(settings, &sources, previous))
     }
@@ -207,10 +244,14 @@ impl PolicySet {
             Err(e) => return Outcome::BadHost(e),
         };
         match self.index.lookup(&host) {
-            Some((policy, matched)) => match policy.decide(matched, host, request, &self.settings) {
-                Some(d) => Outcome::Origin(Box::new(d)),
-                None => Outcome::NoRoute { domain: &policy.name },
-            },
+            Some((policy, matched)) => {
+                match policy.decide(matched, host, request, &self.settings) {
+                    Some(d) => Outcome::Origin(Box::new(d)),
+                    None => Outcome::NoRoute {
+                        domain: &policy.name,
+                    },
+                }
+            }
             None => Outcome::UnknownDomain { viewer_host: host },
         }
     }

@@ -9,12 +9,14 @@ mod policy;
 mod settings;
 
 pub use decision::{
-    viewer_scheme, CacheOverride, CompiledPolicy, Failover, FailoverPlan, MatchKind, OriginDecision, OriginRole,
-    OriginTarget, Outcome, ResponsePlan, ViewerRequest, ViewerSchemeSource,
+    viewer_scheme, CacheOverride, CompiledPolicy, Failover, FailoverPlan, MatchKind,
+    OriginDecision, OriginRole, OriginTarget, Outcome, ResponsePlan, ViewerRequest,
+    ViewerSchemeSource,
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource};
 pub use policy::{
-    parse_policy, DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme,
+    parse_policy, DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy,
+    ProtocolPolicy, Reach, Scheme,
 };
 pub use settings::{parse_settings, Settings, UnknownDomain};

@@ -12,8 +12,9 @@ pub const DEFAULT_FAILOVER_TIMEOUT_MS: u32 = 5_000;
 pub const MAX_FAILOVER_TIMEOUT_MS: u32 = 300_000;
 /// One year: longer TTLs are almost always a typo for a smaller unit.
 pub const MAX_CACHE_TTL_SECONDS: u32 = 31_536_000;
-const KNOWN_METHODS: [&str; 9] =
-    ["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE", "CONNECT"];
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE", "CONNECT",
+];
 
 /// How the POP picks the protocol it speaks to the origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +81,10 @@ impl DomainPattern {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reach {
     /// Named Envoy clusters, one per scheme the policy can use.
-    Clusters { http: Option<String>, https: Option<String> },
+    Clusters {
+        http: Option<String>,
+        https: Option<String>,
+    },
     /// The dynamic forward proxy, told the host and port per request.
     DynamicForwardProxy,
 }
@@ -143,7 +147,11 @@ pub(crate) struct Findings<'s> {
 
 impl<'s> Findings<'s> {
     pub(crate) fn new(source: &'s str) -> Self {
-        Findings { source, domain: None, list: Vec::new() }
+        Findings {
+            source,
+            domain: None,
+            list: Vec::new(),
+        }
     }
 
     pub(crate) fn into_list(self) -> Vec<PolicyDiagnostic> {
@@ -181,7 +189,11 @@ pub(crate) struct FieldReader<'v> {
 impl<'v> FieldReader<'v> {
     pub(crate) fn open(f: &mut Findings, value: &'v Value, path: &str) -> Option<Self> {
         match value {
-            Value::Object(map) => Some(FieldReader { map, path: path.to_owned(), read: Vec::new() }),
+            Value::Object(map) => Some(FieldReader {
+                map,
+                path: path.to_owned(),
+                read: Vec::new(),
+            }),
             other => {
                 f.error(path, format!("expected an object, found {}", kind(other)));
                 None
@@ -191,7 +203,9 @@ impl<'v> FieldReader<'v> {
 
     pub(crate) fn field(&mut self, key: &'static str) -> Option<(&'v Value, String)> {
         self.read.push(key);
-        self.map.get(key).map(|v| (v, format!("{}/{}", self.path, key)))
+        self.map
+            .get(key)
+            .map(|v| (v, format!("{}/{}", self.path, key)))
     }
 
     pub(crate) fn finish(self, f: &mut Findings) {
@@ -225,7 +239,14 @@ pub(crate) fn string<'v>(f: &mut Findings, value: &'v Value, path: &str) -> Opti
     }
 }
 
-pub(crate) fn integer_in(f: &mut Findings, value: &Value, path: &str, lo: u64, hi: u64, what: &str) -> Option<u64> {
+pub(crate) fn integer_in(
+    f: &mut Findings,
+    value: &Value,
+    path: &str,
+    lo: u64,
+    hi: u64,
+    what: &str,
+) -> Option<u64> {
     match value.as_u64() {
         Some(n) if (lo..=hi).contains(&n) => Some(n),
         Some(n) => {
@@ -237,7 +258,10 @@ pub(crate) fn integer_in(f: &mut Findings, value: &Value, path: &str, lo: u64, h
             None
         }
         None => {
-            f.error(path, format!("expected an integer {what}, found {}", kind(value)));
+            f.error(
+                path,
+                format!("expected an integer {what}, found {}", kind(value)),
+            );
             None
         }
     }
@@ -254,7 +278,14 @@ pub(crate) fn header_safe(f: &mut Findings, text: &str, path: &str, what: &str) 
         return false;
     }
     if let Some(bad) = text.chars().find(|c| c.is_control() || c.is_whitespace()) {
-        f.error(path, format!("{what} `{}` contains {:?}, which is not allowed", text.escape_debug(), bad));
+        f.error(
+            path,
+            format!(
+                "{what} `{}` contains {:?}, which is not allowed",
+                text.escape_debug(),
+                bad
+            ),
+        );
         return false;
     }
     true
@@ -280,28 +311,49 @@ fn domain_pattern(f: &mut Findings, value: &Value, path: &str) -> Option<DomainP
         None => (false, text),
     };
     if name.contains('*') {
-        f.error(path, format!("domain `{text}`: only a leading `*.` wildcard is supported"));
+        f.error(
+            path,
+            format!("domain `{text}`: only a leading `*.` wildcard is supported"),
+        );
         return None;
     }
     if strip_port(name) != name {
-        f.error(path, format!("domain `{text}` must not carry a port: viewers are matched by name"));
+        f.error(
+            path,
+            format!("domain `{text}` must not carry a port: viewers are matched by name"),
+        );
         return None;
     }
     let normalized = host_name(f, name, path, "domain")?;
     if is_ip_literal(&normalized) && wildcard {
-        f.error(path, format!("domain `{text}`: a wildcard cannot cover an IP address"));
+        f.error(
+            path,
+            format!("domain `{text}`: a wildcard cannot cover an IP address"),
+        );
         return None;
     }
-    Some(if wildcard { DomainPattern::Wildcard(normalized) } else { DomainPattern::Exact(normalized) })
+    Some(if wildcard {
+        DomainPattern::Wildcard(normalized)
+    } else {
+        DomainPattern::Exact(normalized)
+    })
 }
 
 pub(crate) fn cluster_name(f: &mut Findings, value: &Value, path: &str) -> Option<String> {
     let name = string(f, value, path)?;
     let valid = !name.is_empty()
         && name.len() <= 255
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
     if !valid {
-        f.error(path, format!("cluster name `{}` must be 1-255 characters of [A-Za-z0-9_.:-]", name.escape_debug()));
+        f.error(
+            path,
+            format!(
+                "cluster name `{}` must be 1-255 characters of [A-Za-z0-9_.:-]",
+                name.escape_debug()
+            ),
+        );
         return None;
     }
     Some(name.to_owned())
@@ -315,7 +367,10 @@ fn origin(f: &mut Findings, value: &Value, path: &str) -> Option<Origin> {
             if bare.parse::<std::net::Ipv6Addr>().is_ok() {
                 Some(format!("[{bare}]"))
             } else if strip_port(a) != a {
-                f.error(&p, format!("address `{a}` must not carry a port: use `port`"));
+                f.error(
+                    &p,
+                    format!("address `{a}` must not carry a port: use `port`"),
+                );
                 None
             } else {
                 host_name(f, a, &p, "address")
@@ -335,7 +390,11 @@ fn origin(f: &mut Findings, value: &Value, path: &str) -> Option<Origin> {
         None => Some(Reach::DynamicForwardProxy),
     };
     r.finish(f);
-    Some(Origin { address: address?, port: port_value?, reach: reach? })
+    Some(Origin {
+        address: address?,
+        port: port_value?,
+        reach: reach?,
+    })
 }
 
 fn clusters(f: &mut Findings, value: &Value, path: &str) -> Option<Reach> {
@@ -359,11 +418,19 @@ fn clusters(f: &mut Findings, value: &Value, path: &str) -> Option<Reach> {
     ok.then_some(Reach::Clusters { http, https })
 }
 
-fn mode<'v>(f: &mut Findings, r: &mut FieldReader<'v>, path: &str, allowed: &[&str]) -> Option<&'v str> {
+fn mode<'v>(
+    f: &mut Findings,
+    r: &mut FieldReader<'v>,
+    path: &str,
+    allowed: &[&str],
+) -> Option<&'v str> {
     let (v, p) = match r.field("mode") {
         Some(found) => found,
         None => {
-            f.error(path, format!("missing field `mode` (one of {})", allowed.join(", ")));
+            f.error(
+                path,
+                format!("missing field `mode` (one of {})", allowed.join(", ")),
+            );
             return None;
         }
     };
@@ -371,12 +438,23 @@ fn mode<'v>(f: &mut Findings, r: &mut FieldReader<'v>, path: &str, allowed: &[&s
     if allowed.contains(&text) {
         Some(text)
     } else {
-        f.error(&p, format!("unknown mode `{text}`; expected one of {}", allowed.join(", ")));
+        f.error(
+            &p,
+            format!(
+                "unknown mode `{text}`; expected one of {}",
+                allowed.join(", ")
+            ),
+        );
         None
     }
 }
 
-fn custom_value<'v>(f: &mut Findings, r: &mut FieldReader<'v>, path: &str, what: &str) -> Option<&'v str> {
+fn custom_value<'v>(
+    f: &mut Findings,
+    r: &mut FieldReader<'v>,
+    path: &str,
+    what: &str,
+) -> Option<&'v str> {
     match r.field("value") {
         Some((v, p)) => {
             let text = string(f, v, &p)?;
@@ -391,14 +469,22 @@ fn custom_value<'v>(f: &mut Findings, r: &mut FieldReader<'v>, path: &str, what:
 
 fn origin_host(f: &mut Findings, value: &Value, path: &str) -> Option<OriginHost> {
     let mut r = FieldReader::open(f, value, path)?;
-    let host = match mode(f, &mut r, path, &["acceleration_domain", "origin_domain", "custom"])? {
+    let host = match mode(
+        f,
+        &mut r,
+        path,
+        &["acceleration_domain", "origin_domain", "custom"],
+    )? {
         "acceleration_domain" => Some(OriginHost::AccelerationDomain),
         "origin_domain" => Some(OriginHost::OriginDomain),
         _ => {
             let p = format!("{path}/value");
             custom_value(f, &mut r, path, "origin host").and_then(|text| {
                 let name = host_name(f, strip_port(text), &p, "origin host")?;
-                Some(OriginHost::Custom(format!("{name}{}", &text[strip_port(text).len()..])))
+                Some(OriginHost::Custom(format!(
+                    "{name}{}",
+                    &text[strip_port(text).len()..]
+                )))
             })
         }
     };
@@ -419,7 +505,12 @@ fn origin_sni(f: &mut Findings, value: &Value, path: &str) -> Option<OriginSni> 
                 }
                 let name = host_name(f, text, &p, "SNI")?;
                 if is_ip_literal(&name) {
-                    f.error(&p, format!("SNI `{text}` is an IP address; TLS only sends host names (RFC 6066)"));
+                    f.error(
+                        &p,
+                        format!(
+                            "SNI `{text}` is an IP address; TLS only sends host names (RFC 6066)"
+                        ),
+                    );
                     return None;
                 }
                 Some(OriginSni::Custom(name))
@@ -439,20 +530,27 @@ struct Protocol {
 
 fn protocol(f: &mut Findings, value: Option<(&Value, String)>) -> Option<Protocol> {
     let Some((value, path)) = value else {
-        return Some(Protocol { policy: ProtocolPolicy::Off, http_port: 80, https_port: 443, https_port_given: false });
+        return Some(Protocol {
+            policy: ProtocolPolicy::Off,
+            http_port: 80,
+            https_port: 443,
+            https_port_given: false,
+        });
     };
     let mut r = FieldReader::open(f, value, &path)?;
     let policy = match r.field("policy") {
-        Some((v, p)) => match string(f, v, &p)? {
-            "off" => Some(ProtocolPolicy::Off),
-            "http" => Some(ProtocolPolicy::Http),
-            "https" => Some(ProtocolPolicy::Https),
-            "follow" => Some(ProtocolPolicy::Follow),
-            other => {
-                f.error(&p, format!("unknown protocol policy `{other}`; expected off, http, https or follow"));
-                None
+        Some((v, p)) => {
+            match string(f, v, &p)? {
+                "off" => Some(ProtocolPolicy::Off),
+                "http" => Some(ProtocolPolicy::Http),
+                "https" => Some(ProtocolPolicy::Https),
+                "follow" => Some(ProtocolPolicy::Follow),
+                other => {
+                    f.error(&p, format!("unknown protocol policy `{other}`; expected off, http, https or follow"));
+                    None
+                }
             }
-        },
+        }
         None => Some(ProtocolPolicy::Off),
     };
     let http_port = match r.field("http_port") {
@@ -466,16 +564,31 @@ fn protocol(f: &mut Findings, value: Option<(&Value, String)>) -> Option<Protoco
         None => Some(443),
     };
     r.finish(f);
-    Some(Protocol { policy: policy?, http_port: http_port?, https_port: https_port?, https_port_given })
+    Some(Protocol {
+        policy: policy?,
+        http_port: http_port?,
+        https_port: https_port?,
+        https_port_given,
+    })
 }
 
-fn cache_rules(f: &mut Findings, value: Option<(&Value, String)>) -> Option<BTreeMap<u16, Option<u32>>> {
-    let mut rules: BTreeMap<u16, Option<u32>> = [(301, Some(0)), (302, Some(0))].into_iter().collect();
+fn cache_rules(
+    f: &mut Findings,
+    value: Option<(&Value, String)>,
+) -> Option<BTreeMap<u16, Option<u32>>> {
+    let mut rules: BTreeMap<u16, Option<u32>> =
+        [(301, Some(0)), (302, Some(0))].into_iter().collect();
     let Some((value, path)) = value else {
         return Some(rules);
     };
     let Value::Object(map) = value else {
-        f.error(&path, format!("expected an object of status code -> seconds, found {}", kind(value)));
+        f.error(
+            &path,
+            format!(
+                "expected an object of status code -> seconds, found {}",
+                kind(value)
+            ),
+        );
         return None;
     };
     let mut ok = true;
@@ -493,7 +606,14 @@ fn cache_rules(f: &mut Findings, value: Option<(&Value, String)>) -> Option<BTre
             rules.insert(status, None);
             continue;
         }
-        match integer_in(f, ttl, &p, 0, u64::from(MAX_CACHE_TTL_SECONDS), "cache TTL (seconds)") {
+        match integer_in(
+            f,
+            ttl,
+            &p,
+            0,
+            u64::from(MAX_CACHE_TTL_SECONDS),
+            "cache TTL (seconds)",
+        ) {
             Some(secs) => {
                 rules.insert(status, u32::try_from(secs).ok());
             }
@@ -506,7 +626,10 @@ fn cache_rules(f: &mut Findings, value: Option<(&Value, String)>) -> Option<BTre
 fn failover(f: &mut Findings, value: Option<(&Value, String)>) -> Option<FailoverRule> {
     let mut rule = FailoverRule {
         statuses: DEFAULT_FAILOVER_STATUSES.to_vec(),
-        methods: DEFAULT_FAILOVER_METHODS.iter().map(|m| (*m).to_owned()).collect(),
+        methods: DEFAULT_FAILOVER_METHODS
+            .iter()
+            .map(|m| (*m).to_owned())
+            .collect(),
         timeout_ms: DEFAULT_FAILOVER_TIMEOUT_MS,
     };
     let Some((value, path)) = value else {
@@ -540,7 +663,13 @@ fn failover(f: &mut Findings, value: Option<(&Value, String)>) -> Option<Failove
                     match string(f, item, &ip) {
                         Some(m) if KNOWN_METHODS.contains(&m) => rule.methods.push(m.to_owned()),
                         Some(m) => {
-                            f.error(&ip, format!("unknown method `{m}`; expected one of {}", KNOWN_METHODS.join(", ")));
+                            f.error(
+                                &ip,
+                                format!(
+                                    "unknown method `{m}`; expected one of {}",
+                                    KNOWN_METHODS.join(", ")
+                                ),
+                            );
                             ok = false;
                         }
                         None => ok = false,
@@ -554,7 +683,14 @@ fn failover(f: &mut Findings, value: Option<(&Value, String)>) -> Option<Failove
         }
     }
     if let Some((v, p)) = r.field("timeout_ms") {
-        match integer_in(f, v, &p, 1, u64::from(MAX_FAILOVER_TIMEOUT_MS), "timeout_ms") {
+        match integer_in(
+            f,
+            v,
+            &p,
+            1,
+            u64::from(MAX_FAILOVER_TIMEOUT_MS),
+            "timeout_ms",
+        ) {
             Some(ms) => rule.timeout_ms = u32::try_from(ms).unwrap_or(DEFAULT_FAILOVER_TIMEOUT_MS),
             None => ok = false,
         }
@@ -569,7 +705,11 @@ fn failover(f: &mut Findings, value: Option<(&Value, String)>) -> Option<Failove
 /// Parses and validates one policy document. `source` names where it came from
 /// (a file path or a bundle entry) and prefixes every finding.
 pub fn parse_policy(source: &str, value: &Value) -> (Option<Policy>, Vec<PolicyDiagnostic>) {
-    let mut f = Findings { source, domain: None, list: Vec::new() };
+    let mut f = Findings {
+        source,
+        domain: None,
+        list: Vec::new(),
+    };
     let policy = parse_into(&mut f, value);
     if policy.is_some() {
         lint(&mut f, policy.as_ref());
@@ -613,7 +753,10 @@ fn parse_into(f: &mut Findings, value: &Value) -> Option<Policy> {
     let cache_status_ttl = cache_rules(f, r.field("cache_status_ttl"));
     let failover_field = r.field("failover");
     if failover_field.is_some() && secondary.is_none() {
-        f.error("/failover", "failover is set but there is no `secondary` origin to fail over to");
+        f.error(
+            "/failover",
+            "failover is set but there is no `secondary` origin to fail over to",
+        );
     }
     let failover = failover(f, failover_field);
     r.finish(f);
@@ -636,7 +779,11 @@ fn parse_into(f: &mut Findings, value: &Value) -> Option<Policy> {
         cache_status_ttl: cache_status_ttl?,
     };
     check_reachability(f, &policy);
-    if protocol.policy == ProtocolPolicy::Follow && !protocol.https_port_given && policy.primary.port != 80 && policy.primary.port != 443 {
+    if protocol.policy == ProtocolPolicy::Follow
+        && !protocol.https_port_given
+        && policy.primary.port != 80
+        && policy.primary.port != 443
+    {
         f.warn(
             "/protocol/https_port",
             format!(
@@ -663,7 +810,10 @@ impl Policy {
 
 /// Every scheme the protocol policy can produce needs a way to reach the origin.
 fn check_reachability(f: &mut Findings, policy: &Policy) {
-    let origins = [("primary", Some(&policy.primary)), ("secondary", policy.secondary.as_ref())];
+    let origins = [
+        ("primary", Some(&policy.primary)),
+        ("secondary", policy.secondary.as_ref()),
+    ];
     for (role, origin) in origins {
         let Some(origin) = origin else { continue };
         match &origin.reach {
@@ -699,10 +849,18 @@ fn check_reachability(f: &mut Findings, policy: &Policy) {
 fn lint(f: &mut Findings, policy: Option<&Policy>) {
     let Some(p) = policy else { return };
     if p.protocol == ProtocolPolicy::Https && p.https_port == 80 {
-        f.warn("/protocol/https_port", "HTTPS to port 80: origins almost never speak TLS there, expect 502s", "use `http` with port 80, or the origin's real HTTPS port");
+        f.warn(
+            "/protocol/https_port",
+            "HTTPS to port 80: origins almost never speak TLS there, expect 502s",
+            "use `http` with port 80, or the origin's real HTTPS port",
+        );
     }
     if p.protocol == ProtocolPolicy::Http && p.http_port == 443 {
-        f.warn("/protocol/http_port", "plain HTTP to port 443: the origin will expect a TLS handshake, expect 502s", "use `https` with port 443, or the origin's real HTTP port");
+        f.warn(
+            "/protocol/http_port",
+            "plain HTTP to port 443: the origin will expect a TLS handshake, expect 502s",
+            "use `https` with port 443, or the origin's real HTTP port",
+        );
     }
     if let OriginSni::Custom(sni) = &p.origin_sni {
         let host = match &p.origin_host {
@@ -721,7 +879,10 @@ fn lint(f: &mut Findings, policy: Option<&Policy>) {
             );
         }
     }
-    if p.origin_sni == OriginSni::OriginHost && p.origin_host == OriginHost::OriginDomain && is_ip_literal(&p.primary.address) {
+    if p.origin_sni == OriginSni::OriginHost
+        && p.origin_host == OriginHost::OriginDomain
+        && is_ip_literal(&p.primary.address)
+    {
         let https = p.schemes_for(&p.primary).contains(&Scheme::Https);
         if https {
             f.warn(

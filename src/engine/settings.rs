@@ -60,19 +60,32 @@ fn boolean(f: &mut Findings, value: &Value, path: &str) -> Option<bool> {
 }
 
 /// Parses the `settings` object; absent fields take their defaults.
-pub fn parse_settings(source: &str, value: Option<&Value>) -> Result<Settings, Vec<PolicyDiagnostic>> {
+pub fn parse_settings(
+    source: &str,
+    value: Option<&Value>,
+) -> Result<Settings, Vec<PolicyDiagnostic>> {
     let mut settings = Settings::default();
-    let Some(value) = value else { return Ok(settings) };
+    let Some(value) = value else {
+        return Ok(settings);
+    };
     let mut f = Findings::new(source);
     if let Some(mut r) = FieldReader::open(&mut f, value, "/settings") {
         if let Some((v, p)) = r.field("cluster_header") {
             match v.as_str() {
-                Some(h) if header_safe(&mut f, h, &p, "cluster header")
-                    && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+                Some(h)
+                    if header_safe(&mut f, h, &p, "cluster header")
+                        && h.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
                 {
                     settings.cluster_header = h.to_owned();
                 }
-                Some(h) if !h.is_empty() => f.error(&p, format!("cluster header `{}` must be a lower-case header name", h.escape_debug())),
+                Some(h) if !h.is_empty() => f.error(
+                    &p,
+                    format!(
+                        "cluster header `{}` must be a lower-case header name",
+                        h.escape_debug()
+                    ),
+                ),
                 Some(_) => {}
                 None => f.error(&p, "expected a header name"),
             }
@@ -112,7 +125,10 @@ pub fn parse_settings(source: &str, value: Option<&Value>) -> Result<Settings, V
                         let ap = ap.clone();
                         f.error(&ap, "expected `pass_through` or `local_reply`");
                     }
-                    None => f.error(&p, "missing field `action` (`pass_through` or `local_reply`)"),
+                    None => f.error(
+                        &p,
+                        "missing field `action` (`pass_through` or `local_reply`)",
+                    ),
                 }
                 u.finish(&mut f);
             }
@@ -124,8 +140,16 @@ pub fn parse_settings(source: &str, value: Option<&Value>) -> Result<Settings, V
             settings.decision_header = boolean(&mut f, v, &p).unwrap_or(false);
         }
         if let Some((v, p)) = r.field("max_replay_body_bytes") {
-            if let Some(n) = integer_in(&mut f, v, &p, 0, u64::from(MAX_REPLAY_BODY_BYTES), "max_replay_body_bytes") {
-                settings.max_replay_body_bytes = u32::try_from(n).unwrap_or(DEFAULT_MAX_REPLAY_BODY_BYTES);
+            if let Some(n) = integer_in(
+                &mut f,
+                v,
+                &p,
+                0,
+                u64::from(MAX_REPLAY_BODY_BYTES),
+                "max_replay_body_bytes",
+            ) {
+                settings.max_replay_body_bytes =
+                    u32::try_from(n).unwrap_or(DEFAULT_MAX_REPLAY_BODY_BYTES);
             }
         }
         r.finish(&mut f);

@@ -1,0 +1,555 @@
+//! The proxy-wasm glue: parse and swap policies in the root context, apply
+//! decisions in the HTTP context. All policy logic lives in `crate::engine`.
+
+mod host_state;
+mod metrics;
+
+use crate::engine::{Failover, Outcome, PolicySet, Scheme, UnknownDomain, ViewerRequest};
+use host_state::{
+    set_filter_state, DYNAMIC_HOST, DYNAMIC_PORT, UPSTREAM_SERVER_NAME, UPSTREAM_SUBJECT_ALT_NAMES,
+};
+use log::{debug, error, info, warn};
+use metrics::{Counter, Metrics};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+/// Response header naming why an origin fetch failed or failed over.
+pub const ORIGIN_ERROR_HEADER: &str = "x-origin-error";
+/// Response header naming the origin, scheme, port, Host and SNI used.
+pub const DECISION_HEADER: &str = "x-origin-decision";
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(OriginPolicyRoot::default()) });
+}}
+
+#[derive(Default)]
+struct OriginPolicyRoot {
+    policies: Option<Rc<PolicySet>>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl Context for OriginPolicyRoot {}
+
+impl RootContext for OriginPolicyRoot {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let metrics = Rc::clone(
+            self.metrics
+                .get_or_insert_with(|| Rc::new(Metrics::define())),
+        );
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(_) => {
+                error!("plugin configuration rejected: no configuration was given");
+                metrics.bump(Counter::ConfigRejected);
+                return false;
+            }
+        };
+        let previous = self.policies.as_deref();
+        let compiled = match PolicySet::from_plugin_config(&bytes, previous) {
+            Ok(c) => c,
+            Err(e) => {
+                // Returning false makes Envoy keep serving the previous configuration.
+                error!("{e}");
+                metrics.bump(Counter::ConfigRejected);
+                return false;
+            }
+        };
+        for d in compiled.diagnostics.errors() {
+            error!("policy rejected: {d}");
+        }
+        for d in compiled.diagnostics.warnings() {
+            warn!("{d}");
+        }
+        for domain in &compiled.kept_previous {
+            warn!("{domain}: keeping the last good policy");
+        }
+        metrics.add(Counter::PolicyRejected, compiled.rejected as u64);
+        metrics.bump(Counter::ConfigApplied);
+        info!(
+            "origin policies loaded: {} domains ({} rejected)",
+            compiled.set.index.len(),
+            compiled.rejected
+        );
+        self.policies = Some(Rc::new(compiled.set));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let policies = Rc::clone(self.policies.as_ref()?);
+        let metrics = Rc::clone(self.metrics.as_ref()?);
+        Some(Box::new(OriginFetch::new(policies, metrics)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// The request facts the decision depends on, kept so that the response phase
+/// can re-derive the same decision from the same policy snapshot.
+#[derive(Default)]
+struct ViewerFacts {
+    authority: String,
+    scheme: Option<String>,
+    x_forwarded_proto: Option<String>,
+    method: String,
+}
+
+impl ViewerFacts {
+    fn as_request(&self) -> ViewerRequest<'_> {
+        ViewerRequest {
+            authority: &self.authority,
+            scheme: self.scheme.as_deref(),
+            x_forwarded_proto: self.x_forwarded_proto.as_deref(),
+            method: &self.method,
+        }
+    }
+}
+
+enum Phase {
+    /// Headers not seen yet, or the request is not ours to touch.
+    Idle,
+    /// Sent to the primary origin with a policy decision.
+    ToPrimary,
+    /// The primary failed; the request was re-sent to the secondary.
+    ToSecondary {
+        token: u32,
+        started: SystemTime,
+        timeout_ms: u32,
+        primary_error: String,
+    },
+    /// A local reply is on its way; it passes through this filter again untouched.
+    Answered,
+}
+
+struct OriginFetch {
+    /// The policy snapshot this request started with: a swap mid-flight does not change it.
+    policies: Rc<PolicySet>,
+    metrics: Rc<Metrics>,
+    viewer: Rc<ViewerFacts>,
+    phase: Phase,
+    /// Request headers and body kept for a failover replay, only when one is possible.
+    replay_headers: Option<Vec<(String, String)>>,
+    replay_body: Vec<u8>,
+    replay_body_too_large: bool,
+}
+
+/// Connection-scoped headers that must not be copied between hops (RFC 9110 7.6.1),
+/// plus `content-length`, which the host recomputes.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "content-length"
+    )
+}
+
+fn local_reply(status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
+    if let Err(e) = hostcalls::send_http_response(status, headers, Some(body)) {
+        error!("could not send a local reply: {e:?}");
+    }
+}
+
+impl OriginFetch {
+    fn new(policies: Rc<PolicySet>, metrics: Rc<Metrics>) -> Self {
+        OriginFetch {
+            policies,
+            metrics,
+            viewer: Rc::new(ViewerFacts::default()),
+            phase: Phase::Idle,
+            replay_headers: None,
+            replay_body: Vec::new(),
+            replay_body_too_large: false,
+        }
+    }
+
+    fn answer(&mut self, status: u32, error: &str) -> Action {
+        self.phase = Phase::Answered;
+        let body = format!("{error}\n");
+        local_reply(
+            status,
+            vec![(ORIGIN_ERROR_HEADER, error), ("content-type", "text/plain")],
+            body.as_bytes(),
+        );
+        Action::Pause
+    }
+
+    fn apply_request(&mut self, headers: Vec<(String, String)>, end_of_stream: bool) -> Action {
+        let mut authority = None;
+        let mut facts = ViewerFacts::default();
+        for (name, value) in &headers {
+            match name.as_str() {
+                ":authority" => authority = Some(value.clone()),
+                "host" if authority.is_none() => authority = Some(value.clone()),
+                ":scheme" => facts.scheme = Some(value.clone()),
+                ":method" => facts.method = value.clone(),
+                "x-forwarded-proto" => facts.x_forwarded_proto = Some(value.clone()),
+                _ => {}
+            }
+        }
+        facts.authority = authority.unwrap_or_default();
+        self.viewer = Rc::new(facts);
+        let viewer = Rc::clone(&self.viewer);
+        let policies = Rc::clone(&self.policies);
+        let settings = &policies.settings;
+        let cluster_header = settings.cluster_header.as_str();
+        let outcome = policies.decide(&viewer.as_request());
+        let decision = match outcome {
+            Outcome::Origin(d) => d,
+            Outcome::UnknownDomain { viewer_host } => {
+                self.metrics.bump(Counter::UnknownDomain);
+                return match settings.unknown_domain {
+                    UnknownDomain::PassThrough => {
+                        // Never let a viewer pick the cluster.
+                        if headers.iter().any(|(n, _)| n == cluster_header) {
+                            let _ = hostcalls::remove_map_value(
+                                MapType::HttpRequestHeaders,
+                                cluster_header,
+                            );
+                        }
+                        debug!("{viewer_host}: no policy, passing through");
+                        Action::Continue
+                    }
+                    UnknownDomain::LocalReply { status } => self.answer(
+                        u32::from(status),
+                        &format!("no origin policy for host {viewer_host}"),
+                    ),
+                };
+            }
+            Outcome::BadHost(e) => {
+                self.metrics.bump(Counter::BadHost);
+                return self.answer(400, &format!("bad host: {e}"));
+            }
+            Outcome::NoRoute { domain } => {
+                return self.answer(
+                    502,
+                    &format!("{domain}: policy has no route for this request"),
+                );
+            }
+        };
+        self.metrics.bump(Counter::Decided);
+        let t = &decision.target;
+        let edits = [
+            (cluster_header, Some(t.cluster)),
+            (
+                ":scheme",
+                (viewer.scheme.as_deref() != Some(t.scheme.as_str())).then_some(t.scheme.as_str()),
+            ),
+            (
+                ":authority",
+                (viewer.authority != t.authority).then_some(t.authority.as_ref()),
+            ),
+        ];
+        for (name, value) in edits {
+            if let Some(value) = value {
+                if let Err(e) =
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+                {
+                    return self.answer(500, &format!("could not set {name}: {e:?}"));
+                }
+            }
+        }
+        let mut state: Vec<(&str, String)> = Vec::new();
+        if let Some(host) = t.dynamic_host {
+            state.push((DYNAMIC_HOST, host.to_owned()));
+            state.push((DYNAMIC_PORT, t.port.to_string()));
+        }
+        if let (Scheme::Https, Some(sni)) = (t.scheme, &t.sni) {
+            state.push((UPSTREAM_SERVER_NAME, sni.to_string()));
+            state.push((UPSTREAM_SUBJECT_ALT_NAMES, sni.to_string()));
+        }
+        for (key, value) in &state {
+            if let Err(e) = set_filter_state(key, value) {
+                return self.answer(500, &format!("could not set filter state {key}: {e:?}"));
+            }
+        }
+        debug!("{}: {}", decision.policy.name, decision.header_value());
+        self.phase = Phase::ToPrimary;
+        if matches!(decision.failover, Failover::Plan(_)) {
+            self.replay_headers = Some(headers);
+            if end_of_stream {
+                self.replay_body.clear();
+            }
+        }
+        Action::Continue
+    }
+
+    fn fail_over(&mut self, status: u16, primary_error: String) -> Result<(), String> {
+        if self.replay_body_too_large {
+            return Err(format!(
+                "failover=skipped (request body over {} bytes)",
+                self.policies.settings.max_replay_body_bytes
+            ));
+        }
+        let policies = Rc::clone(&self.policies);
+        let viewer = Rc::clone(&self.viewer);
+        let Outcome::Origin(decision) = policies.decide(&viewer.as_request()) else {
+            return Err("failover=skipped (no decision)".to_owned());
+        };
+        let Failover::Plan(plan) = &decision.failover else {
+            return Err("failover=skipped (not eligible)".to_owned());
+        };
+        let Some(saved) = self.replay_headers.take() else {
+            return Err("failover=skipped (request not kept)".to_owned());
+        };
+        let t = &plan.target;
+        let cluster_header = policies.settings.cluster_header.as_str();
+        let mut headers: Vec<(&str, &str)> = saved
+            .iter()
+            .filter(|(n, _)| {
+                !is_hop_by_hop(n)
+                    && !matches!(n.as_str(), ":authority" | "host" | ":scheme")
+                    && n != cluster_header
+            })
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        headers.push((":authority", &t.authority));
+        headers.push((":scheme", t.scheme.as_str()));
+        let body = (!self.replay_body.is_empty()).then_some(self.replay_body.as_slice());
+        let timeout = Duration::from_millis(u64::from(plan.timeout_ms));
+        let token = hostcalls::dispatch_http_call(t.cluster, headers, body, vec![], timeout)
+            .map_err(|e| {
+                format!(
+                    "failover=failed (could not reach cluster {}: {e:?})",
+                    t.cluster
+                )
+            })?;
+        info!(
+            "{}: primary answered {status}, failing over to {}",
+            decision.policy.name, t.cluster
+        );
+        self.metrics.bump(Counter::FailoverStarted);
+        self.phase = Phase::ToSecondary {
+            token,
+            started: hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH),
+            timeout_ms: plan.timeout_ms,
+            primary_error,
+        };
+        Ok(())
+    }
+
+    fn deliver_secondary(&mut self, num_headers: usize, body_size: usize) {
+        let Phase::ToSecondary {
+            started,
+            timeout_ms,
+            primary_error,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Answered)
+        else {
+            return;
+        };
+        let headers = if num_headers > 0 {
+            hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let elapsed = hostcalls::get_current_time()
+            .ok()
+            .and_then(|now| now.duration_since(started).ok())
+            .unwrap_or_default();
+        let timed_out = elapsed >= Duration::from_millis(u64::from(timeout_ms));
+        let failure = match status {
+            None if timed_out => Some((504, "secondary timeout".to_owned())),
+            None => Some((502, "secondary connect failure".to_owned())),
+            Some(504) if timed_out => Some((504, "secondary timeout".to_owned())),
+            Some(s) if s >= 500 => Some((502, format!("secondary response {s} error"))),
+            Some(_) => None,
+        };
+        if let Some((code, cause)) = failure {
+            let counter = if code == 504 {
+                Counter::FailoverSecondaryTimeout
+            } else {
+                Counter::FailoverSecondaryFailed
+            };
+            self.metrics.bump(counter);
+            warn!("{}: {primary_error}; {cause}", self.viewer.authority);
+            let message = format!("{primary_error}; failover=secondary; {cause}");
+            local_reply(
+                code,
+                vec![
+                    (ORIGIN_ERROR_HEADER, &message),
+                    ("content-type", "text/plain"),
+                ],
+                format!("{message}\n").as_bytes(),
+            );
+            return;
+        }
+        let status = status.unwrap_or(502);
+        self.metrics.bump(Counter::FailoverSucceeded);
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let policies = Rc::clone(&self.policies);
+        let viewer = Rc::clone(&self.viewer);
+        let Outcome::Origin(decision) = policies.decide(&viewer.as_request()) else {
+            return;
+        };
+        let error = format!("{primary_error}; failover=secondary");
+        let plan = decision.on_primary_response(status);
+        let mut out: Vec<(&str, &str)> = headers
+            .iter()
+            .filter(|(n, _)| {
+                !n.starts_with(':')
+                    && !is_hop_by_hop(n)
+                    && n != ORIGIN_ERROR_HEADER
+                    && n != DECISION_HEADER
+                    && !(plan.cache_control.is_some() && n == "cache-control")
+            })
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        out.push((ORIGIN_ERROR_HEADER, &error));
+        if let Some(cc) = plan.cache_control {
+            out.push(("cache-control", cc));
+        }
+        let explained;
+        if policies.settings.decision_header {
+            if let Failover::Plan(p) = &decision.failover {
+                explained = format!(
+                    "domain={}; origin=secondary; cluster={}; scheme={}; port={}; host={}",
+                    decision.policy.name,
+                    p.target.cluster,
+                    p.target.scheme.as_str(),
+                    p.target.port,
+                    p.target.authority
+                );
+                out.push((DECISION_HEADER, &explained));
+            }
+        }
+        local_reply(u32::from(status), out, &body);
+    }
+}
+
+impl Context for OriginFetch {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if matches!(self.phase, Phase::ToSecondary { token, .. } if token == token_id) {
+            self.deliver_secondary(num_headers, body_size);
+        }
+    }
+}
+
+impl HttpContext for OriginFetch {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match hostcalls::get_map(MapType::HttpRequestHeaders) {
+            Ok(headers) => self.apply_request(headers, end_of_stream),
+            Err(e) => self.answer(500, &format!("could not read request headers: {e:?}")),
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if self.replay_headers.is_none() || self.replay_body_too_large || body_size == 0 {
+            return Action::Continue;
+        }
+        let limit = self.policies.settings.max_replay_body_bytes as usize;
+        if self.replay_body.len() + body_size > limit {
+            self.replay_body_too_large = true;
+            self.replay_body = Vec::new();
+            return Action::Continue;
+        }
+        if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            self.replay_body.extend_from_slice(&chunk);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if !matches!(self.phase, Phase::ToPrimary) {
+            return Action::Continue;
+        }
+        let headers = hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default();
+        let status = headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let Some(status) = status else {
+            return Action::Continue;
+        };
+        let policies = Rc::clone(&self.policies);
+        let viewer = Rc::clone(&self.viewer);
+        let Outcome::Origin(decision) = policies.decide(&viewer.as_request()) else {
+            return Action::Continue;
+        };
+        let plan = decision.on_primary_response(status);
+        let mut origin_error = plan.origin_error.clone();
+        if let Some(primary_error) = &plan.origin_error {
+            self.metrics.bump(Counter::Origin5xx);
+            if plan.fail_over {
+                match self.fail_over(status, primary_error.clone()) {
+                    Ok(()) => return Action::Pause,
+                    Err(why) => {
+                        self.metrics.bump(Counter::FailoverSkipped);
+                        origin_error = Some(format!("{primary_error}; {why}"));
+                    }
+                }
+            } else if matches!(decision.failover, Failover::MethodNotEligible) {
+                let statuses = decision
+                    .policy
+                    .policy
+                    .failover
+                    .as_ref()
+                    .map(|f| f.statuses.contains(&status));
+                if statuses == Some(true) {
+                    origin_error = Some(format!(
+                        "{primary_error}; failover=skipped (method {})",
+                        self.viewer.method
+                    ));
+                }
+            }
+        }
+        if let Some(cc) = plan.cache_control {
+            let _ =
+                hostcalls::set_map_value(MapType::HttpResponseHeaders, "cache-control", Some(cc));
+            self.metrics.bump(if status == 301 || status == 302 {
+                Counter::RedirectUncacheable
+            } else {
+                Counter::CacheOverridden
+            });
+        }
+        let has_stale_error = headers.iter().any(|(n, _)| n == ORIGIN_ERROR_HEADER);
+        if origin_error.is_some() || has_stale_error {
+            // The origin's own copy of the diagnostic header is never passed on.
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                ORIGIN_ERROR_HEADER,
+                origin_error.as_deref(),
+            );
+        }
+        if policies.settings.decision_header {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                DECISION_HEADER,
+                Some(&decision.header_value()),
+            );
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        // The primary's body is dropped once the secondary has been asked.
+        if matches!(self.phase, Phase::ToSecondary { .. }) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Table-driven validation: every rule, its JSON path, and agreement with the JSON Schema.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg(not(target_arch = "wasm32"))]
+
+use origin_policy::engine::{parse_policy, PolicySet, PolicySource, Settings, Severity};
+use serde_json::{json, Value};
+use std::path::Path;
+
+fn base() -> Value {
+    json!({
+        "domain": "www.example.com",
+        "primary": {"address": "origin.example.net", "port": 80, "clusters": {"http": "c_http"}}
+    })
+}
+
+fn with(patch: Value) -> Value {
+    let mut doc = base();
+    for (k, v) in patch.as_object().unwrap() {
+        if v.is_null() {
+            doc.as_object_mut().unwrap().remove(k);
+        } else {
+            doc[k] = v.clone();
+        }
+    }
+    doc
+}
+
+/// (name, document, expected findings as (severity, JSON path, message fragment),
+/// whether the JSON Schema can see the problem).
+fn cases() -> Vec<(
+    &'static str,
+    Value,
+    Vec<(Severity, &'static str, &'static str)>,
+    bool,
+)> {
+    use Severity::{Error as E, Warning as W};
+    vec![
+        ("minimal policy is valid", base(), vec![], true),
+        (
+            "unknown top-level field",
+            with(json!({"orign": 1})),
+            vec![(E, "/orign", "unknown field")],
+            true,
+        ),
+        (
+            "unknown nested field",
+            with(json!({"primary": {"address": "o.example.net", "prot": 80}})),
+            vec![(E, "/primary/prot", "unknown field")],
+            true,
+        ),
+        (
+            "port 0",
+            with(json!({"primary": {"address": "o.example.net", "port": 0}})),
+            vec![(E, "/primary/port", "outside 1-65535")],
+            true,
+        ),
+        (
+            "port 70000",
+            with(json!({"protocol": {"policy": "http", "http_port": 70000}})),
+            vec![(E, "/protocol/http_port", "outside 1-65535")],
+            true,
+        ),
+        (
+            "port as string",
+            with(json!({"protocol": {"https_port": "443"}})),
+            vec![(E, "/protocol/https_port", "expected an integer")],
+            true,
+        ),
+        (
+            "empty domain",
+            with(json!({"domain": ""})),
+            vec![(E, "/domain", "empty")],
+            true,
+        ),
+        (
+            "domain with port",
+            with(json!({"domain": "www.example.com:8080"})),
+            vec![(E, "/domain", "must not carry a port")],
+            true,
+        ),
+        (
+            "inner wildcard",
+            with(json!({"domain": "a.*.example.com"})),
+            vec![(E, "/domain", "only a leading")],
+            true,
+        ),
+        (
+            "missing primary",
+            with(json!({"primary": null})),
+            vec![(E, "", "missing field `primary`")],
+            true,
+        ),
+        (
+            "address with space",
+            with(json!({"primary": {"address": "bad name.example", "clusters": {"http": "c"}}})),
+            vec![(E, "/primary/address", "not allowed")],
+            true,
+        ),
+        (
+            "custom host with CRLF",
+            with(json!({"origin_host": {"mode": "custom", "value": "a.example\r\nx: y"}})),
+            vec![(E, "/origin_host/value", "not allowed")],
+            true,
+        ),
+        (
+            "custom host without value",
+            with(json!({"origin_host": {"mode": "custom"}})),
+            vec![(E, "/origin_host", "needs a `value`")],
+            true,
+        ),
+        (
+            "unknown host mode",
+            with(json!({"origin_host": {"mode": "viewer"}})),
+            vec![(E, "/origin_host/mode", "unknown mode")],
+            true,
+        ),
+        (
+            "SNI with space",
+            with(json!({"origin_sni": {"mode": "custom", "value": "a b"}})),
+            vec![(E, "/origin_sni/value", "not allowed")],
+            true,
+        ),
+        (
+            "IP literal SNI",
+            with(json!({"origin_sni": {"mode": "custom", "value": "10.0.0.1"}})),
+            vec![(E, "/origin_sni/value", "IP address")],
+            true,
+        ),
+        (
+            "IPv6 literal SNI",
+            with(json!({"origin_sni": {"mode": "custom", "value": "[2001:db8::1]"}})),
+            vec![(E, "/origin_sni/value", "")],
+            true,
+        ),
+        (
+            "failover without secondary",
+            with(json!({"failover": {"timeout_ms": 100}})),
+            vec![(E, "/failover", "no `secondary`")],
+            true,
+        ),
+        (
+            "failover status out of range",
+            with(json!({
+            "secondary": {"address": "b.example.net", "clusters": {"http": "b"}},
+            "failover": {"statuses": [200]}})),
+            vec![(E, "/failover/statuses/0", "outside 400-599")],
+            true,
+        ),
+        (
+            "unknown failover method",
+            with(json!({
+            "secondary": {"address": "b.example.net", "clusters": {"http": "b"}},
+            "failover": {"methods": ["FETCH"]}})),
+            vec![(E, "/failover/methods/0", "unknown method")],
+            true,
+        ),
+        (
+            "secondary through the dynamic forward proxy",
+            with(json!({"secondary": {"address": "b.example.net"}})),
+            vec![(E, "/secondary", "needs `clusters`")],
+            false,
+        ),
+        (
+            "https policy without an https cluster",
+            with(json!({"protocol": {"policy": "https"}})),
+            vec![(E, "/primary/clusters", "no `https` cluster")],
+            false,
+        ),
+        (
+            "follow needs both clusters",
+            with(json!({"protocol": {"policy": "follow"}})),
+            vec![(E, "/primary/clusters", "no `https` cluster")],
+            false,
+        ),
+        (
+            "cache key not a status",
+            with(json!({"cache_status_ttl": {"abc": 0}})),
+            vec![(E, "/cache_status_ttl/abc", "not an HTTP status")],
+            true,
+        ),
+        (
+            "negative TTL",
+            with(json!({"cache_status_ttl": {"301": -1}})),
+            vec![(E, "/cache_status_ttl/301", "outside 0-31536000")],
+            true,
+        ),
+        (
+            "every error at once",
+            json!({"domain": "", "primary": {"address": "", "port": 0}, "bogus": true}),
+            vec![
+                (E, "/domain", "empty"),
+                (E, "/primary/address", "empty"),
+                (E, "/primary/port", "outside"),
+                (E, "/bogus", "unknown field"),
+            ],
+            true,
+        ),
+        (
+            "warning: HTTPS on port 80",
+            with(
+                json!({"primary": {"address": "o.example.net", "clusters": {"https": "t"}}, "protocol": {"policy": "https", "https_port": 80}}),
+            ),
+            vec![(W, "/protocol/https_port", "HTTPS to port 80")],
+            true,
+        ),
+        (
+            "warning: HTTP on port 443",
+            with(json!({"protocol": {"policy": "http", "http_port": 443}})),
+            vec![(W, "/protocol/http_port", "plain HTTP to port 443")],
+            true,
+        ),
+        (
+            "warning: follow with no HTTPS port",
+            with(
+                json!({"primary": {"address": "o.example.net", "port": 8080}, "protocol": {"policy": "follow"}}),
+            ),
+            vec![(W, "/protocol/https_port", "may have no HTTPS port")],
+            true,
+        ),
+        (
+            "warning: SNI differs from Host",
+            with(json!({
+            "primary": {"address": "o.example.net", "port": 443, "clusters": {"https": "t"}},
+            "origin_host": {"mode": "origin_domain"}, "origin_sni": {"mode": "custom", "value": "other.example.net"}})),
+            vec![(W, "/origin_sni/value", "differs from the Host")],
+            true,
+        ),
+    ]
+}
+
+fn schema() -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/policy.schema.json");
+    let schema: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap()
+}
+
+#[test]
+fn each_rule_reports_its_path() {
+    for (name, doc, expected, _) in cases() {
+        let (policy, found) = parse_policy("test.json", &doc);
+        for (severity, path, fragment) in &expected {
+            assert!(
+                found.iter().any(|d| d.severity == *severity
+                    && d.path == *path
+                    && d.message.contains(fragment)),
+                "{name}: expected {severity} at {path} containing {fragment:?}, got {found:#?}"
+            );
+        }
+        let errors = found
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
+        let expected_errors = expected.iter().filter(|e| e.0 == Severity::Error).count();
+        assert_eq!(
+            errors, expected_errors,
+            "{name}: unexpected findings {found:#?}"
+        );
+        assert_eq!(policy.is_some(), expected_errors == 0, "{name}");
+        for d in &found {
+            assert_eq!(d.source, "test.json");
+            let shown = d.to_string();
+            assert!(
+                shown.contains("test.json") && shown.contains(&d.path),
+                "{name}: {shown}"
+            );
+        }
+    }
+}
+
+#[test]
+fn findings_name_the_domain() {
+    let (_, found) = parse_policy(
+        "a.json",
+        &with(json!({"primary": {"address": "o.example.net", "port": 0}})),
+    );
+    assert_eq!(found[0].domain.as_deref(), Some("www.example.com"));
+    assert!(found[0]
+        .to_string()
+        .starts_with("error: a.json: www.example.com: /primary/port: port 0"));
+}
+
+#[test]
+fn schema_agrees_with_the_engine() {
+    let validator = schema();
+    for (name, doc, expected, schema_sees_it) in cases() {
+        let engine_ok = !expected.iter().any(|e| e.0 == Severity::Error);
+        let schema_ok = validator.is_valid(&doc);
+        if schema_sees_it {
+            assert_eq!(
+                schema_ok, engine_ok,
+                "{name}: schema and engine disagree on {doc}"
+            );
+        } else {
+            assert!(
+                schema_ok && !engine_ok,
+                "{name}: expected a semantic-only error"
+            );
+        }
+    }
+}
+
+#[test]
+fn example_policies_satisfy_the_schema() {
+    let validator = schema();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.extension().is_some_and(|e| e == "json")
+            && name != "settings.json"
+            && name != "policy.schema.json"
+        {
+            let doc: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let errors: Vec<String> = validator
+                .iter_errors(&doc)
+                .map(|e| format!("{} {e}", e.instance_path))
+                .collect();
+            assert!(errors.is_empty(), "{name}: {errors:?}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5);
+}
+
+#[test]
+fn duplicate_domains_across_files_are_errors() {
+    let a = base();
+    let b = with(json!({"domain": "WWW.example.com."}));
+    let sources = [
+        PolicySource {
+            source: "a.json".into(),
+            document: &a,
+        },
+        PolicySource {
+            source: "b.json".into(),
+            document: &b,
+        },
+    ];
+    let compiled = PolicySet::compile(Settings::default(), &sources, None);
+    let dups: Vec<_> = compiled
+        .diagnostics
+        .errors()
+        .filter(|d| d.message.contains("more than once"))
+        .collect();
+    assert_eq!(dups.len(), 2, "{}", compiled.diagnostics);
+    assert!(dups[0].message.contains("a.json") && dups[0].message.contains("b.json"));
+    assert_eq!(compiled.set.index.len(), 0);
+}
+
+#[test]
+fn a_rejected_update_keeps_the_last_good_policy_of_that_domain_only() {
+    let good_www = base();
+    let good_img = with(json!({"domain": "img.example.com"}));
+    let first = PolicySet::compile(
+        Settings::default(),
+        &[
+            PolicySource {
+                source: "www.json".into(),
+                document: &good_www,
+            },
+            PolicySource {
+                source: "img.json".into(),
+                document: &good_img,
+            },
+        ],
+        None,
+    );
+    assert_eq!(first.set.index.len(), 2);
+    let bad_www = with(json!({"primary": {"address": "o.example.net", "port": 0}}));
+    let new_img = with(
+        json!({"domain": "img.example.com", "primary": {"address": "new.example.net", "clusters": {"http": "c_new"}}}),
+    );
+    let second = PolicySet::compile(
+        Settings::default(),
+        &[
+            PolicySource {
+                source: "www.json".into(),
+                document: &bad_www,
+            },
+            PolicySource {
+                source: "img.json".into(),
+                document: &new_img,
+            },
+        ],
+        Some(&first.set),
+    );
+    assert_eq!(second.kept_previous, vec!["www.example.com".to_owned()]);
+    assert_eq!(second.rejected, 1);
+    let www = second.set.index.lookup("www.example.com").unwrap().0;
+    assert_eq!(www.policy.primary.port, 80, "last good www policy kept");
+    let img = second.set.index.lookup("img.example.com").unwrap().0;
+    assert_eq!(img.policy.primary.address, "new.example.net", "img updated");
+}
+
+#[test]
+fn plugin_config_envelope_errors() {
+    for (bytes, fragment) in [
+        (&b"not json"[..], "not valid JSON"),
+        (b"[]", "expected a JSON object"),
+        (b"{\"policies\": {}}", "must be an array"),
+        (b"{\"settings\": {}}", "missing `policies`"),
+        (
+            b"{\"policies\": [], \"extra\": 1}",
+            "unknown top-level field",
+        ),
+        (
+            b"{\"policies\": [], \"settings\": {\"unknown_domain\": {\"action\": \"drop\"}}}",
+            "pass_through",
+        ),
+    ] {
+        let err = PolicySet::from_plugin_config(bytes, None).err().unwrap();
+        assert!(err.to_string().contains(fragment), "{err}");
+    }
+}
