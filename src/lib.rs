@@ -4,7 +4,6 @@
 pub mod engine;
 pub mod report;
 
-#[cfg(not(target_arch = "wasm32"))]
 pub mod bundle;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]

@@ -27,12 +27,10 @@ fn with(patch: Value) -> Value {
 
 /// (name, document, expected findings as (severity, JSON path, message fragment),
 /// whether the JSON Schema can see the problem).
-fn cases() -> Vec<(
-    &'static str,
-    Value,
-    Vec<(Severity, &'static str, &'static str)>,
-    bool,
-)> {
+type Finding = (Severity, &'static str, &'static str);
+type Case = (&'static str, Value, Vec<Finding>, bool);
+
+fn cases() -> Vec<Case> {
     use Severity::{Error as E, Warning as W};
     vec![
         ("minimal policy is valid", base(), vec![], true),
