@@ -1,0 +1,143 @@
+//! Every golden request -> decision case replayed through the release `.wasm`,
+//! compared with the native engine on everything Envoy can observe.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+
+use host_test::Action;
+use origin_policy::report::{outcome_json, RequestSpec};
+use serde_json::Value;
+
+#[test]
+fn golden_cases_through_the_wasm_match_the_engine() {
+    let (compiled, _) = origin_policy::bundle::read_dir(&common::policies_dir())
+        .unwrap()
+        .compile();
+    let set = compiled.unwrap().set;
+    let cases: Value = serde_json::from_slice(
+        &std::fs::read(common::policies_dir().join("golden/cases.json")).unwrap(),
+    )
+    .unwrap();
+    let mut vm = common::example_vm();
+    let mut checked = 0;
+    for case in cases["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let spec = RequestSpec::from_json(&case["request"]).unwrap();
+        let engine = outcome_json(&set, &set.decide(&spec.as_viewer_request()));
+        let mut headers = vec![
+            (":authority", spec.authority.as_str()),
+            (":method", spec.method.as_str()),
+            (":path", "/"),
+        ];
+        if let Some(s) = &spec.scheme {
+            headers.push((":scheme", s));
+        }
+        if let Some(x) = &spec.x_forwarded_proto {
+            headers.push(("x-forwarded-proto", x));
+        }
+        let id = vm.open_stream().unwrap();
+        let action = vm.request_headers(id, &headers, true).unwrap();
+        match engine["outcome"].as_str().unwrap() {
+            "origin" => {
+                assert_eq!(action, Action::Continue, "{name}");
+                let o = &engine["origin"];
+                assert_eq!(
+                    vm.upstream_header(id, "x-origin-cluster").as_deref(),
+                    o["cluster"].as_str(),
+                    "{name}: cluster"
+                );
+                assert_eq!(
+                    vm.upstream_header(id, ":authority").as_deref(),
+                    o["authority"].as_str(),
+                    "{name}: authority"
+                );
+                assert_eq!(
+                    vm.upstream_header(id, ":scheme").as_deref(),
+                    o["scheme"].as_str(),
+                    "{name}: scheme"
+                );
+                assert_eq!(
+                    vm.filter_state(id, "envoy.network.upstream_server_name")
+                        .as_deref(),
+                    o["sni"].as_str(),
+                    "{name}: sni"
+                );
+                assert_eq!(
+                    vm.filter_state(id, "envoy.network.upstream_subject_alt_names")
+                        .as_deref(),
+                    o["sni"].as_str(),
+                    "{name}: san"
+                );
+                assert_eq!(
+                    vm.filter_state(id, "envoy.upstream.dynamic_host")
+                        .as_deref(),
+                    o["dynamic_host"].as_str(),
+                    "{name}: dfp host"
+                );
+                if o["dynamic_host"].is_string() {
+                    assert_eq!(
+                        vm.filter_state(id, "envoy.upstream.dynamic_port"),
+                        Some(o["port"].to_string()),
+                        "{name}: dfp port"
+                    );
+                }
+                for response in case["responses"].as_array().into_iter().flatten() {
+                    let status = response["status"].as_u64().unwrap().to_string();
+                    let rid = vm.open_stream().unwrap();
+                    vm.request_headers(rid, &headers, true).unwrap();
+                    let origin = [
+                        (":status", status.as_str()),
+                        ("cache-control", "max-age=3600"),
+                    ];
+                    let action = vm.response_headers(rid, &origin, false).unwrap();
+                    let expect = &response["expect"];
+                    if let Some(cc) = expect.get("cache_control") {
+                        let want = cc.as_str().unwrap_or("max-age=3600");
+                        assert_eq!(
+                            vm.response_header(rid, "cache-control").as_deref(),
+                            Some(want),
+                            "{name} {status}"
+                        );
+                    }
+                    if let Some(f) = expect.get("failover").and_then(Value::as_bool) {
+                        assert_eq!(action == Action::Pause, f, "{name} {status}: failover");
+                        assert_eq!(
+                            vm.state().dispatched.iter().any(|c| c.context_id == rid),
+                            f,
+                            "{name} {status}"
+                        );
+                    }
+                    if let Some(Value::String(err)) = expect.get("origin_error") {
+                        if expect["failover"] != Value::Bool(true) {
+                            let got = vm
+                                .response_header(rid, "x-origin-error")
+                                .unwrap_or_default();
+                            assert!(got.starts_with(err.as_str()), "{name} {status}: {got}");
+                        }
+                    }
+                    vm.close_stream(rid).unwrap();
+                }
+            }
+            "unknown_domain" => {
+                let reply = vm
+                    .local_response(id)
+                    .unwrap_or_else(|| panic!("{name}: expected a local reply"));
+                assert_eq!(reply.status, 404, "{name}");
+                assert!(
+                    reply
+                        .header("x-origin-error")
+                        .unwrap()
+                        .contains("no origin policy"),
+                    "{name}"
+                );
+            }
+            "bad_host" => {
+                assert_eq!(vm.local_response(id).map(|r| r.status), Some(400), "{name}");
+            }
+            other => panic!("{name}: unexpected outcome {other}"),
+        }
+        vm.close_stream(id).unwrap();
+        checked += 1;
+    }
+    assert!(checked >= 20);
+    assert_eq!(vm.metric("origin_policy.decisions").unwrap() > 0, true);
+}
