@@ -1,0 +1,54 @@
+//! Status-code cache rules: 301/302 become uncacheable, a 200 is untouched,
+//! and an origin's own diagnostic header is never passed on.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+
+const REQ: [(&str, &str); 4] = [
+    (":authority", "redirect.example.com"),
+    (":scheme", "http"),
+    (":method", "GET"),
+    (":path", "/"),
+];
+
+#[test]
+fn redirects_are_marked_uncacheable_and_200_is_untouched() {
+    let mut vm = common::example_vm();
+    for (status, want) in [
+        ("301", "no-store"),
+        ("302", "no-store"),
+        ("200", "max-age=3600"),
+    ] {
+        let id = vm.open_stream().unwrap();
+        vm.request_headers(id, &REQ, true).unwrap();
+        let origin = [
+            (":status", status),
+            ("location", "https://redirect.example.com/"),
+            ("cache-control", "max-age=3600"),
+        ];
+        vm.response_headers(id, &origin, false).unwrap();
+        let cc: Vec<_> = vm
+            .stream(id)
+            .unwrap()
+            .response_headers
+            .iter()
+            .filter(|(n, _)| n == "cache-control")
+            .collect();
+        assert_eq!(cc.len(), 1, "{status}: one cache-control line");
+        assert_eq!(cc[0].1, want, "{status}");
+    }
+    assert_eq!(vm.metric("origin_policy.redirects_uncacheable"), Some(2));
+}
+
+#[test]
+fn an_origin_supplied_diagnostic_header_is_removed() {
+    let mut vm = common::example_vm();
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &REQ, true).unwrap();
+    vm.response_headers(
+        id,
+        &[(":status", "200"), ("x-origin-error", "forged")],
+        false,
+    )
+    .unwrap();
+    assert_eq!(vm.response_header(id, "x-origin-error"), None);
+}

@@ -1,0 +1,139 @@
+//! Configuration updates: atomic swap, in-flight requests keep their policy,
+//! invalid updates rejected (whole envelope) or kept per domain.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+
+use serde_json::json;
+
+fn config(cluster: &str) -> String {
+    json!({"policies": [
+        {"domain": "a.example.com", "primary": {"address": "o.example.net", "clusters": {"http": cluster}}},
+        {"domain": "b.example.com", "primary": {"address": "o.example.net", "clusters": {"http": "b_cluster"}}}
+    ]})
+    .to_string()
+}
+
+const A: [(&str, &str); 4] = [
+    (":authority", "a.example.com"),
+    (":scheme", "http"),
+    (":method", "GET"),
+    (":path", "/"),
+];
+
+#[test]
+fn an_update_mid_flight_leaves_the_in_flight_request_on_the_old_policy() {
+    let mut vm = host_test::Filter::shared()
+        .unwrap()
+        .start(&config("old_cluster"))
+        .unwrap();
+    let in_flight = vm.open_stream().unwrap();
+    vm.request_headers(in_flight, &A, true).unwrap();
+    assert!(vm.configure(&config("new_cluster")).unwrap());
+    // The in-flight request's response phase still sees its own policy snapshot.
+    vm.response_headers(in_flight, &[(":status", "301")], true)
+        .unwrap();
+    assert_eq!(
+        vm.response_header(in_flight, "cache-control").as_deref(),
+        Some("no-store")
+    );
+    assert_eq!(
+        vm.upstream_header(in_flight, "x-origin-cluster").as_deref(),
+        Some("old_cluster")
+    );
+    let next = vm.open_stream().unwrap();
+    vm.request_headers(next, &A, true).unwrap();
+    assert_eq!(
+        vm.upstream_header(next, "x-origin-cluster").as_deref(),
+        Some("new_cluster")
+    );
+    assert_eq!(vm.metric("origin_policy.config.applied"), Some(2));
+}
+
+#[test]
+fn an_unusable_configuration_is_rejected_and_the_old_one_keeps_serving() {
+    let mut vm = host_test::Filter::shared()
+        .unwrap()
+        .start(&config("old_cluster"))
+        .unwrap();
+    assert!(!vm.configure("{not json").unwrap());
+    assert!(vm.log_text().contains("plugin configuration rejected"));
+    assert_eq!(vm.metric("origin_policy.config.rejected"), Some(1));
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &A, true).unwrap();
+    assert_eq!(
+        vm.upstream_header(id, "x-origin-cluster").as_deref(),
+        Some("old_cluster")
+    );
+}
+
+#[test]
+fn an_invalid_policy_keeps_its_domain_on_the_last_good_one_and_others_update() {
+    let mut vm = host_test::Filter::shared()
+        .unwrap()
+        .start(&config("old_cluster"))
+        .unwrap();
+    let update = json!({"policies": [
+        {"domain": "a.example.com", "primary": {"address": "o.example.net", "port": 0}},
+        {"domain": "b.example.com", "primary": {"address": "o.example.net", "clusters": {"http": "b_new"}}}
+    ]});
+    assert!(vm.configure(&update.to_string()).unwrap());
+    let logs = vm.log_text();
+    assert!(
+        logs.contains("a.example.com: /primary/port: port 0 is outside 1-65535"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("a.example.com: keeping the last good policy"),
+        "{logs}"
+    );
+    assert_eq!(vm.metric("origin_policy.policy.rejected"), Some(1));
+    let a = vm.open_stream().unwrap();
+    vm.request_headers(a, &A, true).unwrap();
+    assert_eq!(
+        vm.upstream_header(a, "x-origin-cluster").as_deref(),
+        Some("old_cluster")
+    );
+    let b = vm.open_stream().unwrap();
+    vm.request_headers(
+        b,
+        &[
+            (":authority", "b.example.com"),
+            (":scheme", "http"),
+            (":method", "GET"),
+            (":path", "/"),
+        ],
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        vm.upstream_header(b, "x-origin-cluster").as_deref(),
+        Some("b_new")
+    );
+}
+
+#[test]
+fn unknown_domains_pass_through_without_a_viewer_chosen_cluster() {
+    let cfg = json!({"settings": {"unknown_domain": {"action": "pass_through"}}, "policies": []});
+    let mut vm = host_test::Filter::shared()
+        .unwrap()
+        .start(&cfg.to_string())
+        .unwrap();
+    let id = vm.open_stream().unwrap();
+    let req = [
+        (":authority", "x.example.org"),
+        (":scheme", "http"),
+        (":method", "GET"),
+        (":path", "/"),
+        ("x-origin-cluster", "internal_admin"),
+    ];
+    assert_eq!(
+        vm.request_headers(id, &req, true).unwrap(),
+        host_test::Action::Continue
+    );
+    assert!(vm.local_response(id).is_none());
+    assert_eq!(vm.upstream_header(id, "x-origin-cluster"), None);
+    assert_eq!(
+        vm.upstream_header(id, ":authority").as_deref(),
+        Some("x.example.org")
+    );
+}
