@@ -1,0 +1,56 @@
+//! A long run through one instance: linear memory must not grow after warm-up,
+//! and every stream's context is released.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+
+#[test]
+fn linear_memory_is_flat_over_many_requests() {
+    let mut vm = common::example_vm();
+    let hosts = [
+        "www.example.com",
+        "a.img.example.com",
+        "nope.example.org",
+        "redirect.example.com",
+        "media.example.com",
+    ];
+    let statuses = ["200", "301", "200", "503", "404"];
+    let mut run = |vm: &mut host_test::Vm, n: usize| {
+        for i in 0..n {
+            let host = hosts[i % hosts.len()];
+            let req = [
+                (":authority", host),
+                (":scheme", "https"),
+                (":method", "GET"),
+                (":path", "/"),
+            ];
+            let id = vm
+                .exchange(&req, statuses[(i / hosts.len()) % statuses.len()])
+                .unwrap();
+            if let Some(call) = vm
+                .state()
+                .dispatched
+                .last()
+                .filter(|c| c.context_id == id)
+                .cloned()
+            {
+                vm.http_call_response(call.token, Some(&[(":status", "200")]), b"ok")
+                    .unwrap();
+            }
+            vm.close_stream(id).unwrap();
+        }
+    };
+    run(&mut vm, 5_000);
+    let warm = vm.memory_bytes();
+    let requests = std::env::var("LONG_RUN_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    run(&mut vm, requests);
+    assert_eq!(
+        vm.memory_bytes(),
+        warm,
+        "linear memory grew over {requests} requests"
+    );
+    assert!(vm.state().streams.is_empty(), "every stream was closed");
+    assert!(vm.metric("origin_policy.failover.succeeded").unwrap() >= (requests / 25) as u64);
+}
