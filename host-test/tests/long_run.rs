@@ -14,7 +14,7 @@ fn linear_memory_is_flat_over_many_requests() {
         "media.example.com",
     ];
     let statuses = ["200", "301", "200", "503", "404"];
-    let mut run = |vm: &mut host_test::Vm, n: usize| {
+    let run = |vm: &mut host_test::Vm, n: usize| {
         for i in 0..n {
             let host = hosts[i % hosts.len()];
             let req = [
