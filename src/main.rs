@@ -1,8 +1,8 @@
 //! `origin-policy` command line: check, explain and bundle policy files.
 
 use origin_policy::bundle::{read_paths, write_atomically, PolicyDir};
-use origin_policy::engine::{Diagnostics, Failover, Outcome};
-use origin_policy::report::{diagnostic_json, outcome_json, RequestSpec};
+use origin_policy::engine::{Diagnostics, Failover, Outcome, OwnedViewerRequest};
+use origin_policy::report::{diagnostic_json, outcome_json};
 use serde_json::{json, Value};
 use std::fmt;
 use std::path::PathBuf;
@@ -138,13 +138,13 @@ fn explain(args: &Args) -> Result<(), CliError> {
     }
     let set = compiled.ok_or(CliError::Invalid(diagnostics))?.set;
     let (scheme, authority) = split_url(url)?;
-    let spec = RequestSpec {
+    let spec = OwnedViewerRequest {
         authority,
         scheme: Some(scheme),
         x_forwarded_proto: args.value("x-forwarded-proto").map(str::to_owned),
         method: args.value("method").unwrap_or("GET").to_ascii_uppercase(),
     };
-    let outcome = set.decide(&spec.as_viewer_request());
+    let outcome = set.decide(&spec.as_request());
     if args.has("json") {
         println!("{}", outcome_json(&set, &outcome));
         return Ok(());

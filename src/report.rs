@@ -2,7 +2,8 @@
 //! cases and the JavaScript package so that all of them speak the same shape.
 
 use crate::engine::{
-    Failover, OriginDecision, OriginTarget, Outcome, PolicyDiagnostic, PolicySet, ViewerRequest,
+    Failover, FailoverAction, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest,
+    PolicyDiagnostic, PolicySet,
 };
 use serde_json::{json, Map, Value};
 
@@ -87,43 +88,25 @@ pub fn diagnostic_json(d: &PolicyDiagnostic) -> Value {
     })
 }
 
-/// A request as golden cases and `explain` describe it.
-#[derive(Debug, Clone, Default)]
-pub struct RequestSpec {
-    pub authority: String,
-    pub scheme: Option<String>,
-    pub x_forwarded_proto: Option<String>,
-    pub method: String,
-}
-
-impl RequestSpec {
-    pub fn from_json(value: &Value) -> Result<Self, String> {
-        let obj = value.as_object().ok_or("request must be an object")?;
-        let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
-        for key in obj.keys() {
-            if !matches!(
-                key.as_str(),
-                "authority" | "scheme" | "x_forwarded_proto" | "method" | "path"
-            ) {
-                return Err(format!("unknown request field `{key}`"));
-            }
-        }
-        Ok(RequestSpec {
-            authority: text("authority").ok_or("request needs `authority`")?,
-            scheme: text("scheme"),
-            x_forwarded_proto: text("x_forwarded_proto"),
-            method: text("method").unwrap_or_else(|| "GET".to_owned()),
-        })
-    }
-
-    pub fn as_viewer_request(&self) -> ViewerRequest<'_> {
-        ViewerRequest {
-            authority: &self.authority,
-            scheme: self.scheme.as_deref(),
-            x_forwarded_proto: self.x_forwarded_proto.as_deref(),
-            method: &self.method,
+/// Reads a request as golden cases describe it:
+/// `{"authority", "scheme"?, "x_forwarded_proto"?, "method"? (GET), "path"?}`.
+pub fn request_from_json(value: &Value) -> Result<OwnedViewerRequest, String> {
+    let obj = value.as_object().ok_or("request must be an object")?;
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
+    for key in obj.keys() {
+        if !matches!(
+            key.as_str(),
+            "authority" | "scheme" | "x_forwarded_proto" | "method" | "path"
+        ) {
+            return Err(format!("unknown request field `{key}`"));
         }
     }
+    Ok(OwnedViewerRequest {
+        authority: text("authority").ok_or("request needs `authority`")?,
+        scheme: text("scheme"),
+        x_forwarded_proto: text("x_forwarded_proto"),
+        method: text("method").unwrap_or_else(|| "GET".to_owned()),
+    })
 }
 
 /// Lists where `actual` differs from `expected`, looking only at keys `expected` names.
@@ -148,7 +131,7 @@ pub fn response_json(decision: &OriginDecision<'_>, status: u16) -> Value {
     let plan = decision.on_primary_response(status);
     json!({
         "cache_control": plan.cache_control,
-        "failover": plan.fail_over,
+        "failover": plan.failover == FailoverAction::Retry,
         "origin_error": plan.origin_error,
     })
 }

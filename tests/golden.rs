@@ -4,7 +4,7 @@
 
 use origin_policy::bundle::read_dir;
 use origin_policy::engine::Outcome;
-use origin_policy::report::{outcome_json, response_json, subset_mismatches, RequestSpec};
+use origin_policy::report::{outcome_json, request_from_json, response_json, subset_mismatches};
 use serde_json::Value;
 use std::path::Path;
 
@@ -25,8 +25,8 @@ fn golden_cases_match_the_engine() {
     let mut failures = Vec::new();
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let request = RequestSpec::from_json(&case["request"]).unwrap();
-        let outcome = set.decide(&request.as_viewer_request());
+        let request = request_from_json(&case["request"]).unwrap();
+        let outcome = set.decide(&request.as_request());
         let mut found = Vec::new();
         subset_mismatches(
             &case["expect"],

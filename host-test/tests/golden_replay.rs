@@ -4,7 +4,7 @@
 mod common;
 
 use host_test::Action;
-use origin_policy::report::{outcome_json, RequestSpec};
+use origin_policy::report::{outcome_json, request_from_json};
 use serde_json::Value;
 
 #[test]
@@ -21,8 +21,8 @@ fn golden_cases_through_the_wasm_match_the_engine() {
     let mut checked = 0;
     for case in cases["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let spec = RequestSpec::from_json(&case["request"]).unwrap();
-        let engine = outcome_json(&set, &set.decide(&spec.as_viewer_request()));
+        let spec = request_from_json(&case["request"]).unwrap();
+        let engine = outcome_json(&set, &set.decide(&spec.as_request()));
         let mut headers = vec![
             (":authority", spec.authority.as_str()),
             (":method", spec.method.as_str()),

@@ -1,9 +1,7 @@
 //! Turning a viewer request into an origin decision.
 
-use super::host::{is_ip_literal, normalize_authority, strip_port, HostError};
-use super::policy::{
-    DomainPattern, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme,
-};
+use super::host::{is_ip_literal, strip_port, HostError};
+use super::policy::{Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme};
 use super::settings::Settings;
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -17,6 +15,27 @@ pub struct ViewerRequest<'a> {
     pub scheme: Option<&'a str>,
     pub x_forwarded_proto: Option<&'a str>,
     pub method: &'a str,
+}
+
+/// A [`ViewerRequest`] that owns its strings, for callers that keep the
+/// request facts beyond the headers they came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnedViewerRequest {
+    pub authority: String,
+    pub scheme: Option<String>,
+    pub x_forwarded_proto: Option<String>,
+    pub method: String,
+}
+
+impl OwnedViewerRequest {
+    pub fn as_request(&self) -> ViewerRequest<'_> {
+        ViewerRequest {
+            authority: &self.authority,
+            scheme: self.scheme.as_deref(),
+            x_forwarded_proto: self.x_forwarded_proto.as_deref(),
+            method: &self.method,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +267,27 @@ pub struct OriginTarget<'a> {
     pub dynamic_host: Option<&'a str>,
 }
 
+impl OriginTarget<'_> {
+    /// `domain=…; origin=…; cluster=…; scheme=…; port=…; host=…[; sni=…]`, the
+    /// `x-origin-decision` header for a fetch to this target.
+    pub fn header_value(&self, domain: &str) -> String {
+        let mut out = String::with_capacity(96);
+        let _ = write!(
+            out,
+            "domain={domain}; origin={}; cluster={}; scheme={}; port={}; host={}",
+            self.role.as_str(),
+            self.cluster,
+            self.scheme.as_str(),
+            self.port,
+            self.authority
+        );
+        if let Some(sni) = &self.sni {
+            let _ = write!(out, "; sni={sni}");
+        }
+        out
+    }
+}
+
 impl<'a> OriginTarget<'a> {
     fn from_route(route: &'a OriginRoute, viewer_host: &Cow<'a, str>) -> Self {
         let authority = match &route.host {
@@ -405,13 +445,23 @@ impl CompiledPolicy {
     }
 }
 
+/// What failover does about one primary response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverAction {
+    /// Not a failover status, or no secondary origin.
+    None,
+    /// Re-send the request to the secondary origin.
+    Retry,
+    /// A failover status, but the request's method is not one the policy retries.
+    SkippedForMethod,
+}
+
 /// What the filter does with the primary origin's response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponsePlan<'a> {
     /// Replaces the origin's `cache-control`.
     pub cache_control: Option<&'a str>,
-    /// Re-send the request to the secondary origin.
-    pub fail_over: bool,
+    pub failover: FailoverAction,
     /// The diagnostic header value for a 5xx from the origin.
     pub origin_error: Option<String>,
 }
@@ -423,7 +473,19 @@ impl<'a> OriginDecision<'a> {
             cache_control: policy
                 .cache_override(status)
                 .map(|c| c.cache_control.as_str()),
-            fail_over: matches!(&self.failover, Failover::Plan(plan) if plan.triggers_on(status)),
+            failover: match &self.failover {
+                Failover::Plan(plan) if plan.triggers_on(status) => FailoverAction::Retry,
+                Failover::MethodNotEligible
+                    if policy
+                        .policy
+                        .failover
+                        .as_ref()
+                        .is_some_and(|rule| rule.statuses.binary_search(&status).is_ok()) =>
+                {
+                    FailoverAction::SkippedForMethod
+                }
+                _ => FailoverAction::None,
+            },
             origin_error: (500..=599)
                 .contains(&status)
                 .then(|| format!("orig response {status} error")),
@@ -460,31 +522,6 @@ impl OriginDecision<'_> {
 
     /// The compact `x-origin-decision` header value.
     pub fn header_value(&self) -> String {
-        let t = &self.target;
-        let mut out = String::with_capacity(96);
-        let _ = write!(
-            out,
-            "domain={}; origin={}; cluster={}; scheme={}; port={}; host={}",
-            self.policy.name,
-            t.role.as_str(),
-            t.cluster,
-            t.scheme.as_str(),
-            t.port,
-            t.authority
-        );
-        if let Some(sni) = &t.sni {
-            let _ = write!(out, "; sni={sni}");
-        }
-        out
+        self.target.header_value(&self.policy.name)
     }
-}
-
-impl DomainPattern {
-    pub fn is_wildcard(&self) -> bool {
-        matches!(self, DomainPattern::Wildcard(_))
-    }
-}
-
-pub(crate) fn normalize_viewer_host<'a>(authority: &'a str) -> Result<Cow<'a, str>, HostError> {
-    normalize_authority(authority)
 }

@@ -1,10 +1,10 @@
 //! The compiled policy set: a domain index with O(1) exact lookups and
 //! O(labels) wildcard lookups, independent of how many domains are loaded.
 
-use super::decision::{normalize_viewer_host, CompiledPolicy, MatchKind, Outcome, ViewerRequest};
+use super::decision::{CompiledPolicy, MatchKind, Outcome, ViewerRequest};
 use super::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
-use super::host::normalize_host;
-use super::policy::{parse_policy, DomainPattern};
+use super::host::normalize_authority;
+use super::policy::{domain_of, parse_policy, DomainPattern};
 use super::settings::{parse_settings, Settings};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -105,18 +105,6 @@ pub struct CompiledSet {
     pub kept_previous: Vec<String>,
     /// Policies that were rejected (each domain counted once).
     pub rejected: usize,
-}
-
-fn domain_of(document: &Value) -> Option<DomainPattern> {
-    let text = document.get("domain")?.as_str()?;
-    match text.strip_prefix("*.") {
-        Some(rest) => normalize_host(rest)
-            .ok()
-            .map(|n| DomainPattern::Wildcard(n.into_owned())),
-        None => normalize_host(text)
-            .ok()
-            .map(|n| DomainPattern::Exact(n.into_owned())),
-    }
 }
 
 impl PolicySet {
@@ -239,7 +227,7 @@ impl PolicySet {
 
     /// Decides where a request goes.
     pub fn decide<'a>(&'a self, request: &ViewerRequest<'a>) -> Outcome<'a> {
-        let host = match normalize_viewer_host(request.authority) {
+        let host = match normalize_authority(request.authority) {
             Ok(h) => h,
             Err(e) => return Outcome::BadHost(e),
         };

@@ -9,9 +9,9 @@ mod policy;
 mod settings;
 
 pub use decision::{
-    viewer_scheme, CacheOverride, CompiledPolicy, Failover, FailoverPlan, MatchKind,
-    OriginDecision, OriginRole, OriginTarget, Outcome, ResponsePlan, ViewerRequest,
-    ViewerSchemeSource,
+    viewer_scheme, CacheOverride, CompiledPolicy, Failover, FailoverAction, FailoverPlan,
+    MatchKind, OriginDecision, OriginRole, OriginTarget, Outcome, OwnedViewerRequest, ResponsePlan,
+    ViewerRequest, ViewerSchemeSource,
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource};

@@ -69,6 +69,10 @@ pub enum DomainPattern {
 }
 
 impl DomainPattern {
+    pub fn is_wildcard(&self) -> bool {
+        matches!(self, DomainPattern::Wildcard(_))
+    }
+
     pub fn display_name(&self) -> String {
         match self {
             DomainPattern::Exact(name) => name.clone(),
@@ -302,6 +306,12 @@ fn host_name(f: &mut Findings, text: &str, path: &str, what: &str) -> Option<Str
             None
         }
     }
+}
+
+/// The domain a document names, if it names a valid one; used to find the
+/// last good policy of a domain whose new policy was rejected.
+pub(crate) fn domain_of(document: &Value) -> Option<DomainPattern> {
+    domain_pattern(&mut Findings::new(""), document.get("domain")?, "/domain")
 }
 
 fn domain_pattern(f: &mut Findings, value: &Value, path: &str) -> Option<DomainPattern> {

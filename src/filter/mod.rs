@@ -4,7 +4,10 @@
 mod host_state;
 mod metrics;
 
-use crate::engine::{Failover, Outcome, PolicySet, Scheme, UnknownDomain, ViewerRequest};
+use crate::engine::{
+    Failover, FailoverAction, FailoverPlan, Outcome, OwnedViewerRequest, PolicySet, Scheme,
+    UnknownDomain,
+};
 use host_state::{
     set_filter_state, DYNAMIC_HOST, DYNAMIC_PORT, UPSTREAM_SERVER_NAME, UPSTREAM_SUBJECT_ALT_NAMES,
 };
@@ -89,27 +92,6 @@ impl RootContext for OriginPolicyRoot {
     }
 }
 
-/// The request facts the decision depends on, kept so that the response phase
-/// can re-derive the same decision from the same policy snapshot.
-#[derive(Default)]
-struct ViewerFacts {
-    authority: String,
-    scheme: Option<String>,
-    x_forwarded_proto: Option<String>,
-    method: String,
-}
-
-impl ViewerFacts {
-    fn as_request(&self) -> ViewerRequest<'_> {
-        ViewerRequest {
-            authority: &self.authority,
-            scheme: self.scheme.as_deref(),
-            x_forwarded_proto: self.x_forwarded_proto.as_deref(),
-            method: &self.method,
-        }
-    }
-}
-
 enum Phase {
     /// Headers not seen yet, or the request is not ours to touch.
     Idle,
@@ -130,7 +112,9 @@ struct OriginFetch {
     /// The policy snapshot this request started with: a swap mid-flight does not change it.
     policies: Rc<PolicySet>,
     metrics: Rc<Metrics>,
-    viewer: Rc<ViewerFacts>,
+    /// The request facts, kept so that later phases re-derive the same decision
+    /// from the same policy snapshot.
+    viewer: Rc<OwnedViewerRequest>,
     phase: Phase,
     /// Request headers and body kept for a failover replay, only when one is possible.
     replay_headers: Option<Vec<(String, String)>>,
@@ -165,7 +149,7 @@ impl OriginFetch {
         OriginFetch {
             policies,
             metrics,
-            viewer: Rc::new(ViewerFacts::default()),
+            viewer: Rc::new(OwnedViewerRequest::default()),
             phase: Phase::Idle,
             replay_headers: None,
             replay_body: Vec::new(),
@@ -184,9 +168,9 @@ impl OriginFetch {
         Action::Pause
     }
 
-    fn apply_request(&mut self, headers: Vec<(String, String)>, end_of_stream: bool) -> Action {
+    fn apply_request(&mut self, headers: Vec<(String, String)>) -> Action {
         let mut authority = None;
-        let mut facts = ViewerFacts::default();
+        let mut facts = OwnedViewerRequest::default();
         for (name, value) in &headers {
             match name.as_str() {
                 ":authority" => authority = Some(value.clone()),
@@ -277,33 +261,28 @@ impl OriginFetch {
         self.phase = Phase::ToPrimary;
         if matches!(decision.failover, Failover::Plan(_)) {
             self.replay_headers = Some(headers);
-            if end_of_stream {
-                self.replay_body.clear();
-            }
         }
         Action::Continue
     }
 
-    fn fail_over(&mut self, status: u16, primary_error: String) -> Result<(), String> {
+    fn fail_over(
+        &mut self,
+        domain: &str,
+        plan: &FailoverPlan<'_>,
+        status: u16,
+        primary_error: String,
+    ) -> Result<(), String> {
         if self.replay_body_too_large {
             return Err(format!(
                 "failover=skipped (request body over {} bytes)",
                 self.policies.settings.max_replay_body_bytes
             ));
         }
-        let policies = Rc::clone(&self.policies);
-        let viewer = Rc::clone(&self.viewer);
-        let Outcome::Origin(decision) = policies.decide(&viewer.as_request()) else {
-            return Err("failover=skipped (no decision)".to_owned());
-        };
-        let Failover::Plan(plan) = &decision.failover else {
-            return Err("failover=skipped (not eligible)".to_owned());
-        };
         let Some(saved) = self.replay_headers.take() else {
             return Err("failover=skipped (request not kept)".to_owned());
         };
         let t = &plan.target;
-        let cluster_header = policies.settings.cluster_header.as_str();
+        let cluster_header = self.policies.settings.cluster_header.as_str();
         let mut headers: Vec<(&str, &str)> = saved
             .iter()
             .filter(|(n, _)| {
@@ -325,8 +304,8 @@ impl OriginFetch {
                 )
             })?;
         info!(
-            "{}: primary answered {status}, failing over to {}",
-            decision.policy.name, t.cluster
+            "{domain}: primary answered {status}, failing over to {}",
+            t.cluster
         );
         self.metrics.bump(Counter::FailoverStarted);
         self.phase = Phase::ToSecondary {
@@ -417,18 +396,9 @@ impl OriginFetch {
             out.push(("cache-control", cc));
         }
         let explained;
-        if policies.settings.decision_header {
-            if let Failover::Plan(p) = &decision.failover {
-                explained = format!(
-                    "domain={}; origin=secondary; cluster={}; scheme={}; port={}; host={}",
-                    decision.policy.name,
-                    p.target.cluster,
-                    p.target.scheme.as_str(),
-                    p.target.port,
-                    p.target.authority
-                );
-                out.push((DECISION_HEADER, &explained));
-            }
+        if let (true, Failover::Plan(p)) = (policies.settings.decision_header, &decision.failover) {
+            explained = p.target.header_value(&decision.policy.name);
+            out.push((DECISION_HEADER, &explained));
         }
         local_reply(u32::from(status), out, &body);
     }
@@ -449,9 +419,9 @@ impl Context for OriginFetch {
 }
 
 impl HttpContext for OriginFetch {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         match hostcalls::get_map(MapType::HttpRequestHeaders) {
-            Ok(headers) => self.apply_request(headers, end_of_stream),
+            Ok(headers) => self.apply_request(headers),
             Err(e) => self.answer(500, &format!("could not read request headers: {e:?}")),
         }
     }
@@ -493,27 +463,24 @@ impl HttpContext for OriginFetch {
         let mut origin_error = plan.origin_error.clone();
         if let Some(primary_error) = &plan.origin_error {
             self.metrics.bump(Counter::Origin5xx);
-            if plan.fail_over {
-                match self.fail_over(status, primary_error.clone()) {
-                    Ok(()) => return Action::Pause,
-                    Err(why) => {
-                        self.metrics.bump(Counter::FailoverSkipped);
-                        origin_error = Some(format!("{primary_error}; {why}"));
+            match (plan.failover, &decision.failover) {
+                (FailoverAction::Retry, Failover::Plan(failover)) => {
+                    let domain = decision.policy.name.as_str();
+                    match self.fail_over(domain, failover, status, primary_error.clone()) {
+                        Ok(()) => return Action::Pause,
+                        Err(why) => {
+                            self.metrics.bump(Counter::FailoverSkipped);
+                            origin_error = Some(format!("{primary_error}; {why}"));
+                        }
                     }
                 }
-            } else if matches!(decision.failover, Failover::MethodNotEligible) {
-                let statuses = decision
-                    .policy
-                    .policy
-                    .failover
-                    .as_ref()
-                    .map(|f| f.statuses.contains(&status));
-                if statuses == Some(true) {
+                (FailoverAction::SkippedForMethod, _) => {
                     origin_error = Some(format!(
                         "{primary_error}; failover=skipped (method {})",
-                        self.viewer.method
+                        viewer.method
                     ));
                 }
+                _ => {}
             }
         }
         if let Some(cc) = plan.cache_control {
