@@ -425,13 +425,23 @@ pub(crate) fn link(linker: &mut Linker<HostState>) -> Result<()> {
             status(give(&mut c, value.as_bytes(), ret_ptr, ret_size))
         },
     )?;
-    fn edit(c: &mut C<'_>, map: i32, kp: i32, kl: i32, value: Option<(i32, i32)>, op: &str) -> i32 {
+    /// The three single-header edits; values are guest (pointer, length) pairs.
+    enum HeaderEdit {
+        Replace(i32, i32),
+        Add(i32, i32),
+        Remove,
+    }
+    fn edit(c: &mut C<'_>, map: i32, kp: i32, kl: i32, op: HeaderEdit) -> i32 {
         let Some(map) = MapType::from_raw(map) else {
             return Status::BadArgument as i32;
         };
         let key = match read_str(c, kp, kl) {
             Ok(k) => k.to_ascii_lowercase(),
             Err(s) => return s as i32,
+        };
+        let value = match op {
+            HeaderEdit::Replace(p, l) | HeaderEdit::Add(p, l) => Some((p, l)),
+            HeaderEdit::Remove => None,
         };
         let value = match value.map(|(p, l)| read_str(c, p, l)).transpose() {
             Ok(v) => v,
@@ -448,21 +458,19 @@ pub(crate) fn link(linker: &mut Linker<HostState>) -> Result<()> {
             return Status::BadArgument as i32;
         };
         match (op, value) {
-            ("replace", Some(v)) => match m.iter_mut().position(|(k, _)| *k == key) {
-                Some(i) => {
-                    m[i].1 = v;
-                    let mut j = i + 1;
-                    while j < m.len() {
-                        if m[j].0 == key {
-                            m.remove(j);
-                        } else {
-                            j += 1;
-                        }
-                    }
+            // Replace sets the first occurrence and drops any later ones.
+            (HeaderEdit::Replace(..), Some(v)) => match m.iter().position(|(k, _)| *k == key) {
+                Some(first) => {
+                    m[first].1 = v;
+                    let mut at = 0;
+                    m.retain(|(k, _)| {
+                        at += 1;
+                        at - 1 <= first || *k != key
+                    });
                 }
                 None => m.push((key, v)),
             },
-            ("add", Some(v)) => m.push((key, v)),
+            (HeaderEdit::Add(..), Some(v)) => m.push((key, v)),
             _ => m.retain(|(k, _)| *k != key),
         }
         Status::Ok as i32
@@ -471,21 +479,21 @@ pub(crate) fn link(linker: &mut Linker<HostState>) -> Result<()> {
         "env",
         "proxy_replace_header_map_value",
         |mut c: C<'_>, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-            edit(&mut c, map, kp, kl, Some((vp, vl)), "replace")
+            edit(&mut c, map, kp, kl, HeaderEdit::Replace(vp, vl))
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_add_header_map_value",
         |mut c: C<'_>, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
-            edit(&mut c, map, kp, kl, Some((vp, vl)), "add")
+            edit(&mut c, map, kp, kl, HeaderEdit::Add(vp, vl))
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_remove_header_map_value",
         |mut c: C<'_>, map: i32, kp: i32, kl: i32| -> i32 {
-            edit(&mut c, map, kp, kl, None, "remove")
+            edit(&mut c, map, kp, kl, HeaderEdit::Remove)
         },
     )?;
     linker.func_wrap(

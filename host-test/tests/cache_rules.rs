@@ -3,12 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
-const REQ: [(&str, &str); 4] = [
-    (":authority", "redirect.example.com"),
-    (":scheme", "http"),
-    (":method", "GET"),
-    (":path", "/"),
-];
+const REDIRECT: &str = "redirect.example.com";
 
 #[test]
 fn redirects_are_marked_uncacheable_and_200_is_untouched() {
@@ -19,7 +14,8 @@ fn redirects_are_marked_uncacheable_and_200_is_untouched() {
         ("200", "max-age=3600"),
     ] {
         let id = vm.open_stream().unwrap();
-        vm.request_headers(id, &REQ, true).unwrap();
+        vm.request_headers(id, &common::get(REDIRECT, "http"), true)
+            .unwrap();
         let origin = [
             (":status", status),
             ("location", "https://redirect.example.com/"),
@@ -43,7 +39,8 @@ fn redirects_are_marked_uncacheable_and_200_is_untouched() {
 fn an_origin_supplied_diagnostic_header_is_removed() {
     let mut vm = common::example_vm();
     let id = vm.open_stream().unwrap();
-    vm.request_headers(id, &REQ, true).unwrap();
+    vm.request_headers(id, &common::get(REDIRECT, "http"), true)
+        .unwrap();
     vm.response_headers(
         id,
         &[(":status", "200"), ("x-origin-error", "forged")],

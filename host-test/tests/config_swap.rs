@@ -13,12 +13,7 @@ fn config(cluster: &str) -> String {
     .to_string()
 }
 
-const A: [(&str, &str); 4] = [
-    (":authority", "a.example.com"),
-    (":scheme", "http"),
-    (":method", "GET"),
-    (":path", "/"),
-];
+const A: [(&str, &str); 4] = common::get("a.example.com", "http");
 
 #[test]
 fn an_update_mid_flight_leaves_the_in_flight_request_on_the_old_policy() {
@@ -94,17 +89,8 @@ fn an_invalid_policy_keeps_its_domain_on_the_last_good_one_and_others_update() {
         Some("old_cluster")
     );
     let b = vm.open_stream().unwrap();
-    vm.request_headers(
-        b,
-        &[
-            (":authority", "b.example.com"),
-            (":scheme", "http"),
-            (":method", "GET"),
-            (":path", "/"),
-        ],
-        true,
-    )
-    .unwrap();
+    vm.request_headers(b, &common::get("b.example.com", "http"), true)
+        .unwrap();
     assert_eq!(
         vm.upstream_header(b, "x-origin-cluster").as_deref(),
         Some("b_new")

@@ -203,17 +203,8 @@ fn statuses_outside_the_rule_and_domains_without_secondary_do_not_fail_over() {
         Action::Continue
     );
     let id = vm.open_stream().unwrap();
-    vm.request_headers(
-        id,
-        &[
-            (":authority", "plain.example.com"),
-            (":scheme", "http"),
-            (":method", "GET"),
-            (":path", "/"),
-        ],
-        true,
-    )
-    .unwrap();
+    vm.request_headers(id, &common::get("plain.example.com", "http"), true)
+        .unwrap();
     assert_eq!(
         vm.response_headers(id, &[(":status", "503")], true)
             .unwrap(),

@@ -17,12 +17,7 @@ fn linear_memory_is_flat_over_many_requests() {
     let run = |vm: &mut host_test::Vm, n: usize| {
         for i in 0..n {
             let host = hosts[i % hosts.len()];
-            let req = [
-                (":authority", host),
-                (":scheme", "https"),
-                (":method", "GET"),
-                (":path", "/"),
-            ];
+            let req = common::get(host, "https");
             let id = vm
                 .exchange(&req, statuses[(i / hosts.len()) % statuses.len()])
                 .unwrap();

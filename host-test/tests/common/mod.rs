@@ -20,3 +20,13 @@ pub fn example_config() -> String {
 pub fn example_vm() -> Vm {
     Filter::shared().unwrap().start(&example_config()).unwrap()
 }
+
+/// Request headers of a plain `GET /` for `host` over `scheme`.
+pub const fn get<'a>(host: &'a str, scheme: &'a str) -> [(&'static str, &'a str); 4] {
+    [
+        (":authority", host),
+        (":scheme", scheme),
+        (":method", "GET"),
+        (":path", "/"),
+    ]
+}
