@@ -24,6 +24,8 @@ enum CliError {
     Usage(String),
     Io(String),
     Invalid(Diagnostics),
+    /// Policies were rejected and the findings are already printed.
+    Rejected,
 }
 
 impl fmt::Display for CliError {
@@ -32,6 +34,7 @@ impl fmt::Display for CliError {
             CliError::Usage(why) => write!(f, "{why}\n\n{USAGE}"),
             CliError::Io(why) => f.write_str(why),
             CliError::Invalid(d) => write!(f, "{d}\npolicies rejected"),
+            CliError::Rejected => f.write_str("policies rejected"),
         }
     }
 }
@@ -111,7 +114,7 @@ fn check(args: &Args) -> Result<(), CliError> {
         println!("{domains} domains valid, {errors} errors, {warnings} warnings");
     }
     if diagnostics.has_errors() {
-        return Err(CliError::Invalid(Diagnostics(Vec::new())));
+        return Err(CliError::Rejected);
     }
     Ok(())
 }
@@ -289,7 +292,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Invalid(d)) if d.0.is_empty() => ExitCode::from(1),
+        Err(CliError::Rejected) => ExitCode::from(1),
         Err(e @ CliError::Invalid(_)) => {
             eprintln!("{e}");
             ExitCode::from(1)
