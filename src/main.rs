@@ -12,6 +12,7 @@ const USAGE: &str = "\
 usage:
   origin-policy check [--json] [PATH...]
       Validate policy files (default PATH: policies/). Exit 1 on any error.
+      --json also lists every Envoy cluster the policies can send requests to.
   origin-policy explain [--json] [--policies PATH] [--method M] [--x-forwarded-proto P] URL
       Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
   origin-policy bundle [--wasm FILE] [--out DIR] [PATH...]
@@ -98,12 +99,21 @@ fn load(paths: &[PathBuf]) -> Result<PolicyDir, CliError> {
 fn check(args: &Args) -> Result<(), CliError> {
     let dir = load(&args.paths())?;
     let (compiled, diagnostics) = dir.compile();
-    let domains = compiled.map_or(0, |c| c.set.index.len());
+    let domains = compiled.as_ref().map_or(0, |c| c.set.index.len());
     if args.has("json") {
         let list: Vec<Value> = diagnostics.0.iter().map(diagnostic_json).collect();
+        let clusters: Vec<&str> = compiled
+            .as_ref()
+            .map(|c| c.set.clusters().into_iter().collect())
+            .unwrap_or_default();
         println!(
             "{}",
-            json!({"ok": !diagnostics.has_errors(), "domains": domains, "diagnostics": list})
+            json!({
+                "ok": !diagnostics.has_errors(),
+                "domains": domains,
+                "clusters": clusters,
+                "diagnostics": list,
+            })
         );
     } else {
         for d in &diagnostics.0 {

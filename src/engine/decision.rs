@@ -209,6 +209,16 @@ fn routes(policy: &Policy, origin: &Origin, role: OriginRole, settings: &Setting
 }
 
 impl CompiledPolicy {
+    /// Every Envoy cluster this policy can send a request to.
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        [Some(&self.primary), self.secondary.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|r| [r.http.as_ref(), r.https.as_ref()])
+            .flatten()
+            .map(|r| r.cluster.as_str())
+    }
+
     pub fn compile(policy: Policy, settings: &Settings) -> Self {
         let primary = routes(&policy, &policy.primary, OriginRole::Primary, settings);
         let secondary = policy
@@ -523,5 +533,39 @@ impl OriginDecision<'_> {
     /// The compact `x-origin-decision` header value.
     pub fn header_value(&self) -> String {
         self.target.header_value(&self.policy.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request<'a>(scheme: &'a str, xfp: &'a str) -> ViewerRequest<'a> {
+        ViewerRequest {
+            authority: "media.example.com",
+            scheme: Some(scheme),
+            x_forwarded_proto: Some(xfp),
+            method: "GET",
+        }
+    }
+
+    #[test]
+    fn x_forwarded_proto_counts_only_when_trusted() {
+        let mut settings = Settings::default();
+        let r = request("http", "https");
+        assert_eq!(
+            viewer_scheme(&r, &settings),
+            (Scheme::Http, ViewerSchemeSource::Scheme)
+        );
+        settings.trust_x_forwarded_proto = true;
+        assert_eq!(
+            viewer_scheme(&r, &settings),
+            (Scheme::Https, ViewerSchemeSource::XForwardedProto)
+        );
+        // A value that names neither scheme falls back to :scheme.
+        assert_eq!(
+            viewer_scheme(&request("https", "gopher"), &settings),
+            (Scheme::Https, ViewerSchemeSource::Scheme)
+        );
     }
 }

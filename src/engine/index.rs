@@ -108,6 +108,12 @@ pub struct CompiledSet {
 }
 
 impl PolicySet {
+    /// Every Envoy cluster some policy can send a request to, sorted: what the
+    /// Envoy configuration must define.
+    pub fn clusters(&self) -> std::collections::BTreeSet<&str> {
+        self.index.policies().flat_map(|p| p.clusters()).collect()
+    }
+
     /// Compiles policies one domain at a time. A rejected policy never takes its
     /// domain down: when `previous` served that domain, its last good policy stays.
     pub fn compile(

@@ -1,0 +1,227 @@
+"""Brings up the edge: Envoy with the origin-policy filter, the policies bundled
+by the CLI, and the demo origins. Also the library the end-to-end tests use.
+
+Run through `scripts/edge`, which installs and builds what this needs first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EDGE_CONFIG = REPO / "deploy" / "envoy" / "edge.yaml"
+POLICIES = REPO / "policies"
+WASM = REPO / "target" / "wasm32-wasip1" / "release" / "origin_policy.wasm"
+CLI = REPO / "target" / "debug" / "origin-policy"
+ENVOY = Path(os.environ.get("ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
+
+ADMIN = "http://127.0.0.1:9901"
+VIEWER_HTTP_PORT = 10080
+VIEWER_HTTPS_PORT = 10443
+ECDS_FILE = "origin-policy.ecds.json"
+
+
+class EdgeError(Exception):
+    pass
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def policy_clusters(policy_paths: list[Path]) -> set[str]:
+    """The clusters the policies can send requests to, as the engine sees them."""
+    out = cli("check", "--json", *map(str, policy_paths))
+    report = json.loads(out.stdout)
+    if not report["ok"]:
+        errors = [d for d in report["diagnostics"] if d["severity"] == "error"]
+        raise EdgeError(f"policies rejected: {json.dumps(errors, indent=2)}")
+    return set(report["clusters"])
+
+
+def missing_clusters(envoy_config: dict, policy_paths: list[Path]) -> set[str]:
+    defined = {c["name"] for c in envoy_config["static_resources"]["clusters"]}
+    return policy_clusters(policy_paths) - defined
+
+
+def bundle(run_dir: Path, policy_paths: list[Path], wasm: Path = WASM) -> None:
+    out = cli("bundle", "--wasm", str(wasm), "--out", str(run_dir), *map(str, policy_paths))
+    if out.returncode != 0:
+        raise EdgeError(f"bundle failed:\n{out.stdout}{out.stderr}")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Envoy:
+    """One Envoy process with its working directory in `run_dir`."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        self.run_dir = run_dir
+        self.config_path = run_dir / "envoy.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.log_path = run_dir / "envoy.log"
+        self.process: subprocess.Popen | None = None
+
+    def validate(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(ENVOY), "--mode", "validate", "-c", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            cwd=self.run_dir,
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        if not ENVOY.exists():
+            raise EdgeError(f"{ENVOY} not found: run scripts/setup with WITH_ENVOY=1")
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [
+                str(ENVOY),
+                "-c",
+                str(self.config_path),
+                "--disable-hot-restart",
+                "--concurrency",
+                "2",
+                "--log-level",
+                "info",
+            ],
+            cwd=self.run_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EdgeError(f"Envoy exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if http_get(f"{ADMIN}/ready", timeout=0.5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise EdgeError(f"Envoy not ready after {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges from the admin endpoint, by name."""
+        _, text = http_get(f"{ADMIN}/stats")
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+
+def edge_config() -> dict:
+    return yaml.safe_load(EDGE_CONFIG.read_text())
+
+
+def prepare_run_dir(run_dir: Path) -> Certificates:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return Certificates(run_dir / "certs")
+
+
+CURL_LINES = """\
+  # HTTP-only origin; the response's x-origin-decision says what the edge chose
+  curl -si -H 'host: plain.example.com' http://127.0.0.1:{http}/hello
+  # follow: an HTTPS viewer is fetched over HTTPS, an HTTP viewer over HTTP
+  curl -si --cacert {ca} --resolve media.example.com:{https}:127.0.0.1 https://media.example.com:{https}/a.png
+  curl -si -H 'host: media.example.com' http://127.0.0.1:{http}/a.png
+  # one HTTPS origin, two certificates chosen by SNI
+  curl -si -H 'host: secure.example.com' http://127.0.0.1:{http}/
+  curl -si -H 'host: shop.example.com' http://127.0.0.1:{http}/
+  # custom origin ports 8150 (HTTP) and 60080 (HTTPS)
+  curl -si -H 'host: legacy.example.com' http://127.0.0.1:{http}/
+  curl -si -H 'host: a.img.example.com' http://127.0.0.1:{http}/
+  # a 301 that the origin marks cacheable for an hour goes out as no-store
+  curl -si -H 'host: redirect.example.com' http://127.0.0.1:{http}/
+  # the primary answers 503: the secondary's answer, with x-origin-error
+  curl -si -H 'host: www.example.com' http://127.0.0.1:{http}/
+  # metrics
+  curl -s {admin}/stats | grep origin_policy"""
+
+
+def main() -> int:
+    run_dir = REPO / "run"
+    certs = prepare_run_dir(run_dir)
+    config = edge_config()
+    missing = missing_clusters(config, [POLICIES])
+    if missing:
+        print(f"{EDGE_CONFIG}: no cluster named {', '.join(sorted(missing))}", file=sys.stderr)
+        return 1
+    bundle(run_dir, [POLICIES])
+    envoy = Envoy(run_dir, config)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with DemoOrigins(DEMO_ORIGINS, certs):
+        try:
+            envoy.start()
+            print(f"edge up: http://127.0.0.1:{VIEWER_HTTP_PORT}  https://127.0.0.1:{VIEWER_HTTPS_PORT}")
+            print(f"admin: {ADMIN}   log: {envoy.log_path}")
+            print("demo origins: " + ", ".join(f"{o.name}:{o.port}" for o in DEMO_ORIGINS))
+            print(f"policies: {POLICIES} (edit, then `{CLI} bundle --out {run_dir}` to swap live)")
+            print("try:")
+            print(
+                CURL_LINES.format(
+                    http=VIEWER_HTTP_PORT, https=VIEWER_HTTPS_PORT, ca=certs.ca_file, admin=ADMIN
+                )
+            )
+            print("Ctrl-C stops the edge.")
+            while not stop and envoy.process.poll() is None:
+                time.sleep(0.2)
+            if envoy.process.poll() is not None:
+                print(f"Envoy exited:\n{envoy.log_tail()}", file=sys.stderr)
+                return 1
+        except KeyboardInterrupt:
+            pass
+        except EdgeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        finally:
+            envoy.stop()
+    print("edge stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
