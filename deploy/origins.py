@@ -4,12 +4,12 @@ Each origin answers with a JSON body saying what it saw (scheme, local port,
 Host, TLS SNI, method, path, body size) and records every request, so tests can
 tell what reached the origin and what the edge served from its cache.
 
-Paths that change an origin's answer, on every origin:
-  /status/NNN/...   answer with status NNN
-  /slow/MS/...      wait MS milliseconds, then answer 200
+Paths that change an answer, where WHO is an origin's name or `all`:
+  /status/WHO/NNN/...   origin WHO answers with status NNN
+  /delay/WHO/MS/...     origin WHO waits MS milliseconds before answering
 The redirect origin answers 301 to the HTTPS URL (cacheable for an hour), 302
 under /found/, and a cacheable 200 under /page/. The failing primary answers
-503 to everything except /slow/.
+503 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -152,12 +152,12 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.server.log.add(seen)
         status, headers = 200, {"cache-control": "max-age=60"}
-        slow = re.match(r"^/slow/(\d+)", self.path)
-        forced = re.match(r"^/status/(\d{3})", self.path)
-        if slow:
-            time.sleep(int(slow.group(1)) / 1000)
-        elif forced:
-            status = int(forced.group(1))
+        told = re.match(r"^/(status|delay)/([\w-]+)/(\d+)/", self.path)
+        if told and told.group(2) in (spec.name, "all"):
+            if told.group(1) == "delay":
+                time.sleep(int(told.group(3)) / 1000)
+            else:
+                status = int(told.group(3))
         elif spec.kind == "failing":
             status = 503
         elif spec.kind == "redirect":

@@ -128,7 +128,7 @@ pub fn subset_mismatches(expected: &Value, actual: &Value, path: &str, out: &mut
 
 /// The primary-response plan as JSON, for golden cases.
 pub fn response_json(decision: &OriginDecision<'_>, status: u16) -> Value {
-    let plan = decision.on_primary_response(status);
+    let plan = decision.on_primary_response(status, None);
     json!({
         "cache_control": plan.cache_control,
         "failover": plan.failover == FailoverAction::Retry,

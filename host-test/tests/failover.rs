@@ -216,3 +216,58 @@ fn statuses_outside_the_rule_and_domains_without_secondary_do_not_fail_over() {
     );
     assert!(vm.state().dispatched.is_empty());
 }
+
+/// Envoy's own 503 when the origin never answered, as `response.code_details` names it.
+fn envoy_reply_for(vm: &mut Vm, details: &str) {
+    vm.state_mut()
+        .properties
+        .insert("response.code_details".into(), details.as_bytes().to_vec());
+}
+
+#[test]
+fn an_origin_that_never_answered_gets_502_or_504_with_the_cause() {
+    let mut vm = common::example_vm();
+    let cases = [
+        (
+            "upstream_reset_before_response_started{connection_failure,TLS_error:_268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end}",
+            "502",
+            "orig TLS handshake failed (CERTIFICATE_VERIFY_FAILED)",
+        ),
+        ("upstream_response_timeout", "504", "orig response timeout"),
+        ("via_upstream", "503", "orig response 503 error"),
+    ];
+    for (details, status, error) in cases {
+        envoy_reply_for(&mut vm, details);
+        let id = vm.open_stream().unwrap();
+        vm.request_headers(id, &common::get("secure.example.com", "https"), true)
+            .unwrap();
+        vm.response_headers(id, &[(":status", "503")], false)
+            .unwrap();
+        assert_eq!(vm.response_header(id, ":status").as_deref(), Some(status));
+        assert_eq!(
+            vm.response_header(id, "x-origin-error").as_deref(),
+            Some(error)
+        );
+    }
+    assert_eq!(vm.metric("origin_policy.origin_unreachable"), Some(2));
+}
+
+#[test]
+fn a_refused_primary_fails_over_naming_the_connect_failure() {
+    let mut vm = common::example_vm();
+    envoy_reply_for(
+        &mut vm,
+        "upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}",
+    );
+    let (id, action) = primary_fails(&mut vm, &GET, None);
+    assert_eq!(action, Action::Pause);
+    let call = vm.state().dispatched.last().unwrap().clone();
+    vm.http_call_response(call.token, Some(&[(":status", "200")]), b"ok")
+        .unwrap();
+    let reply = vm.local_response(id).unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("x-origin-error"),
+        Some("orig connect failed (Connection refused); failover=secondary")
+    );
+}

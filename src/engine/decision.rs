@@ -1,5 +1,6 @@
 //! Turning a viewer request into an origin decision.
 
+use super::fetch::FetchFailure;
 use super::host::{is_ip_literal, strip_port, HostError};
 use super::policy::{Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme};
 use super::settings::Settings;
@@ -469,36 +470,50 @@ pub enum FailoverAction {
 /// What the filter does with the primary origin's response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponsePlan<'a> {
+    /// Replaces the response status: the proxy's own 503 for an origin that
+    /// never answered becomes 502 (connect, TLS) or 504 (timeout).
+    pub status: Option<u16>,
     /// Replaces the origin's `cache-control`.
     pub cache_control: Option<&'a str>,
     pub failover: FailoverAction,
-    /// The diagnostic header value for a 5xx from the origin.
+    /// The diagnostic header value for a 5xx or a failed fetch.
     pub origin_error: Option<String>,
 }
 
 impl<'a> OriginDecision<'a> {
-    pub fn on_primary_response(&self, status: u16) -> ResponsePlan<'a> {
+    /// `failure` is set when the response was made by the proxy because the
+    /// origin could not be fetched; rules then apply to the status the viewer gets.
+    pub fn on_primary_response(
+        &self,
+        status: u16,
+        failure: Option<FetchFailure<'_>>,
+    ) -> ResponsePlan<'a> {
         let policy: &'a CompiledPolicy = self.policy;
+        let effective = failure.map_or(status, |f| f.status());
         ResponsePlan {
+            status: failure.map(|f| f.status()).filter(|s| *s != status),
             cache_control: policy
-                .cache_override(status)
+                .cache_override(effective)
                 .map(|c| c.cache_control.as_str()),
             failover: match &self.failover {
-                Failover::Plan(plan) if plan.triggers_on(status) => FailoverAction::Retry,
+                Failover::Plan(plan) if plan.triggers_on(effective) => FailoverAction::Retry,
                 Failover::MethodNotEligible
                     if policy
                         .policy
                         .failover
                         .as_ref()
-                        .is_some_and(|rule| rule.statuses.binary_search(&status).is_ok()) =>
+                        .is_some_and(|rule| rule.statuses.binary_search(&effective).is_ok()) =>
                 {
                     FailoverAction::SkippedForMethod
                 }
                 _ => FailoverAction::None,
             },
-            origin_error: (500..=599)
-                .contains(&status)
-                .then(|| format!("orig response {status} error")),
+            origin_error: match failure {
+                Some(f) => Some(f.to_string()),
+                None => (500..=599)
+                    .contains(&status)
+                    .then(|| format!("orig response {status} error")),
+            },
         }
     }
 }

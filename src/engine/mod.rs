@@ -3,6 +3,7 @@
 
 mod decision;
 mod diagnostic;
+mod fetch;
 pub mod host;
 mod index;
 mod policy;
@@ -14,6 +15,7 @@ pub use decision::{
     ViewerRequest, ViewerSchemeSource,
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
+pub use fetch::FetchFailure;
 pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource};
 pub use policy::{
     parse_policy, DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy,

@@ -9,6 +9,7 @@ pub enum Counter {
     UnknownDomain,
     BadHost,
     Origin5xx,
+    OriginUnreachable,
     RedirectUncacheable,
     CacheOverridden,
     FailoverStarted,
@@ -21,11 +22,12 @@ pub enum Counter {
     PolicyRejected,
 }
 
-const NAMES: [&str; 14] = [
+const NAMES: [&str; 15] = [
     "origin_policy.decisions",
     "origin_policy.unknown_domain",
     "origin_policy.bad_host",
     "origin_policy.origin_5xx",
+    "origin_policy.origin_unreachable",
     "origin_policy.redirects_uncacheable",
     "origin_policy.cache_overridden",
     "origin_policy.failover.started",

@@ -5,8 +5,8 @@ mod host_state;
 mod metrics;
 
 use crate::engine::{
-    Failover, FailoverAction, FailoverPlan, Outcome, OwnedViewerRequest, PolicySet, Scheme,
-    UnknownDomain,
+    Failover, FailoverAction, FailoverPlan, FetchFailure, Outcome, OwnedViewerRequest, PolicySet,
+    Scheme, UnknownDomain,
 };
 use host_state::{
     set_filter_state, DYNAMIC_HOST, DYNAMIC_PORT, UPSTREAM_SERVER_NAME, UPSTREAM_SUBJECT_ALT_NAMES,
@@ -379,7 +379,7 @@ impl OriginFetch {
             return;
         };
         let error = format!("{primary_error}; failover=secondary");
-        let plan = decision.on_primary_response(status);
+        let plan = decision.on_primary_response(status, None);
         let mut out: Vec<(&str, &str)> = headers
             .iter()
             .filter(|(n, _)| {
@@ -459,10 +459,26 @@ impl HttpContext for OriginFetch {
         let Outcome::Origin(decision) = policies.decide(&viewer.as_request()) else {
             return Action::Continue;
         };
-        let plan = decision.on_primary_response(status);
+        // Only a 5xx can be the proxy's stand-in for an origin that never
+        // answered; asking costs a host call, so only then.
+        let details = if status >= 500 {
+            hostcalls::get_property(vec!["response", "code_details"])
+                .ok()
+                .flatten()
+                .and_then(|b| String::from_utf8(b).ok())
+        } else {
+            None
+        };
+        let failure = details.as_deref().and_then(FetchFailure::from_code_details);
+        let plan = decision.on_primary_response(status, failure);
+        let status = plan.status.unwrap_or(status);
         let mut origin_error = plan.origin_error.clone();
         if let Some(primary_error) = &plan.origin_error {
-            self.metrics.bump(Counter::Origin5xx);
+            self.metrics.bump(if failure.is_some() {
+                Counter::OriginUnreachable
+            } else {
+                Counter::Origin5xx
+            });
             match (plan.failover, &decision.failover) {
                 (FailoverAction::Retry, Failover::Plan(failover)) => {
                     let domain = decision.policy.name.as_str();
@@ -482,6 +498,13 @@ impl HttpContext for OriginFetch {
                 }
                 _ => {}
             }
+        }
+        if let Some(replaced) = plan.status {
+            let _ = hostcalls::set_map_value(
+                MapType::HttpResponseHeaders,
+                ":status",
+                Some(&replaced.to_string()),
+            );
         }
         if let Some(cc) = plan.cache_control {
             let _ =

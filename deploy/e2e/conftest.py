@@ -1,0 +1,135 @@
+"""One real Envoy (deploy/envoy/edge.yaml plus the test clusters) in front of
+the demo origins, shared by every end-to-end test in this directory.
+
+Tests use unique paths, so the edge's cache never answers for another test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import ssl
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from edge import (  # noqa: E402
+    POLICIES,
+    VIEWER_HTTP_PORT,
+    VIEWER_HTTPS_PORT,
+    Envoy,
+    bundle,
+    edge_config,
+    missing_clusters,
+)
+from origins import DEMO_ORIGINS, Certificates, DemoOrigins, RequestLog  # noqa: E402
+
+E2E_POLICIES = HERE / "policies"
+E2E_CLUSTERS = HERE / "clusters.yaml"
+# Short enough to keep timeout tests quick, long enough for a loaded 2-core machine.
+PRIMARY_TIMEOUT_S = 2
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def test_config() -> dict:
+    """edge.yaml with the test clusters and a shorter primary timeout."""
+    config = edge_config()
+    config["static_resources"]["clusters"] += yaml.safe_load(E2E_CLUSTERS.read_text())
+    for listener in config["static_resources"]["listeners"]:
+        if listener["name"] != "origin_fetch":
+            continue
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for vhost in hcm["route_config"]["virtual_hosts"]:
+            for route in vhost["routes"]:
+                route["route"]["timeout"] = f"{PRIMARY_TIMEOUT_S}s"
+    return config
+
+
+class Edge:
+    def __init__(self, run_dir: Path, envoy: Envoy, log: RequestLog, certs: Certificates):
+        self.run_dir = run_dir
+        self.envoy = envoy
+        self.origin_log = log
+        self.certs = certs
+        self.policies = run_dir / "policies"
+        self._tls = ssl.create_default_context(cafile=str(certs.ca_file))
+
+    @property
+    def policy_paths(self) -> list[Path]:
+        return [self.policies, E2E_POLICIES]
+
+    def rebundle(self) -> None:
+        bundle(self.run_dir, self.policy_paths)
+
+    def request(
+        self,
+        host: str,
+        path: str,
+        scheme: str = "http",
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", VIEWER_HTTPS_PORT, timeout=20, context=self._tls
+            )
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", VIEWER_HTTP_PORT, timeout=20)
+        try:
+            conn.request(method, path, body=body, headers={"host": host, **(headers or {})})
+            r = conn.getresponse()
+            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+    def seen(self, path: str, origin: str | None = None):
+        return self.origin_log.matching(path, origin)
+
+    def stats(self) -> dict[str, int]:
+        return self.envoy.stats()
+
+
+@pytest.fixture(scope="session")
+def edge(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("edge")
+    certs = Certificates(run_dir / "certs")
+    shutil.copytree(POLICIES, run_dir / "policies")
+    config = test_config()
+    paths = [run_dir / "policies", E2E_POLICIES]
+    missing = missing_clusters(config, paths)
+    assert not missing, f"policies name clusters the Envoy config lacks: {missing}"
+    bundle(run_dir, paths)
+    with DemoOrigins(DEMO_ORIGINS, certs) as origins:
+        envoy = Envoy(run_dir, config)
+        envoy.start()
+        try:
+            yield Edge(run_dir, envoy, origins.log, certs)
+        finally:
+            envoy.stop()
+
+
+@pytest.fixture
+def path():
+    """A path no other request used, so the edge's cache cannot answer it."""
+    return f"/t/{uuid.uuid4().hex}"

@@ -1,0 +1,121 @@
+//! Telling an origin's own 5xx from one the proxy made up because the origin
+//! never answered (refused connection, failed TLS handshake, timeout).
+
+use std::fmt;
+
+/// Why the primary fetch produced no origin response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchFailure<'a> {
+    /// TCP connect failed; the cause as the proxy words it ("Connection refused").
+    Connect(&'a str),
+    /// The TLS handshake failed, e.g. `CERTIFICATE_VERIFY_FAILED` when the
+    /// certificate does not match the SNI, or `WRONG_VERSION_NUMBER` when the
+    /// origin speaks plain HTTP on that port.
+    Tls(&'a str),
+    /// No response headers within the route timeout.
+    Timeout,
+    /// The connection was reset before response headers arrived.
+    Reset(&'a str),
+}
+
+impl<'a> FetchFailure<'a> {
+    /// Reads Envoy's `response.code_details`. `None` means the origin answered
+    /// (`via_upstream`) or the reply is not about reaching the origin.
+    pub fn from_code_details(details: &'a str) -> Option<Self> {
+        if matches!(
+            details,
+            "upstream_response_timeout" | "upstream_per_try_timeout"
+        ) {
+            return Some(FetchFailure::Timeout);
+        }
+        // e.g. upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}
+        let inner = details
+            .strip_prefix("upstream_reset_before_response_started{")?
+            .strip_suffix('}')
+            .unwrap_or_default();
+        if let Some(at) = inner.find("TLS_error") {
+            // The OpenSSL reason is the upper-case token before TLS_error_end.
+            let reason = inner[at..]
+                .split(':')
+                .rfind(|t| t.len() > 3 && t.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+                .unwrap_or("TLS_error");
+            return Some(FetchFailure::Tls(reason));
+        }
+        let cause = inner.rsplit(":_").next().unwrap_or(inner);
+        if inner.starts_with("connection_failure") || inner.starts_with("remote_connection_failure")
+        {
+            Some(FetchFailure::Connect(cause))
+        } else {
+            Some(FetchFailure::Reset(cause))
+        }
+    }
+
+    /// The status the viewer gets: 504 for a timeout, 502 for the rest.
+    pub fn status(&self) -> u16 {
+        match self {
+            FetchFailure::Timeout => 504,
+            _ => 502,
+        }
+    }
+}
+
+impl fmt::Display for FetchFailure<'_> {
+    /// Envoy spells causes with `_` for spaces; the header gets words.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words = |s: &str| s.replace('_', " ");
+        match self {
+            FetchFailure::Connect(c) => write!(f, "orig connect failed ({})", words(c)),
+            FetchFailure::Tls(r) => write!(f, "orig TLS handshake failed ({r})"),
+            FetchFailure::Timeout => f.write_str("orig response timeout"),
+            FetchFailure::Reset(c) => write!(f, "orig connection reset ({})", words(c)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_code_details_are_classified() {
+        let cases = [
+            ("via_upstream", None),
+            ("cluster_not_found", None),
+            ("upstream_response_timeout", Some(FetchFailure::Timeout)),
+            (
+                "upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}",
+                Some(FetchFailure::Connect("Connection_refused")),
+            ),
+            (
+                "upstream_reset_before_response_started{connection_failure,TLS_error:_268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end}",
+                Some(FetchFailure::Tls("CERTIFICATE_VERIFY_FAILED")),
+            ),
+            (
+                "upstream_reset_before_response_started{remote_reset}",
+                Some(FetchFailure::Reset("remote_reset")),
+            ),
+        ];
+        for (details, expected) in cases {
+            assert_eq!(
+                FetchFailure::from_code_details(details),
+                expected,
+                "{details}"
+            );
+        }
+    }
+
+    #[test]
+    fn failures_read_as_words_with_their_status() {
+        let refused = FetchFailure::Connect("Connection_refused");
+        assert_eq!(
+            refused.to_string(),
+            "orig connect failed (Connection refused)"
+        );
+        assert_eq!(refused.status(), 502);
+        assert_eq!(FetchFailure::Timeout.status(), 504);
+        assert_eq!(
+            FetchFailure::Tls("WRONG_VERSION_NUMBER").to_string(),
+            "orig TLS handshake failed (WRONG_VERSION_NUMBER)"
+        );
+    }
+}
