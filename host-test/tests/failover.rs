@@ -233,7 +233,7 @@ fn an_origin_that_never_answered_gets_502_or_504_with_the_cause() {
             "502",
             "orig TLS handshake failed (CERTIFICATE_VERIFY_FAILED)",
         ),
-        ("upstream_response_timeout", "504", "orig response timeout"),
+        ("response_timeout", "504", "orig response timeout"),
         ("via_upstream", "503", "orig response 503 error"),
     ];
     for (details, status, error) in cases {

@@ -24,7 +24,7 @@ impl<'a> FetchFailure<'a> {
     pub fn from_code_details(details: &'a str) -> Option<Self> {
         if matches!(
             details,
-            "upstream_response_timeout" | "upstream_per_try_timeout"
+            "response_timeout" | "upstream_per_try_timeout" | "upstream_per_try_idle_timeout"
         ) {
             return Some(FetchFailure::Timeout);
         }
@@ -81,7 +81,7 @@ mod tests {
         let cases = [
             ("via_upstream", None),
             ("cluster_not_found", None),
-            ("upstream_response_timeout", Some(FetchFailure::Timeout)),
+            ("response_timeout", Some(FetchFailure::Timeout)),
             (
                 "upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}",
                 Some(FetchFailure::Connect("Connection_refused")),
