@@ -51,7 +51,7 @@ class Response:
         return json.loads(self.body)
 
 
-def test_config() -> dict:
+def e2e_envoy_config() -> dict:
     """edge.yaml with the test clusters and a shorter primary timeout."""
     config = edge_config()
     config["static_resources"]["clusters"] += yaml.safe_load(E2E_CLUSTERS.read_text())
@@ -115,7 +115,7 @@ def edge(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("edge")
     certs = Certificates(run_dir / "certs")
     shutil.copytree(POLICIES, run_dir / "policies")
-    config = test_config()
+    config = e2e_envoy_config()
     paths = [run_dir / "policies", E2E_POLICIES]
     missing = missing_clusters(config, paths)
     assert not missing, f"policies name clusters the Envoy config lacks: {missing}"

@@ -196,6 +196,7 @@ impl Filter {
             store,
             instance,
             next_context: ROOT_CONTEXT + 1,
+            root: ROOT_CONTEXT,
             exports: HashMap::new(),
         };
         vm.call_void("_initialize", &[])?;
@@ -221,6 +222,8 @@ pub struct Vm {
     store: Store<HostState>,
     instance: Instance,
     next_context: u32,
+    /// The root context new streams belong to: the newest plugin configuration.
+    root: u32,
     exports: HashMap<&'static str, wasmtime::Func>,
 }
 
@@ -290,10 +293,25 @@ impl Vm {
     pub fn configure(&mut self, plugin_configuration: &str) -> Result<bool> {
         self.store.data_mut().plugin_configuration = plugin_configuration.as_bytes().to_vec();
         let size = plugin_configuration.len() as i32;
+        let root = self.root as i32;
         let ok = self.with_phase(0, Phase::Root, |vm| {
-            vm.call_i32("proxy_on_configure", &[ROOT_CONTEXT as i32, size])
+            vm.call_i32("proxy_on_configure", &[root, size])
         })?;
         Ok(ok != 0)
+    }
+
+    /// What Envoy does when a plugin's configuration changes but its VM does
+    /// not: a new root context in the same VM, started and configured; new
+    /// streams belong to it. Returns what `on_configure` said.
+    pub fn configure_new_root(&mut self, plugin_configuration: &str) -> Result<bool> {
+        let id = self.next_context;
+        self.next_context += 1;
+        self.call_void("proxy_on_context_create", &[id, 0])?;
+        self.with_phase(0, Phase::Root, |vm| {
+            vm.call_i32("proxy_on_vm_start", &[id as i32, 0])
+        })?;
+        self.root = id;
+        self.configure(plugin_configuration)
     }
 
     /// Opens an HTTP stream (an HTTP context) and returns its id.
@@ -304,7 +322,8 @@ impl Vm {
             .data_mut()
             .streams
             .insert(id, StreamState::default());
-        self.call_void("proxy_on_context_create", &[id, ROOT_CONTEXT])?;
+        let root = self.root;
+        self.call_void("proxy_on_context_create", &[id, root])?;
         Ok(id)
     }
 

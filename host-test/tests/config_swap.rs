@@ -123,3 +123,27 @@ fn unknown_domains_pass_through_without_a_viewer_chosen_cluster() {
         Some("x.example.org")
     );
 }
+
+#[test]
+fn the_last_good_policy_survives_a_new_root_context() {
+    // Envoy gives a changed plugin configuration a new root context in the
+    // same VM; the old context's policies are not `self` there.
+    let mut vm = host_test::Filter::shared()
+        .unwrap()
+        .start(&config("old_cluster"))
+        .unwrap();
+    let update = json!({"policies": [
+        {"domain": "a.example.com", "primary": {"address": "o.example.net", "port": 0}},
+        {"domain": "b.example.com", "primary": {"address": "o.example.net", "clusters": {"http": "b_new"}}}
+    ]});
+    assert!(vm.configure_new_root(&update.to_string()).unwrap());
+    let a = vm.open_stream().unwrap();
+    vm.request_headers(a, &A, true).unwrap();
+    assert_eq!(
+        vm.upstream_header(a, "x-origin-cluster").as_deref(),
+        Some("old_cluster")
+    );
+    assert!(vm
+        .log_text()
+        .contains("a.example.com: keeping the last good policy"));
+}

@@ -16,6 +16,8 @@ use metrics::{Counter, Metrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +30,25 @@ proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(OriginPolicyRoot::default()) });
 }}
+
+thread_local! {
+    /// The policies last applied per plugin in this VM. Envoy configures a
+    /// changed plugin in a fresh root context, which must still be able to keep
+    /// a rejected domain on its last good policy.
+    static LAST_GOOD: RefCell<HashMap<String, Rc<PolicySet>>> = RefCell::default();
+}
+
+fn last_good(plugin: &str) -> Option<Rc<PolicySet>> {
+    LAST_GOOD.with(|m| m.borrow().get(plugin).cloned())
+}
+
+fn plugin_root_id() -> String {
+    hostcalls::get_property(vec!["plugin_root_id"])
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default()
+}
 
 #[derive(Default)]
 struct OriginPolicyRoot {
@@ -51,8 +72,9 @@ impl RootContext for OriginPolicyRoot {
                 return false;
             }
         };
-        let previous = self.policies.as_deref();
-        let compiled = match PolicySet::from_plugin_config(&bytes, previous) {
+        let plugin = plugin_root_id();
+        let previous = self.policies.clone().or_else(|| last_good(&plugin));
+        let compiled = match PolicySet::from_plugin_config(&bytes, previous.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 // Returning false makes Envoy keep serving the previous configuration.
@@ -77,7 +99,9 @@ impl RootContext for OriginPolicyRoot {
             compiled.set.index.len(),
             compiled.rejected
         );
-        self.policies = Some(Rc::new(compiled.set));
+        let set = Rc::new(compiled.set);
+        LAST_GOOD.with(|m| m.borrow_mut().insert(plugin, Rc::clone(&set)));
+        self.policies = Some(set);
         true
     }
 

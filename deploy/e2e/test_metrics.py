@@ -1,0 +1,25 @@
+"""The filter's counters on Envoy's admin /stats (scenario 9)."""
+
+
+def counter(edge, name):
+    return edge.stats().get(f"wasmcustom.origin_policy.{name}", 0)
+
+
+def test_decisions_redirects_and_failovers_are_counted(edge, path):
+    names = ["decisions", "redirects_uncacheable", "failover.started", "failover.succeeded",
+             "unknown_domain", "origin_unreachable"]
+    before = {n: counter(edge, n) for n in names}
+    edge.request("plain.example.com", path)
+    edge.request("redirect.example.com", path)
+    edge.request("www.example.com", path)
+    edge.request("nobody.example.org", path)
+    edge.request("sni-mismatch.test", path)
+    after = {n: counter(edge, n) for n in names}
+    assert {n: after[n] - before[n] for n in names} == {
+        "decisions": 4,
+        "redirects_uncacheable": 1,
+        "failover.started": 1,
+        "failover.succeeded": 1,
+        "unknown_domain": 1,
+        "origin_unreachable": 1,
+    }
