@@ -33,6 +33,17 @@ fn unreadable(source: String, message: String) -> PolicyDiagnostic {
     }
 }
 
+/// Parses one policy or settings document; the error is a diagnostic for
+/// `source`, as `check` reports it.
+pub fn parse_document(source: &str, bytes: &[u8]) -> Result<Value, Box<PolicyDiagnostic>> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Box::new(unreadable(
+            source.to_owned(),
+            format!("not valid JSON: {e}"),
+        ))
+    })
+}
+
 /// Reads `*.json` files from `dir` (not recursively), sorted by name so that
 /// bundles are reproducible.
 pub fn read_dir(dir: &Path) -> Result<PolicyDir, String> {
@@ -57,18 +68,13 @@ pub fn read_dir(dir: &Path) -> Result<PolicyDir, String> {
             continue;
         }
         let shown = path.display().to_string();
-        let value = match fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) => v,
-                Err(e) => {
-                    out.unreadable
-                        .push(unreadable(shown, format!("not valid JSON: {e}")));
-                    continue;
-                }
-            },
-            Err(e) => {
-                out.unreadable
-                    .push(unreadable(shown, format!("cannot read: {e}")));
+        let parsed = fs::read(&path)
+            .map_err(|e| Box::new(unreadable(shown.clone(), format!("cannot read: {e}"))))
+            .and_then(|bytes| parse_document(&shown, &bytes));
+        let value = match parsed {
+            Ok(v) => v,
+            Err(d) => {
+                out.unreadable.push(*d);
                 continue;
             }
         };
@@ -99,14 +105,12 @@ pub fn read_paths(paths: &[PathBuf]) -> Result<PolicyDir, String> {
                 policies: Vec::new(),
                 unreadable: Vec::new(),
             };
-            match serde_json::from_slice::<Value>(&bytes) {
+            match parse_document(&shown, &bytes) {
                 Ok(v) if path.file_name().is_some_and(|n| n == SETTINGS_FILE) => {
                     one.settings = Some(v)
                 }
                 Ok(v) => one.policies.push((shown, v)),
-                Err(e) => one
-                    .unreadable
-                    .push(unreadable(shown, format!("not valid JSON: {e}"))),
+                Err(d) => one.unreadable.push(*d),
             }
             one
         };
@@ -163,9 +167,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
+    {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
     fs::rename(&tmp, path)
 }

@@ -1,8 +1,8 @@
 //! `origin-policy` command line: check, explain and bundle policy files.
 
 use origin_policy::bundle::{read_paths, write_atomically, PolicyDir};
-use origin_policy::engine::{Diagnostics, Failover, Outcome, OwnedViewerRequest};
-use origin_policy::report::{diagnostic_json, outcome_json};
+use origin_policy::engine::{Diagnostics, Failover, Outcome};
+use origin_policy::report::{diagnostic_json, outcome_json, request_from_url};
 use serde_json::{json, Value};
 use std::fmt;
 use std::path::PathBuf;
@@ -129,16 +129,6 @@ fn check(args: &Args) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Splits `scheme://authority/path` without normalising the authority, so that
-/// `explain` sees exactly what a viewer would send.
-fn split_url(url: &str) -> Result<(String, String), CliError> {
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or_else(|| CliError::Usage(format!("`{url}` is not a URL like https://host/path")))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    Ok((scheme.to_ascii_lowercase(), authority.to_owned()))
-}
-
 fn explain(args: &Args) -> Result<(), CliError> {
     let [url] = args.positional.as_slice() else {
         return Err(CliError::Usage("explain takes exactly one URL".to_owned()));
@@ -150,13 +140,8 @@ fn explain(args: &Args) -> Result<(), CliError> {
         eprintln!("{d}");
     }
     let set = compiled.ok_or(CliError::Invalid(diagnostics))?.set;
-    let (scheme, authority) = split_url(url)?;
-    let spec = OwnedViewerRequest {
-        authority,
-        scheme: Some(scheme),
-        x_forwarded_proto: args.value("x-forwarded-proto").map(str::to_owned),
-        method: args.value("method").unwrap_or("GET").to_ascii_uppercase(),
-    };
+    let spec = request_from_url(url, args.value("method"), args.value("x-forwarded-proto"))
+        .map_err(CliError::Usage)?;
     let outcome = set.decide(&spec.as_request());
     if args.has("json") {
         println!("{}", outcome_json(&set, &outcome));

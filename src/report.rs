@@ -109,6 +109,26 @@ pub fn request_from_json(value: &Value) -> Result<OwnedViewerRequest, String> {
     })
 }
 
+/// A viewer request from a URL as a viewer would send it, e.g.
+/// `https://media.example.com/a.png`; the authority is taken as written, not
+/// normalised, so the engine sees exactly what a viewer would send.
+pub fn request_from_url(
+    url: &str,
+    method: Option<&str>,
+    x_forwarded_proto: Option<&str>,
+) -> Result<OwnedViewerRequest, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("`{url}` is not a URL like https://host/path"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    Ok(OwnedViewerRequest {
+        authority: authority.to_owned(),
+        scheme: Some(scheme.to_ascii_lowercase()),
+        x_forwarded_proto: x_forwarded_proto.map(str::to_owned),
+        method: method.unwrap_or("GET").to_ascii_uppercase(),
+    })
+}
+
 /// Lists where `actual` differs from `expected`, looking only at keys `expected` names.
 pub fn subset_mismatches(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) {
     match (expected, actual) {
