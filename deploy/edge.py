@@ -185,11 +185,14 @@ def main() -> int:
     run_dir = REPO / "run"
     certs = prepare_run_dir(run_dir)
     config = edge_config()
-    missing = missing_clusters(config, [POLICIES])
-    if missing:
-        print(f"{EDGE_CONFIG}: no cluster named {', '.join(sorted(missing))}", file=sys.stderr)
+    try:
+        missing = missing_clusters(config, [POLICIES])
+        if missing:
+            raise EdgeError(f"{EDGE_CONFIG}: no cluster named {', '.join(sorted(missing))}")
+        bundle(run_dir, [POLICIES])
+    except EdgeError as e:
+        print(e, file=sys.stderr)
         return 1
-    bundle(run_dir, [POLICIES])
     envoy = Envoy(run_dir, config)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

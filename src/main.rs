@@ -192,9 +192,8 @@ fn explain(args: &Args) -> Result<(), CliError> {
                     println!("failover   not for {} requests", spec.method)
                 }
                 Failover::Plan(p) => println!(
-                    "failover   on {:?} -> {} via {} ({}://{}:{}, timeout {} ms)",
+                    "failover   on {:?} -> secondary via cluster {} ({}://{}:{}, timeout {} ms)",
                     p.statuses,
-                    p.target.authority,
                     p.target.cluster,
                     p.target.scheme.as_str(),
                     p.target.authority,
