@@ -13,6 +13,16 @@ fn config(cluster: &str) -> String {
     .to_string()
 }
 
+/// An update whose a.example.com policy is invalid (port 0) and whose
+/// b.example.com policy moves to cluster `b_new`.
+fn invalid_a_new_b() -> String {
+    json!({"policies": [
+        {"domain": "a.example.com", "primary": {"address": "o.example.net", "port": 0}},
+        {"domain": "b.example.com", "primary": {"address": "o.example.net", "clusters": {"http": "b_new"}}}
+    ]})
+    .to_string()
+}
+
 const A: [(&str, &str); 4] = common::get("a.example.com", "http");
 
 #[test]
@@ -67,11 +77,7 @@ fn an_invalid_policy_keeps_its_domain_on_the_last_good_one_and_others_update() {
         .unwrap()
         .start(&config("old_cluster"))
         .unwrap();
-    let update = json!({"policies": [
-        {"domain": "a.example.com", "primary": {"address": "o.example.net", "port": 0}},
-        {"domain": "b.example.com", "primary": {"address": "o.example.net", "clusters": {"http": "b_new"}}}
-    ]});
-    assert!(vm.configure(&update.to_string()).unwrap());
+    assert!(vm.configure(&invalid_a_new_b()).unwrap());
     let logs = vm.log_text();
     assert!(
         logs.contains("a.example.com: /primary/port: port 0 is outside 1-65535"),
@@ -132,11 +138,7 @@ fn the_last_good_policy_survives_a_new_root_context() {
         .unwrap()
         .start(&config("old_cluster"))
         .unwrap();
-    let update = json!({"policies": [
-        {"domain": "a.example.com", "primary": {"address": "o.example.net", "port": 0}},
-        {"domain": "b.example.com", "primary": {"address": "o.example.net", "clusters": {"http": "b_new"}}}
-    ]});
-    assert!(vm.configure_new_root(&update.to_string()).unwrap());
+    assert!(vm.configure_new_root(&invalid_a_new_b()).unwrap());
     let a = vm.open_stream().unwrap();
     vm.request_headers(a, &A, true).unwrap();
     assert_eq!(

@@ -73,7 +73,8 @@ impl RootContext for OriginPolicyRoot {
             }
         };
         let plugin = plugin_root_id();
-        let previous = self.policies.clone().or_else(|| last_good(&plugin));
+        // The plugin's newest applied set, whichever root context applied it.
+        let previous = last_good(&plugin);
         let compiled = match PolicySet::from_plugin_config(&bytes, previous.as_deref()) {
             Ok(c) => c,
             Err(e) => {
