@@ -361,8 +361,10 @@ pub struct OriginDecision<'a> {
 
 /// The result of looking a request up.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Returned by value on every request: a box would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome<'a> {
-    Origin(Box<OriginDecision<'a>>),
+    Origin(OriginDecision<'a>),
     /// No policy covers this host.
     UnknownDomain {
         viewer_host: Cow<'a, str>,

@@ -45,15 +45,25 @@ pub fn strip_port(authority: &str) -> &str {
     }
 }
 
+/// One pass over the bytes: lower-case ASCII labels, no empty label, no
+/// punycode (which must be validated). Most viewer hosts take only this path.
 fn is_plain_ascii_name(host: &str) -> bool {
-    !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !host.starts_with('.')
-        && !host.ends_with('.')
-        && !host.contains("..")
-        && !host.contains("xn--")
+    let bytes = host.as_bytes();
+    let mut previous = b'.';
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' => {}
+            b'-' => {
+                if bytes[i.saturating_sub(3)..=i] == *b"xn--" {
+                    return false;
+                }
+            }
+            b'.' if previous != b'.' => {}
+            _ => return false,
+        }
+        previous = b;
+    }
+    previous != b'.'
 }
 
 /// Normalises a host name (no port): lower case, no trailing dot, IDN in punycode.
@@ -98,6 +108,13 @@ pub fn normalize_authority(authority: &str) -> Result<Cow<'_, str>, HostError> {
 
 /// True when `host` is an IPv4 or (bracketed or bare) IPv6 literal.
 pub fn is_ip_literal(host: &str) -> bool {
+    // A name whose last character is a letter is never an address; checking
+    // that first keeps the parsers off the per-request path.
+    let could_be_ip =
+        host.starts_with('[') || host.contains(':') || host.ends_with(|c: char| c.is_ascii_digit());
+    if !could_be_ip {
+        return false;
+    }
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     bare.parse::<Ipv4Addr>().is_ok() || bare.parse::<Ipv6Addr>().is_ok()
 }
@@ -139,6 +156,25 @@ mod tests {
     }
 
     #[test]
+    fn plain_names_take_the_fast_path_only_when_already_normal() {
+        for plain in ["a.example.com", "a-b.c0.example", "x"] {
+            assert!(is_plain_ascii_name(plain), "{plain}");
+        }
+        for other in [
+            "",
+            ".a",
+            "a.",
+            "a..b",
+            "A.b",
+            "xn--bcher-kva.example",
+            "a.xn--p1ai",
+            "a_b",
+        ] {
+            assert!(!is_plain_ascii_name(other), "{other}");
+        }
+    }
+
+    #[test]
     fn rejects_garbage() {
         assert!(normalize_host("a b.example").is_err());
         assert!(normalize_host("a\r\nb").is_err());
@@ -151,5 +187,7 @@ mod tests {
         assert!(is_ip_literal("[2001:db8::1]"));
         assert!(is_ip_literal("2001:db8::1"));
         assert!(!is_ip_literal("origin.example.net"));
+        assert!(!is_ip_literal("host1.example.42"));
+        assert!(is_ip_literal("::1"));
     }
 }

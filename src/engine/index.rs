@@ -7,18 +7,29 @@ use super::host::normalize_authority;
 use super::policy::{domain_of, parse_policy, DomainPattern};
 use super::settings::{parse_settings, Settings};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
+
+/// Keys are policy names, chosen by the operator, so a fixed seed cannot be
+/// used to flood the table; viewers only look names up.
+type NameMap = HashMap<String, Arc<CompiledPolicy>, foldhash::fast::FixedState>;
 
 /// Exact names and wildcard suffixes, each mapped to its compiled policy.
 #[derive(Debug, Clone, Default)]
 pub struct DomainIndex {
-    exact: HashMap<String, Arc<CompiledPolicy>>,
-    wildcard: HashMap<String, Arc<CompiledPolicy>>,
+    exact: NameMap,
+    wildcard: NameMap,
 }
 
 impl DomainIndex {
+    fn with_capacity(n: usize) -> Self {
+        DomainIndex {
+            exact: NameMap::with_capacity_and_hasher(n, Default::default()),
+            wildcard: NameMap::default(),
+        }
+    }
+
     fn insert(&mut self, policy: Arc<CompiledPolicy>) {
         match &policy.policy.domain {
             DomainPattern::Exact(name) => self.exact.insert(name.clone(), policy),
@@ -122,25 +133,39 @@ impl PolicySet {
         previous: Option<&PolicySet>,
     ) -> CompiledSet {
         let mut diagnostics = Vec::new();
-        let mut accepted: Vec<(usize, CompiledPolicy)> = Vec::new();
+        // Each policy goes into its `Arc` once: compiled policies are large, and
+        // moving 100,000 of them through a growing Vec dominated compile time.
+        let mut accepted: Vec<(usize, Arc<CompiledPolicy>)> = Vec::with_capacity(sources.len());
         let mut rejected_domains: Vec<Option<DomainPattern>> = Vec::new();
         for (i, src) in sources.iter().enumerate() {
             let (policy, found) = parse_policy(&src.source, src.document);
             diagnostics.extend(found);
             match policy {
-                Some(p) => accepted.push((i, CompiledPolicy::compile(p, &settings))),
+                Some(p) => accepted.push((i, Arc::new(CompiledPolicy::compile(p, &settings)))),
                 None => rejected_domains.push(domain_of(src.document)),
             }
         }
-        let mut by_domain: HashMap<DomainPattern, Vec<usize>> = HashMap::new();
+        // First slot per domain; later slots for the same domain are duplicates.
+        let mut first_slot: HashMap<&DomainPattern, usize, foldhash::fast::FixedState> =
+            HashMap::with_capacity_and_hasher(accepted.len(), Default::default());
+        let mut clashes: Vec<(usize, usize)> = Vec::new();
         for (slot, (_, p)) in accepted.iter().enumerate() {
-            by_domain
-                .entry(p.policy.domain.clone())
-                .or_default()
+            if let Some(&first) = first_slot.get(&p.policy.domain) {
+                clashes.push((first, slot));
+            } else {
+                first_slot.insert(&p.policy.domain, slot);
+            }
+        }
+        drop(first_slot);
+        let mut duplicate = vec![false; accepted.len()];
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (first, slot) in clashes {
+            groups
+                .entry(first)
+                .or_insert_with(|| vec![first])
                 .push(slot);
         }
-        let mut duplicate = vec![false; accepted.len()];
-        for slots in by_domain.values().filter(|s| s.len() > 1) {
+        for slots in groups.values() {
             let names: Vec<&str> = slots
                 .iter()
                 .map(|&s| sources[accepted[s].0].source.as_str())
@@ -162,12 +187,12 @@ impl PolicySet {
                 });
             }
         }
-        let mut index = DomainIndex::default();
+        let mut index = DomainIndex::with_capacity(accepted.len());
         for (slot, (_, p)) in accepted.into_iter().enumerate() {
             if duplicate[slot] {
                 rejected_domains.push(Some(p.policy.domain.clone()));
             } else {
-                index.insert(Arc::new(p));
+                index.insert(p);
             }
         }
         rejected_domains.sort_by_key(|d| d.as_ref().map(DomainPattern::display_name));
@@ -240,7 +265,7 @@ impl PolicySet {
         match self.index.lookup(&host) {
             Some((policy, matched)) => {
                 match policy.decide(matched, host, request, &self.settings) {
-                    Some(d) => Outcome::Origin(Box::new(d)),
+                    Some(d) => Outcome::Origin(d),
                     None => Outcome::NoRoute {
                         domain: &policy.name,
                     },
