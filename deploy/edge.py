@@ -75,8 +75,18 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 class Envoy:
     """One Envoy process with its working directory in `run_dir`."""
 
-    def __init__(self, run_dir: Path, config: dict):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        concurrency: int = 2,
+        cpus: set[int] | None = None,
+        admin: str = ADMIN,
+    ):
         self.run_dir = run_dir
+        self.concurrency = concurrency
+        self.cpus = cpus
+        self.admin = admin
         self.config_path = run_dir / "envoy.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.log_path = run_dir / "envoy.log"
@@ -101,7 +111,7 @@ class Envoy:
                 str(self.config_path),
                 "--disable-hot-restart",
                 "--concurrency",
-                "2",
+                str(self.concurrency),
                 "--log-level",
                 "info",
             ],
@@ -109,13 +119,14 @@ class Envoy:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EdgeError(f"Envoy exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if http_get(f"{ADMIN}/ready", timeout=0.5)[0] == 200:
+                if http_get(f"{self.admin}/ready", timeout=0.5)[0] == 200:
                     return
             except OSError:
                 pass
@@ -141,7 +152,7 @@ class Envoy:
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges from the admin endpoint, by name."""
-        _, text = http_get(f"{ADMIN}/stats")
+        _, text = http_get(f"{self.admin}/stats")
         out = {}
         for line in text.splitlines():
             name, _, value = line.partition(": ")

@@ -474,11 +474,12 @@ impl HttpContext for OriginFetch {
         if !matches!(self.phase, Phase::ToPrimary) {
             return Action::Continue;
         }
-        let headers = hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default();
-        let status = headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
+        // Only `:status` is read: every value fetched costs the host a call back
+        // into the VM to allocate it, the largest share of this callback.
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse::<u16>().ok());
         let Some(status) = status else {
             return Action::Continue;
         };
@@ -543,15 +544,12 @@ impl HttpContext for OriginFetch {
                 Counter::CacheOverridden
             });
         }
-        let has_stale_error = headers.iter().any(|(n, _)| n == ORIGIN_ERROR_HEADER);
-        if origin_error.is_some() || has_stale_error {
-            // The origin's own copy of the diagnostic header is never passed on.
-            let _ = hostcalls::set_map_value(
-                MapType::HttpResponseHeaders,
-                ORIGIN_ERROR_HEADER,
-                origin_error.as_deref(),
-            );
-        }
+        // Set or removed, never read: the origin's own copy is never passed on.
+        let _ = hostcalls::set_map_value(
+            MapType::HttpResponseHeaders,
+            ORIGIN_ERROR_HEADER,
+            origin_error.as_deref(),
+        );
         if policies.settings.decision_header {
             let _ = hostcalls::set_map_value(
                 MapType::HttpResponseHeaders,

@@ -1,84 +1,119 @@
-//! Prints wasm fuel per request and linear memory for 1, 1,000 and 100,000
-//! domains, and the fuel and time of `on_configure` for each.
-//! Run: cargo run --release -p host-test --bin cost-table
+//! The filter's cost through the real `.wasm` in wasmtime: `on_configure` fuel,
+//! time and linear memory for 1, 1,000 and 100,000 domains, and fuel per
+//! request (exact hit, wildcard hit, miss), split by callback for the exact hit.
+//! Fuel counts guest wasm instructions, so it is exact and repeatable.
+//! Run: cargo run --release -p host-test --bin cost-table [-- FILTER.wasm]
 
-use host_test::{filter_path, Filter};
+use host_test::{filter_path, Filter, Vm};
+use std::path::PathBuf;
 use std::time::Instant;
 
-fn config(domains: usize) -> String {
-    let mut policies = Vec::with_capacity(domains);
-    for i in 0..domains {
-        let domain = if i % 2 == 0 {
-            format!("site{i}.example.com")
+#[path = "../../../benches/synthetic.rs"]
+mod synthetic;
+use synthetic::{host_for, plugin_config, FirstDomain};
+
+const SIZES: [usize; 3] = [1, 1_000, 100_000];
+const ROUNDS: u64 = 200;
+
+fn request(host: &str) -> [(&str, &str); 5] {
+    [
+        (":authority", host),
+        (":scheme", "http"),
+        (":method", "GET"),
+        (":path", "/"),
+        ("user-agent", "cost-table"),
+    ]
+}
+
+const RESPONSE: [(&str, &str); 3] = [
+    (":status", "200"),
+    ("content-length", "3"),
+    ("content-type", "text/plain"),
+];
+
+/// Fuel per request by callback: context create, request headers, response
+/// headers, stream close, averaged over `ROUNDS` after one warm-up request.
+fn per_callback(vm: &mut Vm, host: &str) -> wasmtime::Result<[u64; 4]> {
+    let req = request(host);
+    let mut total = [0u64; 4];
+    for round in 0..=ROUNDS {
+        let (id, open) = vm.fuel_used(|vm| vm.open_stream())?;
+        let (_, headers) = vm.fuel_used(|vm| vm.request_headers(id, &req, true))?;
+        let (_, response) = if vm.local_response(id).is_none() {
+            vm.fuel_used(|vm| vm.response_headers(id, &RESPONSE, false))?
         } else {
-            format!("*.img{i}.example.com")
+            (host_test::Action::Continue, 0)
         };
-        policies.push(format!(
-            r#"{{"domain":"{domain}","primary":{{"address":"o{i}.example.net","port":443,"clusters":{{"https":"c{i}"}}}}}}"#
-        ));
+        let (_, close) = vm.fuel_used(|vm| vm.close_stream(id))?;
+        if round > 0 {
+            for (t, f) in total.iter_mut().zip([open, headers, response, close]) {
+                *t += f;
+            }
+        }
     }
-    format!(
-        r#"{{"settings":{{"unknown_domain":{{"action":"pass_through"}}}},"policies":[{}]}}"#,
-        policies.join(",")
-    )
+    Ok(total.map(|t| t / ROUNDS))
 }
 
 fn main() -> wasmtime::Result<()> {
-    let filter = Filter::load(&filter_path())?;
-    println!("| domains | on_configure fuel | on_configure ms | linear memory after load | exact hit fuel/req | wildcard hit fuel/req | miss fuel/req |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for domains in [1usize, 1_000, 100_000] {
-        let text = config(domains);
-        let mut vm = filter.instantiate()?;
-        let started = Instant::now();
-        let (ok, configure_fuel) = vm.fuel_used(|vm| vm.configure(&text))?;
-        let configure_ms = started.elapsed().as_secs_f64() * 1e3;
-        if !ok {
-            wasmtime::bail!("on_configure refused {domains} domains:\n{}", vm.log_text());
+    let path = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(filter_path);
+    let filter = Filter::load(&path)?;
+    let mut configure_rows = Vec::new();
+    let mut request_rows = Vec::new();
+    let mut split_rows = Vec::new();
+    for n in SIZES {
+        let mut fuel = [0u64; 3];
+        let mut exact_split = [0u64; 4];
+        for (slot, first) in [FirstDomain::Exact, FirstDomain::Wildcard]
+            .into_iter()
+            .enumerate()
+        {
+            let text = plugin_config(n, first);
+            let mut vm = filter.instantiate()?;
+            let started = Instant::now();
+            let (ok, configure_fuel) = vm.fuel_used(|vm| vm.configure(&text))?;
+            let configure_ms = started.elapsed().as_secs_f64() * 1e3;
+            if !ok {
+                wasmtime::bail!("on_configure refused {n} domains:\n{}", vm.log_text());
+            }
+            if first == FirstDomain::Exact {
+                configure_rows.push(format!(
+                    "| {n} | {configure_fuel} | {configure_ms:.1} | {:.1} MiB |",
+                    vm.memory_bytes() as f64 / (1024.0 * 1024.0),
+                ));
+            }
+            // The last policy added is the one looked up.
+            let hit = host_for((n - 1) / 2 * 2, first);
+            let split = per_callback(&mut vm, &hit)?;
+            fuel[slot] = split.iter().sum();
+            if first == FirstDomain::Exact {
+                exact_split = split;
+                fuel[2] = per_callback(&mut vm, "unknown.example.org")?.iter().sum();
+            }
         }
-        let memory = vm.memory_bytes();
-        let wildcard_host = if domains > 1 {
-            "a.img1.example.com".to_owned()
-        } else {
-            "a.nothing.example.com".to_owned()
-        };
-        let mut per_request = Vec::new();
-        for host in [
-            "site0.example.com",
-            wildcard_host.as_str(),
-            "unknown.example.org",
-        ] {
-            let req = [
-                (":authority", host),
-                (":scheme", "https"),
-                (":method", "GET"),
-                (":path", "/"),
-            ];
-            // Warm up once, then average over a few hundred requests.
-            let id = vm.exchange(&req, "200")?;
-            vm.close_stream(id)?;
-            let rounds = 200u64;
-            let (_, fuel) = vm.fuel_used(|vm| {
-                for _ in 0..rounds {
-                    let id = vm.exchange(&req, "200")?;
-                    vm.close_stream(id)?;
-                }
-                Ok(())
-            })?;
-            per_request.push(fuel / rounds);
-        }
-        let wildcard = if domains > 1 {
-            per_request[1].to_string()
-        } else {
-            "n/a".to_owned()
-        };
-        println!(
-            "| {domains} | {configure_fuel} | {configure_ms:.1} | {:.1} MiB | {} | {wildcard} | {} |",
-            memory as f64 / (1024.0 * 1024.0),
-            per_request[0],
-            per_request[2]
-        );
+        request_rows.push(format!("| {n} | {} | {} | {} |", fuel[0], fuel[1], fuel[2]));
+        let [open, headers, response, close] = exact_split;
+        split_rows.push(format!(
+            "| {n} | {open} | {headers} | {response} | {close} |"
+        ));
     }
-    println!("\nfuel counts wasm instructions executed in the guest (whole request: headers in, response headers out, stream close).");
+    println!("Filter: {}\n", path.display());
+    println!("| domains | on_configure fuel | on_configure ms | linear memory after load |");
+    println!("|---:|---:|---:|---:|");
+    configure_rows.iter().for_each(|r| println!("{r}"));
+    println!("\n| domains | exact hit fuel/req | wildcard hit fuel/req | miss fuel/req |");
+    println!("|---:|---:|---:|---:|");
+    request_rows.iter().for_each(|r| println!("{r}"));
+    println!("\nExact hit, fuel by callback:\n");
+    println!("| domains | context create | request headers | response headers | stream close |");
+    println!("|---:|---:|---:|---:|---:|");
+    split_rows.iter().for_each(|r| println!("{r}"));
+    println!(
+        "\nfuel counts guest wasm instructions; a request is context create, request headers \
+         (5 headers), response headers (3 headers), close; miss: the shipped settings' local 404 \
+         is not used here, the synthetic set passes unknown hosts through."
+    );
     Ok(())
 }

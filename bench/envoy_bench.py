@@ -1,0 +1,318 @@
+"""Envoy cost per request: origin-policy against Envoy without a filter, Envoy
+doing the same rewrite natively, and a proxy-wasm filter that does nothing.
+
+One Envoy (bench/envoy/bench.yaml, --concurrency 1) pinned to one core, nginx
+(the HTTPS origin) and wrk pinned to the other. Each round runs every variant
+once, in a rotated order, twice: flat out (throughput and CPU per request) and
+paced by a per-request delay (latency at about the same offered load). Envoy's
+CPU comes from /proc/PID/stat, so a busy machine skews it far less than wall
+time. Prints Markdown tables of the medians over the rounds.
+
+Run: bench/run-envoy [--rounds N] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
+import yaml  # noqa: E402
+
+from edge import WASM, Envoy, bundle  # noqa: E402
+from origins import Certificates  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+NOOP_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "noop_filter.wasm"
+ORIGIN_PORT = 18500
+ADMIN = "http://127.0.0.1:9911"
+VARIANTS = {
+    "no_filter": 10101,
+    "native": 10102,
+    "noop_wasm": 10103,
+    "origin_policy": 10104,
+}
+LABELS = {
+    "no_filter": "(a) no filter",
+    "native": "(b) native rewrite",
+    "noop_wasm": "(c) no-op wasm",
+    "origin_policy": "(d) origin-policy",
+}
+VIEWER_HOST = "bench.example.com"
+ENVOY_CPU = 0
+LOAD_CPU = 1
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {run}/nginx.pid;
+error_log {run}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {run}/certs/origin.pem;
+        ssl_certificate_key {run}/certs/origin-key.pem;
+        location / {{
+            add_header x-origin-host $host always;
+            add_header x-origin-sni $ssl_server_name always;
+            return 200 "ok\\n";
+        }}
+    }}
+}}
+"""
+
+# wrk prints this JSON line at the end; latencies are in microseconds.
+WRK_REPORT = """\
+wrk.headers["Host"] = "%s"
+%s
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %%d, "duration_us": %%d, "errors": %%d, "non_2xx": %%d,' ..
+    ' "p50": %%d, "p90": %%d, "p99": %%d, "max": %%d}\\n',
+    summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def pinned(cpu: int):
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def get(port: int) -> tuple[int, dict[str, str]]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": VIEWER_HOST})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status, {k.lower(): v for k, v in r.headers.items()}
+
+
+def check_variants() -> None:
+    """Every variant must reach the origin; (b) and (d) with the rewritten Host
+    and SNI. A benchmark of a misrouted request would measure nothing."""
+    for name, port in VARIANTS.items():
+        status, headers = get(port)
+        host, sni = headers.get("x-origin-host"), headers.get("x-origin-sni")
+        want_host = "origin.example.net" if name in ("native", "origin_policy") else VIEWER_HOST
+        if status != 200 or host != want_host or sni != "origin.example.net":
+            raise SystemExit(f"{name}: status {status}, origin saw Host {host!r} SNI {sni!r}")
+
+
+def wrk(port: int, seconds: int, connections: int, script: Path) -> dict:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=pinned(LOAD_CPU),
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"wrk on :{port} failed:\n{out.stdout}{out.stderr}")
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    if report["errors"] or report["non_2xx"]:
+        raise SystemExit(f"wrk on :{port} saw failures: {report}\n{out.stdout}")
+    return report
+
+
+def measure(envoy_pid: int, port: int, seconds: int, connections: int, script: Path) -> dict:
+    before = cpu_seconds(envoy_pid)
+    report = wrk(port, seconds, connections, script)
+    cpu = cpu_seconds(envoy_pid) - before
+    return {
+        "rps": report["requests"] / (report["duration_us"] / 1e6),
+        "cpu_us": cpu * 1e6 / report["requests"],
+        "p50": report["p50"],
+        "p99": report["p99"],
+    }
+
+
+def profile(envoy_pid: int, port: int, args, script: Path, run: Path) -> int:
+    """`perf record` of Envoy under load, then its report of the hottest symbols."""
+    data = run / "perf.data"
+    recorder = subprocess.Popen(
+        ["perf", "record", "-g", "-o", str(data), "-p", str(envoy_pid), "--", "sleep", str(args.seconds)],
+        preexec_fn=pinned(LOAD_CPU),
+    )
+    wrk(port, args.seconds, args.connections, script)
+    recorder.wait()
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--stdio", "--percent-limit", "0.7"],
+        capture_output=True,
+        text=True,
+    )
+    print("\n".join(l for l in report.stdout.splitlines() if "%" in l and not l.lstrip().startswith("-")))
+    return 0
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def table(results: dict[str, list[dict]], title: str) -> str:
+    base = {k: median(results["native"], k) for k in ("cpu_us", "p50", "p99", "rps")}
+    noop_cpu = median(results["noop_wasm"], "cpu_us")
+    lines = [
+        f"**{title}**",
+        "",
+        "| variant | req/s | Envoy CPU µs/req | CPU vs (b) | CPU − (c) µs | p50 µs | p99 µs | p99 vs (b) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in VARIANTS:
+        rows = results[name]
+        cpu, p99 = median(rows, "cpu_us"), median(rows, "p99")
+        lines.append(
+            f"| {LABELS[name]} | {median(rows, 'rps'):,.0f} | {cpu:.1f} | {cpu / base['cpu_us']:.2f}x"
+            f" | {cpu - noop_cpu:+.1f} | {median(rows, 'p50'):,.0f} | {p99:,.0f} | {p99 / base['p99']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    envoy_version = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "envoy"), "--version"], capture_output=True, text=True
+    ).stdout.strip().split("version:")[-1].strip().split("/")[1]
+    return (
+        f"{os.cpu_count()} × {model}, Linux {platform.release()}, Envoy {envoy_version} (v8), "
+        f"nginx {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip().split('/')[-1]}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--paced-delay-ms", type=float, default=2.0, help="per-request pause in the paced runs"
+    )
+    parser.add_argument(
+        "--policies",
+        type=Path,
+        default=BENCH / "policies",
+        help="policy directory for (d); it must route bench.example.com to bench_origin_tls",
+    )
+    parser.add_argument("--wasm", type=Path, default=WASM, help="the origin-policy build for (d)")
+    parser.add_argument(
+        "--profile",
+        choices=list(VARIANTS),
+        help="instead of the tables: load one variant for --seconds under `perf record` of Envoy",
+    )
+    args = parser.parse_args()
+    if os.cpu_count() < 2:
+        raise SystemExit("needs two cores: one for Envoy, one for the origin and wrk")
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found: run scripts/setup with WITH_BENCH=1")
+
+    run = Path(tempfile.mkdtemp(prefix="origin-policy-bench-"))
+    processes: list[subprocess.Popen] = []
+    envoy = None
+    try:
+        certs = Certificates(run / "certs")
+        origin = certs.ca.issue_cert("origin.example.net")
+        origin.cert_chain_pems[0].write_to_path(str(run / "certs" / "origin.pem"))
+        origin.private_key_pem.write_to_path(str(run / "certs" / "origin-key.pem"))
+        (run / "nginx.conf").write_text(NGINX_CONF.format(run=run, port=ORIGIN_PORT))
+        processes.append(
+            subprocess.Popen(
+                ["nginx", "-c", str(run / "nginx.conf"), "-p", str(run)],
+                preexec_fn=pinned(LOAD_CPU),
+            )
+        )
+        shutil.copy(NOOP_WASM, run / "noop_filter.wasm")
+        bundle(run, [args.policies], args.wasm)
+        config = yaml.safe_load((BENCH / "envoy" / "bench.yaml").read_text())
+        envoy = Envoy(run, config, concurrency=1, cpus={ENVOY_CPU}, admin=ADMIN)
+        envoy.start()
+        check_variants()
+
+        flat_out = run / "flat-out.lua"
+        flat_out.write_text(WRK_REPORT % (VIEWER_HOST, ""))
+        paced = run / "paced.lua"
+        paced.write_text(
+            WRK_REPORT % (VIEWER_HOST, f"function delay() return {args.paced_delay_ms} end")
+        )
+        # Warm-up: connection pools, TLS sessions, the wasm VMs' first requests.
+        for port in VARIANTS.values():
+            wrk(port, 1, args.connections, flat_out)
+
+        if args.profile:
+            return profile(envoy.process.pid, VARIANTS[args.profile], args, flat_out, run)
+
+        names = list(VARIANTS)
+        results = {"flat": {n: [] for n in names}, "paced": {n: [] for n in names}}
+        for round_no in range(args.rounds):
+            order = names[round_no % len(names) :] + names[: round_no % len(names)]
+            for name in order:
+                port = VARIANTS[name]
+                results["flat"][name].append(
+                    measure(envoy.process.pid, port, args.seconds, args.connections, flat_out)
+                )
+                results["paced"][name].append(
+                    measure(envoy.process.pid, port, args.seconds, args.connections, paced)
+                )
+            print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
+        check_variants()
+
+        print(f"Machine: {machine()}.")
+        print(
+            f"Envoy --concurrency 1 pinned to CPU {ENVOY_CPU}; nginx (1 worker, HTTPS origin) and "
+            f"wrk (1 thread, {args.connections} keep-alive connections) pinned to CPU {LOAD_CPU}; "
+            f"all on 127.0.0.1, plain HTTP viewer side, TLS to the origin. {args.rounds} rounds of "
+            f"{args.seconds:g} s per variant and mode, variants rotated each round; medians."
+        )
+        print()
+        print(table(results["flat"], "Flat out (no pause between requests)"))
+        print()
+        print(
+            table(
+                results["paced"],
+                f"Paced ({args.paced_delay_ms:g} ms pause per request per connection: about the same offered load for every variant)",
+            )
+        )
+        return 0
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for p in processes:
+            p.terminate()
+            p.wait(timeout=10)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
