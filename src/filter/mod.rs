@@ -193,14 +193,16 @@ impl OriginFetch {
         Action::Pause
     }
 
-    fn apply_request(&mut self, headers: Vec<(String, String)>) -> Action {
+    fn apply_request(&mut self, mut headers: Vec<(String, String)>) -> Action {
         let mut authority = None;
         let mut facts = OwnedViewerRequest::default();
-        for (name, value) in &headers {
+        // `:authority`, `host` and `:scheme` are never replayed (a failover sets
+        // its own), so their values are moved out rather than copied.
+        for (name, value) in headers.iter_mut() {
             match name.as_str() {
-                ":authority" => authority = Some(value.clone()),
-                "host" if authority.is_none() => authority = Some(value.clone()),
-                ":scheme" => facts.scheme = Some(value.clone()),
+                ":authority" => authority = Some(std::mem::take(value)),
+                "host" if authority.is_none() => authority = Some(std::mem::take(value)),
+                ":scheme" => facts.scheme = Some(std::mem::take(value)),
                 ":method" => facts.method = value.clone(),
                 "x-forwarded-proto" => facts.x_forwarded_proto = Some(value.clone()),
                 _ => {}
@@ -268,16 +270,18 @@ impl OriginFetch {
                 }
             }
         }
-        let mut state: Vec<(&str, String)> = Vec::new();
+        let port;
+        let mut state: [Option<(&str, &str)>; 4] = [None; 4];
         if let Some(host) = t.dynamic_host {
-            state.push((DYNAMIC_HOST, host.to_owned()));
-            state.push((DYNAMIC_PORT, t.port.to_string()));
+            port = t.port.to_string();
+            state[0] = Some((DYNAMIC_HOST, host));
+            state[1] = Some((DYNAMIC_PORT, &port));
         }
         if let (Scheme::Https, Some(sni)) = (t.scheme, &t.sni) {
-            state.push((UPSTREAM_SERVER_NAME, sni.to_string()));
-            state.push((UPSTREAM_SUBJECT_ALT_NAMES, sni.to_string()));
+            state[2] = Some((UPSTREAM_SERVER_NAME, sni));
+            state[3] = Some((UPSTREAM_SUBJECT_ALT_NAMES, sni));
         }
-        for (key, value) in &state {
+        for (key, value) in state.into_iter().flatten() {
             if let Err(e) = set_filter_state(key, value) {
                 return self.answer(500, &format!("could not set filter state {key}: {e:?}"));
             }

@@ -99,7 +99,12 @@ fn main() -> wasmtime::Result<()> {
             "| {n} | {open} | {headers} | {response} | {close} |"
         ));
     }
-    println!("Filter: {}\n", path.display());
+    let shown = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+    let shown = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| shown.strip_prefix(cwd).ok().map(PathBuf::from))
+        .unwrap_or(shown);
+    println!("Filter: `{}`\n", shown.display());
     println!("| domains | on_configure fuel | on_configure ms | linear memory after load |");
     println!("|---:|---:|---:|---:|");
     configure_rows.iter().for_each(|r| println!("{r}"));
@@ -111,9 +116,9 @@ fn main() -> wasmtime::Result<()> {
     println!("|---:|---:|---:|---:|---:|");
     split_rows.iter().for_each(|r| println!("{r}"));
     println!(
-        "\nfuel counts guest wasm instructions; a request is context create, request headers \
-         (5 headers), response headers (3 headers), close; miss: the shipped settings' local 404 \
-         is not used here, the synthetic set passes unknown hosts through."
+        "\nA request is context create, request headers (5 headers), response headers \
+         (3 headers) and close. The synthetic set passes unknown hosts through, so a miss \
+         skips the response work."
     );
     Ok(())
 }
