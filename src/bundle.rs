@@ -2,7 +2,8 @@
 //! configuration. Native only: this is the part that touches files.
 
 use crate::engine::{
-    parse_settings, CompiledSet, Diagnostics, PolicyDiagnostic, PolicySet, PolicySource, Severity,
+    parse_json, parse_settings, CompiledSet, Diagnostics, PolicyDiagnostic, PolicySet,
+    PolicySource, Severity,
 };
 use serde_json::{json, Value};
 use std::fs;
@@ -36,7 +37,7 @@ fn unreadable(source: String, message: String) -> PolicyDiagnostic {
 /// Parses one policy or settings document; the error is a diagnostic for
 /// `source`, as `check` reports it.
 pub fn parse_document(source: &str, bytes: &[u8]) -> Result<Value, Box<PolicyDiagnostic>> {
-    serde_json::from_slice(bytes).map_err(|e| {
+    parse_json(bytes).map_err(|e| {
         Box::new(unreadable(
             source.to_owned(),
             format!("not valid JSON: {e}"),

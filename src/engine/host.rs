@@ -78,6 +78,13 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
     if is_plain_ascii_name(host) {
         return Ok(Cow::Borrowed(host));
     }
+    // URL parsing would decode `%2e` into a dot; a Host header is not a URL,
+    // and a name that means something only after decoding is not a name.
+    if host.contains('%') {
+        return Err(HostError::Invalid(
+            "percent-encoding is not allowed in a host".to_owned(),
+        ));
+    }
     let trimmed = host.strip_suffix('.').unwrap_or(host);
     if trimmed.is_empty() {
         return Err(HostError::Empty);
@@ -179,6 +186,8 @@ mod tests {
         assert!(normalize_host("a b.example").is_err());
         assert!(normalize_host("a\r\nb").is_err());
         assert!(normalize_host(&"a".repeat(300)).is_err());
+        assert!(normalize_host("img%2eexample.com").is_err());
+        assert!(normalize_host("a\0b").is_err());
     }
 
     #[test]

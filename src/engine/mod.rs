@@ -6,6 +6,7 @@ mod diagnostic;
 mod fetch;
 pub mod host;
 mod index;
+mod json;
 mod policy;
 mod settings;
 
@@ -16,7 +17,8 @@ pub use decision::{
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 pub use fetch::FetchFailure;
-pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource};
+pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource, MAX_POLICIES};
+pub use json::{parse_json, JsonError, MAX_JSON_BYTES};
 pub use policy::{
     parse_policy, DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy,
     ProtocolPolicy, Reach, Scheme,

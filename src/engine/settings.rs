@@ -9,6 +9,8 @@ pub const DEFAULT_DFP_HTTP_CLUSTER: &str = "origin_dfp_http";
 pub const DEFAULT_DFP_HTTPS_CLUSTER: &str = "origin_dfp_https";
 pub const DEFAULT_MAX_REPLAY_BODY_BYTES: u32 = 1024 * 1024;
 pub const MAX_REPLAY_BODY_BYTES: u32 = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_SECONDARY_RESPONSE_BYTES: u32 = 8 * 1024 * 1024;
+pub const MAX_SECONDARY_RESPONSE_BYTES: u32 = 64 * 1024 * 1024;
 
 /// What the filter does with a Host that no policy covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,9 @@ pub struct Settings {
     pub decision_header: bool,
     /// Largest request body kept for a failover replay; larger bodies are not failed over.
     pub max_replay_body_bytes: u32,
+    /// Largest secondary-origin response body relayed; a failover answer is
+    /// copied whole into the filter, so larger ones become a 502.
+    pub max_secondary_response_bytes: u32,
 }
 
 impl Default for Settings {
@@ -45,6 +50,7 @@ impl Default for Settings {
             trust_x_forwarded_proto: false,
             decision_header: false,
             max_replay_body_bytes: DEFAULT_MAX_REPLAY_BODY_BYTES,
+            max_secondary_response_bytes: DEFAULT_MAX_SECONDARY_RESPONSE_BYTES,
         }
     }
 }
@@ -150,6 +156,19 @@ pub fn parse_settings(
             ) {
                 settings.max_replay_body_bytes =
                     u32::try_from(n).unwrap_or(DEFAULT_MAX_REPLAY_BODY_BYTES);
+            }
+        }
+        if let Some((v, p)) = r.field("max_secondary_response_bytes") {
+            if let Some(n) = integer_in(
+                &mut f,
+                v,
+                &p,
+                0,
+                u64::from(MAX_SECONDARY_RESPONSE_BYTES),
+                "max_secondary_response_bytes",
+            ) {
+                settings.max_secondary_response_bytes =
+                    u32::try_from(n).unwrap_or(DEFAULT_MAX_SECONDARY_RESPONSE_BYTES);
             }
         }
         r.finish(&mut f);

@@ -5,8 +5,8 @@ mod host_state;
 mod metrics;
 
 use crate::engine::{
-    Failover, FailoverAction, FailoverPlan, FetchFailure, Outcome, OwnedViewerRequest, PolicySet,
-    Scheme, UnknownDomain,
+    Failover, FailoverAction, FailoverPlan, FetchFailure, JsonError, Outcome, OwnedViewerRequest,
+    PolicySet, Scheme, UnknownDomain, MAX_JSON_BYTES,
 };
 use host_state::{
     set_filter_state, DYNAMIC_HOST, DYNAMIC_PORT, UPSTREAM_SERVER_NAME, UPSTREAM_SUBJECT_ALT_NAMES,
@@ -64,6 +64,15 @@ impl RootContext for OriginPolicyRoot {
             self.metrics
                 .get_or_insert_with(|| Rc::new(Metrics::define())),
         );
+        if size > MAX_JSON_BYTES {
+            // Refused before it is copied into the VM.
+            error!(
+                "plugin configuration rejected: {}",
+                JsonError::TooLarge { bytes: size }
+            );
+            metrics.bump(Counter::ConfigRejected);
+            return false;
+        }
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
             Ok(Some(b)) => b,
             Ok(None) | Err(_) => {
@@ -194,19 +203,40 @@ impl OriginFetch {
     }
 
     fn apply_request(&mut self, mut headers: Vec<(String, String)>) -> Action {
-        let mut authority = None;
+        let mut authority: Option<String> = None;
+        let mut conflicting_host = false;
+        let mut forged_diagnostics = false;
         let mut facts = OwnedViewerRequest::default();
         // `:authority`, `host` and `:scheme` are never replayed (a failover sets
         // its own), so their values are moved out rather than copied.
         for (name, value) in headers.iter_mut() {
             match name.as_str() {
-                ":authority" => authority = Some(std::mem::take(value)),
-                "host" if authority.is_none() => authority = Some(std::mem::take(value)),
+                ":authority" | "host" => match &authority {
+                    // RFC 9112 3.2: more than one Host, or one that disagrees
+                    // with the request target, is a 400; picking one would let
+                    // a viewer steer the edge and the origin differently.
+                    Some(seen) if !seen.eq_ignore_ascii_case(value) => conflicting_host = true,
+                    Some(_) => {}
+                    None => authority = Some(std::mem::take(value)),
+                },
                 ":scheme" => facts.scheme = Some(std::mem::take(value)),
                 ":method" => facts.method = value.clone(),
                 "x-forwarded-proto" => facts.x_forwarded_proto = Some(value.clone()),
+                ORIGIN_ERROR_HEADER | DECISION_HEADER => forged_diagnostics = true,
                 _ => {}
             }
+        }
+        if forged_diagnostics {
+            // The diagnostic headers are the edge's word; a viewer's copy is
+            // dropped before it can reach the origin, a log or a replay.
+            headers.retain(|(n, _)| n != ORIGIN_ERROR_HEADER && n != DECISION_HEADER);
+            for name in [ORIGIN_ERROR_HEADER, DECISION_HEADER] {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+            }
+        }
+        if conflicting_host {
+            self.metrics.bump(Counter::BadHost);
+            return self.answer(400, "bad host: conflicting Host values");
         }
         facts.authority = authority.unwrap_or_default();
         self.viewer = Rc::new(facts);
@@ -400,6 +430,23 @@ impl OriginFetch {
             return;
         }
         let status = status.unwrap_or(502);
+        let limit = self.policies.settings.max_secondary_response_bytes as usize;
+        if body_size > limit {
+            self.metrics.bump(Counter::FailoverSecondaryFailed);
+            let message = format!(
+                "{primary_error}; failover=secondary; secondary response body of {body_size} bytes is over the {limit}-byte limit"
+            );
+            warn!("{}: {message}", self.viewer.authority);
+            local_reply(
+                502,
+                vec![
+                    (ORIGIN_ERROR_HEADER, &message),
+                    ("content-type", "text/plain"),
+                ],
+                format!("{message}\n").as_bytes(),
+            );
+            return;
+        }
         self.metrics.bump(Counter::FailoverSucceeded);
         let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
             .ok()

@@ -4,7 +4,7 @@
 //! the shapes are exactly those of `origin_policy::report`.
 
 use origin_policy::bundle::{parse_document, PolicyDir};
-use origin_policy::engine::{PolicySet, Severity};
+use origin_policy::engine::{parse_json, PolicySet, Severity};
 use origin_policy::report::{diagnostic_json, outcome_json, request_from_json, request_from_url};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
@@ -98,7 +98,7 @@ pub fn validate(policy_json: &str, source: Option<String>) -> Result<JsValue, Js
 /// The policy set as the filter takes it: the `{settings, policies}` envelope
 /// that `origin-policy bundle` writes, a list of policies, or one policy.
 fn policy_set(policy_set_json: &str) -> Result<PolicySet, JsError> {
-    let value: Value = serde_json::from_str(policy_set_json)
+    let value = parse_json(policy_set_json.as_bytes())
         .map_err(|e| JsError::new(&format!("policy set is not valid JSON: {e}")))?;
     let envelope = match value {
         Value::Array(policies) => json!({ "policies": policies }),

@@ -1,0 +1,296 @@
+//! Hostile and malformed input through the real `.wasm`: each case states what
+//! the viewer gets. None may trap the VM; every case ends with a request that
+//! still works, which would fail if an earlier one had killed it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+
+use host_test::{Action, Vm};
+
+const PLAIN: &str = "plain.example.com";
+
+/// What the viewer got: a local reply (status, `x-origin-error`), or the
+/// request went upstream (cluster header, `:authority` sent).
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Local(u32, String),
+    Upstream {
+        cluster: Option<String>,
+        authority: Option<String>,
+    },
+}
+
+fn send(vm: &mut Vm, headers: &[(&str, &str)]) -> Seen {
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, headers, true).unwrap();
+    let seen = match vm.local_response(id) {
+        Some(r) => Seen::Local(
+            r.status,
+            r.header("x-origin-error").unwrap_or_default().to_owned(),
+        ),
+        None => Seen::Upstream {
+            cluster: vm.upstream_header(id, "x-origin-cluster"),
+            authority: vm.upstream_header(id, ":authority"),
+        },
+    };
+    vm.close_stream(id).unwrap();
+    seen
+}
+
+fn with_host(host: &str) -> Vec<(&str, &str)> {
+    vec![
+        (":authority", host),
+        (":scheme", "http"),
+        (":method", "GET"),
+        (":path", "/"),
+    ]
+}
+
+fn routed_to(cluster: &str, authority: &str) -> Seen {
+    Seen::Upstream {
+        cluster: Some(cluster.to_owned()),
+        authority: Some(authority.to_owned()),
+    }
+}
+
+fn still_serves(vm: &mut Vm) {
+    assert_eq!(
+        send(vm, &with_host(PLAIN)),
+        routed_to("plain_origin", PLAIN),
+        "the VM must survive every case before"
+    );
+}
+
+#[test]
+fn viewer_hosts() {
+    let mut vm = common::example_vm();
+    let long = "a".repeat(10 * 1024);
+    let bad = |why: &str| Seen::Local(400, format!("bad host: {why}"));
+    let cases: Vec<(&str, Seen)> = vec![
+        ("", bad("host is empty")),
+        ("plain.example.com:8080", routed_to("plain_origin", PLAIN)),
+        ("PLAIN.Example.COM", routed_to("plain_origin", PLAIN)),
+        ("plain.example.com.", routed_to("plain_origin", PLAIN)),
+        ("plain.example.com.:80", routed_to("plain_origin", PLAIN)),
+        (
+            "[::1]:8080",
+            Seen::Local(404, "no origin policy for host [::1]".to_owned()),
+        ),
+        (
+            "127.0.0.1",
+            Seen::Local(404, "no origin policy for host 127.0.0.1".to_owned()),
+        ),
+        (
+            "plain%2eexample.com",
+            bad("host is not a valid name: percent-encoding is not allowed in a host"),
+        ),
+        // Raw UTF-8 is matched in punycode; the policy sends its own SNI/Host.
+        (
+            "Bücher.example",
+            routed_to("buecher_origin_tls", "xn--bcher-kva.example"),
+        ),
+        (
+            "xn--bcher-kva.example",
+            routed_to("buecher_origin_tls", "xn--bcher-kva.example"),
+        ),
+        (&long, bad("host is longer than 253 bytes")),
+    ];
+    for (host, want) in cases {
+        let shown: String = host.chars().take(40).collect();
+        assert_eq!(send(&mut vm, &with_host(host)), want, "Host {shown:?}");
+    }
+    for control in [
+        "plain.example.com\r\nx-evil: 1",
+        "plain\0.example.com",
+        "a b.example.com",
+    ] {
+        match send(&mut vm, &with_host(control)) {
+            Seen::Local(400, why) => assert!(why.starts_with("bad host: "), "{control:?}: {why}"),
+            other => panic!("{control:?}: {other:?}"),
+        }
+    }
+    assert_eq!(vm.metric("origin_policy.bad_host"), Some(6));
+    still_serves(&mut vm);
+}
+
+#[test]
+fn missing_duplicate_and_disagreeing_hosts() {
+    let mut vm = common::example_vm();
+    let no_host = [(":scheme", "http"), (":method", "GET"), (":path", "/")];
+    assert_eq!(
+        send(&mut vm, &no_host),
+        Seen::Local(400, "bad host: host is empty".to_owned())
+    );
+    // `host` alone (no `:authority`) is used.
+    let host_only = [(":scheme", "http"), (":method", "GET"), ("host", PLAIN)];
+    // Nothing to rewrite: the viewer's Host is the origin Host.
+    assert_eq!(
+        send(&mut vm, &host_only),
+        Seen::Upstream {
+            cluster: Some("plain_origin".to_owned()),
+            authority: None
+        }
+    );
+    let conflict = Seen::Local(400, "bad host: conflicting Host values".to_owned());
+    let two_hosts = [
+        (":authority", PLAIN),
+        (":authority", "www.example.com"),
+        (":scheme", "http"),
+        (":method", "GET"),
+    ];
+    assert_eq!(send(&mut vm, &two_hosts), conflict);
+    let disagree = [
+        (":authority", PLAIN),
+        ("host", "secure.example.com"),
+        (":scheme", "http"),
+        (":method", "GET"),
+    ];
+    assert_eq!(send(&mut vm, &disagree), conflict);
+    // The same name twice (any case) is not a conflict.
+    let agree = [
+        (":authority", PLAIN),
+        ("host", "Plain.Example.com"),
+        (":scheme", "http"),
+        (":method", "GET"),
+    ];
+    assert_eq!(send(&mut vm, &agree), routed_to("plain_origin", PLAIN));
+    still_serves(&mut vm);
+}
+
+#[test]
+fn schemes_the_filter_does_not_know_count_as_http() {
+    let mut vm = common::example_vm();
+    // media.example.com follows the viewer's scheme.
+    for (scheme, xfp, cluster) in [
+        ("ftp", None, "media_origin"),
+        ("https", Some("gopher"), "media_origin_tls"),
+        ("http", Some("https, http"), "media_origin_tls"),
+        ("", None, "media_origin"),
+    ] {
+        let mut headers = vec![
+            (":authority", "media.example.com"),
+            (":scheme", scheme),
+            (":method", "GET"),
+        ];
+        if let Some(x) = xfp {
+            headers.push(("x-forwarded-proto", x));
+        }
+        match send(&mut vm, &headers) {
+            Seen::Upstream { cluster: got, .. } => {
+                assert_eq!(got.as_deref(), Some(cluster), "{scheme:?} / {xfp:?}")
+            }
+            other => panic!("{scheme:?}: {other:?}"),
+        }
+    }
+    still_serves(&mut vm);
+}
+
+#[test]
+fn a_viewer_cannot_choose_the_cluster_or_forge_diagnostics() {
+    let mut vm = common::example_vm();
+    let mut headers = with_host(PLAIN);
+    headers.extend([
+        ("x-origin-cluster", "www_secondary"),
+        ("x-origin-error", "forged"),
+        ("x-origin-decision", "forged"),
+    ]);
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &headers, true).unwrap();
+    assert_eq!(
+        vm.upstream_header(id, "x-origin-cluster").as_deref(),
+        Some("plain_origin")
+    );
+    assert_eq!(vm.upstream_header(id, "x-origin-error"), None);
+    assert_eq!(vm.upstream_header(id, "x-origin-decision"), None);
+    vm.close_stream(id).unwrap();
+
+    // Unknown host answered locally: the viewer's cluster header never routes.
+    let mut unknown = with_host("nobody.example.org");
+    unknown.push(("x-origin-cluster", "www_secondary"));
+    assert!(matches!(send(&mut vm, &unknown), Seen::Local(404, _)));
+    still_serves(&mut vm);
+}
+
+#[test]
+fn odd_origin_responses() {
+    let mut vm = common::example_vm();
+    // No `:status` at all: passed on untouched, nothing decided about it.
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &with_host("www.example.com"), true)
+        .unwrap();
+    let action = vm
+        .response_headers(id, &[("content-type", "text/plain")], false)
+        .unwrap();
+    assert_eq!(action, Action::Continue);
+    assert!(vm.state().dispatched.is_empty());
+    vm.close_stream(id).unwrap();
+
+    // A 301 without `location` still gets the redirect rule.
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &with_host("redirect.example.com"), true)
+        .unwrap();
+    vm.response_headers(
+        id,
+        &[(":status", "301"), ("cache-control", "max-age=60")],
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        vm.response_header(id, "cache-control").as_deref(),
+        Some("no-store")
+    );
+    vm.close_stream(id).unwrap();
+
+    // A 5xx with a huge body: failover starts at the headers, and every body
+    // chunk of the primary is held back rather than passed on.
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &with_host("www.example.com"), true)
+        .unwrap();
+    let action = vm
+        .response_headers(
+            id,
+            &[(":status", "503"), ("content-length", "104857600")],
+            false,
+        )
+        .unwrap();
+    assert_eq!(action, Action::Pause);
+    let chunk = vec![b'x'; 1024 * 1024];
+    for _ in 0..8 {
+        assert_eq!(vm.response_body(id, &chunk, false).unwrap(), Action::Pause);
+    }
+    let call = vm.state().dispatched.last().unwrap().clone();
+    vm.http_call_response(call.token, Some(&[(":status", "200")]), b"ok")
+        .unwrap();
+    assert_eq!(vm.local_response(id).unwrap().status, 200);
+    vm.close_stream(id).unwrap();
+    still_serves(&mut vm);
+}
+
+#[test]
+fn a_secondary_answer_over_the_size_limit_is_a_502() {
+    let config = common::example_config().replace(
+        r#""max_replay_body_bytes":1048576"#,
+        r#""max_replay_body_bytes":1048576,"max_secondary_response_bytes":1024"#,
+    );
+    assert!(config.contains("max_secondary_response_bytes"));
+    let mut vm = host_test::Filter::shared().unwrap().start(&config).unwrap();
+    for (size, want) in [(1024usize, 200u32), (1025, 502)] {
+        let id = vm.open_stream().unwrap();
+        vm.request_headers(id, &with_host("www.example.com"), true)
+            .unwrap();
+        vm.response_headers(id, &[(":status", "503")], true)
+            .unwrap();
+        let call = vm.state().dispatched.last().unwrap().clone();
+        vm.http_call_response(call.token, Some(&[(":status", "200")]), &vec![b'x'; size])
+            .unwrap();
+        let reply = vm.local_response(id).unwrap();
+        assert_eq!(reply.status, want, "{size} bytes");
+        if want == 502 {
+            assert_eq!(
+                reply.header("x-origin-error"),
+                Some("orig response 503 error; failover=secondary; secondary response body of 1025 bytes is over the 1024-byte limit")
+            );
+        }
+        vm.close_stream(id).unwrap();
+    }
+    still_serves(&mut vm);
+}
