@@ -294,3 +294,25 @@ fn a_secondary_answer_over_the_size_limit_is_a_502() {
     }
     still_serves(&mut vm);
 }
+
+#[test]
+fn oversized_or_duplicate_key_configurations_leave_the_served_set_alone() {
+    let mut vm = common::example_vm();
+    let huge = format!(
+        r#"{{"policies": [], "settings": {{"cluster_header": "x-{}"}}}}"#,
+        "a".repeat(origin_policy::engine::MAX_JSON_BYTES)
+    );
+    assert!(!vm.configure(&huge).unwrap());
+    assert!(
+        vm.log_text().contains("-byte limit for one JSON document"),
+        "{}",
+        vm.log_text()
+    );
+    let duplicate = r#"{"policies": [{"domain": "plain.example.com", "primary": {"address": "x.example", "address": "y.example"}}]}"#;
+    assert!(!vm.configure(duplicate).unwrap());
+    assert!(vm
+        .log_text()
+        .contains("duplicate key `address` in the object at `/policies/0/primary`"));
+    assert_eq!(vm.metric("origin_policy.config.rejected"), Some(2));
+    still_serves(&mut vm);
+}

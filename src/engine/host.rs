@@ -27,6 +27,7 @@ impl fmt::Display for HostError {
 
 /// DNS limits a name to 253 bytes; anything longer cannot name a domain.
 pub const MAX_HOST_LEN: usize = 253;
+pub const MAX_LABEL_LEN: usize = 63;
 
 /// Splits a viewer `Host`/`:authority` into its host part, dropping the port.
 /// IPv6 literals keep their brackets (`[::1]:8080` -> `[::1]`).
@@ -66,6 +67,20 @@ fn is_plain_ascii_name(host: &str) -> bool {
     previous != b'.'
 }
 
+/// DNS limits: 253 bytes in all, 63 per label (RFC 1035 2.3.4).
+fn check_lengths(name: &str) -> Result<(), HostError> {
+    if name.len() > MAX_HOST_LEN {
+        return Err(HostError::TooLong);
+    }
+    match name.split('.').find(|label| label.len() > MAX_LABEL_LEN) {
+        Some(label) => Err(HostError::Invalid(format!(
+            "label `{}…` is longer than {MAX_LABEL_LEN} bytes",
+            &label[..16]
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Normalises a host name (no port): lower case, no trailing dot, IDN in punycode.
 /// The common case (already lower-case ASCII) borrows and does not allocate.
 pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
@@ -76,7 +91,7 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
         return Err(HostError::TooLong);
     }
     if is_plain_ascii_name(host) {
-        return Ok(Cow::Borrowed(host));
+        return check_lengths(host).map(|()| Cow::Borrowed(host));
     }
     // URL parsing would decode `%2e` into a dot; a Host header is not a URL,
     // and a name that means something only after decoding is not a name.
@@ -95,9 +110,7 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
         url::Host::Ipv4(ip) => ip.to_string(),
         url::Host::Ipv6(ip) => format!("[{ip}]"),
     };
-    if ascii.len() > MAX_HOST_LEN {
-        return Err(HostError::TooLong);
-    }
+    check_lengths(&ascii)?;
     if ascii.contains(|c: char| {
         !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':' | '_'))
     }) {
@@ -187,6 +200,10 @@ mod tests {
         assert!(normalize_host("a\r\nb").is_err());
         assert!(normalize_host(&"a".repeat(300)).is_err());
         assert!(normalize_host("img%2eexample.com").is_err());
+        assert_eq!(normalize_host(&"a".repeat(254)), Err(HostError::TooLong));
+        let label = "a".repeat(64);
+        assert!(normalize_host(&format!("{label}.example")).is_err());
+        assert!(normalize_host(&format!("{}.example", &label[1..])).is_ok());
         assert!(normalize_host("a\0b").is_err());
     }
 
