@@ -3,6 +3,9 @@
 
 use std::fmt;
 
+/// The longest proxy-supplied cause copied into `x-origin-error`.
+pub const MAX_CAUSE_LEN: usize = 120;
+
 /// Why the primary fetch produced no origin response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchFailure<'a> {
@@ -60,12 +63,24 @@ impl<'a> FetchFailure<'a> {
 }
 
 impl fmt::Display for FetchFailure<'_> {
-    /// Envoy spells causes with `_` for spaces; the header gets words.
+    /// Envoy spells causes with `_` for spaces; the header gets words. The
+    /// text ends up in a response header, so only printable ASCII passes and
+    /// it is cut at `MAX_CAUSE_LEN`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let words = |s: &str| s.replace('_', " ");
+        let printable = |s: &str, underscore: char| -> String {
+            s.chars()
+                .take(MAX_CAUSE_LEN)
+                .map(|c| match c {
+                    '_' => underscore,
+                    ' '..='~' => c,
+                    _ => '?',
+                })
+                .collect()
+        };
+        let words = |s: &str| printable(s, ' ');
         match self {
             FetchFailure::Connect(c) => write!(f, "orig connect failed ({})", words(c)),
-            FetchFailure::Tls(r) => write!(f, "orig TLS handshake failed ({r})"),
+            FetchFailure::Tls(r) => write!(f, "orig TLS handshake failed ({})", printable(r, '_')),
             FetchFailure::Timeout => f.write_str("orig response timeout"),
             FetchFailure::Reset(c) => write!(f, "orig connection reset ({})", words(c)),
         }
@@ -75,6 +90,22 @@ impl fmt::Display for FetchFailure<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causes_are_header_safe() {
+        // Found by fuzzing: control bytes in the details reached the header.
+        let details = "upstream_reset_before_response_started{remote_connection_failure|x:_refuse\u{1c}\r\nd}";
+        let shown = FetchFailure::from_code_details(details)
+            .unwrap()
+            .to_string();
+        assert_eq!(shown, "orig connect failed (refuse???d)");
+        let long = format!(
+            "upstream_reset_before_response_started{{connection_failure:_{}}}",
+            "x".repeat(1000)
+        );
+        let shown = FetchFailure::from_code_details(&long).unwrap().to_string();
+        assert_eq!(shown.len(), "orig connect failed ()".len() + MAX_CAUSE_LEN);
+    }
 
     #[test]
     fn envoy_code_details_are_classified() {

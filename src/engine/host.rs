@@ -67,18 +67,23 @@ fn is_plain_ascii_name(host: &str) -> bool {
     previous != b'.'
 }
 
-/// DNS limits: 253 bytes in all, 63 per label (RFC 1035 2.3.4).
-fn check_lengths(name: &str) -> Result<(), HostError> {
+/// DNS limits: 253 bytes in all, 1 to 63 per label (RFC 1035 2.3.4).
+fn check_labels(name: &str) -> Result<(), HostError> {
     if name.len() > MAX_HOST_LEN {
         return Err(HostError::TooLong);
     }
-    match name.split('.').find(|label| label.len() > MAX_LABEL_LEN) {
-        Some(label) => Err(HostError::Invalid(format!(
-            "label `{}…` is longer than {MAX_LABEL_LEN} bytes",
-            &label[..16]
-        ))),
-        None => Ok(()),
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(HostError::Invalid(format!("`{name}` has an empty label")));
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(HostError::Invalid(format!(
+                "label `{}…` is longer than {MAX_LABEL_LEN} bytes",
+                &label[..16]
+            )));
+        }
     }
+    Ok(())
 }
 
 /// Normalises a host name (no port): lower case, no trailing dot, IDN in punycode.
@@ -91,7 +96,7 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
         return Err(HostError::TooLong);
     }
     if is_plain_ascii_name(host) {
-        return check_lengths(host).map(|()| Cow::Borrowed(host));
+        return check_labels(host).map(|()| Cow::Borrowed(host));
     }
     // URL parsing would decode `%2e` into a dot; a Host header is not a URL,
     // and a name that means something only after decoding is not a name.
@@ -110,7 +115,7 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
         url::Host::Ipv4(ip) => ip.to_string(),
         url::Host::Ipv6(ip) => format!("[{ip}]"),
     };
-    check_lengths(&ascii)?;
+    check_labels(&ascii)?;
     if ascii.contains(|c: char| {
         !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':' | '_'))
     }) {
@@ -200,6 +205,10 @@ mod tests {
         assert!(normalize_host("a\r\nb").is_err());
         assert!(normalize_host(&"a".repeat(300)).is_err());
         assert!(normalize_host("img%2eexample.com").is_err());
+        // Found by fuzzing: ".." used to normalise to ".", which is no name.
+        for empty_label in ["..", "a..b.", ".a", "..a.example"] {
+            assert!(normalize_host(empty_label).is_err(), "{empty_label}");
+        }
         assert_eq!(normalize_host(&"a".repeat(254)), Err(HostError::TooLong));
         let label = "a".repeat(64);
         assert!(normalize_host(&format!("{label}.example")).is_err());

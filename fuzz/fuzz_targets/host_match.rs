@@ -1,0 +1,55 @@
+//! Any string as a viewer Host: normalisation never panics, its output is a
+//! fixed point, holds only host-name characters, and matches the same policy
+//! as the input did.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use origin_policy::engine::host::{normalize_authority, normalize_host, MAX_HOST_LEN};
+use origin_policy::engine::{Outcome, PolicySet, ViewerRequest};
+use std::sync::OnceLock;
+
+fn examples() -> &'static PolicySet {
+    static SET: OnceLock<PolicySet> = OnceLock::new();
+    SET.get_or_init(|| {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+        let config = origin_policy::bundle::read_dir(std::path::Path::new(dir))
+            .expect("example policies")
+            .plugin_config()
+            .to_string();
+        PolicySet::from_plugin_config(config.as_bytes(), None)
+            .expect("example policies load")
+            .set
+    })
+}
+
+fn matched(set: &PolicySet, authority: &str) -> Option<String> {
+    let request = ViewerRequest {
+        authority,
+        scheme: Some("https"),
+        x_forwarded_proto: None,
+        method: "GET",
+    };
+    match set.decide(&request) {
+        Outcome::Origin(d) => Some(d.policy.name.clone()),
+        _ => None,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(host) = normalize_authority(text) else {
+        return;
+    };
+    assert!(host.len() <= MAX_HOST_LEN, "{host}");
+    assert!(
+        host.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._[]:".contains(&b)),
+        "{text:?} -> {host:?}"
+    );
+    let again = normalize_host(&host).expect("a normalised host normalises");
+    assert_eq!(again, host, "not a fixed point: {text:?}");
+    let set = examples();
+    assert_eq!(matched(set, text), matched(set, &host), "{text:?} vs {host:?}");
+});

@@ -1,0 +1,39 @@
+//! Any bytes as a plugin configuration: an error or a set, never a panic; a
+//! set that loads answers requests for every domain it holds.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use origin_policy::engine::{Outcome, PolicySet, ViewerRequest};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(compiled) = PolicySet::from_plugin_config(data, None) else {
+        return;
+    };
+    // Reloading the same bytes on top of the result must give the same domains.
+    let again = PolicySet::from_plugin_config(data, Some(&compiled.set));
+    assert_eq!(
+        again.map(|c| c.set.index.len()).ok(),
+        Some(compiled.set.index.len())
+    );
+    for policy in compiled.set.index.policies() {
+        let host = policy.name.strip_prefix("*.").map_or_else(
+            || policy.name.clone(),
+            |suffix| format!("x.{suffix}"),
+        );
+        for scheme in ["http", "https"] {
+            let request = ViewerRequest {
+                authority: &host,
+                scheme: Some(scheme),
+                x_forwarded_proto: None,
+                method: "GET",
+            };
+            match compiled.set.decide(&request) {
+                Outcome::Origin(d) => {
+                    assert_eq!(d.policy.name, policy.name);
+                    let _ = d.on_primary_response(503, None);
+                }
+                other => panic!("{host} over {scheme}: {other:?}"),
+            }
+        }
+    }
+});
