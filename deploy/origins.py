@@ -7,6 +7,7 @@ tell what reached the origin and what the edge served from its cache.
 Paths that change an answer, where WHO is an origin's name or `all`:
   /status/WHO/NNN/...   origin WHO answers with status NNN
   /delay/WHO/MS/...     origin WHO waits MS milliseconds before answering
+  /pad/WHO/BYTES/...    origin WHO adds BYTES of padding to its body
 The redirect origin answers 301 to the HTTPS URL (cacheable for an hour), 302
 under /found/, and a cacheable 200 under /page/. The failing primary answers
 503 unless told otherwise.
@@ -153,9 +154,14 @@ class _Handler(BaseHTTPRequestHandler):
         )
         self.server.log.add(seen)
         status, headers = 200, {"cache-control": "max-age=60"}
-        told = re.match(r"^/(status|delay)/([\w-]+)/(\d+)/", self.path)
+        padding = 0
+        told = re.match(r"^/(status|delay|pad)/([\w-]+)/(\d+)/", self.path)
         if told and told.group(2) in (spec.name, "all"):
-            if told.group(1) == "delay":
+            if told.group(1) == "pad":
+                padding = int(told.group(3))
+                if spec.kind == "failing":
+                    status = 503
+            elif told.group(1) == "delay":
                 time.sleep(int(told.group(3)) / 1000)
             else:
                 status = int(told.group(3))
@@ -166,7 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not self.path.startswith("/page/"):
                 status = 302 if self.path.startswith("/found/") else 301
                 headers["location"] = f"https://{seen.host}{self.path}"
-        payload = json.dumps(seen.as_dict()).encode() + b"\n"
+        payload = json.dumps(seen.as_dict()).encode() + b"\n" + b"x" * padding
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)

@@ -264,6 +264,8 @@ def main() -> int:
     print(f"| configurations applied / policies rejected | {stat('config.applied')} / {stat('policy.rejected')} |")
     print(f"| Envoy RSS after 1 min / at end / peak | {first / 1024:.1f} / {last / 1024:.1f} / {peak / 1024:.1f} MiB |")
     print(f"| Envoy RSS median after 1 min | {statistics.median(warm) / 1024:.1f} MiB |")
+    by_minute = " ".join(f"{kib / 1024:.0f}" for t, kib in memory if int(t) % 60 < 10)
+    print(f"\nEnvoy RSS each minute (MiB): {by_minute}")
     shutil.rmtree(run, ignore_errors=True)
     if failed:
         print(f"FAILED: {failed} requests were not served", file=sys.stderr)

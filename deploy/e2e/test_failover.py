@@ -63,3 +63,23 @@ def test_both_timing_out_gives_504_naming_both(edge, path):
 def test_failover_happens_once(edge, path):
     edge.request("www.example.com", f"/status/all/503{path}")
     assert origins_reached(edge, f"/status/all/503{path}") == ["www-primary", "www-secondary"]
+
+
+def test_a_503_with_a_huge_body_is_still_failed_over(edge, path):
+    # 20 MB of primary body, far over Envoy's buffer limits: the filter holds
+    # it back without buffering it, and the viewer gets only the secondary.
+    r = edge.request("www.example.com", f"/pad/www-primary/20000000{path}")
+    assert r.status == 200
+    assert r.json()["origin"] == "www-secondary"
+    assert len(r.body) < 10_000
+    assert r.header("x-origin-error") == "orig response 503 error; failover=secondary"
+
+
+def test_a_secondary_answer_over_the_size_limit_is_a_502(edge, path):
+    # settings.json keeps the default max_secondary_response_bytes, 8 MiB.
+    r = edge.request("www.example.com", f"/pad/www-secondary/9000000{path}")
+    assert r.status == 502
+    assert r.header("x-origin-error").startswith(
+        "orig response 503 error; failover=secondary; secondary response body of "
+    )
+    assert r.header("x-origin-error").endswith("bytes is over the 8388608-byte limit")

@@ -410,6 +410,15 @@ impl OriginFetch {
             Some(s) if s >= 500 => Some((502, format!("secondary response {s} error"))),
             Some(_) => None,
         };
+        let limit = self.policies.settings.max_secondary_response_bytes as usize;
+        let failure = failure.or_else(|| {
+            (body_size > limit).then(|| {
+                let cause = format!(
+                    "secondary response body of {body_size} bytes is over the {limit}-byte limit"
+                );
+                (502, cause)
+            })
+        });
         if let Some((code, cause)) = failure {
             let counter = if code == 504 {
                 Counter::FailoverSecondaryTimeout
@@ -430,23 +439,6 @@ impl OriginFetch {
             return;
         }
         let status = status.unwrap_or(502);
-        let limit = self.policies.settings.max_secondary_response_bytes as usize;
-        if body_size > limit {
-            self.metrics.bump(Counter::FailoverSecondaryFailed);
-            let message = format!(
-                "{primary_error}; failover=secondary; secondary response body of {body_size} bytes is over the {limit}-byte limit"
-            );
-            warn!("{}: {message}", self.viewer.authority);
-            local_reply(
-                502,
-                vec![
-                    (ORIGIN_ERROR_HEADER, &message),
-                    ("content-type", "text/plain"),
-                ],
-                format!("{message}\n").as_bytes(),
-            );
-            return;
-        }
         self.metrics.bump(Counter::FailoverSucceeded);
         let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
             .ok()
