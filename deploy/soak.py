@@ -193,6 +193,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second, about")
     parser.add_argument("--flap-seconds", type=float, default=15.0)
     parser.add_argument("--swap-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--without-cache-tier",
+        action="store_true",
+        help="drop the cache filter from the viewer listener, to see the memory of the rest alone",
+    )
     args = parser.parse_args()
     seconds = int(args.minutes * 60)
     connections = 4
@@ -205,6 +210,11 @@ def main() -> int:
     bundle(run, [policies])
     config = edge_config()
     config["static_resources"]["clusters"] += CLUSTERS
+    if args.without_cache_tier:
+        for listener in config["static_resources"]["listeners"]:
+            if listener["name"] == "viewer_http":
+                hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+                hcm["http_filters"] = [f for f in hcm["http_filters"] if "cache" not in f["name"]]
     envoy = Envoy(run, config)
     secondary = _Origin("secondary", SECONDARY_PORT, lambda: 200)
     primary = FlappingPrimary(args.flap_seconds)
@@ -251,7 +261,8 @@ def main() -> int:
     warm = [kib for t, kib in memory if t >= 60] or [kib for _, kib in memory]
     first, last, peak = warm[0], warm[-1], max(warm)
     stat = lambda name: stats.get(f"wasmcustom.origin_policy.{name}", 0)  # noqa: E731
-    print(f"soak: {seconds} s at about {args.rate:g} req/s, primary flapping every {args.flap_seconds:g} s "
+    tier = "without the cache tier" if args.without_cache_tier else "edge.yaml as shipped (cache tier included)"
+    print(f"soak: {seconds} s at about {args.rate:g} req/s, {tier}, primary flapping every {args.flap_seconds:g} s "
           f"({primary.flips} flips), {swaps} policy pushes ({invalid_pushes} invalid)")
     print()
     print("| figure | value |")
