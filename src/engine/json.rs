@@ -4,7 +4,7 @@
 //! so a policy could say two things and mean one), and the input size is capped.
 
 use super::diagnostic::pointer_segment;
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_core::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 use std::fmt;
 
