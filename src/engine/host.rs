@@ -46,11 +46,15 @@ pub fn strip_port(authority: &str) -> &str {
     }
 }
 
-/// One pass over the bytes: lower-case ASCII labels, no empty label, no
-/// punycode (which must be validated). Most viewer hosts take only this path.
+/// One pass over the bytes: lower-case ASCII labels of 1 to 63 bytes, 253 in
+/// all, no punycode (which must be validated). Most viewer hosts take only this path.
 fn is_plain_ascii_name(host: &str) -> bool {
     let bytes = host.as_bytes();
+    if bytes.len() > MAX_HOST_LEN {
+        return false;
+    }
     let mut previous = b'.';
+    let mut label_len = 0;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
             b'a'..=b'z' | b'0'..=b'9' => {}
@@ -59,8 +63,14 @@ fn is_plain_ascii_name(host: &str) -> bool {
                     return false;
                 }
             }
-            b'.' if previous != b'.' => {}
+            b'.' if previous != b'.' => label_len = 0,
             _ => return false,
+        }
+        if b != b'.' {
+            label_len += 1;
+            if label_len > MAX_LABEL_LEN {
+                return false;
+            }
         }
         previous = b;
     }
@@ -95,8 +105,9 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
     if host.len() > MAX_HOST_LEN + 1 {
         return Err(HostError::TooLong);
     }
+    // The fast path checks the DNS limits itself; anything else goes the long way.
     if is_plain_ascii_name(host) {
-        return check_labels(host).map(|()| Cow::Borrowed(host));
+        return Ok(Cow::Borrowed(host));
     }
     // URL parsing would decode `%2e` into a dot; a Host header is not a URL,
     // and a name that means something only after decoding is not a name.
