@@ -81,14 +81,7 @@ mod native {
             let config = plugin_config(n, FirstDomain::Exact);
             let parsed: serde_json::Value = serde_json::from_str(&config).expect("synthetic JSON");
             let documents = parsed["policies"].as_array().expect("policies array");
-            let sources: Vec<PolicySource> = documents
-                .iter()
-                .enumerate()
-                .map(|(i, document)| PolicySource {
-                    source: format!("policies[{i}]"),
-                    document,
-                })
-                .collect();
+            let sources = PolicySource::numbered(documents);
             if n >= 100_000 {
                 group
                     .sample_size(10)

@@ -8,6 +8,7 @@ use super::json::parse_json;
 use super::policy::{domain_of, parse_policy, DomainPattern};
 use super::settings::{parse_settings, Settings};
 use serde_json::Value;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -114,6 +115,21 @@ pub struct PolicySource<'v> {
     pub document: &'v Value,
 }
 
+impl<'v> PolicySource<'v> {
+    /// The entries of a plugin configuration's `policies` array, each named
+    /// by its place in it (`policies[3]`).
+    pub fn numbered(documents: &'v [Value]) -> Vec<Self> {
+        documents
+            .iter()
+            .enumerate()
+            .map(|(i, document)| PolicySource {
+                source: format!("policies[{i}]"),
+                document,
+            })
+            .collect()
+    }
+}
+
 /// The result of compiling a set: what is served now, and every finding.
 pub struct CompiledSet {
     pub set: PolicySet,
@@ -151,26 +167,23 @@ impl PolicySet {
                 None => rejected_domains.push(domain_of(src.document)),
             }
         }
-        // First slot per domain; later slots for the same domain are duplicates.
+        // Each domain's first slot, and the later slots that repeat a domain,
+        // grouped under that first slot (in order, for stable diagnostics).
         let mut first_slot: HashMap<&DomainPattern, usize, foldhash::fast::FixedState> =
             HashMap::with_capacity_and_hasher(accepted.len(), Default::default());
-        let mut clashes: Vec<(usize, usize)> = Vec::new();
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (slot, (_, p)) in accepted.iter().enumerate() {
-            if let Some(&first) = first_slot.get(&p.policy.domain) {
-                clashes.push((first, slot));
-            } else {
-                first_slot.insert(&p.policy.domain, slot);
+            match first_slot.entry(&p.policy.domain) {
+                Entry::Occupied(first) => groups
+                    .entry(*first.get())
+                    .or_insert_with(|| vec![*first.get()])
+                    .push(slot),
+                Entry::Vacant(e) => {
+                    e.insert(slot);
+                }
             }
         }
-        drop(first_slot);
         let mut duplicate = vec![false; accepted.len()];
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (first, slot) in clashes {
-            groups
-                .entry(first)
-                .or_insert_with(|| vec![first])
-                .push(slot);
-        }
         for slots in groups.values() {
             let names: Vec<&str> = slots
                 .iter()
@@ -257,14 +270,7 @@ impl PolicySet {
                 policies.len()
             )));
         }
-        let sources: Vec<PolicySource> = policies
-            .iter()
-            .enumerate()
-            .map(|(i, document)| PolicySource {
-                source: format!("policies[{i}]"),
-                document,
-            })
-            .collect();
+        let sources = PolicySource::numbered(policies);
         Ok(Self::compile(settings, &sources, previous))
     }
 

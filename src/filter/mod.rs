@@ -403,22 +403,20 @@ impl OriginFetch {
         // can fire a little before the clock shows the full timeout.
         let timeout = Duration::from_millis(u64::from(timeout_ms));
         let timed_out = elapsed >= timeout - timeout / 20;
+        let limit = self.policies.settings.max_secondary_response_bytes as usize;
         let failure = match status {
             None if timed_out => Some((504, "secondary timeout".to_owned())),
             None => Some((502, "secondary connect failure".to_owned())),
             Some(504) if timed_out => Some((504, "secondary timeout".to_owned())),
             Some(s) if s >= 500 => Some((502, format!("secondary response {s} error"))),
+            Some(_) if body_size > limit => Some((
+                502,
+                format!(
+                    "secondary response body of {body_size} bytes is over the {limit}-byte limit"
+                ),
+            )),
             Some(_) => None,
         };
-        let limit = self.policies.settings.max_secondary_response_bytes as usize;
-        let failure = failure.or_else(|| {
-            (body_size > limit).then(|| {
-                let cause = format!(
-                    "secondary response body of {body_size} bytes is over the {limit}-byte limit"
-                );
-                (502, cause)
-            })
-        });
         if let Some((code, cause)) = failure {
             let counter = if code == 504 {
                 Counter::FailoverSecondaryTimeout
@@ -427,14 +425,9 @@ impl OriginFetch {
             };
             self.metrics.bump(counter);
             warn!("{}: {primary_error}; {cause}", self.viewer.authority);
-            let message = format!("{primary_error}; failover=secondary; {cause}");
-            local_reply(
+            self.answer(
                 code,
-                vec![
-                    (ORIGIN_ERROR_HEADER, &message),
-                    ("content-type", "text/plain"),
-                ],
-                format!("{message}\n").as_bytes(),
+                &format!("{primary_error}; failover=secondary; {cause}"),
             );
             return;
         }
