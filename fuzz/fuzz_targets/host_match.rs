@@ -6,21 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use origin_policy::engine::host::{normalize_authority, normalize_host, MAX_HOST_LEN};
 use origin_policy::engine::{Outcome, PolicySet, ViewerRequest};
-use std::sync::OnceLock;
-
-fn examples() -> &'static PolicySet {
-    static SET: OnceLock<PolicySet> = OnceLock::new();
-    SET.get_or_init(|| {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
-        let config = origin_policy::bundle::read_dir(std::path::Path::new(dir))
-            .expect("example policies")
-            .plugin_config()
-            .to_string();
-        PolicySet::from_plugin_config(config.as_bytes(), None)
-            .expect("example policies load")
-            .set
-    })
-}
+use origin_policy_fuzz::example_policies;
 
 fn matched(set: &PolicySet, authority: &str) -> Option<String> {
     let request = ViewerRequest {
@@ -50,6 +36,10 @@ fuzz_target!(|data: &[u8]| {
     );
     let again = normalize_host(&host).expect("a normalised host normalises");
     assert_eq!(again, host, "not a fixed point: {text:?}");
-    let set = examples();
-    assert_eq!(matched(set, text), matched(set, &host), "{text:?} vs {host:?}");
+    let set = example_policies();
+    assert_eq!(
+        matched(set, text),
+        matched(set, &host),
+        "{text:?} vs {host:?}"
+    );
 });

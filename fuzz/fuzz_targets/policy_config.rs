@@ -16,10 +16,10 @@ fuzz_target!(|data: &[u8]| {
         Some(compiled.set.index.len())
     );
     for policy in compiled.set.index.policies() {
-        let host = policy.name.strip_prefix("*.").map_or_else(
-            || policy.name.clone(),
-            |suffix| format!("x.{suffix}"),
-        );
+        let host = policy
+            .name
+            .strip_prefix("*.")
+            .map_or_else(|| policy.name.clone(), |suffix| format!("x.{suffix}"));
         for scheme in ["http", "https"] {
             let request = ViewerRequest {
                 authority: &host,

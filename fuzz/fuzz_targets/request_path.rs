@@ -4,22 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use origin_policy::engine::{Failover, FetchFailure, Outcome, PolicySet, ViewerRequest};
-use std::sync::OnceLock;
-
-fn examples() -> &'static PolicySet {
-    static SET: OnceLock<PolicySet> = OnceLock::new();
-    SET.get_or_init(|| {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
-        let config = origin_policy::bundle::read_dir(std::path::Path::new(dir))
-            .expect("example policies")
-            .plugin_config()
-            .to_string();
-        PolicySet::from_plugin_config(config.as_bytes(), None)
-            .expect("example policies load")
-            .set
-    })
-}
+use origin_policy::engine::{Failover, FetchFailure, Outcome, ViewerRequest};
+use origin_policy_fuzz::example_policies;
 
 fn header_safe(value: &str) -> bool {
     !value.bytes().any(|b| b.is_ascii_control())
@@ -41,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         x_forwarded_proto: (!xfp.is_empty()).then_some(xfp),
         method,
     };
-    let Outcome::Origin(decision) = examples().decide(&request) else {
+    let Outcome::Origin(decision) = example_policies().decide(&request) else {
         return;
     };
     let target = &decision.target;
