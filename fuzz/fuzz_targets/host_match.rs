@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use origin_policy::engine::host::{normalize_authority, normalize_host, MAX_HOST_LEN};
-use origin_policy::engine::{Outcome, PolicySet, ViewerRequest};
+use origin_policy_engine::host::{normalize_authority, normalize_host, MAX_HOST_LEN};
+use origin_policy_engine::{Outcome, PolicySet, ViewerRequest};
 use origin_policy_fuzz::example_policies;
 
 fn matched(set: &PolicySet, authority: &str) -> Option<String> {

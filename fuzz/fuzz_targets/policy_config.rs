@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use origin_policy::engine::{Outcome, PolicySet, ViewerRequest};
+use origin_policy_engine::{Outcome, PolicySet, ViewerRequest};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(compiled) = PolicySet::from_plugin_config(data, None) else {

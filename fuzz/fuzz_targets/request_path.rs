@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use origin_policy::engine::{Failover, FetchFailure, Outcome, ViewerRequest};
+use origin_policy_engine::{Failover, FetchFailure, Outcome, ViewerRequest};
 use origin_policy_fuzz::example_policies;
 
 fn header_safe(value: &str) -> bool {

@@ -1,6 +1,6 @@
 //! What the fuzz targets share: the example policies, loaded once.
 
-use origin_policy::engine::PolicySet;
+use origin_policy_engine::PolicySet;
 use std::sync::OnceLock;
 
 /// `policies/` compiled as `origin-policy bundle` would ship it.
@@ -8,7 +8,7 @@ pub fn example_policies() -> &'static PolicySet {
     static SET: OnceLock<PolicySet> = OnceLock::new();
     SET.get_or_init(|| {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
-        let config = origin_policy::bundle::read_dir(std::path::Path::new(dir))
+        let config = origin_policy_cli::files::read_dir(std::path::Path::new(dir))
             .expect("example policies")
             .plugin_config()
             .to_string();

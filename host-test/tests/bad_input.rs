@@ -300,7 +300,7 @@ fn oversized_or_duplicate_key_configurations_leave_the_served_set_alone() {
     let mut vm = common::example_vm();
     let huge = format!(
         r#"{{"policies": [], "settings": {{"cluster_header": "x-{}"}}}}"#,
-        "a".repeat(origin_policy::engine::MAX_JSON_BYTES)
+        "a".repeat(origin_policy_engine::MAX_JSON_BYTES)
     );
     assert!(!vm.configure(&huge).unwrap());
     assert!(

@@ -4,12 +4,12 @@
 mod common;
 
 use host_test::Action;
-use origin_policy::report::{outcome_json, request_from_json};
+use origin_policy_engine::report::{outcome_json, request_from_json};
 use serde_json::Value;
 
 #[test]
 fn golden_cases_through_the_wasm_match_the_engine() {
-    let (compiled, _) = origin_policy::bundle::read_dir(&common::policies_dir())
+    let (compiled, _) = origin_policy_cli::files::read_dir(&common::policies_dir())
         .unwrap()
         .compile();
     let set = compiled.unwrap().set;

@@ -1,11 +1,13 @@
 //! The origin-policy engine for JavaScript. The same validation and decisions
 //! as the CLI (`check --json`, `explain --json`), through wasm-bindgen; no
 //! proxy-wasm code. Results cross as JSON text, parsed by `JSON.parse`, so that
-//! the shapes are exactly those of `origin_policy::report`.
+//! the shapes are exactly those of `origin_policy_engine::report`.
 
-use origin_policy::bundle::{parse_document, PolicyDir};
-use origin_policy::engine::{parse_json, PolicySet, Severity};
-use origin_policy::report::{diagnostic_json, outcome_json, request_from_json, request_from_url};
+use origin_policy_engine::documents::{DocumentKind, PolicyDocuments};
+use origin_policy_engine::report::{
+    diagnostic_json, outcome_json, request_from_json, request_from_url,
+};
+use origin_policy_engine::{parse_json, PolicySet, Severity};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
 
@@ -78,19 +80,12 @@ fn to_js(value: &Value) -> Result<JsValue, JsError> {
 #[wasm_bindgen(unchecked_return_type = "Diagnostic[]")]
 pub fn validate(policy_json: &str, source: Option<String>) -> Result<JsValue, JsError> {
     let source = source.unwrap_or_else(|| "policy.json".to_owned());
-    let dir = match parse_document(&source, policy_json.as_bytes()) {
-        Ok(policy) => PolicyDir {
-            settings: None,
-            policies: vec![(source, policy)],
-            unreadable: Vec::new(),
-        },
-        Err(unreadable) => PolicyDir {
-            settings: None,
-            policies: Vec::new(),
-            unreadable: vec![*unreadable],
-        },
-    };
-    let (_, diagnostics) = dir.compile();
+    let mut documents = PolicyDocuments::default();
+    match origin_policy_engine::documents::parse_document(&source, policy_json.as_bytes()) {
+        Ok(policy) => documents.add(DocumentKind::Policy, source, policy),
+        Err(unreadable) => documents.unreadable.push(*unreadable),
+    }
+    let (_, diagnostics) = documents.compile();
     let list: Vec<Value> = diagnostics.0.iter().map(diagnostic_json).collect();
     to_js(&Value::Array(list))
 }
@@ -105,8 +100,8 @@ fn policy_set(policy_set_json: &str) -> Result<PolicySet, JsError> {
         Value::Object(ref o) if o.contains_key("domain") => json!({ "policies": [value] }),
         other => other,
     };
-    let compiled = PolicySet::from_plugin_config(envelope.to_string().as_bytes(), None)
-        .map_err(|e| JsError::new(&e.to_string()))?;
+    let compiled =
+        PolicySet::from_plugin_value(&envelope, None).map_err(|e| JsError::new(&e.to_string()))?;
     let errors: Vec<String> = compiled
         .diagnostics
         .0

@@ -8,9 +8,7 @@ use host_test::{filter_path, Filter, Vm};
 use std::path::PathBuf;
 use std::time::Instant;
 
-#[path = "../../../benches/synthetic.rs"]
-mod synthetic;
-use synthetic::{host_for, plugin_config, FirstDomain};
+use origin_policy_synthetic::{host_for, plugin_config, FirstDomain};
 
 const SIZES: [usize; 3] = [1, 1_000, 100_000];
 const ROUNDS: u64 = 200;

@@ -2,7 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use host_test::{Filter, Vm};
-use origin_policy::bundle::read_dir;
+use origin_policy_cli::files::read_dir;
 use std::path::{Path, PathBuf};
 
 pub fn policies_dir() -> PathBuf {

@@ -1,9 +1,9 @@
 //! JSON views of decisions and diagnostics, shared by the CLI, the golden
 //! cases and the JavaScript package so that all of them speak the same shape.
 
-use crate::engine::{
-    Failover, FailoverAction, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest,
-    PolicyDiagnostic, PolicySet,
+use crate::{
+    Failover, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest, PolicyDiagnostic,
+    PolicySet,
 };
 use serde_json::{json, Map, Value};
 
@@ -49,7 +49,7 @@ fn decision_json(d: &OriginDecision<'_>) -> Value {
     json!({
         "outcome": "origin",
         "domain": d.policy.name,
-        "match": match d.matched { crate::engine::MatchKind::Exact => "exact", crate::engine::MatchKind::Wildcard => "wildcard" },
+        "match": match d.matched { crate::MatchKind::Exact => "exact", crate::MatchKind::Wildcard => "wildcard" },
         "viewer_host": d.viewer_host,
         "viewer_scheme": d.viewer_scheme.as_str(),
         "origin": Value::Object(target_json(&d.target)),
@@ -68,8 +68,8 @@ pub fn outcome_json(set: &PolicySet, outcome: &Outcome<'_>) -> Value {
             "outcome": "unknown_domain",
             "viewer_host": viewer_host,
             "action": match set.settings.unknown_domain {
-                crate::engine::UnknownDomain::PassThrough => json!("pass_through"),
-                crate::engine::UnknownDomain::LocalReply { status } => json!({"local_reply": status}),
+                crate::UnknownDomain::PassThrough => json!("pass_through"),
+                crate::UnknownDomain::LocalReply { status } => json!({"local_reply": status}),
             },
         }),
         Outcome::BadHost(e) => json!({"outcome": "bad_host", "error": e.to_string()}),
@@ -126,32 +126,5 @@ pub fn request_from_url(
         scheme: Some(scheme.to_ascii_lowercase()),
         x_forwarded_proto: x_forwarded_proto.map(str::to_owned),
         method: method.unwrap_or("GET").to_ascii_uppercase(),
-    })
-}
-
-/// Lists where `actual` differs from `expected`, looking only at keys `expected` names.
-pub fn subset_mismatches(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) {
-    match (expected, actual) {
-        (Value::Object(e), Value::Object(a)) => {
-            for (k, ev) in e {
-                let p = format!("{path}/{k}");
-                match a.get(k) {
-                    Some(av) => subset_mismatches(ev, av, &p, out),
-                    None => out.push(format!("{p}: expected {ev}, missing")),
-                }
-            }
-        }
-        (e, a) if e != a => out.push(format!("{path}: expected {e}, got {a}")),
-        _ => {}
-    }
-}
-
-/// The primary-response plan as JSON, for golden cases.
-pub fn response_json(decision: &OriginDecision<'_>, status: u16) -> Value {
-    let plan = decision.on_primary_response(status, None);
-    json!({
-        "cache_control": plan.cache_control,
-        "failover": plan.failover == FailoverAction::Retry,
-        "origin_error": plan.origin_error,
     })
 }

@@ -7,16 +7,13 @@
 
 // criterion does not build for wasm32; there the bench is an empty program.
 #[cfg(not(target_arch = "wasm32"))]
-mod synthetic;
-
-#[cfg(not(target_arch = "wasm32"))]
 mod native {
     use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-    use origin_policy::engine::{Outcome, PolicySet, PolicySource, Settings, ViewerRequest};
+    use origin_policy_engine::{Outcome, PolicySet, PolicySource, Settings, ViewerRequest};
     use std::hint::black_box;
     use std::time::Duration;
 
-    use super::synthetic::{host_for, plugin_config, FirstDomain};
+    use origin_policy_synthetic::{host_for, plugin_config, FirstDomain};
 
     const SIZES: [usize; 3] = [1, 1_000, 100_000];
 

@@ -2,16 +2,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(not(target_arch = "wasm32"))]
 
-use origin_policy::bundle::read_dir;
-use origin_policy::engine::Outcome;
-use origin_policy::report::{outcome_json, request_from_json, response_json, subset_mismatches};
-use serde_json::Value;
-use std::path::Path;
+mod common;
+
+use origin_policy_engine::report::{outcome_json, request_from_json};
+use origin_policy_engine::{FailoverAction, OriginDecision, Outcome};
+use serde_json::{json, Value};
 
 #[test]
 fn golden_cases_match_the_engine() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    let dir = read_dir(&root).unwrap();
+    let root = common::repo_root().join("policies");
+    let dir = common::read_policies(&root);
     let (compiled, diagnostics) = dir.compile();
     assert!(
         !diagnostics.has_errors(),
@@ -55,4 +55,31 @@ fn golden_cases_match_the_engine() {
         "golden mismatches:\n{}",
         failures.join("\n")
     );
+}
+
+/// Lists where `actual` differs from `expected`, looking only at keys `expected` names.
+fn subset_mismatches(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            for (k, ev) in e {
+                let p = format!("{path}/{k}");
+                match a.get(k) {
+                    Some(av) => subset_mismatches(ev, av, &p, out),
+                    None => out.push(format!("{p}: expected {ev}, missing")),
+                }
+            }
+        }
+        (e, a) if e != a => out.push(format!("{path}: expected {e}, got {a}")),
+        _ => {}
+    }
+}
+
+/// The primary-response plan as JSON, for golden cases.
+fn response_json(decision: &OriginDecision<'_>, status: u16) -> Value {
+    let plan = decision.on_primary_response(status, None);
+    json!({
+        "cache_control": plan.cache_control,
+        "failover": plan.failover == FailoverAction::Retry,
+        "origin_error": plan.origin_error,
+    })
 }

@@ -1,18 +1,20 @@
 //! The proxy-wasm glue: parse and swap policies in the root context, apply
-//! decisions in the HTTP context. All policy logic lives in `crate::engine`.
+//! decisions in the HTTP context. All policy logic lives in `origin_policy_engine`.
+// Host calls exist only in the proxy-wasm build; natively this crate is empty.
+#![cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 
 mod host_state;
 mod metrics;
 
-use crate::engine::{
-    Failover, FailoverAction, FailoverPlan, FetchFailure, JsonError, Outcome, OwnedViewerRequest,
-    PolicySet, Scheme, UnknownDomain, MAX_JSON_BYTES,
-};
 use host_state::{
     set_filter_state, DYNAMIC_HOST, DYNAMIC_PORT, UPSTREAM_SERVER_NAME, UPSTREAM_SUBJECT_ALT_NAMES,
 };
 use log::{debug, error, info, warn};
 use metrics::{Counter, Metrics};
+use origin_policy_engine::{
+    Failover, FailoverAction, FailoverPlan, FetchFailure, JsonError, Outcome, OwnedViewerRequest,
+    PolicySet, Scheme, UnknownDomain, MAX_JSON_BYTES,
+};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};

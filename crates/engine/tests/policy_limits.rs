@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(not(target_arch = "wasm32"))]
 
-use origin_policy::bundle::parse_document;
-use origin_policy::engine::{PolicySet, ViewerRequest, MAX_JSON_BYTES, MAX_POLICIES};
+use origin_policy_engine::documents::parse_document;
+use origin_policy_engine::{PolicySet, ViewerRequest, MAX_JSON_BYTES, MAX_POLICIES};
 use serde_json::json;
 
 fn config(policies: serde_json::Value) -> Vec<u8> {
@@ -148,7 +148,7 @@ fn every_field_at_its_limits() {
     };
     assert!(matches!(
         set.set.decide(&request),
-        origin_policy::engine::Outcome::Origin(_)
+        origin_policy_engine::Outcome::Origin(_)
     ));
 
     for (patch, path) in [

@@ -3,11 +3,13 @@
 
 mod decision;
 mod diagnostic;
+pub mod documents;
 mod fetch;
 pub mod host;
 mod index;
 mod json;
 mod policy;
+pub mod report;
 mod settings;
 
 pub use decision::{

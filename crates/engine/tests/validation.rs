@@ -2,9 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(not(target_arch = "wasm32"))]
 
-use origin_policy::engine::{parse_policy, PolicySet, PolicySource, Settings, Severity};
+use origin_policy_engine::{parse_policy, PolicySet, PolicySource, Settings, Severity};
 use serde_json::{json, Value};
-use std::path::Path;
+mod common;
 
 fn base() -> Value {
     json!({
@@ -227,7 +227,7 @@ fn cases() -> Vec<Case> {
 }
 
 fn schema() -> jsonschema::Validator {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/policy.schema.json");
+    let path = common::repo_root().join("policies/policy.schema.json");
     let schema: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     jsonschema::validator_for(&schema).unwrap()
 }
@@ -300,7 +300,7 @@ fn schema_agrees_with_the_engine() {
 #[test]
 fn example_policies_satisfy_the_schema() {
     let validator = schema();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let dir = common::repo_root().join("policies");
     let mut seen = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();

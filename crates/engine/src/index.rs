@@ -240,7 +240,15 @@ impl PolicySet {
     ) -> Result<CompiledSet, ConfigError> {
         let value =
             parse_json(bytes).map_err(|e| ConfigError::Envelope(format!("not valid JSON: {e}")))?;
-        let Value::Object(map) = &value else {
+        Self::from_plugin_value(&value, previous)
+    }
+
+    /// [`PolicySet::from_plugin_config`] for a document already parsed.
+    pub fn from_plugin_value(
+        value: &Value,
+        previous: Option<&PolicySet>,
+    ) -> Result<CompiledSet, ConfigError> {
+        let Value::Object(map) = value else {
             return Err(ConfigError::Envelope(
                 "expected a JSON object with `settings` and `policies`".to_owned(),
             ));

@@ -1,8 +1,9 @@
 //! `origin-policy` command line: check, explain and bundle policy files.
 
-use origin_policy::bundle::{read_paths, write_atomically, PolicyDir};
-use origin_policy::engine::{Diagnostics, Failover, Outcome};
-use origin_policy::report::{diagnostic_json, outcome_json, request_from_url};
+use origin_policy_cli::files::{read_paths, write_atomically};
+use origin_policy_engine::documents::PolicyDocuments;
+use origin_policy_engine::report::{diagnostic_json, outcome_json, request_from_url};
+use origin_policy_engine::{Diagnostics, Failover, Outcome};
 use serde_json::{json, Value};
 use std::fmt;
 use std::path::PathBuf;
@@ -92,7 +93,7 @@ impl Args {
     }
 }
 
-fn load(paths: &[PathBuf]) -> Result<PolicyDir, CliError> {
+fn load(paths: &[PathBuf]) -> Result<PolicyDocuments, CliError> {
     read_paths(paths).map_err(CliError::Io)
 }
 

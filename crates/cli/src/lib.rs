@@ -1,0 +1,4 @@
+//! The `origin-policy` command line's library half: policy files on disk.
+//! Everything about what a policy means lives in `origin_policy_engine`.
+
+pub mod files;

@@ -1,0 +1,129 @@
+//! A policy directory's documents, held in memory: the settings and every
+//! policy by the name it came from. The CLI fills it from files, the JavaScript
+//! package from strings; both validate and bundle it the same way.
+
+use crate::{
+    parse_json, parse_settings, CompiledSet, Diagnostics, PolicyDiagnostic, PolicySet,
+    PolicySource, Severity,
+};
+use serde_json::{json, Value};
+
+/// The settings document beside the policies; every other `*.json` is a
+/// policy, except the schema.
+pub const SETTINGS_FILE: &str = "settings.json";
+/// The JSON Schema kept beside the policies for editors; never a policy.
+pub const SCHEMA_FILE: &str = "policy.schema.json";
+
+/// Which document a file name holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocumentKind {
+    Settings,
+    Policy,
+    Schema,
+}
+
+impl DocumentKind {
+    /// Classifies by file name (the last path segment).
+    pub fn of(name: &str) -> Self {
+        match name.rsplit(['/', '\\']).next().unwrap_or(name) {
+            SETTINGS_FILE => DocumentKind::Settings,
+            SCHEMA_FILE => DocumentKind::Schema,
+            _ => DocumentKind::Policy,
+        }
+    }
+}
+
+/// Settings and policies as parsed JSON, with every document that could not
+/// be read or parsed kept as a finding.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyDocuments {
+    pub settings: Option<Value>,
+    /// `(source, document)`: the source names the policy in every finding.
+    pub policies: Vec<(String, Value)>,
+    pub unreadable: Vec<PolicyDiagnostic>,
+}
+
+/// A finding about a whole document (no domain, no JSON pointer).
+pub fn unreadable(source: String, message: String) -> PolicyDiagnostic {
+    PolicyDiagnostic {
+        severity: Severity::Error,
+        source,
+        domain: None,
+        path: String::new(),
+        message,
+        fix: None,
+    }
+}
+
+/// Parses one policy or settings document; the error is a finding for
+/// `source`, as `check` reports it.
+pub fn parse_document(source: &str, bytes: &[u8]) -> Result<Value, Box<PolicyDiagnostic>> {
+    parse_json(bytes).map_err(|e| {
+        Box::new(unreadable(
+            source.to_owned(),
+            format!("not valid JSON: {e}"),
+        ))
+    })
+}
+
+impl PolicyDocuments {
+    /// One parsed document, placed by its kind.
+    pub fn add(&mut self, kind: DocumentKind, source: String, document: Value) {
+        match kind {
+            DocumentKind::Settings => self.settings = Some(document),
+            DocumentKind::Policy => self.policies.push((source, document)),
+            DocumentKind::Schema => {}
+        }
+    }
+
+    /// One document as bytes: parsed, or kept as a finding.
+    pub fn add_bytes(&mut self, source: String, bytes: &[u8]) {
+        let kind = DocumentKind::of(&source);
+        if kind == DocumentKind::Schema {
+            return;
+        }
+        match parse_document(&source, bytes) {
+            Ok(value) => self.add(kind, source, value),
+            Err(d) => self.unreadable.push(*d),
+        }
+    }
+
+    /// Adds `other`; its settings, if any, win.
+    pub fn extend(&mut self, other: PolicyDocuments) {
+        self.settings = other.settings.or(self.settings.take());
+        self.policies.extend(other.policies);
+        self.unreadable.extend(other.unreadable);
+    }
+
+    /// Validates and compiles everything, as the filter would on first load.
+    pub fn compile(&self) -> (Option<CompiledSet>, Diagnostics) {
+        let mut diagnostics = self.unreadable.clone();
+        let settings = match parse_settings(SETTINGS_FILE, self.settings.as_ref()) {
+            Ok(s) => s,
+            Err(found) => {
+                diagnostics.extend(found);
+                return (None, Diagnostics(diagnostics));
+            }
+        };
+        let sources: Vec<PolicySource> = self
+            .policies
+            .iter()
+            .map(|(source, document)| PolicySource {
+                source: source.clone(),
+                document,
+            })
+            .collect();
+        let compiled = PolicySet::compile(settings, &sources, None);
+        diagnostics.extend(compiled.diagnostics.0.iter().cloned());
+        (Some(compiled), Diagnostics(diagnostics))
+    }
+
+    /// The plugin configuration the filter reads in `on_configure`.
+    pub fn plugin_config(&self) -> Value {
+        let policies: Vec<&Value> = self.policies.iter().map(|(_, v)| v).collect();
+        json!({
+            "settings": self.settings.clone().unwrap_or_else(|| json!({})),
+            "policies": policies,
+        })
+    }
+}
