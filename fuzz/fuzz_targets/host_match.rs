@@ -5,13 +5,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use origin_policy_engine::host::{normalize_authority, normalize_host, MAX_HOST_LEN};
-use origin_policy_engine::{Outcome, PolicySet, ViewerRequest};
+use origin_policy_engine::{Outcome, PolicySet, Scheme, ViewerRequest};
 use origin_policy_fuzz::example_policies;
 
 fn matched(set: &PolicySet, authority: &str) -> Option<String> {
     let request = ViewerRequest {
         authority,
-        scheme: Some("https"),
+        connection: Some(Scheme::Https),
         x_forwarded_proto: None,
         method: "GET",
     };

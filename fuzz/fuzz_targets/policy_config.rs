@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use origin_policy_engine::{Outcome, PolicySet, ViewerRequest};
+use origin_policy_engine::{scheme_from_text, Outcome, PolicySet, ViewerRequest};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(compiled) = PolicySet::from_plugin_config(data, None) else {
@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
         for scheme in ["http", "https"] {
             let request = ViewerRequest {
                 authority: &host,
-                scheme: Some(scheme),
+                connection: scheme_from_text(scheme),
                 x_forwarded_proto: None,
                 method: "GET",
             };

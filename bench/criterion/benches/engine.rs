@@ -9,7 +9,7 @@
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-    use origin_policy_engine::{Outcome, PolicySet, PolicySource, Settings, ViewerRequest};
+    use origin_policy_engine::{Outcome, PolicySet, PolicySource, Scheme, Settings, ViewerRequest};
     use std::hint::black_box;
     use std::time::Duration;
 
@@ -28,7 +28,7 @@ mod native {
     fn request(authority: &str) -> ViewerRequest<'_> {
         ViewerRequest {
             authority,
-            scheme: Some("https"),
+            connection: Some(Scheme::Https),
             x_forwarded_proto: None,
             method: "GET",
         }

@@ -189,17 +189,17 @@ fn explain(args: &Args) -> Result<(), CliError> {
             );
             match &d.failover {
                 Failover::NotConfigured => println!("failover   none (no secondary origin)"),
-                Failover::MethodNotEligible => {
+                Failover::MethodNotEligible(_) => {
                     println!("failover   not for {} requests", spec.method)
                 }
                 Failover::Plan(p) => println!(
                     "failover   on {:?} -> secondary via cluster {} ({}://{}:{}, timeout {} ms)",
-                    p.statuses,
+                    p.rule.statuses,
                     p.target.cluster,
                     p.target.scheme.as_str(),
                     p.target.authority,
                     p.target.port,
-                    p.timeout_ms
+                    p.rule.timeout_ms
                 ),
             }
         }

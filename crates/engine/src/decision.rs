@@ -1,19 +1,24 @@
-//! Turning a viewer request into an origin decision.
+//! Turning a viewer request into an origin decision: the per-request half of
+//! a compiled policy.
 
-use super::fetch::FetchFailure;
-use super::host::{is_ip_literal, strip_port, HostError};
-use super::policy::{Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme};
-use super::settings::Settings;
+use crate::compiled::{CacheControl, CompiledPolicy, HostSource, OriginRoute, SniSource};
+use crate::fetch::FetchFailure;
+use crate::host::{is_ip_literal, HostError};
+use crate::policy::{FailoverRule, ProtocolPolicy, Scheme};
+use crate::settings::Settings;
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
-/// The request facts a decision depends on, straight from the headers.
+/// The request facts a decision depends on.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ViewerRequest<'a> {
     /// `:authority` (or `host`), as the viewer sent it.
     pub authority: &'a str,
-    /// `:scheme` as Envoy set it for the downstream connection.
-    pub scheme: Option<&'a str>,
+    /// The viewer's connection to the edge: `Https` when it is TLS. Taken from
+    /// the connection itself, never from a header a viewer can forge; `None`
+    /// when the caller did not ask (only `follow` needs it).
+    pub connection: Option<Scheme>,
     pub x_forwarded_proto: Option<&'a str>,
     pub method: &'a str,
 }
@@ -23,7 +28,7 @@ pub struct ViewerRequest<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OwnedViewerRequest {
     pub authority: String,
-    pub scheme: Option<String>,
+    pub connection: Option<Scheme>,
     pub x_forwarded_proto: Option<String>,
     pub method: String,
 }
@@ -32,7 +37,7 @@ impl OwnedViewerRequest {
     pub fn as_request(&self) -> ViewerRequest<'_> {
         ViewerRequest {
             authority: &self.authority,
-            scheme: self.scheme.as_deref(),
+            connection: self.connection,
             x_forwarded_proto: self.x_forwarded_proto.as_deref(),
             method: &self.method,
         }
@@ -63,204 +68,12 @@ pub enum MatchKind {
 /// Where the viewer scheme came from, for `follow`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViewerSchemeSource {
+    /// A trusted proxy in front of the edge said so.
     XForwardedProto,
-    Scheme,
-    /// Neither header named http or https; HTTP is assumed.
+    /// The viewer's connection to the edge: TLS or not.
+    Connection,
+    /// Nobody said; HTTP is assumed.
     Assumed,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum HostSource {
-    Viewer,
-    Fixed(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum SniSource {
-    /// The viewer's host (when the origin Host is the acceleration domain).
-    Viewer,
-    Fixed(String),
-    /// The Host is an IP literal: TLS carries no name.
-    Absent,
-}
-
-/// A precomputed way to one origin over one scheme.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct OriginRoute {
-    role: OriginRole,
-    cluster: String,
-    scheme: Scheme,
-    port: u16,
-    host: HostSource,
-    sni: SniSource,
-    /// `Some(address)` when the dynamic forward proxy must be told where to go.
-    dynamic_host: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct OriginRoutes {
-    http: Option<OriginRoute>,
-    https: Option<OriginRoute>,
-}
-
-impl OriginRoutes {
-    fn get(&self, scheme: Scheme) -> Option<&OriginRoute> {
-        match scheme {
-            Scheme::Http => self.http.as_ref(),
-            Scheme::Https => self.https.as_ref(),
-        }
-    }
-}
-
-/// What to do with the origin's caching headers for one status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheOverride {
-    pub status: u16,
-    /// The `cache-control` value that replaces the origin's.
-    pub cache_control: String,
-}
-
-/// A policy ready for lookups: everything that does not depend on the request
-/// is computed once here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CompiledPolicy {
-    pub policy: Policy,
-    pub name: String,
-    primary: OriginRoutes,
-    secondary: Option<OriginRoutes>,
-    cache: Vec<CacheOverride>,
-}
-
-fn route(
-    policy: &Policy,
-    origin: &Origin,
-    role: OriginRole,
-    scheme: Scheme,
-    settings: &Settings,
-) -> Option<OriginRoute> {
-    let port = match policy.protocol {
-        ProtocolPolicy::Off => origin.port,
-        _ => match scheme {
-            Scheme::Http => policy.http_port,
-            Scheme::Https => policy.https_port,
-        },
-    };
-    let (cluster, dynamic_host) = match &origin.reach {
-        Reach::Clusters { http, https } => {
-            let named = match scheme {
-                Scheme::Http => http,
-                Scheme::Https => https,
-            };
-            (named.clone()?, None)
-        }
-        Reach::DynamicForwardProxy => {
-            let cluster = match scheme {
-                Scheme::Http => &settings.dfp_http_cluster,
-                Scheme::Https => &settings.dfp_https_cluster,
-            };
-            (cluster.clone(), Some(origin.address.clone()))
-        }
-    };
-    // A CDN names the origin's port in Host only when it addresses the origin
-    // itself; the accelerated and custom names are virtual hosts, sent as given.
-    let host = match &policy.origin_host {
-        OriginHost::AccelerationDomain => HostSource::Viewer,
-        OriginHost::OriginDomain if port != scheme.default_port() => {
-            HostSource::Fixed(format!("{}:{port}", origin.address))
-        }
-        OriginHost::OriginDomain => HostSource::Fixed(origin.address.clone()),
-        OriginHost::Custom(h) => HostSource::Fixed(h.clone()),
-    };
-    let sni = match (scheme, &policy.origin_sni, &host) {
-        (Scheme::Http, _, _) => SniSource::Absent,
-        (Scheme::Https, OriginSni::Custom(name), _) => SniSource::Fixed(name.clone()),
-        (Scheme::Https, OriginSni::OriginHost, HostSource::Viewer) => SniSource::Viewer,
-        (Scheme::Https, OriginSni::OriginHost, HostSource::Fixed(h)) => {
-            let name = strip_port(h);
-            if is_ip_literal(name) {
-                SniSource::Absent
-            } else {
-                SniSource::Fixed(name.to_owned())
-            }
-        }
-    };
-    Some(OriginRoute {
-        role,
-        cluster,
-        scheme,
-        port,
-        host,
-        sni,
-        dynamic_host,
-    })
-}
-
-fn routes(policy: &Policy, origin: &Origin, role: OriginRole, settings: &Settings) -> OriginRoutes {
-    let schemes = policy.schemes_for(origin);
-    let make = |s: Scheme| {
-        schemes
-            .contains(&s)
-            .then(|| route(policy, origin, role, s, settings))
-            .flatten()
-    };
-    OriginRoutes {
-        http: make(Scheme::Http),
-        https: make(Scheme::Https),
-    }
-}
-
-impl CompiledPolicy {
-    /// Every Envoy cluster this policy can send a request to.
-    pub fn clusters(&self) -> impl Iterator<Item = &str> {
-        [Some(&self.primary), self.secondary.as_ref()]
-            .into_iter()
-            .flatten()
-            .flat_map(|r| [r.http.as_ref(), r.https.as_ref()])
-            .flatten()
-            .map(|r| r.cluster.as_str())
-    }
-
-    pub fn compile(policy: Policy, settings: &Settings) -> Self {
-        let primary = routes(&policy, &policy.primary, OriginRole::Primary, settings);
-        let secondary = policy
-            .secondary
-            .as_ref()
-            .map(|s| routes(&policy, s, OriginRole::Secondary, settings));
-        let cache = policy
-            .cache_status_ttl
-            .iter()
-            .filter_map(|(status, ttl)| {
-                ttl.map(|secs| CacheOverride {
-                    status: *status,
-                    cache_control: if secs == 0 {
-                        "no-store".to_owned()
-                    } else {
-                        format!("max-age={secs}")
-                    },
-                })
-            })
-            .collect();
-        CompiledPolicy {
-            name: policy.domain.display_name(),
-            primary,
-            secondary,
-            cache,
-            policy,
-        }
-    }
-
-    /// The `cache-control` to force for an origin response status, if any.
-    pub fn cache_override(&self, status: u16) -> Option<&CacheOverride> {
-        self.cache.iter().find(|c| c.status == status)
-    }
-
-    pub fn cache_overrides(&self) -> &[CacheOverride] {
-        &self.cache
-    }
-
-    pub fn has_secondary(&self) -> bool {
-        self.secondary.is_some()
-    }
 }
 
 /// Where one fetch goes: everything the filter writes into the request.
@@ -329,21 +142,25 @@ pub enum Failover<'a> {
     /// The policy has no secondary origin.
     NotConfigured,
     /// The request's method is not one the policy retries.
-    MethodNotEligible,
+    MethodNotEligible(&'a FailoverRule),
     Plan(FailoverPlan<'a>),
+}
+
+impl Failover<'_> {
+    /// The policy's failover rule, whether or not this request may use it.
+    pub fn rule(&self) -> Option<&FailoverRule> {
+        match self {
+            Failover::NotConfigured => None,
+            Failover::MethodNotEligible(rule) => Some(rule),
+            Failover::Plan(plan) => Some(plan.rule),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverPlan<'a> {
     pub target: OriginTarget<'a>,
-    pub statuses: &'a [u16],
-    pub timeout_ms: u32,
-}
-
-impl FailoverPlan<'_> {
-    pub fn triggers_on(&self, status: u16) -> bool {
-        self.statuses.binary_search(&status).is_ok()
-    }
+    pub rule: &'a FailoverRule,
 }
 
 /// The full answer for one request that a policy covers.
@@ -359,25 +176,85 @@ pub struct OriginDecision<'a> {
     pub failover: Failover<'a>,
 }
 
+/// Why a request gets no origin decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal<'a> {
+    /// No policy covers this host.
+    UnknownDomain { viewer_host: Cow<'a, str> },
+    /// The Host cannot name any domain.
+    BadHost(HostError),
+    /// The policy has no route for the scheme picked; validation prevents this.
+    NoRoute { domain: &'a str },
+}
+
 /// The result of looking a request up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 // Returned by value on every request: a box would cost an allocation each time.
 #[allow(clippy::large_enum_variant)]
 pub enum Outcome<'a> {
     Origin(OriginDecision<'a>),
-    /// No policy covers this host.
-    UnknownDomain {
-        viewer_host: Cow<'a, str>,
-    },
-    /// The Host cannot name any domain.
-    BadHost(HostError),
-    /// The policy has no route for the scheme picked; validation prevents this.
-    NoRoute {
-        domain: &'a str,
-    },
+    Refused(Refusal<'a>),
 }
 
-fn parse_scheme(value: &str) -> Option<Scheme> {
+/// The policy that covers a viewer's host, before anything else about the
+/// request is asked: a caller reads the connection's protocol only when
+/// [`DomainMatch::follows_viewer`] says the decision depends on it.
+#[derive(Debug, Clone)]
+pub struct DomainMatch<'a> {
+    pub policy: &'a Arc<CompiledPolicy>,
+    pub matched: MatchKind,
+    pub viewer_host: Cow<'a, str>,
+}
+
+impl<'a> DomainMatch<'a> {
+    pub fn follows_viewer(&self) -> bool {
+        self.policy.policy.protocol == ProtocolPolicy::Follow
+    }
+
+    /// What the decision takes from the request besides the host.
+    pub(crate) fn choose(&self, request: &ViewerRequest<'_>, settings: &Settings) -> Choice {
+        let (viewer_scheme, source) = viewer_scheme(request, settings);
+        Choice {
+            matched: self.matched,
+            viewer_scheme,
+            viewer_scheme_source: source,
+            method_eligible: self
+                .policy
+                .policy
+                .failover
+                .as_ref()
+                .is_some_and(|rule| rule.methods.iter().any(|m| m == request.method)),
+        }
+    }
+
+    pub fn decide(
+        self,
+        request: &ViewerRequest<'_>,
+        settings: &Settings,
+    ) -> Result<OriginDecision<'a>, Refusal<'a>> {
+        let choice = self.choose(request, settings);
+        let policy: &'a CompiledPolicy = self.policy;
+        policy
+            .decision(self.viewer_host, choice)
+            .ok_or(Refusal::NoRoute {
+                domain: &policy.name,
+            })
+    }
+}
+
+/// Everything a decision takes from the request besides the host: small and
+/// owned, so that a request can keep it and ask its policy again for free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Choice {
+    pub(crate) matched: MatchKind,
+    pub(crate) viewer_scheme: Scheme,
+    pub(crate) viewer_scheme_source: ViewerSchemeSource,
+    pub(crate) method_eligible: bool,
+}
+
+/// A scheme as written in a URL, a header or a test case (`https`, `HTTP`,
+/// the first of a list); anything else is `None`.
+pub fn scheme_from_text(value: &str) -> Option<Scheme> {
     let first = value.split(',').next().unwrap_or("").trim();
     if first.eq_ignore_ascii_case("https") {
         Some(Scheme::Https)
@@ -388,70 +265,61 @@ fn parse_scheme(value: &str) -> Option<Scheme> {
     }
 }
 
-/// The viewer's scheme. `:scheme` wins by default: Envoy derives it from the
-/// downstream connection, whereas `x-forwarded-proto` can be sent by anyone
-/// unless a trusted proxy in front of the edge overwrites it.
+/// The viewer's scheme. The connection decides by default: `:scheme` and
+/// `x-forwarded-proto` are headers, and Envoy fills `:scheme` from a viewer's
+/// `x-forwarded-proto` unless the listener uses the remote address. Only a
+/// proxy in front of the edge that overwrites `x-forwarded-proto` makes that
+/// header trustworthy (`settings.trust_x_forwarded_proto`).
 pub fn viewer_scheme(
     request: &ViewerRequest<'_>,
     settings: &Settings,
 ) -> (Scheme, ViewerSchemeSource) {
     if settings.trust_x_forwarded_proto {
-        if let Some(s) = request.x_forwarded_proto.and_then(parse_scheme) {
+        if let Some(s) = request.x_forwarded_proto.and_then(scheme_from_text) {
             return (s, ViewerSchemeSource::XForwardedProto);
         }
     }
-    match request.scheme.and_then(parse_scheme) {
-        Some(s) => (s, ViewerSchemeSource::Scheme),
+    match request.connection {
+        Some(s) => (s, ViewerSchemeSource::Connection),
         None => (Scheme::Http, ViewerSchemeSource::Assumed),
     }
 }
 
 impl CompiledPolicy {
-    pub(crate) fn decide<'a>(
+    /// The decision for a request's choice. `None` only when the policy has no
+    /// route for the scheme picked, which validation rules out.
+    pub(crate) fn decision<'a>(
         &'a self,
-        matched: MatchKind,
         viewer_host: Cow<'a, str>,
-        request: &ViewerRequest<'_>,
-        settings: &Settings,
+        choice: Choice,
     ) -> Option<OriginDecision<'a>> {
-        let (viewer_scheme, source) = viewer_scheme(request, settings);
-        let scheme = |routes: &OriginRoutes| match self.policy.protocol {
-            ProtocolPolicy::Follow => viewer_scheme,
+        let scheme = |routes: &crate::compiled::OriginRoutes| match self.policy.protocol {
+            ProtocolPolicy::Follow => choice.viewer_scheme,
             // Every other policy compiled exactly one route per origin.
-            _ => {
-                if routes.http.is_some() {
-                    Scheme::Http
-                } else {
-                    Scheme::Https
-                }
-            }
+            _ if routes.http.is_some() => Scheme::Http,
+            _ => Scheme::Https,
         };
-        let primary_scheme = scheme(&self.primary);
-        // Validation guarantees a route for every scheme the policy can pick.
-        let target = OriginTarget::from_route(self.primary.get(primary_scheme)?, &viewer_host);
+        let target =
+            OriginTarget::from_route(self.primary.get(scheme(&self.primary))?, &viewer_host);
         let failover = match (&self.secondary, &self.policy.failover) {
-            (Some(routes), Some(rule)) => {
-                if rule.methods.iter().any(|m| m == request.method) {
-                    match routes.get(scheme(routes)) {
-                        Some(r) => Failover::Plan(FailoverPlan {
-                            target: OriginTarget::from_route(r, &viewer_host),
-                            statuses: &rule.statuses,
-                            timeout_ms: rule.timeout_ms,
-                        }),
-                        None => Failover::NotConfigured,
-                    }
-                } else {
-                    Failover::MethodNotEligible
+            (Some(routes), Some(rule)) if choice.method_eligible => {
+                match routes.get(scheme(routes)) {
+                    Some(r) => Failover::Plan(FailoverPlan {
+                        target: OriginTarget::from_route(r, &viewer_host),
+                        rule,
+                    }),
+                    None => Failover::NotConfigured,
                 }
             }
+            (Some(_), Some(rule)) => Failover::MethodNotEligible(rule),
             _ => Failover::NotConfigured,
         };
         Some(OriginDecision {
             policy: self,
-            matched,
+            matched: choice.matched,
             viewer_host,
-            viewer_scheme,
-            viewer_scheme_source: source,
+            viewer_scheme: choice.viewer_scheme,
+            viewer_scheme_source: choice.viewer_scheme_source,
             target,
             failover,
         })
@@ -471,56 +339,51 @@ pub enum FailoverAction {
 
 /// What the filter does with the primary origin's response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResponsePlan<'a> {
+pub struct ResponsePlan {
     /// Replaces the response status: the proxy's own 503 for an origin that
     /// never answered becomes 502 (connect, TLS) or 504 (timeout).
     pub status: Option<u16>,
     /// Replaces the origin's `cache-control`.
-    pub cache_control: Option<&'a str>,
+    pub cache_control: Option<CacheControl>,
     pub failover: FailoverAction,
-    /// The diagnostic header value for a 5xx or a failed fetch.
-    pub origin_error: Option<String>,
+    /// What went wrong with the primary, for a 5xx or a failed fetch.
+    pub primary_failure: Option<crate::origin_error::PrimaryFailure>,
 }
 
-impl<'a> OriginDecision<'a> {
+impl OriginDecision<'_> {
     /// `failure` is set when the response was made by the proxy because the
     /// origin could not be fetched; rules then apply to the status the viewer gets.
     pub fn on_primary_response(
         &self,
         status: u16,
         failure: Option<FetchFailure<'_>>,
-    ) -> ResponsePlan<'a> {
-        let policy: &'a CompiledPolicy = self.policy;
+    ) -> ResponsePlan {
+        use crate::origin_error::PrimaryFailure;
         let effective = failure.map_or(status, |f| f.status());
+        let triggers = self
+            .failover
+            .rule()
+            .is_some_and(|r| r.triggers_on(effective));
         ResponsePlan {
             status: failure.map(|f| f.status()).filter(|s| *s != status),
-            cache_control: policy
+            cache_control: self
+                .policy
                 .cache_override(effective)
-                .map(|c| c.cache_control.as_str()),
+                .map(|c| c.cache_control),
             failover: match &self.failover {
-                Failover::Plan(plan) if plan.triggers_on(effective) => FailoverAction::Retry,
-                Failover::MethodNotEligible
-                    if policy
-                        .policy
-                        .failover
-                        .as_ref()
-                        .is_some_and(|rule| rule.statuses.binary_search(&effective).is_ok()) =>
-                {
-                    FailoverAction::SkippedForMethod
-                }
+                Failover::Plan(_) if triggers => FailoverAction::Retry,
+                Failover::MethodNotEligible(_) if triggers => FailoverAction::SkippedForMethod,
                 _ => FailoverAction::None,
             },
-            origin_error: match failure {
-                Some(f) => Some(f.to_string()),
+            primary_failure: match failure {
+                Some(f) => Some(PrimaryFailure::Unreachable(f.to_string())),
                 None => (500..=599)
                     .contains(&status)
-                    .then(|| format!("orig response {status} error")),
+                    .then_some(PrimaryFailure::Answered(status)),
             },
         }
     }
-}
 
-impl OriginDecision<'_> {
     /// Why this scheme and port were chosen, in one line.
     pub fn scheme_rule(&self) -> String {
         let p = &self.policy.policy;
@@ -538,8 +401,8 @@ impl OriginDecision<'_> {
                 self.viewer_scheme.as_str(),
                 match self.viewer_scheme_source {
                     ViewerSchemeSource::XForwardedProto => "from x-forwarded-proto",
-                    ViewerSchemeSource::Scheme => "from :scheme",
-                    ViewerSchemeSource::Assumed => "assumed, no usable :scheme",
+                    ViewerSchemeSource::Connection => "from the viewer's connection",
+                    ViewerSchemeSource::Assumed => "assumed, connection not known",
                 },
                 t.scheme.as_str(),
                 t.port
@@ -557,10 +420,10 @@ impl OriginDecision<'_> {
 mod tests {
     use super::*;
 
-    fn request<'a>(scheme: &'a str, xfp: &'a str) -> ViewerRequest<'a> {
+    fn request(connection: Scheme, xfp: &str) -> ViewerRequest<'_> {
         ViewerRequest {
             authority: "media.example.com",
-            scheme: Some(scheme),
+            connection: Some(connection),
             x_forwarded_proto: Some(xfp),
             method: "GET",
         }
@@ -569,20 +432,25 @@ mod tests {
     #[test]
     fn x_forwarded_proto_counts_only_when_trusted() {
         let mut settings = Settings::default();
-        let r = request("http", "https");
+        let r = request(Scheme::Http, "https");
         assert_eq!(
             viewer_scheme(&r, &settings),
-            (Scheme::Http, ViewerSchemeSource::Scheme)
+            (Scheme::Http, ViewerSchemeSource::Connection)
+        );
+        // A TLS viewer cannot downgrade its own fetch with the header either.
+        assert_eq!(
+            viewer_scheme(&request(Scheme::Https, "http"), &settings),
+            (Scheme::Https, ViewerSchemeSource::Connection)
         );
         settings.trust_x_forwarded_proto = true;
         assert_eq!(
             viewer_scheme(&r, &settings),
             (Scheme::Https, ViewerSchemeSource::XForwardedProto)
         );
-        // A value that names neither scheme falls back to :scheme.
+        // A value that names neither scheme falls back to the connection.
         assert_eq!(
-            viewer_scheme(&request("https", "gopher"), &settings),
-            (Scheme::Https, ViewerSchemeSource::Scheme)
+            viewer_scheme(&request(Scheme::Https, "gopher"), &settings),
+            (Scheme::Https, ViewerSchemeSource::Connection)
         );
     }
 }

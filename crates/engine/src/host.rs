@@ -12,6 +12,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 pub enum HostError {
     Empty,
     TooLong,
+    /// More than one Host value: Envoy joins repeated `Host` headers with a
+    /// comma before a filter sees them (RFC 9112 3.2 makes that a 400).
+    Conflicting,
     Invalid(String),
 }
 
@@ -20,6 +23,7 @@ impl fmt::Display for HostError {
         match self {
             HostError::Empty => f.write_str("host is empty"),
             HostError::TooLong => write!(f, "host is longer than {MAX_HOST_LEN} bytes"),
+            HostError::Conflicting => f.write_str("conflicting Host values"),
             HostError::Invalid(why) => write!(f, "host is not a valid name: {why}"),
         }
     }
@@ -88,7 +92,7 @@ fn check_labels(name: &str) -> Result<(), HostError> {
         }
         if label.len() > MAX_LABEL_LEN {
             return Err(HostError::Invalid(format!(
-                "label `{}…` is longer than {MAX_LABEL_LEN} bytes",
+                "label `{}...` is longer than {MAX_LABEL_LEN} bytes",
                 &label[..16]
             )));
         }
@@ -139,7 +143,14 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
 
 /// Normalises a viewer authority: the port is ignored, the host normalised.
 pub fn normalize_authority(authority: &str) -> Result<Cow<'_, str>, HostError> {
-    normalize_host(strip_port(authority))
+    // Only a Host already found invalid is searched for the comma.
+    normalize_host(strip_port(authority)).map_err(|e| {
+        if authority.contains(',') {
+            HostError::Conflicting
+        } else {
+            e
+        }
+    })
 }
 
 /// True when `host` is an IPv4 or (bracketed or bare) IPv6 literal.

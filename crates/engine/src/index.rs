@@ -1,12 +1,14 @@
 //! The compiled policy set: a domain index with O(1) exact lookups and
 //! O(labels) wildcard lookups, independent of how many domains are loaded.
 
-use super::decision::{CompiledPolicy, MatchKind, Outcome, ViewerRequest};
-use super::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
-use super::host::normalize_authority;
-use super::json::parse_json;
-use super::policy::{domain_of, parse_policy, DomainPattern};
-use super::settings::{parse_settings, Settings};
+use crate::compiled::CompiledPolicy;
+use crate::decision::{DomainMatch, MatchKind, Outcome, Refusal, ViewerRequest};
+use crate::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
+use crate::host::normalize_authority;
+use crate::json::parse_json;
+use crate::parse::{domain_of, parse_policy};
+use crate::policy::DomainPattern;
+use crate::settings::{parse_settings, Settings};
 use serde_json::Value;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -282,22 +284,27 @@ impl PolicySet {
         Ok(Self::compile(settings, &sources, previous))
     }
 
+    /// The policy that covers a viewer's Host.
+    pub fn lookup<'a>(&'a self, authority: &'a str) -> Result<DomainMatch<'a>, Refusal<'a>> {
+        let host = normalize_authority(authority).map_err(Refusal::BadHost)?;
+        match self.index.lookup(&host) {
+            Some((policy, matched)) => Ok(DomainMatch {
+                policy,
+                matched,
+                viewer_host: host,
+            }),
+            None => Err(Refusal::UnknownDomain { viewer_host: host }),
+        }
+    }
+
     /// Decides where a request goes.
     pub fn decide<'a>(&'a self, request: &ViewerRequest<'a>) -> Outcome<'a> {
-        let host = match normalize_authority(request.authority) {
-            Ok(h) => h,
-            Err(e) => return Outcome::BadHost(e),
-        };
-        match self.index.lookup(&host) {
-            Some((policy, matched)) => {
-                match policy.decide(matched, host, request, &self.settings) {
-                    Some(d) => Outcome::Origin(d),
-                    None => Outcome::NoRoute {
-                        domain: &policy.name,
-                    },
-                }
-            }
-            None => Outcome::UnknownDomain { viewer_host: host },
+        match self
+            .lookup(request.authority)
+            .and_then(|found| found.decide(request, &self.settings))
+        {
+            Ok(d) => Outcome::Origin(d),
+            Err(r) => Outcome::Refused(r),
         }
     }
 }

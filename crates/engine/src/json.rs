@@ -3,7 +3,7 @@
 //! an error naming its JSON pointer (serde_json would silently keep the last,
 //! so a policy could say two things and mean one), and the input size is capped.
 
-use super::diagnostic::pointer_segment;
+use crate::diagnostic::pointer_segment;
 use serde_core::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 use std::fmt;
@@ -124,6 +124,14 @@ impl fmt::Display for JsonError {
 }
 
 impl std::error::Error for JsonError {}
+
+/// A fingerprint of a configuration's bytes, to tell whether a configuration
+/// was already applied (not a defence against a crafted collision: whoever
+/// writes configurations is trusted).
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::with_seed(0x6f72_6967_696e).hash_one(bytes)
+}
 
 /// Parses one JSON document: size-capped, duplicate keys refused, nesting
 /// bounded by serde_json's recursion limit (128).

@@ -1,28 +1,47 @@
-//! The policy engine: pure, no proxy-wasm, no I/O. It runs in the filter, the
-//! CLI, the benchmarks and the JavaScript package alike.
+//! The origin-policy engine: pure, no proxy-wasm, no I/O. It runs in the
+//! filter, the CLI, the benchmarks and the JavaScript package alike.
+//!
+//! - [`policy`] the model, parsed by `parse` with a field reader that reports
+//!   every finding at once, and checked across fields by `checks`;
+//! - [`PolicySet`] the compiled set: settings plus a [`DomainIndex`];
+//! - [`OriginDecision`] what one request gets, and [`Exchange`] the per-request
+//!   state that the filter's phases ask, with the typed [`OriginError`].
 
+mod checks;
+mod compiled;
 mod decision;
 mod diagnostic;
 pub mod documents;
+mod exchange;
 mod fetch;
 pub mod host;
 mod index;
 mod json;
-mod policy;
+mod origin_error;
+mod parse;
+pub mod policy;
+mod reader;
 pub mod report;
 mod settings;
 
+pub use compiled::{CacheControl, CacheOverride, CompiledPolicy};
 pub use decision::{
-    viewer_scheme, CacheOverride, CompiledPolicy, Failover, FailoverAction, FailoverPlan,
-    MatchKind, OriginDecision, OriginRole, OriginTarget, Outcome, OwnedViewerRequest, ResponsePlan,
-    ViewerRequest, ViewerSchemeSource,
+    scheme_from_text, viewer_scheme, DomainMatch, Failover, FailoverAction, FailoverPlan,
+    MatchKind, OriginDecision, OriginRole, OriginTarget, Outcome, OwnedViewerRequest, Refusal,
+    ResponsePlan, ViewerRequest, ViewerSchemeSource,
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
+pub use exchange::{
+    is_hop_by_hop, relayed_headers, Exchange, PrimaryVerdict, ReplayRequest, SecondaryResponse,
+    SecondaryVerdict, DECISION_HEADER, ORIGIN_ERROR_HEADER,
+};
 pub use fetch::FetchFailure;
 pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource, MAX_POLICIES};
-pub use json::{parse_json, JsonError, MAX_JSON_BYTES};
+pub use json::{fingerprint, parse_json, JsonError, MAX_JSON_BYTES};
+pub use origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
+pub use parse::parse_policy;
 pub use policy::{
-    parse_policy, DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy,
-    ProtocolPolicy, Reach, Scheme,
+    DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach,
+    Scheme,
 };
 pub use settings::{parse_settings, Settings, UnknownDomain};

@@ -2,8 +2,8 @@
 //! cases and the JavaScript package so that all of them speak the same shape.
 
 use crate::{
-    Failover, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest, PolicyDiagnostic,
-    PolicySet,
+    scheme_from_text, Failover, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest,
+    PolicyDiagnostic, PolicySet, Refusal,
 };
 use serde_json::{json, Map, Value};
 
@@ -28,15 +28,15 @@ fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
 fn decision_json(d: &OriginDecision<'_>) -> Value {
     let failover = match &d.failover {
         Failover::NotConfigured => Value::Null,
-        Failover::MethodNotEligible => json!({
+        Failover::MethodNotEligible(_) => json!({
             "eligible": false,
             "reason": "method not in the policy's failover methods",
         }),
         Failover::Plan(plan) => {
             let mut m = target_json(&plan.target);
             m.insert("eligible".into(), true.into());
-            m.insert("statuses".into(), plan.statuses.into());
-            m.insert("timeout_ms".into(), plan.timeout_ms.into());
+            m.insert("statuses".into(), plan.rule.statuses.as_slice().into());
+            m.insert("timeout_ms".into(), plan.rule.timeout_ms.into());
             Value::Object(m)
         }
     };
@@ -44,7 +44,12 @@ fn decision_json(d: &OriginDecision<'_>) -> Value {
         .policy
         .cache_overrides()
         .iter()
-        .map(|c| (c.status.to_string(), Value::from(c.cache_control.as_str())))
+        .map(|c| {
+            (
+                c.status.to_string(),
+                Value::from(c.cache_control.to_string()),
+            )
+        })
         .collect();
     json!({
         "outcome": "origin",
@@ -64,7 +69,7 @@ fn decision_json(d: &OriginDecision<'_>) -> Value {
 pub fn outcome_json(set: &PolicySet, outcome: &Outcome<'_>) -> Value {
     match outcome {
         Outcome::Origin(d) => decision_json(d),
-        Outcome::UnknownDomain { viewer_host } => json!({
+        Outcome::Refused(Refusal::UnknownDomain { viewer_host }) => json!({
             "outcome": "unknown_domain",
             "viewer_host": viewer_host,
             "action": match set.settings.unknown_domain {
@@ -72,8 +77,12 @@ pub fn outcome_json(set: &PolicySet, outcome: &Outcome<'_>) -> Value {
                 crate::UnknownDomain::LocalReply { status } => json!({"local_reply": status}),
             },
         }),
-        Outcome::BadHost(e) => json!({"outcome": "bad_host", "error": e.to_string()}),
-        Outcome::NoRoute { domain } => json!({"outcome": "no_route", "domain": domain}),
+        Outcome::Refused(Refusal::BadHost(e)) => {
+            json!({"outcome": "bad_host", "error": e.to_string()})
+        }
+        Outcome::Refused(Refusal::NoRoute { domain }) => {
+            json!({"outcome": "no_route", "domain": domain})
+        }
     }
 }
 
@@ -89,7 +98,8 @@ pub fn diagnostic_json(d: &PolicyDiagnostic) -> Value {
 }
 
 /// Reads a request as golden cases describe it:
-/// `{"authority", "scheme"?, "x_forwarded_proto"?, "method"? (GET), "path"?}`.
+/// `{"authority", "scheme"?, "x_forwarded_proto"?, "method"? (GET), "path"?}`,
+/// where `scheme` is the viewer's connection to the edge.
 pub fn request_from_json(value: &Value) -> Result<OwnedViewerRequest, String> {
     let obj = value.as_object().ok_or("request must be an object")?;
     let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
@@ -103,7 +113,7 @@ pub fn request_from_json(value: &Value) -> Result<OwnedViewerRequest, String> {
     }
     Ok(OwnedViewerRequest {
         authority: text("authority").ok_or("request needs `authority`")?,
-        scheme: text("scheme"),
+        connection: text("scheme").as_deref().and_then(scheme_from_text),
         x_forwarded_proto: text("x_forwarded_proto"),
         method: text("method").unwrap_or_else(|| "GET".to_owned()),
     })
@@ -123,7 +133,7 @@ pub fn request_from_url(
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     Ok(OwnedViewerRequest {
         authority: authority.to_owned(),
-        scheme: Some(scheme.to_ascii_lowercase()),
+        connection: scheme_from_text(scheme),
         x_forwarded_proto: x_forwarded_proto.map(str::to_owned),
         method: method.unwrap_or("GET").to_ascii_uppercase(),
     })

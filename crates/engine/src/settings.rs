@@ -1,7 +1,8 @@
 //! Edge-wide settings that travel with the policies in the plugin configuration.
 
-use super::diagnostic::PolicyDiagnostic;
-use super::policy::{cluster_name, header_safe, integer_in, FieldReader, Findings};
+use crate::diagnostic::PolicyDiagnostic;
+use crate::parse::cluster_name;
+use crate::reader::{header_safe, integer_in, FieldReader, Findings};
 use serde_json::Value;
 
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-origin-cluster";

@@ -78,8 +78,8 @@ fn subset_mismatches(expected: &Value, actual: &Value, path: &str, out: &mut Vec
 fn response_json(decision: &OriginDecision<'_>, status: u16) -> Value {
     let plan = decision.on_primary_response(status, None);
     json!({
-        "cache_control": plan.cache_control,
+        "cache_control": plan.cache_control.map(|c| c.to_string()),
         "failover": plan.failover == FailoverAction::Retry,
-        "origin_error": plan.origin_error,
+        "origin_error": plan.primary_failure.map(|f| f.to_string()),
     })
 }

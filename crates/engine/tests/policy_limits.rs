@@ -142,7 +142,7 @@ fn every_field_at_its_limits() {
     assert!(!set.diagnostics.has_errors(), "{}", set.diagnostics);
     let request = ViewerRequest {
         authority: &longest,
-        scheme: Some("http"),
+        connection: Some(origin_policy_engine::Scheme::Http),
         x_forwarded_proto: None,
         method: "GET",
     };

@@ -153,6 +153,19 @@ fn cases() -> Vec<Case> {
             true,
         ),
         (
+            // Failover replays with dispatch_http_call, which cannot carry the
+            // policy's SNI nor a certificate name: refused, not served unchecked.
+            "secondary over HTTPS",
+            with(json!({
+                "secondary": {"address": "b.example.net", "port": 443, "clusters": {"https": "b_tls"}},
+                "origin_sni": {"mode": "custom", "value": "wrong-name.example.org"}})),
+            vec![
+                (E, "/secondary", "cannot be fetched over HTTPS"),
+                (W, "/origin_sni/value", "differs from the Host"),
+            ],
+            false,
+        ),
+        (
             "secondary through the dynamic forward proxy",
             with(json!({"secondary": {"address": "b.example.net"}})),
             vec![(E, "/secondary", "needs `clusters`")],

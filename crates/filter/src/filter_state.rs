@@ -1,4 +1,5 @@
-//! Envoy filter-state writes through the `set_envoy_filter_state` foreign function.
+//! Envoy filter-state writes through the `set_envoy_filter_state` foreign
+//! function: the per-request SNI, certificate name and dynamic-proxy target.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
@@ -29,10 +30,11 @@ pub fn encode_arguments(path: &str, value: &str) -> Vec<u8> {
     out
 }
 
-pub fn set_filter_state(path: &str, value: &str) -> Result<(), Status> {
+pub fn set_filter_state(path: &str, value: &str) -> Result<(), String> {
     hostcalls::call_foreign_function(
         "set_envoy_filter_state",
         Some(&encode_arguments(path, value)),
     )
     .map(|_| ())
+    .map_err(|e: Status| format!("could not set filter state {path}: {e:?}"))
 }

@@ -1,0 +1,110 @@
+//! Checks across fields: every scheme a policy can pick must be reachable,
+//! and known misconfigurations from the CDN FAQ are warned about.
+
+use crate::host::{is_ip_literal, strip_port};
+use crate::policy::*;
+use crate::reader::Findings;
+
+impl Policy {
+    /// Schemes this policy can use towards `origin`, for any viewer.
+    pub fn schemes_for(&self, origin: &Origin) -> Vec<Scheme> {
+        match self.protocol {
+            ProtocolPolicy::Off if origin.port == 443 => vec![Scheme::Https],
+            ProtocolPolicy::Off | ProtocolPolicy::Http => vec![Scheme::Http],
+            ProtocolPolicy::Https => vec![Scheme::Https],
+            ProtocolPolicy::Follow => vec![Scheme::Http, Scheme::Https],
+        }
+    }
+}
+
+/// Every scheme the protocol policy can produce needs a way to reach the origin.
+pub(crate) fn check_reachability(f: &mut Findings, policy: &Policy) {
+    let origins = [
+        ("primary", Some(&policy.primary)),
+        ("secondary", policy.secondary.as_ref()),
+    ];
+    for (role, origin) in origins {
+        let Some(origin) = origin else { continue };
+        match &origin.reach {
+            Reach::Clusters { http, https } => {
+                for scheme in policy.schemes_for(origin) {
+                    let named = match scheme {
+                        Scheme::Http => http,
+                        Scheme::Https => https,
+                    };
+                    if named.is_none() {
+                        f.error(
+                            &format!("/{role}/clusters"),
+                            format!(
+                                "protocol policy `{}` can fetch over {} but no `{}` cluster is named",
+                                policy.protocol.as_str(),
+                                scheme.as_str(),
+                                scheme.as_str()
+                            ),
+                        );
+                    }
+                }
+            }
+            Reach::DynamicForwardProxy if role == "secondary" => f.error(
+                "/secondary",
+                "the secondary origin needs `clusters`: failover re-sends the request with dispatch_http_call, which cannot use the dynamic forward proxy",
+            ),
+            Reach::DynamicForwardProxy => {}
+        }
+        if role == "secondary" && policy.schemes_for(origin).contains(&Scheme::Https) {
+            f.error(
+                "/secondary",
+                "the secondary origin cannot be fetched over HTTPS: failover re-sends the request with dispatch_http_call, which carries no per-request SNI and no certificate name to check",
+            );
+        }
+    }
+}
+
+/// Known misconfigurations from the CDN FAQ: legal, but likely to fail.
+pub(crate) fn lint(f: &mut Findings, policy: Option<&Policy>) {
+    let Some(p) = policy else { return };
+    if p.protocol == ProtocolPolicy::Https && p.https_port == 80 {
+        f.warn(
+            "/protocol/https_port",
+            "HTTPS to port 80: origins almost never speak TLS there, expect 502s",
+            "use `http` with port 80, or the origin's real HTTPS port",
+        );
+    }
+    if p.protocol == ProtocolPolicy::Http && p.http_port == 443 {
+        f.warn(
+            "/protocol/http_port",
+            "plain HTTP to port 443: the origin will expect a TLS handshake, expect 502s",
+            "use `https` with port 443, or the origin's real HTTP port",
+        );
+    }
+    if let OriginSni::Custom(sni) = &p.origin_sni {
+        let host = match &p.origin_host {
+            OriginHost::Custom(h) => Some(strip_port(h).to_owned()),
+            OriginHost::OriginDomain => Some(p.primary.address.clone()),
+            OriginHost::AccelerationDomain => match &p.domain {
+                DomainPattern::Exact(d) => Some(d.clone()),
+                DomainPattern::Wildcard(_) => None,
+            },
+        };
+        if host.as_deref() != Some(sni.as_str()) {
+            f.warn(
+                "/origin_sni/value",
+                format!("SNI `{sni}` differs from the Host sent to origin ({})", host.unwrap_or_else(|| "the viewer's host".to_owned())),
+                "make sure the origin's certificate covers the SNI and that it serves the Host on that certificate's site; otherwise set both to the same name",
+            );
+        }
+    }
+    if p.origin_sni == OriginSni::OriginHost
+        && p.origin_host == OriginHost::OriginDomain
+        && is_ip_literal(&p.primary.address)
+    {
+        let https = p.schemes_for(&p.primary).contains(&Scheme::Https);
+        if https {
+            f.warn(
+                "/origin_sni",
+                format!("the origin Host is the IP address {}, so no SNI is sent and the certificate cannot be checked against a name", p.primary.address),
+                "set `origin_sni` to the name on the origin's certificate",
+            );
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The root context: parses and compiles each plugin configuration, keeps a
+//! rejected domain on its last good policy, and hands every stream the policy
+//! set that was current when it started.
+
+use crate::http::OriginFetch;
+use crate::metrics::{Counter, Metrics};
+use log::{error, info, warn};
+use origin_policy_engine::{fingerprint, JsonError, PolicySet, MAX_JSON_BYTES};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+thread_local! {
+    /// The policies last applied per plugin in this VM. Envoy configures a
+    /// changed plugin in a fresh root context, which must still be able to keep
+    /// a rejected domain on its last good policy.
+    static LAST_GOOD: RefCell<HashMap<String, Rc<PolicySet>>> = RefCell::default();
+}
+
+fn last_good(plugin: &str) -> Option<Rc<PolicySet>> {
+    LAST_GOOD.with(|m| m.borrow().get(plugin).cloned())
+}
+
+fn plugin_root_id() -> String {
+    hostcalls::get_property(vec!["plugin_root_id"])
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default()
+}
+
+/// Whether this VM is the first in the Envoy process to apply `config`.
+/// Every worker has its own VM and configures it, but a push is one event:
+/// it is counted and logged once, by whichever VM claims it in shared data
+/// (one store per process). The claim is a compare-and-swap on the
+/// configuration's fingerprint; Envoy configures a new VM on the main thread
+/// before the workers, so the first claim of a key does not race.
+fn first_in_process(plugin: &str, config: &[u8]) -> bool {
+    let key = format!("origin-policy.applied.{plugin}");
+    let mark = fingerprint(config).to_le_bytes();
+    match hostcalls::get_shared_data(&key) {
+        Ok((Some(seen), _)) if seen == mark => false,
+        Ok((_, cas)) => hostcalls::set_shared_data(&key, Some(&mark), cas).is_ok(),
+        // Without shared data, count in every VM rather than never.
+        Err(_) => true,
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct OriginPolicyRoot {
+    policies: Option<Rc<PolicySet>>,
+    metrics: Option<Rc<Metrics>>,
+}
+
+impl OriginPolicyRoot {
+    fn reject(&self, metrics: &Metrics, first: bool, why: &dyn std::fmt::Display) -> bool {
+        if first {
+            error!("{why}");
+            metrics.bump(Counter::ConfigRejected);
+        }
+        // Envoy keeps serving the previous configuration.
+        false
+    }
+}
+
+impl Context for OriginPolicyRoot {}
+
+impl RootContext for OriginPolicyRoot {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let metrics = Rc::clone(
+            self.metrics
+                .get_or_insert_with(|| Rc::new(Metrics::define())),
+        );
+        let plugin = plugin_root_id();
+        if size > MAX_JSON_BYTES {
+            // Refused before it is copied into the VM.
+            let why = format!(
+                "plugin configuration rejected: {}",
+                JsonError::TooLarge { bytes: size }
+            );
+            let first = first_in_process(&plugin, &(size as u64).to_le_bytes());
+            return self.reject(&metrics, first, &why);
+        }
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
+            Ok(Some(b)) => b,
+            Ok(None) | Err(_) => {
+                let first = first_in_process(&plugin, b"");
+                let why = "plugin configuration rejected: no configuration was given";
+                return self.reject(&metrics, first, &why);
+            }
+        };
+        let first = first_in_process(&plugin, &bytes);
+        // The plugin's newest applied set, whichever root context applied it.
+        let previous = last_good(&plugin);
+        let compiled = match PolicySet::from_plugin_config(&bytes, previous.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return self.reject(&metrics, first, &e),
+        };
+        if first {
+            for d in compiled.diagnostics.errors() {
+                error!("policy rejected: {d}");
+            }
+            for d in compiled.diagnostics.warnings() {
+                warn!("{d}");
+            }
+            for domain in &compiled.kept_previous {
+                warn!("{domain}: keeping the last good policy");
+            }
+            metrics.add(Counter::PolicyRejected, compiled.rejected as u64);
+            metrics.bump(Counter::ConfigApplied);
+            info!(
+                "origin policies loaded: {} domains ({} rejected)",
+                compiled.set.index.len(),
+                compiled.rejected
+            );
+        }
+        let set = Rc::new(compiled.set);
+        LAST_GOOD.with(|m| m.borrow_mut().insert(plugin, Rc::clone(&set)));
+        self.policies = Some(set);
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let policies = Rc::clone(self.policies.as_ref()?);
+        let metrics = Rc::clone(self.metrics.as_ref()?);
+        Some(Box::new(OriginFetch::new(policies, metrics)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
