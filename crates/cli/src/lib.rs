@@ -2,3 +2,6 @@
 //! Everything about what a policy means lives in `origin_policy_engine`.
 
 pub mod files;
+mod text;
+
+pub use text::explain_text;

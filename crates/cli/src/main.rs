@@ -1,9 +1,10 @@
 //! `origin-policy` command line: check, explain and bundle policy files.
 
+use origin_policy_cli::explain_text;
 use origin_policy_cli::files::{read_paths, write_atomically};
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::report::{diagnostic_json, outcome_json, request_from_url};
-use origin_policy_engine::{Diagnostics, Failover, Outcome};
+use origin_policy_engine::Diagnostics;
 use serde_json::{json, Value};
 use std::fmt;
 use std::path::PathBuf;
@@ -148,63 +149,10 @@ fn explain(args: &Args) -> Result<(), CliError> {
         println!("{}", outcome_json(&set, &outcome));
         return Ok(());
     }
-    match &outcome {
-        Outcome::Origin(d) => {
-            let t = &d.target;
-            println!(
-                "domain     {} ({} match)",
-                d.policy.name,
-                if d.policy.policy.domain.is_wildcard() {
-                    "wildcard"
-                } else {
-                    "exact"
-                }
-            );
-            println!("origin     {} via cluster {}", t.role.as_str(), t.cluster);
-            println!("scheme     {}  port {}", t.scheme.as_str(), t.port);
-            println!("rule       {}", d.scheme_rule());
-            println!("host       {}", t.authority);
-            println!(
-                "sni        {}",
-                t.sni
-                    .as_deref()
-                    .unwrap_or("(none: plain HTTP or IP address)")
-            );
-            if let Some(h) = t.dynamic_host {
-                println!("dfp        {h}:{}", t.port);
-            }
-            let cache: Vec<String> = d
-                .policy
-                .cache_overrides()
-                .iter()
-                .map(|c| format!("{}={}", c.status, c.cache_control))
-                .collect();
-            println!(
-                "cache      {}",
-                if cache.is_empty() {
-                    "origin headers kept".to_owned()
-                } else {
-                    cache.join(", ")
-                }
-            );
-            match &d.failover {
-                Failover::NotConfigured => println!("failover   none (no secondary origin)"),
-                Failover::MethodNotEligible(_) => {
-                    println!("failover   not for {} requests", spec.method)
-                }
-                Failover::Plan(p) => println!(
-                    "failover   on {:?} -> secondary via cluster {} ({}://{}:{}, timeout {} ms)",
-                    p.rule.statuses,
-                    p.target.cluster,
-                    p.target.scheme.as_str(),
-                    p.target.authority,
-                    p.target.port,
-                    p.rule.timeout_ms
-                ),
-            }
-        }
-        other => println!("{}", outcome_json(&set, other)),
-    }
+    print!(
+        "{}",
+        explain_text(&outcome_json(&set, &outcome), &spec.method)
+    );
     Ok(())
 }
 
