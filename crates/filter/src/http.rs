@@ -8,8 +8,9 @@ use crate::metrics::{Counter, Metrics};
 use log::{debug, error, info, warn};
 use origin_policy_engine::{
     relayed_headers, scheme_from_text, Exchange, FailoverOutcome, FetchFailure, OriginError,
-    PolicySet, PrimaryFailure, Refusal, Scheme, SecondaryFailure, SecondaryResponse,
-    SecondaryVerdict, UnknownDomain, ViewerRequest, DECISION_HEADER, ORIGIN_ERROR_HEADER,
+    PolicySet, PrimaryFailure, PrimaryVerdict, Refusal, Scheme, SecondaryFailure,
+    SecondaryResponse, SecondaryVerdict, UnknownDomain, ViewerRequest, DECISION_HEADER,
+    ORIGIN_ERROR_HEADER,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -324,7 +325,42 @@ impl OriginFetch {
         }
     }
 
-    fn count_primary(&self, error: &OriginError) {
+    /// Writes the verdict on the primary's answer into its response headers.
+    fn rewrite_primary_response(
+        &self,
+        status: u16,
+        verdict: &PrimaryVerdict,
+        origin_error: Option<&OriginError>,
+    ) {
+        let set = |name: &str, value: Option<&str>| {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value);
+        };
+        if let Some(replaced) = verdict.status {
+            set(":status", Some(&replaced.to_string()));
+        }
+        if let Some(cc) = verdict.cache_control {
+            set("cache-control", Some(&cc.to_string()));
+            let effective = verdict.status.unwrap_or(status);
+            self.metrics.bump(if effective == 301 || effective == 302 {
+                Counter::RedirectUncacheable
+            } else {
+                Counter::CacheOverridden
+            });
+        }
+        // Set or removed, never read: the origin's own copy is never passed on.
+        set(
+            ORIGIN_ERROR_HEADER,
+            origin_error.map(ToString::to_string).as_deref(),
+        );
+        if self.policies.settings.decision_header {
+            if let Some(d) = self.exchange.as_ref().and_then(Exchange::decision) {
+                set(DECISION_HEADER, Some(&d.header_value()));
+            }
+        }
+    }
+
+    fn count_primary(&self, error: Option<&OriginError>) {
+        let Some(error) = error else { return };
         self.metrics.bump(match error.primary {
             PrimaryFailure::Unreachable(_) => Counter::OriginUnreachable,
             PrimaryFailure::Answered(_) => Counter::Origin5xx,
@@ -407,57 +443,18 @@ impl HttpContext for OriginFetch {
             return Action::Continue;
         };
         let verdict = exchange.on_primary_response(status, failure);
-        let mut origin_error = verdict.origin_error;
+        let mut origin_error = verdict.origin_error.clone();
         if verdict.fail_over {
             match self.fail_over() {
                 Ok(()) => {
-                    if let Some(e) = &origin_error {
-                        self.count_primary(e);
-                    }
+                    self.count_primary(origin_error.as_ref());
                     return Action::Pause;
                 }
                 Err(not_sent) => origin_error = not_sent.or(origin_error),
             }
         }
-        if let Some(e) = &origin_error {
-            self.count_primary(e);
-        }
-        if let Some(replaced) = verdict.status {
-            let _ = hostcalls::set_map_value(
-                MapType::HttpResponseHeaders,
-                ":status",
-                Some(&replaced.to_string()),
-            );
-        }
-        if let Some(cc) = verdict.cache_control {
-            let _ = hostcalls::set_map_value(
-                MapType::HttpResponseHeaders,
-                "cache-control",
-                Some(&cc.to_string()),
-            );
-            let effective = verdict.status.unwrap_or(status);
-            self.metrics.bump(if effective == 301 || effective == 302 {
-                Counter::RedirectUncacheable
-            } else {
-                Counter::CacheOverridden
-            });
-        }
-        // Set or removed, never read: the origin's own copy is never passed on.
-        let error = origin_error.map(|e| e.to_string());
-        let _ = hostcalls::set_map_value(
-            MapType::HttpResponseHeaders,
-            ORIGIN_ERROR_HEADER,
-            error.as_deref(),
-        );
-        if self.policies.settings.decision_header {
-            if let Some(d) = self.exchange.as_ref().and_then(Exchange::decision) {
-                let _ = hostcalls::set_map_value(
-                    MapType::HttpResponseHeaders,
-                    DECISION_HEADER,
-                    Some(&d.header_value()),
-                );
-            }
-        }
+        self.count_primary(origin_error.as_ref());
+        self.rewrite_primary_response(status, &verdict, origin_error.as_ref());
         Action::Continue
     }
 
