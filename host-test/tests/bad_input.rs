@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
-use host_test::{Action, Vm};
+use host_test::{Action, Filter, Vm};
 
 const PLAIN: &str = "plain.example.com";
 
@@ -21,6 +21,16 @@ enum Seen {
 
 fn send(vm: &mut Vm, headers: &[(&str, &str)]) -> Seen {
     let id = vm.open_stream().unwrap();
+    seen(vm, id, headers)
+}
+
+/// [`send`] over a TLS connection to the edge.
+fn send_tls(vm: &mut Vm, headers: &[(&str, &str)]) -> Seen {
+    let id = vm.open_tls_stream().unwrap();
+    seen(vm, id, headers)
+}
+
+fn seen(vm: &mut Vm, id: u32, headers: &[(&str, &str)]) -> Seen {
     vm.request_headers(id, headers, true).unwrap();
     let seen = match vm.local_response(id) {
         Some(r) => Seen::Local(
@@ -159,12 +169,15 @@ fn missing_duplicate_and_disagreeing_hosts() {
 #[test]
 fn schemes_the_filter_does_not_know_count_as_http() {
     let mut vm = common::example_vm();
-    // media.example.com follows the viewer's scheme.
-    for (scheme, xfp, cluster) in [
-        ("ftp", None, "media_origin"),
-        ("https", Some("gopher"), "media_origin_tls"),
-        ("http", Some("https, http"), "media_origin_tls"),
-        ("", None, "media_origin"),
+    // media.example.com follows the viewer's scheme; the example settings trust
+    // x-forwarded-proto (the shipped edge's cache tier sets it), and without a
+    // usable one the viewer's connection decides, whatever `:scheme` says.
+    for (scheme, tls, xfp, cluster) in [
+        ("ftp", false, None, "media_origin"),
+        ("https", true, Some("gopher"), "media_origin_tls"),
+        ("https", false, Some("gopher"), "media_origin"),
+        ("http", false, Some("https, http"), "media_origin_tls"),
+        ("", false, None, "media_origin"),
     ] {
         let mut headers = vec![
             (":authority", "media.example.com"),
@@ -174,7 +187,12 @@ fn schemes_the_filter_does_not_know_count_as_http() {
         if let Some(x) = xfp {
             headers.push(("x-forwarded-proto", x));
         }
-        match send(&mut vm, &headers) {
+        let seen = if tls {
+            send_tls(&mut vm, &headers)
+        } else {
+            send(&mut vm, &headers)
+        };
+        match seen {
             Seen::Upstream { cluster: got, .. } => {
                 assert_eq!(got.as_deref(), Some(cluster), "{scheme:?} / {xfp:?}")
             }
@@ -182,6 +200,42 @@ fn schemes_the_filter_does_not_know_count_as_http() {
         }
     }
     still_serves(&mut vm);
+}
+
+#[test]
+fn without_trusted_x_forwarded_proto_only_the_connection_decides() {
+    let config = common::example_config().replace(
+        "\"trust_x_forwarded_proto\":true",
+        "\"trust_x_forwarded_proto\":false",
+    );
+    assert!(config.contains("\"trust_x_forwarded_proto\":false"));
+    let mut vm = Filter::shared().unwrap().start(&config).unwrap();
+    let forged = |scheme, xfp| {
+        vec![
+            (":authority", "media.example.com"),
+            (":scheme", scheme),
+            (":method", "GET"),
+            ("x-forwarded-proto", xfp),
+        ]
+    };
+    // A plaintext viewer cannot make the edge fetch over TLS, and a TLS viewer
+    // cannot make it fetch in cleartext, with either header.
+    for (headers, tls, cluster) in [
+        (forged("https", "https"), false, "media_origin"),
+        (forged("http", "http"), true, "media_origin_tls"),
+    ] {
+        let seen = if tls {
+            send_tls(&mut vm, &headers)
+        } else {
+            send(&mut vm, &headers)
+        };
+        match seen {
+            Seen::Upstream { cluster: got, .. } => {
+                assert_eq!(got.as_deref(), Some(cluster), "tls={tls}")
+            }
+            other => panic!("tls={tls}: {other:?}"),
+        }
+    }
 }
 
 #[test]

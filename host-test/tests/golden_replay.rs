@@ -5,6 +5,7 @@ mod common;
 
 use host_test::Action;
 use origin_policy_engine::report::{outcome_json, request_from_json};
+use origin_policy_engine::Scheme;
 use serde_json::Value;
 
 #[test]
@@ -28,13 +29,19 @@ fn golden_cases_through_the_wasm_match_the_engine() {
             (":method", spec.method.as_str()),
             (":path", "/"),
         ];
-        if let Some(s) = &spec.scheme {
-            headers.push((":scheme", s));
+        // The case's scheme is the viewer's connection: `:scheme` as the codec
+        // sets it, and a TLS connection when it is https.
+        if let Some(s) = spec.connection {
+            headers.push((":scheme", s.as_str()));
         }
         if let Some(x) = &spec.x_forwarded_proto {
             headers.push(("x-forwarded-proto", x));
         }
-        let id = vm.open_stream().unwrap();
+        let id = if spec.connection == Some(Scheme::Https) {
+            vm.open_tls_stream().unwrap()
+        } else {
+            vm.open_stream().unwrap()
+        };
         let action = vm.request_headers(id, &headers, true).unwrap();
         match engine["outcome"].as_str().unwrap() {
             "origin" => {
