@@ -7,7 +7,7 @@ use crate::compiled::{CacheControl, CompiledPolicy};
 use crate::decision::{Choice, DomainMatch, Failover, FailoverAction, OriginDecision, Refusal};
 use crate::decision::{OriginTarget, ViewerRequest};
 use crate::fetch::FetchFailure;
-use crate::origin_error::{FailoverOutcome, OriginError, SecondaryFailure};
+use crate::origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
 use crate::settings::Settings;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -245,7 +245,11 @@ impl Exchange {
         };
         let plan = decision.on_primary_response(status, failure);
         let mut fail_over = false;
-        let error = plan.primary_failure.map(|primary| {
+        // A rule may fail over on a 4xx too: that answer is then a failure.
+        let primary = plan.primary_failure.or_else(|| {
+            (plan.failover != FailoverAction::None).then_some(PrimaryFailure::Answered(status))
+        });
+        let error = primary.map(|primary| {
             let mut error = OriginError::new(primary);
             error.failover = match (plan.failover, &self.replay) {
                 (FailoverAction::Retry, Some(r)) if r.over_limit => {

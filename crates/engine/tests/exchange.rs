@@ -134,7 +134,14 @@ fn the_secondary_answer_is_classified() {
     let proxy = |status: &str| h(&[(":status", status), ("content-type", "text/plain")]);
     let refused = b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
     // (answer headers, status, body, elapsed ms, status to the viewer, cause)
-    type Case<'a> = (Vec<(String, String)>, Option<u16>, &'a [u8], u64, u16, &'a str);
+    type Case<'a> = (
+        Vec<(String, String)>,
+        Option<u16>,
+        &'a [u8],
+        u64,
+        u16,
+        &'a str,
+    );
     let cases: Vec<Case> = vec![
         (
             upstream("503"),
@@ -287,4 +294,23 @@ fn a_host_joined_from_two_values_is_conflicting() {
         HostError::Conflicting.to_string(),
         "conflicting Host values"
     );
+}
+
+#[test]
+fn a_4xx_in_the_rule_fails_over_too() {
+    let config = json!({"policies": [{
+        "domain": "www.example.com",
+        "primary": {"address": "p.example.net", "clusters": {"http": "p"}},
+        "secondary": {"address": "s.example.net", "clusters": {"http": "s"}},
+        "failover": {"statuses": [404, 503]}
+    }]});
+    let set = PolicySet::from_plugin_value(&config, None).unwrap().set;
+    let mut exchange = begin(&set, "GET");
+    let verdict = exchange.on_primary_response(404, None);
+    assert!(verdict.fail_over);
+    assert_eq!(
+        verdict.origin_error.unwrap().to_string(),
+        "orig response 404 error"
+    );
+    assert_eq!(exchange.replay().unwrap().target.cluster, "s");
 }

@@ -361,10 +361,14 @@ impl OriginFetch {
 
     fn count_primary(&self, error: Option<&OriginError>) {
         let Some(error) = error else { return };
-        self.metrics.bump(match error.primary {
-            PrimaryFailure::Unreachable(_) => Counter::OriginUnreachable,
-            PrimaryFailure::Answered(_) => Counter::Origin5xx,
-        });
+        match error.primary {
+            PrimaryFailure::Unreachable(_) => self.metrics.bump(Counter::OriginUnreachable),
+            PrimaryFailure::Answered(status) if status >= 500 => {
+                self.metrics.bump(Counter::Origin5xx)
+            }
+            // A 4xx that a failover rule names.
+            PrimaryFailure::Answered(_) => {}
+        }
         if matches!(
             error.failover,
             FailoverOutcome::SkippedForMethod(_)
