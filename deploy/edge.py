@@ -25,7 +25,12 @@ from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 EDGE_CONFIG = REPO / "deploy" / "envoy" / "edge.yaml"
 POLICIES = REPO / "policies"
-WASM = REPO / "target" / "wasm32-wasip1" / "release" / "origin_policy.wasm"
+# ORIGIN_POLICY_WASM runs the edge (and the end-to-end tests) with another build.
+WASM = Path(
+    os.environ.get(
+        "ORIGIN_POLICY_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "origin_policy.wasm"
+    )
+)
 CLI = REPO / "target" / "debug" / "origin-policy"
 ENVOY = Path(os.environ.get("ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
 

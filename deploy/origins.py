@@ -11,12 +11,17 @@ Paths that change an answer, where WHO is an origin's name or `all`:
 The redirect origin answers 301 to the HTTPS URL (cacheable for an hour), 302
 under /found/, and a cacheable 200 under /page/. The failing primary answers
 503 unless told otherwise.
+
+An origin can also be stopped (it hangs up, and its port then refuses
+connections), started again, and told to answer every request with one status
+(`DemoOrigins.stop`, `start`, `force_status`): how the soak makes a primary flap.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -43,6 +48,9 @@ class OriginSpec:
     port: int
     cert_names: tuple[str, ...] = ()
     kind: str = "echo"  # echo | redirect | failing
+    # What an echo answer says about caching (the soak's unique paths must not
+    # fill the edge's cache: it measures memory).
+    cache_control: str = "max-age=60"
 
     @property
     def tls(self) -> bool:
@@ -74,21 +82,34 @@ class Seen:
     method: str
     path: str
     body_bytes: int
+    # Every request header as received (names in lower case), in order; not
+    # part of the JSON answer.
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return self.__dict__.copy()
+        out = self.__dict__.copy()
+        del out["headers"]
+        return out
+
+    def header_names(self) -> set[str]:
+        return {name for name, _ in self.headers}
 
 
 @dataclass
 class RequestLog:
-    """Every request any demo origin received, in order."""
+    """Every request any demo origin received, in order (only counted when
+    `keep` is false, for long runs)."""
 
+    keep: bool = True
+    count: int = 0
     entries: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, seen: Seen) -> None:
         with self.lock:
-            self.entries.append(seen)
+            self.count += 1
+            if self.keep:
+                self.entries.append(seen)
 
     def matching(self, path: str, origin: str | None = None) -> list[Seen]:
         with self.lock:
@@ -129,6 +150,9 @@ class Certificates:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes; without this, Nagle and delayed
+    # ACKs add 40 ms to an answer on a kept-alive connection.
+    disable_nagle_algorithm = True
     server: "_OriginServer"
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
@@ -151,12 +175,16 @@ class _Handler(BaseHTTPRequestHandler):
             method=self.command,
             path=self.path,
             body_bytes=len(body),
+            headers=[(k.lower(), v) for k, v in self.headers.items()],
         )
         self.server.log.add(seen)
-        status, headers = 200, {"cache-control": "max-age=60"}
+        status, headers = 200, {"cache-control": spec.cache_control}
         padding = 0
         told = re.match(r"^/(status|delay|pad)/([\w-]+)/(\d+)/", self.path)
-        if told and told.group(2) in (spec.name, "all"):
+        forced = self.server.forced_status.get(spec.name)
+        if forced is not None:
+            status = forced
+        elif told and told.group(2) in (spec.name, "all"):
             if told.group(1) == "pad":
                 padding = int(told.group(3))
                 if spec.kind == "failing":
@@ -189,9 +217,19 @@ class _OriginServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, spec: OriginSpec, log: RequestLog, certs: Certificates | None):
+    def __init__(
+        self,
+        spec: OriginSpec,
+        log: RequestLog,
+        certs: Certificates | None,
+        forced_status: dict[str, int],
+    ):
         self.spec = spec
         self.log = log
+        self.forced_status = forced_status
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        self.thread: threading.Thread | None = None
         self.tls: ssl.SSLContext | None = None
         if spec.tls:
             if certs is None:
@@ -213,33 +251,89 @@ class _OriginServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
     def finish_request(self, request, client_address):
-        # The handshake runs on the connection's own thread, so a slow or failed
-        # one never blocks the accept loop.
-        if self.tls is not None:
+        accepted = request
+        with self.connections_lock:
+            self.connections.add(accepted)
+        try:
+            # The handshake runs on the connection's own thread, so a slow or
+            # failed one never blocks the accept loop.
+            if self.tls is not None:
+                try:
+                    request = self.tls.wrap_socket(request, server_side=True)
+                except (ssl.SSLError, OSError):
+                    return
+            super().finish_request(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(accepted)
+
+    def close_connections(self) -> None:
+        """Hangs up every connection this server accepted (kept-alive ones
+        would otherwise go on being answered after the port is closed)."""
+        with self.connections_lock:
+            connections = list(self.connections)
+        for sock in connections:
             try:
-                request = self.tls.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError):
-                return
-        super().finish_request(request, client_address)
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class DemoOrigins:
     """Runs a set of origins in background threads of this process."""
 
-    def __init__(self, specs: list[OriginSpec], certs: Certificates | None):
-        self.log = RequestLog()
-        self.servers = [_OriginServer(s, self.log, certs) for s in specs]
-        self.threads = [
-            threading.Thread(target=s.serve_forever, name=s.spec.name, daemon=True)
-            for s in self.servers
-        ]
+    def __init__(
+        self, specs: list[OriginSpec], certs: Certificates | None, keep_log: bool = True
+    ):
+        self.log = RequestLog(keep=keep_log)
+        self.certs = certs
+        self.specs = {s.name: s for s in specs}
+        # Origin name -> the status it answers every request with, whatever
+        # the path says; shared with the servers, kept across a restart.
+        self.forced_status: dict[str, int] = {}
+        self.servers: dict[str, _OriginServer] = {}
+        # Servers are bound here, so a port already taken fails at once.
+        for name in self.specs:
+            self._bind(name)
+
+    def _bind(self, name: str) -> _OriginServer:
+        server = _OriginServer(self.specs[name], self.log, self.certs, self.forced_status)
+        self.servers[name] = server
+        return server
+
+    def start(self, name: str | None = None) -> None:
+        """Serves one origin (bound again if it was stopped), or all of them."""
+        for n in [name] if name else list(self.specs):
+            server = self.servers.get(n) or self._bind(n)
+            if server.thread is None:
+                server.thread = threading.Thread(target=server.serve_forever, name=n, daemon=True)
+                server.thread.start()
+
+    def stop(self, name: str | None = None) -> None:
+        """Closes one origin's port, so that connections to it are refused, and
+        hangs up the connections it had accepted; or all origins'."""
+        for n in [name] if name else list(self.servers):
+            server = self.servers.pop(n, None)
+            if server is None:
+                continue
+            if server.thread is not None:
+                server.shutdown()
+            server.server_close()
+            server.close_connections()
+
+    def running(self, name: str) -> bool:
+        return name in self.servers
+
+    def force_status(self, name: str, status: int | None) -> None:
+        """Origin `name` answers every request with `status` (None: as usual)."""
+        if status is None:
+            self.forced_status.pop(name, None)
+        else:
+            self.forced_status[name] = status
 
     def __enter__(self) -> "DemoOrigins":
-        for t in self.threads:
-            t.start()
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        for s in self.servers:
-            s.shutdown()
-            s.server_close()
+        self.stop()

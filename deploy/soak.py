@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,10 +33,15 @@ from edge import (  # noqa: E402
     edge_config,
     prepare_run_dir,
 )
+from origins import DemoOrigins, OriginSpec  # noqa: E402
 
 PRIMARY_PORT = 18093
 SECONDARY_PORT = 18094
 PHASES = ("healthy", "503", "refusing")
+# The demo origins' echo server; unique paths must not fill the edge's cache,
+# as memory is measured.
+PRIMARY = OriginSpec("primary", PRIMARY_PORT, cache_control="no-store")
+SECONDARY = OriginSpec("secondary", SECONDARY_PORT, cache_control="no-store")
 
 CLUSTERS = [
     {
@@ -72,60 +76,18 @@ end
 """
 
 
-class _Answer(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out as two writes; without this, Nagle and delayed
-    # ACKs add 40 ms to every answer.
-    disable_nagle_algorithm = True
-    server: "_Origin"
-
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
-        pass
-
-    def do_GET(self):
-        status = self.server.status()
-        body = json.dumps({"origin": self.server.name, "status": status}).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        # Unique paths must not fill the edge's cache: memory is measured.
-        self.send_header("cache-control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _Origin(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, name: str, port: int, status):
-        self.name = name
-        self.status = status
-        super().__init__(("127.0.0.1", port), _Answer)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def handle_error(self, request, client_address):
-        pass  # the edge resetting a kept-alive connection is not news here
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-
 class FlappingPrimary:
-    """Cycles healthy -> 503 -> refusing connections, `period` seconds each."""
+    """Cycles the primary healthy -> 503 -> refusing connections, `period`
+    seconds each."""
 
-    def __init__(self, period: float):
+    def __init__(self, origins: DemoOrigins, period: float):
+        self.origins = origins
         self.period = period
         self.phase = "healthy"
         self.flips = 0
-        self.server: _Origin | None = _Origin("primary", PRIMARY_PORT, self._status)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-
-    def _status(self) -> int:
-        return 503 if self.phase == "503" else 200
 
     def _run(self) -> None:
         i = 0
@@ -133,17 +95,16 @@ class FlappingPrimary:
             i += 1
             self.phase = PHASES[i % len(PHASES)]
             self.flips += 1
-            if self.phase == "refusing" and self.server:
-                self.server.stop()
-                self.server = None
-            elif self.phase != "refusing" and self.server is None:
-                self.server = _Origin("primary", PRIMARY_PORT, self._status)
+            name = PRIMARY.name
+            self.origins.force_status(name, 503 if self.phase == "503" else None)
+            if self.phase == "refusing":
+                self.origins.stop(name)
+            elif not self.origins.running(name):
+                self.origins.start(name)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        if self.server:
-            self.server.stop()
 
 
 def write_policies(directory: Path, version: int) -> None:
@@ -216,8 +177,9 @@ def main() -> int:
                 hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
                 hcm["http_filters"] = [f for f in hcm["http_filters"] if "cache" not in f["name"]]
     envoy = Envoy(run, config)
-    secondary = _Origin("secondary", SECONDARY_PORT, lambda: 200)
-    primary = FlappingPrimary(args.flap_seconds)
+    # Not kept: the soak's requests would only fill this process's memory.
+    origins = DemoOrigins([PRIMARY, SECONDARY], None, keep_log=False).__enter__()
+    primary = FlappingPrimary(origins, args.flap_seconds)
     script = run / "soak.lua"
     script.write_text(WRK_SCRIPT % delay_ms)
     swaps = invalid_pushes = 0
@@ -255,7 +217,7 @@ def main() -> int:
     finally:
         envoy.stop()
         primary.stop()
-        secondary.stop()
+        origins.stop()
 
     failed = sum(report[k] for k in ("connect", "read", "write", "timeout", "non_2xx"))
     warm = [kib for t, kib in memory if t >= 60] or [kib for _, kib in memory]

@@ -111,22 +111,35 @@ class Edge:
 
 
 @pytest.fixture(scope="session")
-def edge(tmp_path_factory):
+def demo_origins(tmp_path_factory):
+    """The demo origins, on their fixed ports, for every Envoy the tests start;
+    their certificates (and the edge's) are in `demo_origins.certs`."""
+    certs = Certificates(tmp_path_factory.mktemp("origins") / "certs")
+    with DemoOrigins(DEMO_ORIGINS, certs) as origins:
+        yield origins
+
+
+def copy_certs(certs: Certificates, run_dir: Path) -> None:
+    """Envoy reads certs/ relative to its working directory."""
+    shutil.copytree(certs.directory, run_dir / "certs")
+
+
+@pytest.fixture(scope="session")
+def edge(tmp_path_factory, demo_origins):
     run_dir = tmp_path_factory.mktemp("edge")
-    certs = Certificates(run_dir / "certs")
+    copy_certs(demo_origins.certs, run_dir)
     shutil.copytree(POLICIES, run_dir / "policies")
     config = e2e_envoy_config()
     paths = [run_dir / "policies", E2E_POLICIES]
     missing = missing_clusters(config, paths)
     assert not missing, f"policies name clusters the Envoy config lacks: {missing}"
     bundle(run_dir, paths)
-    with DemoOrigins(DEMO_ORIGINS, certs) as origins:
-        envoy = Envoy(run_dir, config)
-        envoy.start()
-        try:
-            yield Edge(run_dir, envoy, origins.log, certs)
-        finally:
-            envoy.stop()
+    envoy = Envoy(run_dir, config)
+    envoy.start()
+    try:
+        yield Edge(run_dir, envoy, demo_origins.log, demo_origins.certs)
+    finally:
+        envoy.stop()
 
 
 @pytest.fixture

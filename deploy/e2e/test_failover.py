@@ -1,7 +1,8 @@
 """Failover to the secondary origin in real Envoy (scenario 7).
 
 www.example.com: the primary answers 503, the secondary is healthy, the
-failover timeout is 3 s. refused.test: nothing listens on the primary's port.
+failover timeout is 3 s. refused.test: nothing listens on the primary's port;
+both-refused.test: nor on the secondary's.
 """
 
 from conftest import PRIMARY_TIMEOUT_S
@@ -57,6 +58,17 @@ def test_both_timing_out_gives_504_naming_both(edge, path):
     assert r.status == 504
     assert r.header("x-origin-error") == (
         "orig response timeout; failover=secondary; secondary timeout"
+    )
+
+
+def test_both_refusing_gives_502_naming_both_connect_failures(edge, path):
+    r = edge.request("both-refused.test", path)
+    assert r.status == 502
+    # Envoy's own 503 for the secondary's refused connection is a connect
+    # failure with Envoy's reason, not an answer from the secondary.
+    assert r.header("x-origin-error") == (
+        "orig connect failed (Connection refused); failover=secondary; "
+        "secondary connect failure (remote connection failure)"
     )
 
 

@@ -23,3 +23,11 @@ def test_decisions_redirects_and_failovers_are_counted(edge, path):
         "unknown_domain": 1,
         "origin_unreachable": 1,
     }
+
+
+def test_a_failover_skipped_for_its_method_is_counted(edge, path):
+    before = counter(edge, "failover.skipped")
+    r = edge.request("www.example.com", path, method="POST", body=b"order=1")
+    assert r.status == 503
+    assert r.header("x-origin-error") == "orig response 503 error; failover=skipped (method POST)"
+    assert counter(edge, "failover.skipped") - before == 1
