@@ -7,7 +7,9 @@ use crate::compiled::{CacheControl, CompiledPolicy};
 use crate::decision::{Choice, DomainMatch, Failover, FailoverAction, OriginDecision, Refusal};
 use crate::decision::{OriginTarget, ViewerRequest};
 use crate::fetch::FetchFailure;
-use crate::origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
+use crate::origin_error::{
+    header_text, FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure,
+};
 use crate::settings::Settings;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -263,7 +265,7 @@ impl Exchange {
                 }
                 (FailoverAction::Retry, None) => FailoverOutcome::SkippedNotKept,
                 (FailoverAction::SkippedForMethod, _) => {
-                    FailoverOutcome::SkippedForMethod(self.method.clone())
+                    FailoverOutcome::SkippedForMethod(header_text(&self.method))
                 }
                 (FailoverAction::None, _) => FailoverOutcome::None,
             };
@@ -403,12 +405,5 @@ fn connect_reason(body: &[u8]) -> Option<String> {
         .next()
         .unwrap_or("")
         .trim();
-    Some(
-        reason
-            .chars()
-            .take(crate::fetch::MAX_CAUSE_LEN)
-            .map(|c| if matches!(c, ' '..='~') { c } else { '?' })
-            .collect(),
-    )
-    .filter(|r: &String| !r.is_empty())
+    (!reason.is_empty()).then(|| header_text(reason))
 }

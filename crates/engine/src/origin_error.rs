@@ -3,6 +3,15 @@
 
 use std::fmt;
 
+/// Text from a request or the proxy, made fit for a response header: printable
+/// ASCII only (anything else becomes `?`), at most [`crate::fetch::MAX_CAUSE_LEN`] characters.
+pub(crate) fn header_text(text: &str) -> String {
+    text.chars()
+        .take(crate::fetch::MAX_CAUSE_LEN)
+        .map(|c| if matches!(c, ' '..='~') { c } else { '?' })
+        .collect()
+}
+
 /// What went wrong with the primary origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrimaryFailure {

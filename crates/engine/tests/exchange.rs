@@ -242,6 +242,14 @@ fn failover_is_skipped_for_methods_and_large_bodies() {
         "orig response 503 error; failover=skipped (method POST)"
     );
 
+    // Found by fuzzing: the method is quoted in a response header.
+    let mut odd = begin(&set, "M\u{0}\r\nX\u{fc}");
+    let verdict = odd.on_primary_response(503, None);
+    assert_eq!(
+        verdict.origin_error.unwrap().to_string(),
+        "orig response 503 error; failover=skipped (method M???X?)"
+    );
+
     let mut large = begin(&set, "OPTIONS");
     assert!(large.wants_body_chunk(3));
     large.keep_body_chunk(b"abc");

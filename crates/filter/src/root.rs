@@ -32,20 +32,43 @@ fn plugin_root_id() -> String {
         .unwrap_or_default()
 }
 
-/// Whether this VM is the first in the Envoy process to apply `config`.
-/// Every worker has its own VM and configures it, but a push is one event:
-/// it is counted and logged once, by whichever VM claims it in shared data
-/// (one store per process). The claim is a compare-and-swap on the
-/// configuration's fingerprint; Envoy configures a new VM on the main thread
-/// before the workers, so the first claim of a key does not race.
-fn first_in_process(plugin: &str, config: &[u8]) -> bool {
+/// What this VM reports about a push. Every worker has its own VM and
+/// configures it, but a push is one event: it is counted and logged once per
+/// process, by whichever VM claims it in shared data (one store per process).
+/// The claim is a compare-and-swap on the configuration's fingerprint; Envoy
+/// configures a new VM on the main thread before the workers, so the first
+/// claim of a key does not race.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// First to apply it: count it and log everything.
+    All,
+    /// Envoy's fresh main-thread VM has no last good policies, so it cannot
+    /// say which domains kept theirs; the first VM with history says so.
+    KeptPolicies,
+    Nothing,
+}
+
+fn claim(plugin: &str, config: &[u8], with_history: bool) -> Report {
     let key = format!("origin-policy.applied.{plugin}");
-    let mark = fingerprint(config).to_le_bytes();
-    match hostcalls::get_shared_data(&key) {
-        Ok((Some(seen), _)) if seen == mark => false,
-        Ok((_, cas)) => hostcalls::set_shared_data(&key, Some(&mark), cas).is_ok(),
-        // Without shared data, count in every VM rather than never.
-        Err(_) => true,
+    let fingerprint = fingerprint(config).to_le_bytes();
+    let mut mark = fingerprint.to_vec();
+    mark.push(u8::from(with_history));
+    let (report, cas) = match hostcalls::get_shared_data(&key) {
+        Ok((Some(seen), cas)) if seen.starts_with(&fingerprint) => {
+            let by_history = seen.last() == Some(&1);
+            if with_history && !by_history {
+                (Report::KeptPolicies, cas)
+            } else {
+                return Report::Nothing;
+            }
+        }
+        Ok((_, cas)) => (Report::All, cas),
+        // Without shared data, report in every VM rather than never.
+        Err(_) => return Report::All,
+    };
+    match hostcalls::set_shared_data(&key, Some(&mark), cas) {
+        Ok(()) => report,
+        Err(_) => Report::Nothing,
     }
 }
 
@@ -56,8 +79,8 @@ pub(crate) struct OriginPolicyRoot {
 }
 
 impl OriginPolicyRoot {
-    fn reject(&self, metrics: &Metrics, first: bool, why: &dyn std::fmt::Display) -> bool {
-        if first {
+    fn reject(&self, metrics: &Metrics, report: Report, why: &dyn std::fmt::Display) -> bool {
+        if report == Report::All {
             error!("{why}");
             metrics.bump(Counter::ConfigRejected);
         }
@@ -81,36 +104,41 @@ impl RootContext for OriginPolicyRoot {
                 "plugin configuration rejected: {}",
                 JsonError::TooLarge { bytes: size }
             );
-            let first = first_in_process(&plugin, &(size as u64).to_le_bytes());
-            return self.reject(&metrics, first, &why);
+            let report = claim(&plugin, &(size as u64).to_le_bytes(), true);
+            return self.reject(&metrics, report, &why);
         }
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
             Ok(Some(b)) => b,
             Ok(None) | Err(_) => {
-                let first = first_in_process(&plugin, b"");
+                let report = claim(&plugin, b"", true);
                 let why = "plugin configuration rejected: no configuration was given";
-                return self.reject(&metrics, first, &why);
+                return self.reject(&metrics, report, &why);
             }
         };
-        let first = first_in_process(&plugin, &bytes);
         // The plugin's newest applied set, whichever root context applied it.
         let previous = last_good(&plugin);
         let compiled = match PolicySet::from_plugin_config(&bytes, previous.as_deref()) {
             Ok(c) => c,
-            Err(e) => return self.reject(&metrics, first, &e),
+            Err(e) => {
+                let report = claim(&plugin, &bytes, true);
+                return self.reject(&metrics, report, &e);
+            }
         };
-        if first {
+        let report = claim(&plugin, &bytes, previous.is_some());
+        if report == Report::All {
             for d in compiled.diagnostics.errors() {
                 error!("policy rejected: {d}");
             }
             for d in compiled.diagnostics.warnings() {
                 warn!("{d}");
             }
+            metrics.add(Counter::PolicyRejected, compiled.rejected as u64);
+            metrics.bump(Counter::ConfigApplied);
+        }
+        if report != Report::Nothing {
             for domain in &compiled.kept_previous {
                 warn!("{domain}: keeping the last good policy");
             }
-            metrics.add(Counter::PolicyRejected, compiled.rejected as u64);
-            metrics.bump(Counter::ConfigApplied);
             info!(
                 "origin policies loaded: {} domains ({} rejected)",
                 compiled.set.index.len(),
