@@ -50,7 +50,7 @@ impl Filter {
         let engine = Engine::new(&config)?;
         let module = Module::from_file(&engine, path).map_err(|e| {
             anyhow!(
-                "{}: {e:#} (build it: cargo build --release --target wasm32-wasip1 --lib)",
+                "{}: {e:#} (build it: cargo build --release --target wasm32-wasip1 -p origin-policy-filter)",
                 path.display()
             )
         })?;

@@ -118,12 +118,55 @@ impl PolicyDocuments {
         (Some(compiled), Diagnostics(diagnostics))
     }
 
-    /// The plugin configuration the filter reads in `on_configure`.
+    /// The plugin configuration the filter reads in `on_configure`. With
+    /// IDNA, every host name of a valid policy is written in its normalised
+    /// ASCII form (`bücher.example` -> `xn--bcher-kva.example`): the filter has
+    /// no IDNA tables, and this way it loads exactly what `check` validated.
     pub fn plugin_config(&self) -> Value {
-        let policies: Vec<&Value> = self.policies.iter().map(|(_, v)| v).collect();
+        let policies: Vec<Value> = self
+            .policies
+            .iter()
+            .map(|(source, document)| names_in_ascii(source, document))
+            .collect();
         json!({
             "settings": self.settings.clone().unwrap_or_else(|| json!({})),
             "policies": policies,
         })
     }
+}
+
+/// `document` with every field that `parse` normalises as a host name
+/// replaced by what it normalised to; an invalid policy is kept as written
+/// (the filter reports it as `check` does).
+#[cfg(feature = "idna")]
+fn names_in_ascii(source: &str, document: &Value) -> Value {
+    use crate::{parse_policy, OriginHost, OriginSni};
+    let mut out = document.clone();
+    let (Some(policy), _) = parse_policy(source, document) else {
+        return out;
+    };
+    let mut names = vec![
+        ("/domain", policy.domain.display_name()),
+        ("/primary/address", policy.primary.address),
+    ];
+    if let Some(secondary) = policy.secondary {
+        names.push(("/secondary/address", secondary.address));
+    }
+    if let OriginHost::Custom(value) = policy.origin_host {
+        names.push(("/origin_host/value", value));
+    }
+    if let OriginSni::Custom(value) = policy.origin_sni {
+        names.push(("/origin_sni/value", value));
+    }
+    for (pointer, name) in names {
+        if let Some(slot) = out.pointer_mut(pointer) {
+            *slot = Value::String(name);
+        }
+    }
+    out
+}
+
+#[cfg(not(feature = "idna"))]
+fn names_in_ascii(_source: &str, document: &Value) -> Value {
+    document.clone()
 }

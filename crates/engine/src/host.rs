@@ -2,6 +2,12 @@
 //!
 //! Both sides go through the same function so that a policy for `Bücher.example`
 //! matches a viewer sending `xn--bcher-kva.example.:443`.
+//!
+//! With the `idna` feature, names go through the URL Standard's host parser
+//! (UTS 46). Without it (the filter), only ASCII names are taken: the same
+//! parser's ASCII part, with `xn--` labels accepted as written, since punycode
+//! cannot be validated without the tables; a non-ASCII name is
+//! [`HostError::NotAscii`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -16,6 +22,8 @@ pub enum HostError {
     /// comma before a filter sees them (RFC 9112 3.2 makes that a 400).
     Conflicting,
     Invalid(String),
+    /// A non-ASCII name in a build without IDNA (the filter).
+    NotAscii,
 }
 
 impl fmt::Display for HostError {
@@ -25,6 +33,11 @@ impl fmt::Display for HostError {
             HostError::TooLong => write!(f, "host is longer than {MAX_HOST_LEN} bytes"),
             HostError::Conflicting => f.write_str("conflicting Host values"),
             HostError::Invalid(why) => write!(f, "host is not a valid name: {why}"),
+            // ASCII only: this text can end up in a response header.
+            HostError::NotAscii => f.write_str(
+                "host is not ASCII and this build has no IDNA tables: write the name in \
+                 punycode (xn--...) or let `origin-policy bundle` convert it",
+            ),
         }
     }
 }
@@ -51,7 +64,8 @@ pub fn strip_port(authority: &str) -> &str {
 }
 
 /// One pass over the bytes: lower-case ASCII labels of 1 to 63 bytes, 253 in
-/// all, no punycode (which must be validated). Most viewer hosts take only this path.
+/// all, no punycode where IDNA can validate it. Most viewer hosts take only
+/// this path.
 fn is_plain_ascii_name(host: &str) -> bool {
     let bytes = host.as_bytes();
     if bytes.len() > MAX_HOST_LEN {
@@ -63,7 +77,7 @@ fn is_plain_ascii_name(host: &str) -> bool {
         match b {
             b'a'..=b'z' | b'0'..=b'9' => {}
             b'-' => {
-                if bytes[i.saturating_sub(3)..=i] == *b"xn--" {
+                if cfg!(feature = "idna") && bytes[i.saturating_sub(3)..=i] == *b"xn--" {
                     return false;
                 }
             }
@@ -124,12 +138,7 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
     if trimmed.is_empty() {
         return Err(HostError::Empty);
     }
-    let parsed = url::Host::parse(trimmed).map_err(|e| HostError::Invalid(e.to_string()))?;
-    let ascii = match parsed {
-        url::Host::Domain(d) => d,
-        url::Host::Ipv4(ip) => ip.to_string(),
-        url::Host::Ipv6(ip) => format!("[{ip}]"),
-    };
+    let ascii = to_ascii(trimmed)?;
     check_labels(&ascii)?;
     if ascii.contains(|c: char| {
         !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':' | '_'))
@@ -139,6 +148,131 @@ pub fn normalize_host(host: &str) -> Result<Cow<'_, str>, HostError> {
         )));
     }
     Ok(Cow::Owned(ascii))
+}
+
+/// The URL Standard's host parser: IDNs to punycode, `xn--` labels validated.
+#[cfg(feature = "idna")]
+fn to_ascii(name: &str) -> Result<String, HostError> {
+    let parsed = url::Host::parse(name).map_err(|e| HostError::Invalid(e.to_string()))?;
+    Ok(match parsed {
+        url::Host::Domain(d) => d,
+        url::Host::Ipv4(ip) => ip.to_string(),
+        url::Host::Ipv6(ip) => format!("[{ip}]"),
+    })
+}
+
+#[cfg(not(feature = "idna"))]
+fn to_ascii(name: &str) -> Result<String, HostError> {
+    ascii_host(name)
+}
+
+/// The words of `url`'s errors, so that both builds say the same.
+#[cfg(any(test, not(feature = "idna")))]
+mod url_words {
+    pub const IPV6: &str = "invalid IPv6 address";
+    pub const IPV4: &str = "invalid IPv4 address";
+    pub const DOMAIN: &str = "invalid international domain name";
+}
+
+/// `url::Host::parse` for ASCII input without the IDNA tables (the URL
+/// Standard's host parser): IPv6 in brackets, the forbidden domain code
+/// points refused, lower case, a name ending in a number read as IPv4 (`127.1`,
+/// `0x7f.0.0.1`). `xn--` labels are taken as written; non-ASCII is refused.
+/// A unit test holds it to `url` on ASCII input.
+#[cfg(any(test, not(feature = "idna")))]
+fn ascii_host(name: &str) -> Result<String, HostError> {
+    if !name.is_ascii() {
+        return Err(HostError::NotAscii);
+    }
+    if let Some(inner) = name.strip_prefix('[') {
+        return match inner.strip_suffix(']').map(str::parse::<Ipv6Addr>) {
+            Some(Ok(ip)) => Ok(format!("[{ip}]")),
+            _ => Err(HostError::Invalid(url_words::IPV6.to_owned())),
+        };
+    }
+    // UTS 46 with the URL Standard's deny list: space and below, DEL, and these.
+    let forbidden = |b: u8| b <= b' ' || b == 0x7f || b"%#/:<>?@[\\]^|".contains(&b);
+    if name.bytes().any(forbidden) {
+        return Err(HostError::Invalid(url_words::DOMAIN.to_owned()));
+    }
+    let name = name.to_ascii_lowercase();
+    if ends_in_a_number(&name) {
+        return match parse_ipv4(&name) {
+            Some(ip) => Ok(ip.to_string()),
+            None => Err(HostError::Invalid(url_words::IPV4.to_owned())),
+        };
+    }
+    Ok(name)
+}
+
+/// <https://url.spec.whatwg.org/#ends-in-a-number-checker>
+#[cfg(any(test, not(feature = "idna")))]
+fn ends_in_a_number(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    let last = match parts.next() {
+        Some("") => parts.next(),
+        last => last,
+    };
+    match last {
+        Some(last) if !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()) => true,
+        Some(last) => parse_ipv4_number(last).is_ok(),
+        None => false,
+    }
+}
+
+/// <https://url.spec.whatwg.org/#ipv4-number-parser>: decimal, `0x` hex or
+/// `0` octal; `Ok(None)` for a valid number over `u32`.
+#[cfg(any(test, not(feature = "idna")))]
+fn parse_ipv4_number(text: &str) -> Result<Option<u32>, ()> {
+    if text.is_empty() {
+        return Err(());
+    }
+    let (digits, radix) =
+        if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            (hex, 16)
+        } else if text.len() >= 2 && text.starts_with('0') {
+            (&text[1..], 8)
+        } else {
+            (text, 10)
+        };
+    if digits.is_empty() {
+        return Ok(Some(0));
+    }
+    let valid = match radix {
+        8 => digits.bytes().all(|b| (b'0'..=b'7').contains(&b)),
+        16 => digits.bytes().all(|b| b.is_ascii_hexdigit()),
+        _ => digits.bytes().all(|b| b.is_ascii_digit()),
+    };
+    if !valid {
+        return Err(());
+    }
+    Ok(u32::from_str_radix(digits, radix).ok())
+}
+
+/// <https://url.spec.whatwg.org/#concept-ipv4-parser>
+#[cfg(any(test, not(feature = "idna")))]
+fn parse_ipv4(name: &str) -> Option<Ipv4Addr> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let mut numbers = [0u32; 4];
+    let mut count = 0;
+    for part in name.split('.') {
+        let slot = numbers.get_mut(count)?;
+        *slot = parse_ipv4_number(part).ok()??;
+        count += 1;
+    }
+    let (last, leading) = numbers[..count].split_last()?;
+    // The last number fills the bytes the others leave: 256^(4 - leading).
+    if u64::from(*last) >= 1u64 << (8 * (4 - leading.len())) {
+        return None;
+    }
+    if leading.iter().any(|n| *n > 255) {
+        return None;
+    }
+    let mut ip = *last;
+    for (i, n) in leading.iter().enumerate() {
+        ip += n << (8 * (3 - i));
+    }
+    Some(Ipv4Addr::from(ip))
 }
 
 /// Normalises a viewer authority: the port is ignored, the host normalised.
@@ -176,7 +310,25 @@ mod tests {
             ("img.example.com", Ok("img.example.com")),
             ("IMG.Example.COM", Ok("img.example.com")),
             ("img.example.com.", Ok("img.example.com")),
-            ("Bücher.example", Ok("xn--bcher-kva.example")),
+            (
+                "Bücher.example",
+                if cfg!(feature = "idna") {
+                    Ok("xn--bcher-kva.example")
+                } else {
+                    Err(HostError::NotAscii)
+                },
+            ),
+            ("XN--BCHER-KVA.example.", Ok("xn--bcher-kva.example")),
+            (
+                "xn--a.example",
+                if cfg!(feature = "idna") {
+                    Err(HostError::Invalid(
+                        "invalid international domain name".to_owned(),
+                    ))
+                } else {
+                    Ok("xn--a.example")
+                },
+            ),
             ("xn--bcher-kva.example", Ok("xn--bcher-kva.example")),
             ("127.0.0.1", Ok("127.0.0.1")),
             ("[::1]", Ok("[::1]")),
@@ -207,17 +359,160 @@ mod tests {
         for plain in ["a.example.com", "a-b.c0.example", "x"] {
             assert!(is_plain_ascii_name(plain), "{plain}");
         }
-        for other in [
-            "",
-            ".a",
-            "a.",
-            "a..b",
-            "A.b",
-            "xn--bcher-kva.example",
-            "a.xn--p1ai",
-            "a_b",
-        ] {
+        for other in ["", ".a", "a.", "a..b", "A.b", "a_b"] {
             assert!(!is_plain_ascii_name(other), "{other}");
+        }
+        // Punycode takes the long way only where IDNA can validate it.
+        for puny in ["xn--bcher-kva.example", "a.xn--p1ai"] {
+            assert_eq!(is_plain_ascii_name(puny), !cfg!(feature = "idna"), "{puny}");
+        }
+    }
+
+    #[test]
+    fn without_idna_names_must_be_ascii_and_punycode_is_taken_as_written() {
+        let cases: &[(&str, Result<&str, HostError>)] = &[
+            ("Bücher.example", Err(HostError::NotAscii)),
+            ("bücher.example", Err(HostError::NotAscii)),
+            ("ｅｘａｍｐｌｅ.com", Err(HostError::NotAscii)),
+            ("XN--BCHER-KVA.example", Ok("xn--bcher-kva.example")),
+            // Not valid punycode, which only the tables could tell.
+            ("xn--a.example", Ok("xn--a.example")),
+            ("Img.Example.COM", Ok("img.example.com")),
+            ("a_b.example", Ok("a_b.example")),
+            ("0x7f.1", Ok("127.0.0.1")),
+            ("0177.0.0.1.", Ok("127.0.0.1")),
+            (
+                "1.2.3.256",
+                Err(HostError::Invalid(url_words::IPV4.to_owned())),
+            ),
+            ("a.0x", Err(HostError::Invalid(url_words::IPV4.to_owned()))),
+            ("0x", Ok("0.0.0.0")),
+            ("[::FFFF:1.2.3.4]", Ok("[::ffff:1.2.3.4]")),
+            ("[::1", Err(HostError::Invalid(url_words::IPV6.to_owned()))),
+            ("a b", Err(HostError::Invalid(url_words::DOMAIN.to_owned()))),
+            ("a:b", Err(HostError::Invalid(url_words::DOMAIN.to_owned()))),
+        ];
+        for (input, want) in cases {
+            let got = ascii_host(input);
+            assert_eq!(got, want.clone().map(str::to_owned), "input {input:?}");
+        }
+        let message = HostError::NotAscii.to_string();
+        assert!(message.is_ascii() && message.contains("punycode"));
+        assert!(message.contains("origin-policy bundle"));
+    }
+
+    /// The ASCII parser used without IDNA gives `url`'s answer for every
+    /// ASCII name, except that it cannot refuse invalid punycode.
+    #[cfg(feature = "idna")]
+    #[test]
+    fn without_idna_ascii_names_normalise_as_url_does() {
+        const PIECES: &[&str] = &[
+            "a",
+            "B",
+            "z",
+            "0",
+            "1",
+            "7",
+            "8",
+            "9",
+            "f",
+            "G",
+            "x",
+            "X",
+            "0x",
+            "0X",
+            "00",
+            "07",
+            "08",
+            "09",
+            "255",
+            "256",
+            "65535",
+            "16777216",
+            "4294967295",
+            "4294967296",
+            "0x100",
+            "0xffffffff",
+            "0x100000000",
+            ".",
+            ".",
+            ".",
+            "..",
+            "-",
+            "--",
+            "_",
+            "xn--",
+            "XN--",
+            "bcher-kva",
+            "p1ai",
+            "[",
+            "]",
+            ":",
+            "::",
+            "::1",
+            "ffff",
+            "1.2.3.4",
+            "::ffff:",
+            " ",
+            "\t",
+            "\0",
+            "\x7f",
+            "#",
+            "/",
+            "?",
+            "@",
+            "\\",
+            "^",
+            "|",
+            "<",
+            ">",
+            "*",
+            "!",
+            "~",
+            "'",
+            "=",
+            "+",
+            ",",
+            ";",
+            "$",
+            "&",
+            "(",
+            ")",
+            "{",
+            "}",
+            "`",
+            "\"",
+        ];
+        let compare = |input: &str| {
+            let want = to_ascii(input);
+            let got = ascii_host(input);
+            let punycode = input.to_ascii_lowercase().contains("xn--");
+            if punycode && want.is_err() {
+                return;
+            }
+            assert_eq!(got, want, "input {input:?}");
+        };
+        // Every string of up to two printable or control ASCII characters.
+        for a in 0u8..0x80 {
+            compare(&char::from(a).to_string());
+            for b in 0u8..0x80 {
+                compare(&format!("{}{}", char::from(a), char::from(b)));
+            }
+        }
+        // And many joined pieces, from a fixed-seed generator.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |below: usize| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            usize::try_from(seed >> 33).unwrap_or(0) % below
+        };
+        for _ in 0..200_000 {
+            let mut input = String::new();
+            for _ in 0..1 + next(8) {
+                input.push_str(PIECES[next(PIECES.len())]);
+            }
+            compare(&input);
         }
     }
 

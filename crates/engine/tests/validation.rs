@@ -424,3 +424,51 @@ fn plugin_config_envelope_errors() {
         assert!(err.to_string().contains(fragment), "{err}");
     }
 }
+
+/// The bundle names every host in ASCII (a filter without IDNA must load it)
+/// and means exactly what was validated: each policy parses to the same model.
+#[test]
+fn bundling_writes_host_names_in_punycode_and_keeps_every_policy() {
+    let root = common::repo_root();
+    let mut docs = common::read_policies(&root.join("policies"));
+    docs.extend(common::read_policies(&root.join("deploy/e2e/policies")));
+    docs.add(
+        origin_policy_engine::documents::DocumentKind::Policy,
+        "idn.json".to_owned(),
+        json!({
+            "domain": "*.Straße.example.",
+            "primary": {"address": "Ursprung.bücher.example", "port": 443, "clusters": {"https": "c"}},
+            "secondary": {"address": "[2001:DB8::1]", "clusters": {"http": "b"}},
+            "origin_host": {"mode": "custom", "value": "Laden.bücher.example:8443"},
+            "origin_sni": {"mode": "custom", "value": "zertifikat.bücher.example"}
+        }),
+    );
+    let bundle = docs.plugin_config();
+    let bundled = bundle["policies"].as_array().unwrap();
+    assert_eq!(bundled.len(), docs.policies.len());
+    let mut idn = 0;
+    for ((source, written), bundled) in docs.policies.iter().zip(bundled) {
+        let (Some(want), _) = parse_policy(source, written) else {
+            panic!("{source} is invalid");
+        };
+        assert_eq!(
+            parse_policy(source, bundled).0.as_ref(),
+            Some(&want),
+            "{source}"
+        );
+        for field in [
+            "/domain",
+            "/primary/address",
+            "/secondary/address",
+            "/origin_host/value",
+            "/origin_sni/value",
+        ] {
+            if let Some(name) = bundled.pointer(field) {
+                assert!(name.as_str().unwrap().is_ascii(), "{source}{field}: {name}");
+                idn += usize::from(written.pointer(field) != Some(name));
+            }
+        }
+    }
+    assert!(idn >= 5, "only {idn} names rewritten");
+    assert_eq!(bundled.last().unwrap()["domain"], "*.xn--strae-oqa.example");
+}
