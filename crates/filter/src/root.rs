@@ -42,30 +42,38 @@ fn plugin_root_id() -> String {
 enum Report {
     /// First to apply it: count it and log everything.
     All,
-    /// Envoy's fresh main-thread VM has no last good policies, so it cannot
-    /// say which domains kept theirs; the first VM with history says so.
-    KeptPolicies,
+    /// First to apply it, but without the last good policies of earlier
+    /// pushes (Envoy's fresh main-thread VM): count it and log the findings;
+    /// which domains kept their policy is left to a VM that knows.
+    Findings,
+    /// The first VM with history after a [`Report::Findings`]: the domains
+    /// kept on their last good policy, and what is served.
+    Kept,
     Nothing,
 }
 
-fn claim(plugin: &str, config: &[u8], with_history: bool) -> Report {
+/// `knows_kept`: this VM can tell which domains kept their last good policy
+/// (it has the previous set, or nothing was rejected).
+fn claim(plugin: &str, config: &[u8], knows_kept: bool) -> Report {
     let key = format!("origin-policy.applied.{plugin}");
     let fingerprint = fingerprint(config).to_le_bytes();
-    let mut mark = fingerprint.to_vec();
-    mark.push(u8::from(with_history));
     let (report, cas) = match hostcalls::get_shared_data(&key) {
         Ok((Some(seen), cas)) if seen.starts_with(&fingerprint) => {
-            let by_history = seen.last() == Some(&1);
-            if with_history && !by_history {
-                (Report::KeptPolicies, cas)
+            if knows_kept && seen.last() == Some(&0) {
+                (Report::Kept, cas)
             } else {
                 return Report::Nothing;
             }
         }
+        // An earlier push was applied in this process, so a VM without history
+        // is not one the workers are.
+        Ok((Some(_), cas)) if !knows_kept => (Report::Findings, cas),
         Ok((_, cas)) => (Report::All, cas),
         // Without shared data, report in every VM rather than never.
         Err(_) => return Report::All,
     };
+    let mut mark = fingerprint.to_vec();
+    mark.push(u8::from(report != Report::Findings));
     match hostcalls::set_shared_data(&key, Some(&mark), cas) {
         Ok(()) => report,
         Err(_) => Report::Nothing,
@@ -80,7 +88,7 @@ pub(crate) struct OriginPolicyRoot {
 
 impl OriginPolicyRoot {
     fn reject(&self, metrics: &Metrics, report: Report, why: &dyn std::fmt::Display) -> bool {
-        if report == Report::All {
+        if matches!(report, Report::All | Report::Findings) {
             error!("{why}");
             metrics.bump(Counter::ConfigRejected);
         }
@@ -124,8 +132,12 @@ impl RootContext for OriginPolicyRoot {
                 return self.reject(&metrics, report, &e);
             }
         };
-        let report = claim(&plugin, &bytes, previous.is_some());
-        if report == Report::All {
+        let report = claim(
+            &plugin,
+            &bytes,
+            previous.is_some() || compiled.rejected == 0,
+        );
+        if matches!(report, Report::All | Report::Findings) {
             for d in compiled.diagnostics.errors() {
                 error!("policy rejected: {d}");
             }
@@ -135,7 +147,7 @@ impl RootContext for OriginPolicyRoot {
             metrics.add(Counter::PolicyRejected, compiled.rejected as u64);
             metrics.bump(Counter::ConfigApplied);
         }
-        if report != Report::Nothing {
+        if matches!(report, Report::All | Report::Kept) {
             for domain in &compiled.kept_previous {
                 warn!("{domain}: keeping the last good policy");
             }
