@@ -27,7 +27,7 @@ const PROXY_CONNECT_ERROR: &str = "upstream connect error or disconnect/reset be
 
 /// Connection-scoped headers that must not be copied between hops (RFC 9110 7.6.1),
 /// plus `content-length`, which the host recomputes.
-pub fn is_hop_by_hop(name: &str) -> bool {
+fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
         "connection"

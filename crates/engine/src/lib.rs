@@ -32,8 +32,8 @@ pub use decision::{
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 pub use exchange::{
-    is_hop_by_hop, relayed_headers, Exchange, PrimaryVerdict, ReplayRequest, SecondaryResponse,
-    SecondaryVerdict, DECISION_HEADER, ORIGIN_ERROR_HEADER,
+    relayed_headers, Exchange, PrimaryVerdict, ReplayRequest, SecondaryResponse, SecondaryVerdict,
+    DECISION_HEADER, ORIGIN_ERROR_HEADER,
 };
 pub use fetch::FetchFailure;
 pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource, MAX_POLICIES};
