@@ -8,7 +8,7 @@ use crate::metrics::{Counter, Metrics};
 use log::{debug, error, info, warn};
 use origin_policy_engine::{
     relayed_headers, scheme_from_text, Exchange, FailoverOutcome, FetchFailure, OriginError,
-    PolicySet, PrimaryFailure, PrimaryVerdict, Refusal, Scheme, SecondaryFailure,
+    OriginTarget, PolicySet, PrimaryFailure, PrimaryVerdict, Refusal, Scheme, SecondaryFailure,
     SecondaryResponse, SecondaryVerdict, UnknownDomain, ViewerRequest, DECISION_HEADER,
     ORIGIN_ERROR_HEADER,
 };
@@ -88,6 +88,32 @@ fn local_reply(status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
 fn set_request_header(name: &str, value: Option<&str>) -> Result<(), String> {
     hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value)
         .map_err(|e| format!("could not set {name}: {e:?}"))
+}
+
+/// Writes only what changes: the cluster header always (a viewer never picks
+/// the cluster), `:scheme` and `:authority` when they differ, and the filter
+/// state the dynamic forward proxy and the TLS handshake read.
+fn route_to(
+    t: &OriginTarget<'_>,
+    cluster_header: &str,
+    viewer: &ViewerHeaders<'_>,
+) -> Result<(), String> {
+    set_request_header(cluster_header, Some(t.cluster))?;
+    if viewer.scheme != Some(t.scheme.as_str()) {
+        set_request_header(":scheme", Some(t.scheme.as_str()))?;
+    }
+    if viewer.authority != Some(t.authority.as_ref()) {
+        set_request_header(":authority", Some(&t.authority))?;
+    }
+    if let Some(host) = t.dynamic_host {
+        set_filter_state(DYNAMIC_HOST, host)?;
+        set_filter_state(DYNAMIC_PORT, &t.port.to_string())?;
+    }
+    if let (Scheme::Https, Some(sni)) = (t.scheme, &t.sni) {
+        set_filter_state(UPSTREAM_SERVER_NAME, sni)?;
+        set_filter_state(UPSTREAM_SUBJECT_ALT_NAMES, sni)?;
+    }
+    Ok(())
 }
 
 pub(crate) struct OriginFetch {
@@ -190,22 +216,7 @@ impl OriginFetch {
             return Ok(Action::Continue);
         };
         self.metrics.bump(Counter::Decided);
-        let t = &decision.target;
-        set_request_header(&settings.cluster_header, Some(t.cluster))?;
-        if viewer.scheme != Some(t.scheme.as_str()) {
-            set_request_header(":scheme", Some(t.scheme.as_str()))?;
-        }
-        if authority != t.authority {
-            set_request_header(":authority", Some(&t.authority))?;
-        }
-        if let Some(host) = t.dynamic_host {
-            set_filter_state(DYNAMIC_HOST, host)?;
-            set_filter_state(DYNAMIC_PORT, &t.port.to_string())?;
-        }
-        if let (Scheme::Https, Some(sni)) = (t.scheme, &t.sni) {
-            set_filter_state(UPSTREAM_SERVER_NAME, sni)?;
-            set_filter_state(UPSTREAM_SUBJECT_ALT_NAMES, sni)?;
-        }
+        route_to(&decision.target, &settings.cluster_header, &viewer)?;
         debug!("{}: {}", decision.policy.name, decision.header_value());
         if exchange.may_fail_over() {
             exchange.keep_for_replay(headers);
