@@ -146,6 +146,8 @@ pub struct Exchange {
     choice: Choice,
     method: String,
     limits: Limits,
+    /// Known when the request is decided; asked again when its headers are kept.
+    may_fail_over: bool,
     replay: Option<Replay>,
     error: Option<OriginError>,
 }
@@ -159,14 +161,14 @@ impl Exchange {
     ) -> Result<Exchange, Refusal<'a>> {
         let choice = found.choose(request, settings);
         let policy: &'a Arc<CompiledPolicy> = found.policy;
-        if policy
-            .decision(Cow::Borrowed(&found.viewer_host), choice)
-            .is_none()
-        {
-            return Err(Refusal::NoRoute {
-                domain: &policy.name,
-            });
-        }
+        let may_fail_over = match policy.decision(Cow::Borrowed(&found.viewer_host), choice) {
+            Some(d) => matches!(d.failover, Failover::Plan(_)),
+            None => {
+                return Err(Refusal::NoRoute {
+                    domain: &policy.name,
+                })
+            }
+        };
         Ok(Exchange {
             policy: Arc::clone(policy),
             viewer_host: found.viewer_host.into_owned(),
@@ -177,6 +179,7 @@ impl Exchange {
                 max_secondary_response_bytes: settings.max_secondary_response_bytes,
                 decision_header: settings.decision_header,
             },
+            may_fail_over,
             replay: None,
             error: None,
         })
@@ -195,7 +198,7 @@ impl Exchange {
 
     /// Whether the request must be kept for a replay: only when a failover is possible.
     pub fn may_fail_over(&self) -> bool {
-        matches!(self.decision().map(|d| d.failover), Some(Failover::Plan(_)))
+        self.may_fail_over
     }
 
     /// Keeps the request headers for a replay.
