@@ -6,6 +6,7 @@ use crate::filter_state::{
 };
 use crate::metrics::{Counter, Metrics};
 use log::{debug, error, info, warn};
+use origin_policy_engine::host::HostError;
 use origin_policy_engine::{
     relayed_headers, scheme_from_text, Exchange, FailoverOutcome, FetchFailure, OriginError,
     OriginTarget, PolicySet, PrimaryFailure, PrimaryVerdict, Refusal, Scheme, SecondaryFailure,
@@ -188,8 +189,7 @@ impl OriginFetch {
             set_request_header(DECISION_HEADER, None)?;
         }
         if viewer.conflicting_host {
-            self.metrics.bump(Counter::BadHost);
-            return Ok(self.answer(400, "bad host: conflicting Host values"));
+            return Ok(self.refuse(Refusal::BadHost(HostError::Conflicting), &viewer));
         }
         let authority = viewer.authority.unwrap_or_default();
         let found = match policies.lookup(authority) {
