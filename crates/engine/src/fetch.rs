@@ -1,6 +1,7 @@
 //! Telling an origin's own 5xx from one the proxy made up because the origin
 //! never answered (refused connection, failed TLS handshake, timeout).
 
+use crate::origin_error::header_text;
 use std::fmt;
 
 /// The longest proxy-supplied cause copied into `x-origin-error`.
@@ -67,20 +68,10 @@ impl fmt::Display for FetchFailure<'_> {
     /// text ends up in a response header, so only printable ASCII passes and
     /// it is cut at `MAX_CAUSE_LEN`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let printable = |s: &str, underscore: char| -> String {
-            s.chars()
-                .take(MAX_CAUSE_LEN)
-                .map(|c| match c {
-                    '_' => underscore,
-                    ' '..='~' => c,
-                    _ => '?',
-                })
-                .collect()
-        };
-        let words = |s: &str| printable(s, ' ');
+        let words = |s: &str| header_text(s).replace('_', " ");
         match self {
             FetchFailure::Connect(c) => write!(f, "orig connect failed ({})", words(c)),
-            FetchFailure::Tls(r) => write!(f, "orig TLS handshake failed ({})", printable(r, '_')),
+            FetchFailure::Tls(r) => write!(f, "orig TLS handshake failed ({})", header_text(r)),
             FetchFailure::Timeout => f.write_str("orig response timeout"),
             FetchFailure::Reset(c) => write!(f, "orig connection reset ({})", words(c)),
         }
