@@ -20,17 +20,16 @@ enum Seen {
 }
 
 fn send(vm: &mut Vm, headers: &[(&str, &str)]) -> Seen {
-    let id = vm.open_stream().unwrap();
-    seen(vm, id, headers)
+    send_over(vm, false, headers)
 }
 
-/// [`send`] over a TLS connection to the edge.
-fn send_tls(vm: &mut Vm, headers: &[(&str, &str)]) -> Seen {
-    let id = vm.open_tls_stream().unwrap();
-    seen(vm, id, headers)
-}
-
-fn seen(vm: &mut Vm, id: u32, headers: &[(&str, &str)]) -> Seen {
+/// [`send`] over a plaintext or a TLS connection to the edge.
+fn send_over(vm: &mut Vm, tls: bool, headers: &[(&str, &str)]) -> Seen {
+    let id = if tls {
+        vm.open_tls_stream().unwrap()
+    } else {
+        vm.open_stream().unwrap()
+    };
     vm.request_headers(id, headers, true).unwrap();
     let seen = match vm.local_response(id) {
         Some(r) => Seen::Local(
@@ -201,12 +200,7 @@ fn schemes_the_filter_does_not_know_count_as_http() {
         if let Some(x) = xfp {
             headers.push(("x-forwarded-proto", x));
         }
-        let seen = if tls {
-            send_tls(&mut vm, &headers)
-        } else {
-            send(&mut vm, &headers)
-        };
-        match seen {
+        match send_over(&mut vm, tls, &headers) {
             Seen::Upstream { cluster: got, .. } => {
                 assert_eq!(got.as_deref(), Some(cluster), "{scheme:?} / {xfp:?}")
             }
@@ -238,12 +232,7 @@ fn without_trusted_x_forwarded_proto_only_the_connection_decides() {
         (forged("https", "https"), false, "media_origin"),
         (forged("http", "http"), true, "media_origin_tls"),
     ] {
-        let seen = if tls {
-            send_tls(&mut vm, &headers)
-        } else {
-            send(&mut vm, &headers)
-        };
-        match seen {
+        match send_over(&mut vm, tls, &headers) {
             Seen::Upstream { cluster: got, .. } => {
                 assert_eq!(got.as_deref(), Some(cluster), "tls={tls}")
             }
