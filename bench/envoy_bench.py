@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
 import yaml  # noqa: E402
 
-from edge import WASM, Envoy, bundle  # noqa: E402
+from edge import WASM, Envoy, bundle, cpu_model, envoy_version  # noqa: E402
 from origins import Certificates  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -197,17 +197,10 @@ def table(results: dict[str, list[dict]], title: str) -> str:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    envoy_version = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "envoy"), "--version"], capture_output=True, text=True
-    ).stdout.strip().split("version:")[-1].strip().split("/")[1]
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     return (
-        f"{os.cpu_count()} × {model}, Linux {platform.release()}, Envoy {envoy_version} (v8), "
-        f"nginx {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip().split('/')[-1]}"
+        f"{os.cpu_count()} × {cpu_model()}, Linux {platform.release()}, "
+        f"Envoy {envoy_version()} (v8), nginx {nginx.strip().split('/')[-1]}"
     )
 
 

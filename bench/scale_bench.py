@@ -48,14 +48,17 @@ from datetime import datetime
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-WASM = Path(
-    os.environ.get(
-        "ORIGIN_POLICY_WASM", REPO / "target" / "wasm32-wasip1" / "release" / "origin_policy.wasm"
-    )
+sys.path.insert(0, str(BENCH.parent / "deploy"))
+from edge import (  # noqa: E402
+    ECDS_FILE,
+    ENVOY,
+    REPO,
+    WASM,
+    cpu_model,
+    envoy_version,
+    parse_stats,
 )
-ENVOY = Path(os.environ.get("ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
-ECDS_FILE = "origin-policy.ecds.json"
+
 ORIGIN_CLUSTER = "scale_origin"
 DECISION = "x-origin-decision"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
@@ -394,13 +397,7 @@ class Admin:
 
     def stats(self, filter_: str) -> dict[str, int]:
         with urllib.request.urlopen(f"{self.url}/stats?filter={filter_}", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().lstrip("-").isdigit():
-                out[name] = int(value)
-        return out
+            return parse_stats(r.read().decode())
 
 
 @dataclass
@@ -816,20 +813,13 @@ def row(r: SizeResult, pushes: int) -> str:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
     mem = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             mem = int(line.split()[1]) / MIB
-    version = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True).stdout
-    version = version.strip().split("version:")[-1].strip().split("/")[1]
     return (
-        f"{os.cpu_count()} × {model}, {mem:.0f} GiB, Linux {platform.release()}, "
-        f"Envoy {version} (v8), Python {platform.python_version()}"
+        f"{os.cpu_count()} × {cpu_model()}, {mem:.0f} GiB, Linux {platform.release()}, "
+        f"Envoy {envoy_version(ENVOY)} (v8), Python {platform.python_version()}"
     )
 
 

@@ -158,12 +158,30 @@ class Envoy:
     def stats(self) -> dict[str, int]:
         """Counters and gauges from the admin endpoint, by name."""
         _, text = http_get(f"{self.admin}/stats")
-        out = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().lstrip("-").isdigit():
-                out[name] = int(value)
-        return out
+        return parse_stats(text)
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """Envoy's admin `/stats` text (`name: value` lines): the numeric ones, by name."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().lstrip("-").isdigit():
+            out[name] = int(value)
+    return out
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def envoy_version(envoy: Path = ENVOY) -> str:
+    """`1.40.0` from `envoy --version`."""
+    out = subprocess.run([str(envoy), "--version"], capture_output=True, text=True).stdout
+    return out.strip().split("version:")[-1].strip().split("/")[1]
 
 
 def edge_config() -> dict:
