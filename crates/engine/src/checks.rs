@@ -1,5 +1,4 @@
-//! Checks across fields: every scheme a policy can pick must be reachable,
-//! and known misconfigurations from the CDN FAQ are warned about.
+//! Checks across fields: known misconfigurations from the CDN FAQ are warned about.
 
 use crate::host::{is_ip_literal, strip_port};
 use crate::policy::*;
@@ -13,49 +12,6 @@ impl Policy {
             ProtocolPolicy::Off | ProtocolPolicy::Http => vec![Scheme::Http],
             ProtocolPolicy::Https => vec![Scheme::Https],
             ProtocolPolicy::Follow => vec![Scheme::Http, Scheme::Https],
-        }
-    }
-}
-
-/// Every scheme the protocol policy can produce needs a way to reach the origin.
-pub(crate) fn check_reachability(f: &mut Findings, policy: &Policy) {
-    let origins = [
-        ("primary", Some(&policy.primary)),
-        ("secondary", policy.secondary.as_ref()),
-    ];
-    for (role, origin) in origins {
-        let Some(origin) = origin else { continue };
-        match &origin.reach {
-            Reach::Clusters { http, https } => {
-                for scheme in policy.schemes_for(origin) {
-                    let named = match scheme {
-                        Scheme::Http => http,
-                        Scheme::Https => https,
-                    };
-                    if named.is_none() {
-                        f.error(
-                            &format!("/{role}/clusters"),
-                            format!(
-                                "protocol policy `{}` can fetch over {} but no `{}` cluster is named",
-                                policy.protocol.as_str(),
-                                scheme.as_str(),
-                                scheme.as_str()
-                            ),
-                        );
-                    }
-                }
-            }
-            Reach::DynamicForwardProxy if role == "secondary" => f.error(
-                "/secondary",
-                "the secondary origin needs `clusters`: failover re-sends the request with dispatch_http_call, which cannot use the dynamic forward proxy",
-            ),
-            Reach::DynamicForwardProxy => {}
-        }
-        if role == "secondary" && policy.schemes_for(origin).contains(&Scheme::Https) {
-            f.error(
-                "/secondary",
-                "the secondary origin cannot be fetched over HTTPS: failover re-sends the request with dispatch_http_call, which carries no per-request SNI and no certificate name to check",
-            );
         }
     }
 }
@@ -80,7 +36,7 @@ pub(crate) fn lint(f: &mut Findings, policy: Option<&Policy>) {
     if let OriginSni::Custom(sni) = &p.origin_sni {
         let host = match &p.origin_host {
             OriginHost::Custom(h) => Some(strip_port(h).to_owned()),
-            OriginHost::OriginDomain => Some(p.primary.address.clone()),
+            OriginHost::OriginDomain => p.first_primary().map(|o| o.address.clone()),
             OriginHost::AccelerationDomain => match &p.domain {
                 DomainPattern::Exact(d) => Some(d.clone()),
                 DomainPattern::Wildcard(_) => None,
@@ -94,17 +50,15 @@ pub(crate) fn lint(f: &mut Findings, policy: Option<&Policy>) {
             );
         }
     }
-    if p.origin_sni == OriginSni::OriginHost
-        && p.origin_host == OriginHost::OriginDomain
-        && is_ip_literal(&p.primary.address)
-    {
-        let https = p.schemes_for(&p.primary).contains(&Scheme::Https);
-        if https {
-            f.warn(
-                "/origin_sni",
-                format!("the origin Host is the IP address {}, so no SNI is sent and the certificate cannot be checked against a name", p.primary.address),
-                "set `origin_sni` to the name on the origin's certificate",
-            );
+    if p.origin_sni == OriginSni::OriginHost && p.origin_host == OriginHost::OriginDomain {
+        for o in &p.origins {
+            if is_ip_literal(&o.address) && p.schemes_for(o).contains(&Scheme::Https) {
+                f.warn(
+                    "/origin_sni",
+                    format!("the origin Host is the IP address {}, so no SNI is sent and the certificate cannot be checked against a name", o.address),
+                    "set `origin_sni` to the name on the origin's certificate",
+                );
+            }
         }
     }
 }

@@ -1,52 +1,119 @@
 //! A policy compiled for lookups: every way to each origin, worked out once
 //! when the policy is loaded, so that a request only picks among them.
 
-use crate::decision::OriginRole;
 use crate::host::{is_ip_literal, strip_port};
-use crate::policy::{Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach, Scheme};
-use crate::settings::Settings;
+use crate::policy::{Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Scheme, Tier};
 use std::fmt;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum HostSource {
-    Viewer,
+/// The name the origin's certificate is checked against, also sent as SNI.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TlsName {
+    /// Plain HTTP, or a Host that is an IP literal: TLS carries no name.
+    None,
     Fixed(String),
+    /// The Host sent, which is the viewer's: Envoy takes SNI and the name to
+    /// check from the request (`auto_sni`, `auto_san_validation`).
+    FromHost,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum SniSource {
-    /// The viewer's host (when the origin Host is the acceleration domain).
-    Viewer,
-    Fixed(String),
-    /// The Host is an IP literal: TLS carries no name.
-    Absent,
+/// Everything Envoy needs to reach one origin over one scheme: what one
+/// derived cluster carries. Domains that reach an origin the same way share it,
+/// and with it the origin's health.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OriginEndpoint {
+    pub scheme: Scheme,
+    /// Domain name or IP literal (IPv6 in brackets).
+    pub address: String,
+    pub port: u16,
+    /// The Host sent to this origin; `None` keeps the viewer's.
+    pub host: Option<String>,
+    pub tls_name: TlsName,
+    pub connect_timeout_ms: u32,
 }
 
-/// A precomputed way to one origin over one scheme.
+/// FNV-1a: cluster names must not change between releases, or a push would
+/// replace every cluster and forget every origin's health.
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl OriginEndpoint {
+    /// `origin:<scheme>:<address>:<port>:<hash>`: readable in Envoy's stats and
+    /// admin pages, unique for everything else the cluster carries.
+    pub fn cluster_name(&self) -> String {
+        let tls = match &self.tls_name {
+            TlsName::None => "-".to_owned(),
+            TlsName::Fixed(name) => name.clone(),
+            TlsName::FromHost => "*".to_owned(),
+        };
+        let identity = format!(
+            "{}|{}|{}|{}|{}|{}",
+            self.scheme.as_str(),
+            self.address,
+            self.port,
+            self.host.as_deref().unwrap_or("*"),
+            tls,
+            self.connect_timeout_ms
+        );
+        format!(
+            "origin:{}:{}:{}:{:08x}",
+            self.scheme.as_str(),
+            self.address,
+            self.port,
+            stable_hash(&identity) as u32
+        )
+    }
+}
+
+/// Origins tried in order for one request: the aggregate cluster Envoy
+/// derives from them moves to the next one when an origin is marked down,
+/// and a retry moves to the next one after a failure.
+pub fn chain_cluster_name(members: &[String]) -> String {
+    format!("chain:{:016x}", stable_hash(&members.join("\n")))
+}
+
+/// One origin of a compiled policy, reached over one scheme.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OriginRoute {
-    pub(crate) role: OriginRole,
+    pub(crate) tier: Tier,
+    pub(crate) endpoint: OriginEndpoint,
     pub(crate) cluster: String,
-    pub(crate) scheme: Scheme,
-    pub(crate) port: u16,
-    pub(crate) host: HostSource,
-    pub(crate) sni: SniSource,
-    /// `Some(address)` when the dynamic forward proxy must be told where to go.
-    pub(crate) dynamic_host: Option<String>,
+    pub(crate) weight: u32,
+    pub(crate) response_timeout_ms: u32,
 }
 
+/// A primary origin a request may start with, and what it names in the
+/// cluster header: the origin's own cluster, or its chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct OriginRoutes {
-    pub(crate) http: Option<OriginRoute>,
-    pub(crate) https: Option<OriginRoute>,
+pub(crate) struct Start {
+    /// Index into [`SchemeRoutes::origins`].
+    pub(crate) origin: usize,
+    /// Requests whose spread falls below this start here.
+    pub(crate) weight_until: u32,
+    pub(crate) route_cluster: String,
+    /// The origins after this one, in the order failover tries them.
+    pub(crate) chain: Vec<usize>,
 }
 
-impl OriginRoutes {
-    pub(crate) fn get(&self, scheme: Scheme) -> Option<&OriginRoute> {
-        match scheme {
-            Scheme::Http => self.http.as_ref(),
-            Scheme::Https => self.https.as_ref(),
-        }
+/// Everything a policy can do over one scheme.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SchemeRoutes {
+    pub(crate) origins: Vec<OriginRoute>,
+    pub(crate) starts: Vec<Start>,
+    pub(crate) total_weight: u32,
+}
+
+impl SchemeRoutes {
+    /// The start a request's spread (any number, e.g. random) lands on,
+    /// spreading requests over the primary tier by weight.
+    pub(crate) fn start(&self, spread: u32) -> Option<&Start> {
+        let at = spread % self.total_weight.max(1);
+        self.starts
+            .iter()
+            .find(|s| at < s.weight_until)
+            .or(self.starts.last())
     }
 }
 
@@ -81,106 +148,129 @@ pub struct CacheOverride {
 pub struct CompiledPolicy {
     pub policy: Policy,
     pub name: String,
-    pub(crate) primary: OriginRoutes,
-    pub(crate) secondary: Option<OriginRoutes>,
+    pub(crate) http: Option<SchemeRoutes>,
+    pub(crate) https: Option<SchemeRoutes>,
     cache: Vec<CacheOverride>,
 }
 
-fn route(
-    policy: &Policy,
-    origin: &Origin,
-    role: OriginRole,
-    scheme: Scheme,
-    settings: &Settings,
-) -> Option<OriginRoute> {
-    let port = match policy.protocol {
+/// The port and scheme the protocol policy gives an origin.
+fn port_for(policy: &Policy, origin: &Origin, scheme: Scheme) -> u16 {
+    match policy.protocol {
         ProtocolPolicy::Off => origin.port,
         _ => match scheme {
             Scheme::Http => policy.http_port,
             Scheme::Https => policy.https_port,
         },
-    };
-    let (cluster, dynamic_host) = match &origin.reach {
-        Reach::Clusters { http, https } => {
-            let named = match scheme {
-                Scheme::Http => http,
-                Scheme::Https => https,
-            };
-            (named.clone()?, None)
-        }
-        Reach::DynamicForwardProxy => {
-            let cluster = match scheme {
-                Scheme::Http => &settings.dfp_http_cluster,
-                Scheme::Https => &settings.dfp_https_cluster,
-            };
-            (cluster.clone(), Some(origin.address.clone()))
-        }
-    };
+    }
+}
+
+fn endpoint(policy: &Policy, origin: &Origin, scheme: Scheme) -> OriginEndpoint {
+    let port = port_for(policy, origin, scheme);
     // A CDN names the origin's port in Host only when it addresses the origin
     // itself; the accelerated and custom names are virtual hosts, sent as given.
     let host = match &policy.origin_host {
-        OriginHost::AccelerationDomain => HostSource::Viewer,
+        OriginHost::AccelerationDomain => None,
         OriginHost::OriginDomain if port != scheme.default_port() => {
-            HostSource::Fixed(format!("{}:{port}", origin.address))
+            Some(format!("{}:{port}", origin.address))
         }
-        OriginHost::OriginDomain => HostSource::Fixed(origin.address.clone()),
-        OriginHost::Custom(h) => HostSource::Fixed(h.clone()),
+        OriginHost::OriginDomain => Some(origin.address.clone()),
+        OriginHost::Custom(h) => Some(h.clone()),
     };
-    let sni = match (scheme, &policy.origin_sni, &host) {
-        (Scheme::Http, _, _) => SniSource::Absent,
-        (Scheme::Https, OriginSni::Custom(name), _) => SniSource::Fixed(name.clone()),
-        (Scheme::Https, OriginSni::OriginHost, HostSource::Viewer) => SniSource::Viewer,
-        (Scheme::Https, OriginSni::OriginHost, HostSource::Fixed(h)) => {
+    let tls_name = match (scheme, &policy.origin_sni, &host) {
+        (Scheme::Http, _, _) => TlsName::None,
+        (Scheme::Https, OriginSni::Custom(name), _) => TlsName::Fixed(name.clone()),
+        (Scheme::Https, OriginSni::OriginHost, None) => TlsName::FromHost,
+        (Scheme::Https, OriginSni::OriginHost, Some(h)) => {
             let name = strip_port(h);
             if is_ip_literal(name) {
-                SniSource::Absent
+                TlsName::None
             } else {
-                SniSource::Fixed(name.to_owned())
+                TlsName::Fixed(name.to_owned())
             }
         }
     };
-    Some(OriginRoute {
-        role,
-        cluster,
+    OriginEndpoint {
         scheme,
+        address: origin.address.clone(),
         port,
         host,
-        sni,
-        dynamic_host,
+        tls_name,
+        connect_timeout_ms: origin.connect_timeout_ms,
+    }
+}
+
+/// The scheme this policy uses towards `origin` when the viewer used `viewer`.
+pub(crate) fn scheme_for(policy: &Policy, origin: &Origin, viewer: Scheme) -> Scheme {
+    match policy.protocol {
+        ProtocolPolicy::Off if origin.port == 443 => Scheme::Https,
+        ProtocolPolicy::Off | ProtocolPolicy::Http => Scheme::Http,
+        ProtocolPolicy::Https => Scheme::Https,
+        ProtocolPolicy::Follow => viewer,
+    }
+}
+
+fn scheme_routes(policy: &Policy, viewer: Scheme) -> Option<SchemeRoutes> {
+    let origins: Vec<OriginRoute> = policy
+        .origins
+        .iter()
+        .map(|o| {
+            let endpoint = endpoint(policy, o, scheme_for(policy, o, viewer));
+            OriginRoute {
+                tier: o.tier,
+                cluster: endpoint.cluster_name(),
+                endpoint,
+                weight: o.weight,
+                response_timeout_ms: o.response_timeout_ms,
+            }
+        })
+        .collect();
+    let primaries: Vec<usize> = (0..origins.len())
+        .filter(|i| origins[*i].tier == Tier::Primary)
+        .collect();
+    let mut total_weight = 0;
+    let starts = primaries
+        .iter()
+        .map(|&first| {
+            total_weight += origins[first].weight;
+            // The other primaries first, then the secondary tier, each in the
+            // order written (the sort is stable).
+            let mut chain: Vec<usize> = (0..origins.len()).filter(|i| *i != first).collect();
+            chain.sort_by_key(|i| origins[*i].tier);
+            let route_cluster = if chain.is_empty() {
+                origins[first].cluster.clone()
+            } else {
+                let members: Vec<String> = std::iter::once(first)
+                    .chain(chain.iter().copied())
+                    .map(|i| origins[i].cluster.clone())
+                    .collect();
+                chain_cluster_name(&members)
+            };
+            Start {
+                origin: first,
+                weight_until: total_weight,
+                route_cluster,
+                chain,
+            }
+        })
+        .collect::<Vec<_>>();
+    (!starts.is_empty()).then_some(SchemeRoutes {
+        origins,
+        starts,
+        total_weight,
     })
 }
 
-fn routes(policy: &Policy, origin: &Origin, role: OriginRole, settings: &Settings) -> OriginRoutes {
-    let schemes = policy.schemes_for(origin);
-    let make = |s: Scheme| {
-        schemes
-            .contains(&s)
-            .then(|| route(policy, origin, role, s, settings))
-            .flatten()
-    };
-    OriginRoutes {
-        http: make(Scheme::Http),
-        https: make(Scheme::Https),
-    }
-}
-
 impl CompiledPolicy {
-    /// Every Envoy cluster this policy can send a request to.
-    pub fn clusters(&self) -> impl Iterator<Item = &str> {
-        [Some(&self.primary), self.secondary.as_ref()]
-            .into_iter()
-            .flatten()
-            .flat_map(|r| [r.http.as_ref(), r.https.as_ref()])
-            .flatten()
-            .map(|r| r.cluster.as_str())
-    }
-
-    pub fn compile(policy: Policy, settings: &Settings) -> Self {
-        let primary = routes(&policy, &policy.primary, OriginRole::Primary, settings);
-        let secondary = policy
-            .secondary
-            .as_ref()
-            .map(|s| routes(&policy, s, OriginRole::Secondary, settings));
+    pub fn compile(policy: Policy) -> Self {
+        // Under `off` each origin's port decides its scheme, so both viewer
+        // schemes give the same routes; only `follow` depends on the viewer.
+        let (http, https) = match policy.protocol {
+            ProtocolPolicy::Follow => (
+                scheme_routes(&policy, Scheme::Http),
+                scheme_routes(&policy, Scheme::Https),
+            ),
+            _ => (scheme_routes(&policy, Scheme::Http), None),
+        };
         let cache = policy
             .cache_status_ttl
             .iter()
@@ -196,11 +286,29 @@ impl CompiledPolicy {
             .collect();
         CompiledPolicy {
             name: policy.domain.display_name(),
-            primary,
-            secondary,
+            http,
+            https,
             cache,
             policy,
         }
+    }
+
+    pub(crate) fn routes(&self, viewer: Scheme) -> Option<&SchemeRoutes> {
+        match (viewer, &self.https) {
+            (Scheme::Https, Some(r)) => Some(r),
+            _ => self.http.as_ref(),
+        }
+    }
+
+    /// Every way this policy reaches its origins, for any viewer.
+    pub(crate) fn all_routes(&self) -> impl Iterator<Item = &SchemeRoutes> {
+        self.http.iter().chain(self.https.iter())
+    }
+
+    /// Every cluster this policy can name in the cluster header.
+    pub fn route_clusters(&self) -> impl Iterator<Item = &str> {
+        self.all_routes()
+            .flat_map(|r| r.starts.iter().map(|s| s.route_cluster.as_str()))
     }
 
     /// The `cache-control` to force for an origin response status, if any.

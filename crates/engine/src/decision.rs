@@ -1,10 +1,9 @@
 //! Turning a viewer request into an origin decision: the per-request half of
 //! a compiled policy.
 
-use crate::compiled::{CacheControl, CompiledPolicy, HostSource, OriginRoute, SniSource};
-use crate::fetch::FetchFailure;
+use crate::compiled::{CompiledPolicy, OriginRoute, Start, TlsName};
 use crate::host::{is_ip_literal, HostError};
-use crate::policy::{FailoverRule, ProtocolPolicy, Scheme};
+use crate::policy::{FailoverRule, ProtocolPolicy, Scheme, Tier};
 use crate::settings::Settings;
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -21,6 +20,10 @@ pub struct ViewerRequest<'a> {
     pub connection: Option<Scheme>,
     pub x_forwarded_proto: Option<&'a str>,
     pub method: &'a str,
+    /// Declared request body size (`content-length`), when known.
+    pub body_bytes: Option<u64>,
+    /// Any number, e.g. random: spreads requests over the primary tier by weight.
+    pub spread: u32,
 }
 
 /// A [`ViewerRequest`] that owns its strings, for callers that keep the
@@ -31,6 +34,8 @@ pub struct OwnedViewerRequest {
     pub connection: Option<Scheme>,
     pub x_forwarded_proto: Option<String>,
     pub method: String,
+    pub body_bytes: Option<u64>,
+    pub spread: u32,
 }
 
 impl OwnedViewerRequest {
@@ -40,21 +45,8 @@ impl OwnedViewerRequest {
             connection: self.connection,
             x_forwarded_proto: self.x_forwarded_proto.as_deref(),
             method: &self.method,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OriginRole {
-    Primary,
-    Secondary,
-}
-
-impl OriginRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OriginRole::Primary => "primary",
-            OriginRole::Secondary => "secondary",
+            body_bytes: self.body_bytes,
+            spread: self.spread,
         }
     }
 }
@@ -76,31 +68,33 @@ pub enum ViewerSchemeSource {
     Assumed,
 }
 
-/// Where one fetch goes: everything the filter writes into the request.
+/// One origin a request may be sent to, as this viewer's request reaches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginTarget<'a> {
-    pub role: OriginRole,
+    pub tier: Tier,
+    /// The origin's derived Envoy cluster.
     pub cluster: &'a str,
     pub scheme: Scheme,
+    pub address: &'a str,
     pub port: u16,
     /// Sent as `:authority` (and so as `Host`).
     pub authority: Cow<'a, str>,
     /// Sent in the TLS handshake and checked against the certificate's names.
     pub sni: Option<Cow<'a, str>>,
-    /// For the dynamic forward proxy: the host to connect to.
-    pub dynamic_host: Option<&'a str>,
+    pub connect_timeout_ms: u32,
+    pub response_timeout_ms: u32,
 }
 
 impl OriginTarget<'_> {
-    /// `domain=…; origin=…; cluster=…; scheme=…; port=…; host=…[; sni=…]`, the
+    /// `domain=…; origin=…; address=…; scheme=…; port=…; host=…[; sni=…]`, the
     /// `x-origin-decision` header for a fetch to this target.
     pub fn header_value(&self, domain: &str) -> String {
         let mut out = String::with_capacity(96);
         let _ = write!(
             out,
-            "domain={domain}; origin={}; cluster={}; scheme={}; port={}; host={}",
-            self.role.as_str(),
-            self.cluster,
+            "domain={domain}; origin={}; address={}; scheme={}; port={}; host={}",
+            self.tier.as_str(),
+            self.address,
             self.scheme.as_str(),
             self.port,
             self.authority
@@ -113,36 +107,48 @@ impl OriginTarget<'_> {
 }
 
 impl<'a> OriginTarget<'a> {
-    fn from_route(route: &'a OriginRoute, viewer_host: &Cow<'a, str>) -> Self {
-        let authority = match &route.host {
-            HostSource::Viewer => viewer_host.clone(),
-            HostSource::Fixed(h) => Cow::Borrowed(h.as_str()),
+    pub(crate) fn new(route: &'a OriginRoute, viewer_host: &Cow<'a, str>) -> Self {
+        let e = &route.endpoint;
+        let authority = match &e.host {
+            None => viewer_host.clone(),
+            Some(h) => Cow::Borrowed(h.as_str()),
         };
-        let sni = match &route.sni {
-            SniSource::Viewer if is_ip_literal(viewer_host) => None,
-            SniSource::Viewer => Some(viewer_host.clone()),
-            SniSource::Fixed(name) => Some(Cow::Borrowed(name.as_str())),
-            SniSource::Absent => None,
+        let sni = match &e.tls_name {
+            TlsName::FromHost if is_ip_literal(viewer_host) => None,
+            TlsName::FromHost => Some(viewer_host.clone()),
+            TlsName::Fixed(name) => Some(Cow::Borrowed(name.as_str())),
+            TlsName::None => None,
         };
         OriginTarget {
-            role: route.role,
+            tier: route.tier,
             cluster: &route.cluster,
-            scheme: route.scheme,
-            port: route.port,
+            scheme: e.scheme,
+            address: &e.address,
+            port: e.port,
             authority,
             sni,
-            dynamic_host: route.dynamic_host.as_deref(),
+            connect_timeout_ms: e.connect_timeout_ms,
+            response_timeout_ms: route.response_timeout_ms,
         }
     }
 }
 
-/// What happens if the primary answers with a failover status.
+/// Why a request that could fail over will not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailoverSkip {
+    /// The request's method is not one the policy retries.
+    Method(String),
+    /// The body is larger than Envoy keeps for a retry.
+    BodySize { limit: u32 },
+}
+
+/// What happens if the first origin fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failover<'a> {
     /// The policy has no secondary origin.
     NotConfigured,
-    /// The request's method is not one the policy retries.
-    MethodNotEligible(&'a FailoverRule),
+    /// The policy fails over, but not this request.
+    Skipped(&'a FailoverRule, FailoverSkip),
     Plan(FailoverPlan<'a>),
 }
 
@@ -151,7 +157,7 @@ impl Failover<'_> {
     pub fn rule(&self) -> Option<&FailoverRule> {
         match self {
             Failover::NotConfigured => None,
-            Failover::MethodNotEligible(rule) => Some(rule),
+            Failover::Skipped(rule, _) => Some(rule),
             Failover::Plan(plan) => Some(plan.rule),
         }
     }
@@ -159,8 +165,12 @@ impl Failover<'_> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverPlan<'a> {
+    /// The origin a retry goes to (the next in the chain).
     pub target: OriginTarget<'a>,
     pub rule: &'a FailoverRule,
+    /// Only a connection that failed before anything was sent is retried:
+    /// the method is not idempotent (RFC 9110 9.2.2).
+    pub connect_failures_only: bool,
 }
 
 /// The full answer for one request that a policy covers.
@@ -172,7 +182,12 @@ pub struct OriginDecision<'a> {
     pub viewer_host: Cow<'a, str>,
     pub viewer_scheme: Scheme,
     pub viewer_scheme_source: ViewerSchemeSource,
+    /// The cluster header's value: the first origin's cluster, or the chain
+    /// that also holds the origins failover and health checks move to.
+    pub route_cluster: &'a str,
     pub target: OriginTarget<'a>,
+    /// Every origin after the first, in the order Envoy tries them.
+    pub chain: Vec<OriginTarget<'a>>,
     pub failover: Failover<'a>,
 }
 
@@ -183,7 +198,7 @@ pub enum Refusal<'a> {
     UnknownDomain { viewer_host: Cow<'a, str> },
     /// The Host cannot name any domain.
     BadHost(HostError),
-    /// The policy has no route for the scheme picked; validation prevents this.
+    /// The policy has no origin for the scheme picked; validation prevents this.
     NoRoute { domain: &'a str },
 }
 
@@ -214,16 +229,25 @@ impl<'a> DomainMatch<'a> {
     /// What the decision takes from the request besides the host.
     pub(crate) fn choose(&self, request: &ViewerRequest<'_>, settings: &Settings) -> Choice {
         let (viewer_scheme, source) = viewer_scheme(request, settings);
+        let skip = self.policy.policy.failover.as_ref().and_then(|rule| {
+            if !rule.methods.iter().any(|m| m == request.method) {
+                Some(SkipReason::Method)
+            } else if request
+                .body_bytes
+                .is_some_and(|b| b > u64::from(settings.max_replay_body_bytes))
+            {
+                Some(SkipReason::BodySize)
+            } else {
+                None
+            }
+        });
         Choice {
             matched: self.matched,
             viewer_scheme,
             viewer_scheme_source: source,
-            method_eligible: self
-                .policy
-                .policy
-                .failover
-                .as_ref()
-                .is_some_and(|rule| rule.methods.iter().any(|m| m == request.method)),
+            skip,
+            spread: request.spread,
+            replay_limit: settings.max_replay_body_bytes,
         }
     }
 
@@ -235,7 +259,7 @@ impl<'a> DomainMatch<'a> {
         let choice = self.choose(request, settings);
         let policy: &'a CompiledPolicy = self.policy;
         policy
-            .decision(self.viewer_host, choice)
+            .decision(self.viewer_host, choice, request.method)
             .ok_or(Refusal::NoRoute {
                 domain: &policy.name,
             })
@@ -249,7 +273,21 @@ pub(crate) struct Choice {
     pub(crate) matched: MatchKind,
     pub(crate) viewer_scheme: Scheme,
     pub(crate) viewer_scheme_source: ViewerSchemeSource,
-    pub(crate) method_eligible: bool,
+    pub(crate) skip: Option<SkipReason>,
+    pub(crate) spread: u32,
+    pub(crate) replay_limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SkipReason {
+    Method,
+    BodySize,
+}
+
+/// Methods whose request may have changed something at the origin even when
+/// the answer was an error (RFC 9110 9.2.2).
+fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
 }
 
 /// A scheme as written in a URL, a header or a test case (`https`, `HTTP`,
@@ -287,31 +325,37 @@ pub fn viewer_scheme(
 
 impl CompiledPolicy {
     /// The decision for a request's choice. `None` only when the policy has no
-    /// route for the scheme picked, which validation rules out.
+    /// origin for the scheme picked, which validation rules out.
     pub(crate) fn decision<'a>(
         &'a self,
         viewer_host: Cow<'a, str>,
         choice: Choice,
+        method: &str,
     ) -> Option<OriginDecision<'a>> {
-        let scheme = |routes: &crate::compiled::OriginRoutes| match self.policy.protocol {
-            ProtocolPolicy::Follow => choice.viewer_scheme,
-            // Every other policy compiled exactly one route per origin.
-            _ if routes.http.is_some() => Scheme::Http,
-            _ => Scheme::Https,
-        };
-        let target =
-            OriginTarget::from_route(self.primary.get(scheme(&self.primary))?, &viewer_host);
-        let failover = match (&self.secondary, &self.policy.failover) {
-            (Some(routes), Some(rule)) if choice.method_eligible => {
-                match routes.get(scheme(routes)) {
-                    Some(r) => Failover::Plan(FailoverPlan {
-                        target: OriginTarget::from_route(r, &viewer_host),
-                        rule,
-                    }),
-                    None => Failover::NotConfigured,
-                }
+        let routes = self.routes(choice.viewer_scheme)?;
+        let start: &Start = routes.start(choice.spread)?;
+        let target = OriginTarget::new(routes.origins.get(start.origin)?, &viewer_host);
+        let chain: Vec<OriginTarget<'a>> = start
+            .chain
+            .iter()
+            .filter_map(|i| routes.origins.get(*i))
+            .map(|r| OriginTarget::new(r, &viewer_host))
+            .collect();
+        let failover = match (&self.policy.failover, choice.skip, chain.first()) {
+            (Some(rule), None, Some(next)) => Failover::Plan(FailoverPlan {
+                target: next.clone(),
+                rule,
+                connect_failures_only: !idempotent(method),
+            }),
+            (Some(rule), Some(SkipReason::Method), _) => {
+                Failover::Skipped(rule, FailoverSkip::Method(method.to_owned()))
             }
-            (Some(_), Some(rule)) => Failover::MethodNotEligible(rule),
+            (Some(rule), Some(SkipReason::BodySize), _) => Failover::Skipped(
+                rule,
+                FailoverSkip::BodySize {
+                    limit: choice.replay_limit,
+                },
+            ),
             _ => Failover::NotConfigured,
         };
         Some(OriginDecision {
@@ -320,70 +364,15 @@ impl CompiledPolicy {
             viewer_host,
             viewer_scheme: choice.viewer_scheme,
             viewer_scheme_source: choice.viewer_scheme_source,
+            route_cluster: &start.route_cluster,
             target,
+            chain,
             failover,
         })
     }
 }
 
-/// What failover does about one primary response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailoverAction {
-    /// Not a failover status, or no secondary origin.
-    None,
-    /// Re-send the request to the secondary origin.
-    Retry,
-    /// A failover status, but the request's method is not one the policy retries.
-    SkippedForMethod,
-}
-
-/// What the filter does with the primary origin's response headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResponsePlan {
-    /// Replaces the response status: the proxy's own 503 for an origin that
-    /// never answered becomes 502 (connect, TLS) or 504 (timeout).
-    pub status: Option<u16>,
-    /// Replaces the origin's `cache-control`.
-    pub cache_control: Option<CacheControl>,
-    pub failover: FailoverAction,
-    /// What went wrong with the primary, for a 5xx or a failed fetch.
-    pub primary_failure: Option<crate::origin_error::PrimaryFailure>,
-}
-
 impl OriginDecision<'_> {
-    /// `failure` is set when the response was made by the proxy because the
-    /// origin could not be fetched; rules then apply to the status the viewer gets.
-    pub fn on_primary_response(
-        &self,
-        status: u16,
-        failure: Option<FetchFailure<'_>>,
-    ) -> ResponsePlan {
-        use crate::origin_error::PrimaryFailure;
-        let effective = failure.map_or(status, |f| f.status());
-        let triggers = self
-            .failover
-            .rule()
-            .is_some_and(|r| r.triggers_on(effective));
-        ResponsePlan {
-            status: failure.map(|f| f.status()).filter(|s| *s != status),
-            cache_control: self
-                .policy
-                .cache_override(effective)
-                .map(|c| c.cache_control),
-            failover: match &self.failover {
-                Failover::Plan(_) if triggers => FailoverAction::Retry,
-                Failover::MethodNotEligible(_) if triggers => FailoverAction::SkippedForMethod,
-                _ => FailoverAction::None,
-            },
-            primary_failure: match failure {
-                Some(f) => Some(PrimaryFailure::Unreachable(f.to_string())),
-                None => (500..=599)
-                    .contains(&status)
-                    .then_some(PrimaryFailure::Answered(status)),
-            },
-        }
-    }
-
     /// Why this scheme and port were chosen, in one line.
     pub fn scheme_rule(&self) -> String {
         let p = &self.policy.policy;
@@ -410,7 +399,7 @@ impl OriginDecision<'_> {
         }
     }
 
-    /// The compact `x-origin-decision` header value.
+    /// The compact `x-origin-decision` header value for the first origin.
     pub fn header_value(&self) -> String {
         self.target.header_value(&self.policy.name)
     }
@@ -426,6 +415,7 @@ mod tests {
             connection: Some(connection),
             x_forwarded_proto: Some(xfp),
             method: "GET",
+            ..ViewerRequest::default()
         }
     }
 

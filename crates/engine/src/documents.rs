@@ -145,21 +145,25 @@ fn names_in_ascii(source: &str, document: &Value) -> Value {
     let (Some(policy), _) = parse_policy(source, document) else {
         return out;
     };
-    let mut names = vec![
-        ("/domain", policy.domain.display_name()),
-        ("/primary/address", policy.primary.address),
-    ];
-    if let Some(secondary) = policy.secondary {
-        names.push(("/secondary/address", secondary.address));
+    let mut names = vec![("/domain".to_owned(), policy.domain.display_name())];
+    // Origins are kept in the order written.
+    let listed = document.get("origins").is_some();
+    for (i, origin) in policy.origins.into_iter().enumerate() {
+        let pointer = match (listed, i) {
+            (true, _) => format!("/origins/{i}/address"),
+            (false, 0) => "/primary/address".to_owned(),
+            (false, _) => "/secondary/address".to_owned(),
+        };
+        names.push((pointer, origin.address));
     }
     if let OriginHost::Custom(value) = policy.origin_host {
-        names.push(("/origin_host/value", value));
+        names.push(("/origin_host/value".to_owned(), value));
     }
     if let OriginSni::Custom(value) = policy.origin_sni {
-        names.push(("/origin_sni/value", value));
+        names.push(("/origin_sni/value".to_owned(), value));
     }
     for (pointer, name) in names {
-        if let Some(slot) = out.pointer_mut(pointer) {
+        if let Some(slot) = out.pointer_mut(&pointer) {
             *slot = Value::String(name);
         }
     }

@@ -20,6 +20,8 @@ pub enum FetchFailure<'a> {
     Timeout,
     /// The connection was reset before response headers arrived.
     Reset(&'a str),
+    /// Every origin the request could go to is marked down.
+    NoHealthyOrigin,
 }
 
 impl<'a> FetchFailure<'a> {
@@ -31,6 +33,9 @@ impl<'a> FetchFailure<'a> {
             "response_timeout" | "upstream_per_try_timeout" | "upstream_per_try_idle_timeout"
         ) {
             return Some(FetchFailure::Timeout);
+        }
+        if details == "no_healthy_upstream" {
+            return Some(FetchFailure::NoHealthyOrigin);
         }
         // e.g. upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}
         let inner = details
@@ -74,6 +79,7 @@ impl fmt::Display for FetchFailure<'_> {
             FetchFailure::Tls(r) => write!(f, "orig TLS handshake failed ({})", header_text(r)),
             FetchFailure::Timeout => f.write_str("orig response timeout"),
             FetchFailure::Reset(c) => write!(f, "orig connection reset ({})", words(c)),
+            FetchFailure::NoHealthyOrigin => f.write_str("orig marked down, no origin left"),
         }
     }
 }

@@ -143,10 +143,9 @@ pub struct CompiledSet {
 }
 
 impl PolicySet {
-    /// Every Envoy cluster some policy can send a request to, sorted: what the
-    /// Envoy configuration must define.
-    pub fn clusters(&self) -> std::collections::BTreeSet<&str> {
-        self.index.policies().flat_map(|p| p.clusters()).collect()
+    /// The Envoy clusters the policies need, derived from their origins.
+    pub fn derived_clusters(&self) -> crate::clusters::DerivedClusters {
+        crate::clusters::DerivedClusters::of(self.index.policies().map(|p| p.as_ref()))
     }
 
     /// Compiles policies one domain at a time. A rejected policy never takes its
@@ -165,7 +164,7 @@ impl PolicySet {
             let (policy, found) = parse_policy(&src.source, src.document);
             diagnostics.extend(found);
             match policy {
-                Some(p) => accepted.push((i, Arc::new(CompiledPolicy::compile(p, &settings)))),
+                Some(p) => accepted.push((i, Arc::new(CompiledPolicy::compile(p)))),
                 None => rejected_domains.push(domain_of(src.document)),
             }
         }

@@ -8,6 +8,7 @@
 //!   state that the filter's phases ask, with the typed [`OriginError`].
 
 mod checks;
+pub mod clusters;
 mod compiled;
 mod decision;
 mod diagnostic;
@@ -24,16 +25,16 @@ mod reader;
 pub mod report;
 mod settings;
 
-pub use compiled::{CacheControl, CacheOverride, CompiledPolicy};
+pub use compiled::{CacheControl, CacheOverride, CompiledPolicy, OriginEndpoint, TlsName};
 pub use decision::{
-    scheme_from_text, viewer_scheme, DomainMatch, Failover, FailoverAction, FailoverPlan,
-    MatchKind, OriginDecision, OriginRole, OriginTarget, Outcome, OwnedViewerRequest, Refusal,
-    ResponsePlan, ViewerRequest, ViewerSchemeSource,
+    scheme_from_text, viewer_scheme, DomainMatch, Failover, FailoverPlan, FailoverSkip,
+    MatchKind, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest, Refusal,
+    ViewerRequest, ViewerSchemeSource,
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 pub use exchange::{
-    relayed_headers, Exchange, PrimaryVerdict, ReplayRequest, SecondaryResponse, SecondaryVerdict,
-    DECISION_HEADER, ORIGIN_ERROR_HEADER,
+    Exchange, ResponseVerdict, UpstreamReport, DECISION_HEADER, ORIGIN_ERROR_HEADER,
+    PER_TRY_TIMEOUT_HEADER, RETRIABLE_STATUSES_HEADER, RETRY_ON_HEADER, TIMEOUT_HEADER,
 };
 pub use fetch::FetchFailure;
 pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource, MAX_POLICIES};
@@ -41,7 +42,7 @@ pub use json::{fingerprint, parse_json, JsonError, MAX_JSON_BYTES};
 pub use origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
 pub use parse::parse_policy;
 pub use policy::{
-    DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Reach,
-    Scheme,
+    DomainPattern, FailoverRule, Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Scheme,
+    Tier,
 };
-pub use settings::{parse_settings, Settings, UnknownDomain};
+pub use settings::{parse_settings, OriginHealth, Settings, UnknownDomain};

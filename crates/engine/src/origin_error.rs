@@ -1,6 +1,8 @@
 //! The `x-origin-error` header as a typed value: what happened to the primary,
 //! what failover did, and what the secondary did. Its `Display` is the header.
 
+use crate::decision::FailoverSkip;
+use crate::policy::Tier;
 use std::fmt;
 
 /// Text from a request or the proxy, made fit for a response header: printable
@@ -12,58 +14,36 @@ pub(crate) fn header_text(text: &str) -> String {
         .collect()
 }
 
-/// What went wrong with the primary origin.
+/// What happened to the first origin a request was sent to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrimaryFailure {
-    /// The origin answered with this 5xx.
+    /// The origin answered with this status (a 5xx, or one a failover rule names).
     Answered(u16),
     /// The origin never answered; the text is the [`crate::FetchFailure`]'s.
     Unreachable(String),
+    /// It failed and the request was retried on the next origin; Envoy keeps
+    /// only the last attempt's answer.
+    Failed,
+    /// Marked down after repeated failures: the request went straight to the
+    /// next origin.
+    MarkedDown,
 }
 
-/// Why the secondary origin's answer could not be relayed.
+/// What the next origin did, when it failed too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecondaryFailure {
-    Timeout,
-    /// The proxy could not reach the secondary; its reason when it gave one.
-    Connect(Option<String>),
-    /// The secondary answered with this 5xx.
     Answered(u16),
-    BodyTooLarge {
-        bytes: usize,
-        limit: u32,
-    },
+    Unreachable(String),
 }
 
-impl SecondaryFailure {
-    /// The status the viewer gets.
-    pub fn status(&self) -> u16 {
-        match self {
-            SecondaryFailure::Timeout => 504,
-            _ => 502,
-        }
-    }
-}
-
-/// What failover did after the primary failed.
+/// What failover did after the first origin failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailoverOutcome {
-    /// Not a failover status, or no secondary origin: nothing to say.
+    /// Not a failover status, or no next origin: nothing to say.
     None,
-    SkippedForMethod(String),
-    SkippedForBodySize {
-        limit: u32,
-    },
-    /// The request was not kept for a replay (the policy had no failover plan
-    /// when the request started).
-    SkippedNotKept,
-    /// The secondary could not even be asked.
-    DispatchFailed {
-        cluster: String,
-        why: String,
-    },
-    /// The request went to the secondary; `Some` when that failed too.
-    Secondary(Option<SecondaryFailure>),
+    Skipped(FailoverSkip),
+    /// The request went to the next origin, of this tier; `Some` when that failed too.
+    Next(Tier, Option<SecondaryFailure>),
 }
 
 /// The `x-origin-error` header.
@@ -87,21 +67,8 @@ impl fmt::Display for PrimaryFailure {
         match self {
             PrimaryFailure::Answered(status) => write!(f, "orig response {status} error"),
             PrimaryFailure::Unreachable(why) => f.write_str(why),
-        }
-    }
-}
-
-impl fmt::Display for SecondaryFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SecondaryFailure::Timeout => f.write_str("secondary timeout"),
-            SecondaryFailure::Connect(None) => f.write_str("secondary connect failure"),
-            SecondaryFailure::Connect(Some(why)) => write!(f, "secondary connect failure ({why})"),
-            SecondaryFailure::Answered(status) => write!(f, "secondary response {status} error"),
-            SecondaryFailure::BodyTooLarge { bytes, limit } => write!(
-                f,
-                "secondary response body of {bytes} bytes is over the {limit}-byte limit"
-            ),
+            PrimaryFailure::Failed => f.write_str("orig failed"),
+            PrimaryFailure::MarkedDown => f.write_str("orig marked down"),
         }
     }
 }
@@ -111,22 +78,22 @@ impl fmt::Display for OriginError {
         write!(f, "{}", self.primary)?;
         match &self.failover {
             FailoverOutcome::None => Ok(()),
-            FailoverOutcome::SkippedForMethod(method) => {
-                write!(f, "; failover=skipped (method {method})")
+            FailoverOutcome::Skipped(FailoverSkip::Method(method)) => {
+                write!(f, "; failover=skipped (method {})", header_text(method))
             }
-            FailoverOutcome::SkippedForBodySize { limit } => {
+            FailoverOutcome::Skipped(FailoverSkip::BodySize { limit }) => {
                 write!(f, "; failover=skipped (request body over {limit} bytes)")
             }
-            FailoverOutcome::SkippedNotKept => f.write_str("; failover=skipped (request not kept)"),
-            FailoverOutcome::DispatchFailed { cluster, why } => {
-                write!(
-                    f,
-                    "; failover=failed (could not reach cluster {cluster}: {why})"
-                )
-            }
-            FailoverOutcome::Secondary(None) => f.write_str("; failover=secondary"),
-            FailoverOutcome::Secondary(Some(failure)) => {
-                write!(f, "; failover=secondary; {failure}")
+            FailoverOutcome::Next(tier, None) => write!(f, "; failover={}", tier.as_str()),
+            FailoverOutcome::Next(tier, Some(SecondaryFailure::Answered(status))) => write!(
+                f,
+                "; failover={t}; {t} response {status} error",
+                t = tier.as_str()
+            ),
+            FailoverOutcome::Next(tier, Some(SecondaryFailure::Unreachable(why))) => {
+                // The cause reads "orig ..." for whichever origin it was.
+                let why = why.strip_prefix("orig ").unwrap_or(why);
+                write!(f, "; failover={t}; {t} {why}", t = tier.as_str())
             }
         }
     }
@@ -140,25 +107,28 @@ mod tests {
     fn the_header_names_each_part() {
         let mut e = OriginError::new(PrimaryFailure::Answered(503));
         assert_eq!(e.to_string(), "orig response 503 error");
-        e.failover = FailoverOutcome::SkippedForMethod("POST".into());
+        e.failover = FailoverOutcome::Skipped(FailoverSkip::Method("POST".into()));
         assert_eq!(
             e.to_string(),
             "orig response 503 error; failover=skipped (method POST)"
         );
-        e.failover = FailoverOutcome::Secondary(Some(SecondaryFailure::Connect(Some(
-            "remote connection failure".into(),
-        ))));
-        assert_eq!(
-            e.to_string(),
-            "orig response 503 error; failover=secondary; secondary connect failure (remote connection failure)"
-        );
-        let refused = OriginError {
-            primary: PrimaryFailure::Unreachable("orig connect failed (Connection refused)".into()),
-            failover: FailoverOutcome::Secondary(None),
+        let e = OriginError {
+            primary: PrimaryFailure::Failed,
+            failover: FailoverOutcome::Next(
+                Tier::Secondary,
+                Some(SecondaryFailure::Unreachable(
+                    "orig connect failed (Connection refused)".into(),
+                )),
+            ),
         };
         assert_eq!(
-            refused.to_string(),
-            "orig connect failed (Connection refused); failover=secondary"
+            e.to_string(),
+            "orig failed; failover=secondary; secondary connect failed (Connection refused)"
         );
+        let down = OriginError {
+            primary: PrimaryFailure::MarkedDown,
+            failover: FailoverOutcome::Next(Tier::Secondary, None),
+        };
+        assert_eq!(down.to_string(), "orig marked down; failover=secondary");
     }
 }

@@ -1,6 +1,6 @@
 //! Parsing one policy document into the model, field by field.
 
-use crate::checks::{check_reachability, lint};
+use crate::checks::lint;
 use crate::diagnostic::{pointer_segment, PolicyDiagnostic};
 use crate::host::{is_ip_literal, strip_port};
 use crate::policy::*;
@@ -49,27 +49,9 @@ fn domain_pattern(f: &mut Findings, value: &Value, path: &str) -> Option<DomainP
     })
 }
 
-pub(crate) fn cluster_name(f: &mut Findings, value: &Value, path: &str) -> Option<String> {
-    let name = string(f, value, path)?;
-    let valid = !name.is_empty()
-        && name.len() <= 255
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-    if !valid {
-        f.error(
-            path,
-            format!(
-                "cluster name `{}` must be 1-255 characters of [A-Za-z0-9_.:-]",
-                name.escape_debug()
-            ),
-        );
-        return None;
-    }
-    Some(name.to_owned())
-}
-
-fn origin(f: &mut Findings, value: &Value, path: &str) -> Option<Origin> {
+/// One origin object: `{address, port?, weight?, connect_timeout_ms?,
+/// response_timeout_ms?}`, plus `priority` inside an `origins` list.
+fn origin(f: &mut Findings, value: &Value, path: &str, tier: Option<Tier>) -> Option<Origin> {
     let mut r = FieldReader::open(f, value, path)?;
     let address = match r.field("address") {
         Some((v, p)) => string(f, v, &p).and_then(|a| {
@@ -95,37 +77,136 @@ fn origin(f: &mut Findings, value: &Value, path: &str) -> Option<Origin> {
         Some((v, p)) => port(f, v, &p),
         None => Some(80),
     };
-    let reach = match r.field("clusters") {
-        Some((v, p)) => clusters(f, v, &p),
-        None => Some(Reach::DynamicForwardProxy),
+    let tier = match (tier, r.field("priority")) {
+        (Some(fixed), None) => Some(fixed),
+        (None, None) => Some(Tier::Primary),
+        (Some(fixed), Some((_, p))) => {
+            f.error(
+                &p,
+                format!(
+                    "`priority` belongs in an `origins` list; `{}` is already the {} origin",
+                    path.trim_start_matches('/'),
+                    fixed.as_str()
+                ),
+            );
+            None
+        }
+        (None, Some((v, p))) => match string(f, v, &p)? {
+            "primary" => Some(Tier::Primary),
+            "secondary" => Some(Tier::Secondary),
+            other => {
+                f.error(
+                    &p,
+                    format!("unknown priority `{other}`; expected primary or secondary"),
+                );
+                None
+            }
+        },
     };
+    let mut bounded = |r: &mut FieldReader, key: &'static str, low: u32, high: u32, default: u32| match r
+        .field(key)
+    {
+        Some((v, p)) => integer_in(f, v, &p, u64::from(low), u64::from(high), key)
+            .and_then(|n| u32::try_from(n).ok()),
+        None => Some(default),
+    };
+    let weight = bounded(&mut r, "weight", 1, MAX_WEIGHT, DEFAULT_WEIGHT);
+    let connect = bounded(
+        &mut r,
+        "connect_timeout_ms",
+        100,
+        MAX_CONNECT_TIMEOUT_MS,
+        DEFAULT_CONNECT_TIMEOUT_MS,
+    );
+    let response = bounded(
+        &mut r,
+        "response_timeout_ms",
+        100,
+        MAX_RESPONSE_TIMEOUT_MS,
+        DEFAULT_RESPONSE_TIMEOUT_MS,
+    );
+    if let Some((_, p)) = r.field("clusters") {
+        f.error_with_fix(
+            &p,
+            "`clusters` is no longer read: the edge derives the Envoy cluster for each origin from its address, port and the protocol policy",
+            "remove `clusters`; `origin-policy bundle` writes the clusters Envoy needs",
+        );
+    }
     r.finish(f);
     Some(Origin {
         address: address?,
         port: port_value?,
-        reach: reach?,
+        tier: tier?,
+        weight: weight?,
+        connect_timeout_ms: connect?,
+        response_timeout_ms: response?,
     })
 }
 
-fn clusters(f: &mut Findings, value: &Value, path: &str) -> Option<Reach> {
-    let mut r = FieldReader::open(f, value, path)?;
+/// The origins a policy lists: `primary` (+ `secondary`) for one origin per
+/// tier, or an `origins` list with priorities and weights.
+fn origins(f: &mut Findings, r: &mut FieldReader<'_>) -> Option<Vec<Origin>> {
+    let primary = r.field("primary");
+    let secondary = r.field("secondary");
+    let list = r.field("origins");
+    let mut out = Vec::new();
     let mut ok = true;
-    let mut one = |r: &mut FieldReader, f: &mut Findings, key| match r.field(key) {
-        Some((v, p)) => {
-            let name = cluster_name(f, v, &p);
-            ok &= name.is_some();
-            name
+    match (primary, list) {
+        (Some(_), Some((_, p))) => {
+            f.error(
+                &p,
+                "name the origins either with `primary`/`secondary` or with an `origins` list, not both",
+            );
+            return None;
         }
-        None => None,
-    };
-    let http = one(&mut r, f, "http");
-    let https = one(&mut r, f, "https");
-    r.finish(f);
-    if http.is_none() && https.is_none() && ok {
-        f.error(path, "name at least one cluster (`http` and/or `https`), or leave `clusters` out to use the dynamic forward proxy");
-        return None;
+        (Some((v, p)), None) => {
+            match origin(f, v, &p, Some(Tier::Primary)) {
+                Some(o) => out.push(o),
+                None => ok = false,
+            }
+            if let Some((v, p)) = secondary {
+                match origin(f, v, &p, Some(Tier::Secondary)) {
+                    Some(o) => out.push(o),
+                    None => ok = false,
+                }
+            }
+        }
+        (None, Some((v, p))) => {
+            if let Some((_, sp)) = &secondary {
+                f.error(sp, "with an `origins` list, give the secondary origin `\"priority\": \"secondary\"` in the list");
+                ok = false;
+            }
+            match v.as_array() {
+                Some(items) if !items.is_empty() && items.len() <= MAX_ORIGINS => {
+                    for (i, item) in items.iter().enumerate() {
+                        match origin(f, item, &format!("{p}/{i}"), None) {
+                            Some(o) => out.push(o),
+                            None => ok = false,
+                        }
+                    }
+                }
+                _ => {
+                    f.error(
+                        &p,
+                        format!("expected a list of 1-{MAX_ORIGINS} origin objects"),
+                    );
+                    return None;
+                }
+            }
+            if ok && !out.iter().any(|o| o.tier == Tier::Primary) {
+                f.error(&p, "no origin has priority `primary`");
+                return None;
+            }
+        }
+        (None, None) => {
+            f.error(
+                "",
+                "missing field `primary` (the primary origin) or `origins` (a list of origins)",
+            );
+            return None;
+        }
     }
-    ok.then_some(Reach::Clusters { http, https })
+    ok.then_some(out)
 }
 
 fn mode<'v>(
@@ -340,7 +421,6 @@ fn failover(f: &mut Findings, value: Option<(&Value, String)>) -> Option<Failove
             .iter()
             .map(|m| (*m).to_owned())
             .collect(),
-        timeout_ms: DEFAULT_FAILOVER_TIMEOUT_MS,
     };
     let Some((value, path)) = value else {
         return Some(rule);
@@ -392,18 +472,13 @@ fn failover(f: &mut Findings, value: Option<(&Value, String)>) -> Option<Failove
             }
         }
     }
-    if let Some((v, p)) = r.field("timeout_ms") {
-        match integer_in(
-            f,
-            v,
+    if let Some((_, p)) = r.field("timeout_ms") {
+        f.error_with_fix(
             &p,
-            1,
-            u64::from(MAX_FAILOVER_TIMEOUT_MS),
-            "timeout_ms",
-        ) {
-            Some(ms) => rule.timeout_ms = u32::try_from(ms).unwrap_or(DEFAULT_FAILOVER_TIMEOUT_MS),
-            None => ok = false,
-        }
+            "`failover.timeout_ms` is no longer read: each origin has its own timeouts",
+            "set `response_timeout_ms` (and `connect_timeout_ms`) on the secondary origin",
+        );
+        ok = false;
     }
     r.finish(f);
     rule.statuses.sort_unstable();
@@ -439,14 +514,7 @@ fn parse_into(f: &mut Findings, value: &Value) -> Option<Policy> {
             None
         }
     };
-    let primary = match r.field("primary") {
-        Some((v, p)) => origin(f, v, &p),
-        None => {
-            f.error("", "missing field `primary` (the primary origin)");
-            None
-        }
-    };
-    let secondary = r.field("secondary").map(|(v, p)| origin(f, v, &p));
+    let origins = origins(f, &mut r);
     let protocol = protocol(f, r.field("protocol"));
     let origin_host = match r.field("origin_host") {
         Some((v, p)) => origin_host(f, v, &p),
@@ -458,7 +526,10 @@ fn parse_into(f: &mut Findings, value: &Value) -> Option<Policy> {
     };
     let cache_status_ttl = cache_rules(f, r.field("cache_status_ttl"));
     let failover_field = r.field("failover");
-    if failover_field.is_some() && secondary.is_none() {
+    let has_secondary = origins
+        .as_ref()
+        .is_some_and(|list| list.iter().any(|o| o.tier == Tier::Secondary));
+    if failover_field.is_some() && origins.is_some() && !has_secondary {
         f.error(
             "/failover",
             "failover is set but there is no `secondary` origin to fail over to",
@@ -467,16 +538,11 @@ fn parse_into(f: &mut Findings, value: &Value) -> Option<Policy> {
     let failover = failover(f, failover_field);
     r.finish(f);
 
-    let secondary = match secondary {
-        Some(parsed) => Some(parsed?),
-        None => None,
-    };
     let protocol = protocol?;
     let policy = Policy {
         domain: domain?,
-        primary: primary?,
-        failover: secondary.as_ref().and(failover),
-        secondary,
+        failover: if has_secondary { failover } else { None },
+        origins: origins?,
         protocol: protocol.policy,
         http_port: protocol.http_port,
         https_port: protocol.https_port,
@@ -484,17 +550,17 @@ fn parse_into(f: &mut Findings, value: &Value) -> Option<Policy> {
         origin_sni: origin_sni?,
         cache_status_ttl: cache_status_ttl?,
     };
-    check_reachability(f, &policy);
     if protocol.policy == ProtocolPolicy::Follow
         && !protocol.https_port_given
-        && policy.primary.port != 80
-        && policy.primary.port != 443
+        && policy
+            .tier(Tier::Primary)
+            .any(|o| o.port != 80 && o.port != 443)
     {
         f.warn(
             "/protocol/https_port",
             format!(
                 "`follow` sends HTTPS viewers to port 443, but the origin is configured on port {} and may have no HTTPS port",
-                policy.primary.port
+                policy.tier(Tier::Primary).map(|o| o.port).find(|p| *p != 80 && *p != 443).unwrap_or(0)
             ),
             "set `protocol.https_port` to the origin's HTTPS port, or use `http` if the origin has no HTTPS",
         );

@@ -5,8 +5,15 @@ use std::collections::BTreeMap;
 
 pub const DEFAULT_FAILOVER_STATUSES: [u16; 4] = [500, 502, 503, 504];
 pub const DEFAULT_FAILOVER_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
-pub const DEFAULT_FAILOVER_TIMEOUT_MS: u32 = 5_000;
-pub const MAX_FAILOVER_TIMEOUT_MS: u32 = 300_000;
+/// Origin timeouts, after the reference CDNs: connect 10 s, response 30 s.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u32 = 10_000;
+pub const MAX_CONNECT_TIMEOUT_MS: u32 = 60_000;
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u32 = 30_000;
+pub const MAX_RESPONSE_TIMEOUT_MS: u32 = 300_000;
+pub const DEFAULT_WEIGHT: u32 = 10;
+pub const MAX_WEIGHT: u32 = 100;
+/// Origins one domain may list: enough for any tiering the seed product offers.
+pub const MAX_ORIGINS: usize = 16;
 /// One year: longer TTLs are almost always a typo for a smaller unit.
 pub const MAX_CACHE_TTL_SECONDS: u32 = 31_536_000;
 pub(crate) const KNOWN_METHODS: [&str; 9] = [
@@ -35,7 +42,7 @@ impl ProtocolPolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scheme {
     Http,
     Https,
@@ -78,16 +85,20 @@ impl DomainPattern {
     }
 }
 
-/// How Envoy reaches an origin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reach {
-    /// Named Envoy clusters, one per scheme the policy can use.
-    Clusters {
-        http: Option<String>,
-        https: Option<String>,
-    },
-    /// The dynamic forward proxy, told the host and port per request.
-    DynamicForwardProxy,
+/// An origin's priority: the secondary tier serves only when the primary fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Tier {
+    Primary,
+    Secondary,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Primary => "primary",
+            Tier::Secondary => "secondary",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +107,12 @@ pub struct Origin {
     pub address: String,
     /// The origin's own port; decides the scheme when the protocol policy is `off`.
     pub port: u16,
-    pub reach: Reach,
+    pub tier: Tier,
+    /// Share of the tier's requests, relative to the tier's other origins.
+    pub weight: u32,
+    pub connect_timeout_ms: u32,
+    /// From the request sent to the origin's complete response headers.
+    pub response_timeout_ms: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,12 +136,17 @@ pub struct FailoverRule {
     /// Sorted, so that a status is found by binary search.
     pub statuses: Vec<u16>,
     pub methods: Vec<String>,
-    pub timeout_ms: u32,
 }
 
 impl FailoverRule {
     pub fn triggers_on(&self, status: u16) -> bool {
         self.statuses.binary_search(&status).is_ok()
+    }
+
+    /// `500,502,503,504`: the statuses as Envoy's retry header lists them.
+    pub fn status_list(&self) -> String {
+        let text: Vec<String> = self.statuses.iter().map(u16::to_string).collect();
+        text.join(",")
     }
 }
 
@@ -133,8 +154,8 @@ impl FailoverRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub domain: DomainPattern,
-    pub primary: Origin,
-    pub secondary: Option<Origin>,
+    /// In the order written; `tier` says which are primary.
+    pub origins: Vec<Origin>,
     pub protocol: ProtocolPolicy,
     pub http_port: u16,
     pub https_port: u16,
@@ -144,4 +165,15 @@ pub struct Policy {
     pub cache_status_ttl: BTreeMap<u16, Option<u32>>,
     /// Present exactly when there is a secondary origin.
     pub failover: Option<FailoverRule>,
+}
+
+impl Policy {
+    pub fn tier(&self, tier: Tier) -> impl Iterator<Item = &Origin> {
+        self.origins.iter().filter(move |o| o.tier == tier)
+    }
+
+    /// The first primary origin: the one a single-origin policy names.
+    pub fn first_primary(&self) -> Option<&Origin> {
+        self.tier(Tier::Primary).next()
+    }
 }

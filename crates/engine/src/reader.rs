@@ -50,6 +50,15 @@ impl<'s> Findings<'s> {
         self.push(Severity::Error, path, message.into(), None);
     }
 
+    pub(crate) fn error_with_fix(
+        &mut self,
+        path: &str,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.push(Severity::Error, path, message.into(), Some(fix.into()));
+    }
+
     pub(crate) fn warn(&mut self, path: &str, message: impl Into<String>, fix: impl Into<String>) {
         self.push(Severity::Warning, path, message.into(), Some(fix.into()));
     }

@@ -2,15 +2,16 @@
 //! cases and the JavaScript package so that all of them speak the same shape.
 
 use crate::{
-    scheme_from_text, Failover, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest,
-    PolicyDiagnostic, PolicySet, Refusal,
+    scheme_from_text, Failover, FailoverSkip, OriginDecision, OriginTarget, Outcome,
+    OwnedViewerRequest, PolicyDiagnostic, PolicySet, Refusal,
 };
 use serde_json::{json, Map, Value};
 
 fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
     let mut m = Map::new();
-    m.insert("role".into(), t.role.as_str().into());
+    m.insert("tier".into(), t.tier.as_str().into());
     m.insert("cluster".into(), t.cluster.into());
+    m.insert("address".into(), t.address.into());
     m.insert("scheme".into(), t.scheme.as_str().into());
     m.insert("port".into(), t.port.into());
     m.insert("authority".into(), t.authority.as_ref().into());
@@ -18,25 +19,30 @@ fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
         "sni".into(),
         t.sni.as_deref().map_or(Value::Null, Value::from),
     );
-    m.insert(
-        "dynamic_host".into(),
-        t.dynamic_host.map_or(Value::Null, Value::from),
-    );
+    m.insert("connect_timeout_ms".into(), t.connect_timeout_ms.into());
+    m.insert("response_timeout_ms".into(), t.response_timeout_ms.into());
     m
 }
 
 fn decision_json(d: &OriginDecision<'_>) -> Value {
     let failover = match &d.failover {
         Failover::NotConfigured => Value::Null,
-        Failover::MethodNotEligible(_) => json!({
+        Failover::Skipped(_, FailoverSkip::Method(_)) => json!({
             "eligible": false,
             "reason": "method not in the policy's failover methods",
+        }),
+        Failover::Skipped(_, FailoverSkip::BodySize { limit }) => json!({
+            "eligible": false,
+            "reason": format!("request body over {limit} bytes"),
         }),
         Failover::Plan(plan) => {
             let mut m = target_json(&plan.target);
             m.insert("eligible".into(), true.into());
             m.insert("statuses".into(), plan.rule.statuses.as_slice().into());
-            m.insert("timeout_ms".into(), plan.rule.timeout_ms.into());
+            m.insert(
+                "connect_failures_only".into(),
+                plan.connect_failures_only.into(),
+            );
             Value::Object(m)
         }
     };
@@ -51,13 +57,20 @@ fn decision_json(d: &OriginDecision<'_>) -> Value {
             )
         })
         .collect();
+    let chain: Vec<Value> = d
+        .chain
+        .iter()
+        .map(|t| Value::Object(target_json(t)))
+        .collect();
     json!({
         "outcome": "origin",
         "domain": d.policy.name,
         "match": match d.matched { crate::MatchKind::Exact => "exact", crate::MatchKind::Wildcard => "wildcard" },
         "viewer_host": d.viewer_host,
         "viewer_scheme": d.viewer_scheme.as_str(),
+        "route_cluster": d.route_cluster,
         "origin": Value::Object(target_json(&d.target)),
+        "chain": chain,
         "failover": failover,
         "cache": cache,
         "rule": d.scheme_rule(),
@@ -98,15 +111,17 @@ pub fn diagnostic_json(d: &PolicyDiagnostic) -> Value {
 }
 
 /// Reads a request as golden cases describe it:
-/// `{"authority", "scheme"?, "x_forwarded_proto"?, "method"? (GET), "path"?}`,
-/// where `scheme` is the viewer's connection to the edge.
+/// `{"authority", "scheme"?, "x_forwarded_proto"?, "method"? (GET), "path"?,
+/// "body_bytes"?, "spread"?}`, where `scheme` is the viewer's connection to the
+/// edge and `spread` picks among weighted primaries.
 pub fn request_from_json(value: &Value) -> Result<OwnedViewerRequest, String> {
     let obj = value.as_object().ok_or("request must be an object")?;
     let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
     for key in obj.keys() {
         if !matches!(
             key.as_str(),
-            "authority" | "scheme" | "x_forwarded_proto" | "method" | "path"
+            "authority" | "scheme" | "x_forwarded_proto" | "method" | "path" | "body_bytes"
+                | "spread"
         ) {
             return Err(format!("unknown request field `{key}`"));
         }
@@ -116,6 +131,12 @@ pub fn request_from_json(value: &Value) -> Result<OwnedViewerRequest, String> {
         connection: text("scheme").as_deref().and_then(scheme_from_text),
         x_forwarded_proto: text("x_forwarded_proto"),
         method: text("method").unwrap_or_else(|| "GET".to_owned()),
+        body_bytes: obj.get("body_bytes").and_then(Value::as_u64),
+        spread: obj
+            .get("spread")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
     })
 }
 
@@ -136,5 +157,6 @@ pub fn request_from_url(
         connection: scheme_from_text(scheme),
         x_forwarded_proto: x_forwarded_proto.map(str::to_owned),
         method: method.unwrap_or("GET").to_ascii_uppercase(),
+        ..OwnedViewerRequest::default()
     })
 }

@@ -1,17 +1,41 @@
 //! Edge-wide settings that travel with the policies in the plugin configuration.
 
 use crate::diagnostic::PolicyDiagnostic;
-use crate::parse::cluster_name;
-use crate::reader::{header_safe, integer_in, FieldReader, Findings};
+use crate::host::is_ip_literal;
+use crate::reader::{header_safe, host_name, integer_in, string, FieldReader, Findings};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 pub const DEFAULT_CLUSTER_HEADER: &str = "x-origin-cluster";
-pub const DEFAULT_DFP_HTTP_CLUSTER: &str = "origin_dfp_http";
-pub const DEFAULT_DFP_HTTPS_CLUSTER: &str = "origin_dfp_https";
+/// Envoy's default per-connection buffer limit: a retry needs the whole body
+/// buffered, so a larger body cannot be failed over.
 pub const DEFAULT_MAX_REPLAY_BODY_BYTES: u32 = 1024 * 1024;
 pub const MAX_REPLAY_BODY_BYTES: u32 = 64 * 1024 * 1024;
-pub const DEFAULT_MAX_SECONDARY_RESPONSE_BYTES: u32 = 8 * 1024 * 1024;
-pub const MAX_SECONDARY_RESPONSE_BYTES: u32 = 64 * 1024 * 1024;
+/// The system's CA bundle (Debian, Ubuntu, Alpine).
+pub const DEFAULT_ORIGIN_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// When an origin is marked down and for how long: Envoy's outlier detection
+/// on every derived origin cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginHealth {
+    /// Consecutive failures (5xx, refused or timed-out connections) that mark
+    /// an origin down; the seed CDN's 3 failed probes.
+    pub consecutive_failures: u32,
+    /// The first cool-down; each further one is this times the number of times
+    /// the origin was marked down, up to `max_cooldown_ms`.
+    pub cooldown_ms: u32,
+    pub max_cooldown_ms: u32,
+}
+
+impl Default for OriginHealth {
+    fn default() -> Self {
+        OriginHealth {
+            consecutive_failures: 3,
+            cooldown_ms: 10_000,
+            max_cooldown_ms: 300_000,
+        }
+    }
+}
 
 /// What the filter does with a Host that no policy covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,32 +50,33 @@ pub enum UnknownDomain {
 pub struct Settings {
     /// Request header the route's `cluster_header` reads.
     pub cluster_header: String,
-    pub dfp_http_cluster: String,
-    pub dfp_https_cluster: String,
     pub unknown_domain: UnknownDomain,
     /// Take the viewer scheme from `x-forwarded-proto` before `:scheme`; only safe
     /// behind a TLS-terminating proxy that sets (and overwrites) that header.
     pub trust_x_forwarded_proto: bool,
     /// Add `x-origin-decision` to responses, naming origin, scheme, port, Host and SNI.
     pub decision_header: bool,
-    /// Largest request body kept for a failover replay; larger bodies are not failed over.
+    /// Largest request body failed over; must not exceed Envoy's buffer limit.
     pub max_replay_body_bytes: u32,
-    /// Largest secondary-origin response body relayed; a failover answer is
-    /// copied whole into the filter, so larger ones become a 502.
-    pub max_secondary_response_bytes: u32,
+    /// CA bundle the derived clusters check origin certificates against.
+    pub origin_ca_file: String,
+    /// Fixed addresses for origin names, like `curl --resolve`: a lab or a
+    /// private network without DNS for its origins.
+    pub resolve: BTreeMap<String, String>,
+    pub origin_health: OriginHealth,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             cluster_header: DEFAULT_CLUSTER_HEADER.to_owned(),
-            dfp_http_cluster: DEFAULT_DFP_HTTP_CLUSTER.to_owned(),
-            dfp_https_cluster: DEFAULT_DFP_HTTPS_CLUSTER.to_owned(),
             unknown_domain: UnknownDomain::PassThrough,
             trust_x_forwarded_proto: false,
             decision_header: false,
             max_replay_body_bytes: DEFAULT_MAX_REPLAY_BODY_BYTES,
-            max_secondary_response_bytes: DEFAULT_MAX_SECONDARY_RESPONSE_BYTES,
+            origin_ca_file: DEFAULT_ORIGIN_CA_FILE.to_owned(),
+            resolve: BTreeMap::new(),
+            origin_health: OriginHealth::default(),
         }
     }
 }
@@ -95,17 +120,6 @@ pub fn parse_settings(
                 ),
                 Some(_) => {}
                 None => f.error(&p, "expected a header name"),
-            }
-        }
-        if let Some((v, p)) = r.field("dynamic_forward_proxy") {
-            if let Some(mut dfp) = FieldReader::open(&mut f, v, &p) {
-                if let Some((v, p)) = dfp.field("http") {
-                    settings.dfp_http_cluster = cluster_name(&mut f, v, &p).unwrap_or_default();
-                }
-                if let Some((v, p)) = dfp.field("https") {
-                    settings.dfp_https_cluster = cluster_name(&mut f, v, &p).unwrap_or_default();
-                }
-                dfp.finish(&mut f);
             }
         }
         if let Some((v, p)) = r.field("unknown_domain") {
@@ -159,17 +173,25 @@ pub fn parse_settings(
                     u32::try_from(n).unwrap_or(DEFAULT_MAX_REPLAY_BODY_BYTES);
             }
         }
-        if let Some((v, p)) = r.field("max_secondary_response_bytes") {
-            if let Some(n) = integer_in(
-                &mut f,
-                v,
-                &p,
-                0,
-                u64::from(MAX_SECONDARY_RESPONSE_BYTES),
-                "max_secondary_response_bytes",
-            ) {
-                settings.max_secondary_response_bytes =
-                    u32::try_from(n).unwrap_or(DEFAULT_MAX_SECONDARY_RESPONSE_BYTES);
+        if let Some((v, p)) = r.field("origin_ca_file") {
+            match string(&mut f, v, &p) {
+                Some(path) if !path.is_empty() => settings.origin_ca_file = path.to_owned(),
+                Some(_) => f.error(&p, "expected the path of a PEM CA bundle"),
+                None => {}
+            }
+        }
+        if let Some((v, p)) = r.field("resolve") {
+            settings.resolve = resolve(&mut f, v, &p);
+        }
+        if let Some((v, p)) = r.field("origin_health") {
+            settings.origin_health = origin_health(&mut f, v, &p);
+        }
+        for gone in ["dynamic_forward_proxy", "max_secondary_response_bytes"] {
+            if let Some((_, p)) = r.field(gone) {
+                f.error(
+                    &p,
+                    format!("`{gone}` is no longer read: origins are reached through clusters derived from the policies, and failover streams"),
+                );
             }
         }
         r.finish(&mut f);
@@ -180,4 +202,50 @@ pub fn parse_settings(
     } else {
         Err(list)
     }
+}
+
+fn resolve(f: &mut Findings, value: &Value, path: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Value::Object(map) = value else {
+        f.error(path, "expected an object of origin name -> IP address");
+        return out;
+    };
+    for (name, ip) in map {
+        let p = format!("{path}/{}", crate::diagnostic::pointer_segment(name));
+        let Some(name) = host_name(f, name, &p, "origin name") else {
+            continue;
+        };
+        match ip.as_str() {
+            Some(ip) if is_ip_literal(ip) => {
+                out.insert(name, ip.trim_start_matches('[').trim_end_matches(']').to_owned());
+            }
+            _ => f.error(&p, "expected an IP address"),
+        }
+    }
+    out
+}
+
+fn origin_health(f: &mut Findings, value: &Value, path: &str) -> OriginHealth {
+    let mut health = OriginHealth::default();
+    let Some(mut r) = FieldReader::open(f, value, path) else {
+        return health;
+    };
+    let mut read = |r: &mut FieldReader, key: &'static str, low: u32, high: u32, slot: &mut u32| {
+        if let Some((v, p)) = r.field(key) {
+            if let Some(n) = integer_in(f, v, &p, u64::from(low), u64::from(high), key) {
+                *slot = u32::try_from(n).unwrap_or(*slot);
+            }
+        }
+    };
+    read(&mut r, "consecutive_failures", 1, 100, &mut health.consecutive_failures);
+    read(&mut r, "cooldown_ms", 1_000, 3_600_000, &mut health.cooldown_ms);
+    read(&mut r, "max_cooldown_ms", 1_000, 86_400_000, &mut health.max_cooldown_ms);
+    r.finish(f);
+    if health.max_cooldown_ms < health.cooldown_ms {
+        f.error(
+            &format!("{path}/max_cooldown_ms"),
+            "must be at least `cooldown_ms`",
+        );
+    }
+    health
 }

@@ -1,0 +1,165 @@
+//! The Envoy clusters a policy set needs, derived from its origins: one per
+//! way of reaching an origin (shared by every domain that reaches it the same
+//! way, and so is its health), and one aggregate per failover chain.
+
+use crate::compiled::{CompiledPolicy, OriginEndpoint, TlsName};
+use crate::host::is_ip_literal;
+use crate::policy::Scheme;
+use crate::settings::Settings;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Endpoint metadata namespace naming the origin cluster an answer came from.
+pub const METADATA_NAMESPACE: &str = "origin_policy";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DerivedClusters {
+    /// Origin cluster name -> how it reaches its origin.
+    pub origins: BTreeMap<String, OriginEndpoint>,
+    /// Chain cluster name -> its origin clusters, in the order they are tried.
+    pub chains: BTreeMap<String, Vec<String>>,
+}
+
+impl DerivedClusters {
+    pub fn of<'a>(policies: impl IntoIterator<Item = &'a CompiledPolicy>) -> Self {
+        let mut out = DerivedClusters::default();
+        for policy in policies {
+            for routes in policy.all_routes() {
+                for origin in &routes.origins {
+                    out.origins
+                        .entry(origin.cluster.clone())
+                        .or_insert_with(|| origin.endpoint.clone());
+                }
+                for start in &routes.starts {
+                    if start.chain.is_empty() {
+                        continue;
+                    }
+                    out.chains
+                        .entry(start.route_cluster.clone())
+                        .or_insert_with(|| {
+                            std::iter::once(start.origin)
+                                .chain(start.chain.iter().copied())
+                                .filter_map(|i| routes.origins.get(i))
+                                .map(|o| o.cluster.clone())
+                                .collect()
+                        });
+                }
+            }
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.origins.len() + self.chains.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The clusters as Envoy CDS resources (`envoy.config.cluster.v3.Cluster`).
+    pub fn envoy_resources(&self, settings: &Settings) -> Vec<Value> {
+        let origins = self
+            .origins
+            .iter()
+            .map(|(name, e)| origin_cluster(name, e, settings));
+        let chains = self.chains.iter().map(|(name, members)| {
+            json!({
+                "@type": CLUSTER_TYPE_URL,
+                "name": name,
+                "connect_timeout": "10s",
+                "lb_policy": "CLUSTER_PROVIDED",
+                "cluster_type": {
+                    "name": "envoy.clusters.aggregate",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                        "clusters": members,
+                    },
+                },
+            })
+        });
+        origins.chain(chains).collect()
+    }
+}
+
+fn duration_ms(ms: u32) -> String {
+    format!("{}.{:03}s", ms / 1000, ms % 1000)
+}
+
+fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value {
+    let bare = e.address.trim_start_matches('[').trim_end_matches(']');
+    let fixed = settings.resolve.get(&e.address).map(String::as_str);
+    let by_address = fixed.is_some() || is_ip_literal(&e.address);
+    let mut endpoint = json!({
+        "address": {"socket_address": {"address": fixed.unwrap_or(bare), "port_value": e.port}},
+    });
+    if let Some(host) = &e.host {
+        // The route's auto_host_rewrite sends this as Host, attempt by attempt.
+        endpoint["hostname"] = json!(host);
+    }
+    let h = &settings.origin_health;
+    let mut cluster = json!({
+        "@type": CLUSTER_TYPE_URL,
+        "name": name,
+        "type": if by_address { "STATIC" } else { "STRICT_DNS" },
+        "connect_timeout": duration_ms(e.connect_timeout_ms),
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{
+                "endpoint": endpoint,
+                "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"cluster": name}}},
+            }]}],
+        },
+        // Sticky origin health: an origin that keeps failing is skipped for a
+        // cool-down that grows each time, and a chain moves to its next origin.
+        "outlier_detection": {
+            "consecutive_5xx": h.consecutive_failures,
+            "consecutive_gateway_failure": h.consecutive_failures,
+            "consecutive_local_origin_failure": h.consecutive_failures,
+            "split_external_local_origin_errors": true,
+            "enforcing_consecutive_5xx": 100,
+            "enforcing_consecutive_gateway_failure": 100,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "enforcing_success_rate": 0,
+            "enforcing_local_origin_success_rate": 0,
+            "interval": "1s",
+            "base_ejection_time": duration_ms(h.cooldown_ms),
+            "max_ejection_time": duration_ms(h.max_cooldown_ms),
+            "max_ejection_percent": 100,
+        },
+    });
+    if !by_address {
+        // One DNS query per origin per minute, not Envoy's default of every 5 s:
+        // there can be 100,000 of them.
+        cluster["dns_lookup_family"] = json!("V4_PREFERRED");
+        cluster["dns_refresh_rate"] = json!("60s");
+        cluster["respect_dns_ttl"] = json!(true);
+    }
+    if e.scheme == Scheme::Https {
+        let mut validation = json!({"trusted_ca": {"filename": settings.origin_ca_file}});
+        let mut tls = json!({});
+        match &e.tls_name {
+            TlsName::Fixed(sni) => {
+                tls["sni"] = json!(sni);
+                validation["match_typed_subject_alt_names"] =
+                    json!([{"san_type": "DNS", "matcher": {"exact": sni}}]);
+            }
+            TlsName::FromHost => {
+                cluster["typed_extension_protocol_options"] = json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+                        "explicit_http_config": {"http_protocol_options": {}},
+                    },
+                });
+            }
+            TlsName::None => {}
+        }
+        tls["common_tls_context"] = json!({"validation_context": validation});
+        tls["@type"] =
+            json!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext");
+        cluster["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": tls});
+    }
+    cluster
+}
