@@ -1,5 +1,5 @@
-"""One real Envoy (deploy/envoy/edge.yaml plus the test clusters) in front of
-the demo origins, shared by every end-to-end test in this directory.
+"""One real Envoy (deploy/envoy/edge.yaml, origins from the bundled policies)
+in front of the demo origins, shared by every end-to-end test in this directory.
 
 Tests use unique paths, so the edge's cache never answers for another test.
 """
@@ -11,6 +11,7 @@ import json
 import shutil
 import ssl
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +29,14 @@ from edge import (  # noqa: E402
     Envoy,
     bundle,
     edge_config,
-    missing_clusters,
 )
 from origins import DEMO_ORIGINS, Certificates, DemoOrigins, RequestLog  # noqa: E402
 
 E2E_POLICIES = HERE / "policies"
-E2E_CLUSTERS = HERE / "clusters.yaml"
-# Short enough to keep timeout tests quick, long enough for a loaded 2-core machine.
-PRIMARY_TIMEOUT_S = 2
+# www.example.com's primary response_timeout_ms (policies/www.example.com.json).
+PRIMARY_TIMEOUT_S = 3
+# How long an origin marked down is skipped, the first time.
+COOLDOWN_MS = 2000
 
 
 @dataclass
@@ -49,20 +50,6 @@ class Response:
 
     def json(self) -> dict:
         return json.loads(self.body)
-
-
-def e2e_envoy_config() -> dict:
-    """edge.yaml with the test clusters and a shorter primary timeout."""
-    config = edge_config()
-    config["static_resources"]["clusters"] += yaml.safe_load(E2E_CLUSTERS.read_text())
-    for listener in config["static_resources"]["listeners"]:
-        if listener["name"] != "origin_fetch":
-            continue
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        for vhost in hcm["route_config"]["virtual_hosts"]:
-            for route in vhost["routes"]:
-                route["route"]["timeout"] = f"{PRIMARY_TIMEOUT_S}s"
-    return config
 
 
 class Edge:
@@ -80,6 +67,19 @@ class Edge:
 
     def rebundle(self) -> None:
         bundle(self.run_dir, self.policy_paths)
+
+    def push_policy(self, document: dict) -> str:
+        """Adds (or replaces) one domain's policy live; returns once the edge
+        decides that domain's requests."""
+        domain = document["domain"]
+        (self.policies / f"{domain}.json").write_text(json.dumps(document))
+        self.rebundle()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.request(domain, f"/pushed/{uuid.uuid4().hex}").header("x-origin-decision"):
+                return domain
+            time.sleep(0.05)
+        raise AssertionError(f"{domain}: policy not applied within 10 s")
 
     def request(
         self,
@@ -102,6 +102,20 @@ class Edge:
             return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
         finally:
             conn.close()
+
+    def fresh_domain(self, primary: dict, secondary: dict | None = None, **policy) -> str:
+        """A new domain whose origins get clusters of their own, and so a
+        health state of their own: their Host is one no other domain sends."""
+        name = f"f{uuid.uuid4().hex[:12]}.failover.test"
+        document = {
+            "domain": name,
+            "primary": primary,
+            "origin_host": {"mode": "custom", "value": f"{name}.origin"},
+            **policy,
+        }
+        if secondary:
+            document["secondary"] = secondary
+        return self.push_policy(document)
 
     def seen(self, path: str, origin: str | None = None):
         return self.origin_log.matching(path, origin)
@@ -129,12 +143,13 @@ def edge(tmp_path_factory, demo_origins):
     run_dir = tmp_path_factory.mktemp("edge")
     copy_certs(demo_origins.certs, run_dir)
     shutil.copytree(POLICIES, run_dir / "policies")
-    config = e2e_envoy_config()
-    paths = [run_dir / "policies", E2E_POLICIES]
-    missing = missing_clusters(config, paths)
-    assert not missing, f"policies name clusters the Envoy config lacks: {missing}"
-    bundle(run_dir, paths)
-    envoy = Envoy(run_dir, config)
+    # A short cool-down, so that a test sees a marked-down origin come back.
+    settings_path = run_dir / "policies" / "settings.json"
+    settings = json.loads(settings_path.read_text())
+    settings["origin_health"] = {"cooldown_ms": COOLDOWN_MS}
+    settings_path.write_text(json.dumps(settings))
+    bundle(run_dir, [run_dir / "policies", E2E_POLICIES])
+    envoy = Envoy(run_dir, edge_config())
     envoy.start()
     try:
         yield Edge(run_dir, envoy, demo_origins.log, demo_origins.certs)

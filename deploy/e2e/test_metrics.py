@@ -5,29 +5,45 @@ def counter(edge, name):
     return edge.stats().get(f"wasmcustom.origin_policy.{name}", 0)
 
 
+WWW_PRIMARY = {"address": "primary.example.net", "port": 18084}
+WWW_SECONDARY = {"address": "backup.example.net", "port": 18085}
+
+
 def test_decisions_redirects_and_failovers_are_counted(edge, path):
-    names = ["decisions", "redirects_uncacheable", "failover.started", "failover.succeeded",
+    names = ["decisions", "redirects_uncacheable", "failover.retried", "failover.succeeded",
              "unknown_domain", "origin_unreachable"]
+    failing = edge.fresh_domain(WWW_PRIMARY, WWW_SECONDARY)
     before = {n: counter(edge, n) for n in names}
     edge.request("plain.example.com", path)
     edge.request("redirect.example.com", path)
-    edge.request("www.example.com", path)
+    edge.request(failing, path)
     edge.request("nobody.example.org", path)
     edge.request("sni-mismatch.test", path)
     after = {n: counter(edge, n) for n in names}
     assert {n: after[n] - before[n] for n in names} == {
         "decisions": 4,
         "redirects_uncacheable": 1,
-        "failover.started": 1,
+        "failover.retried": 1,
         "failover.succeeded": 1,
         "unknown_domain": 1,
         "origin_unreachable": 1,
     }
 
 
+def test_a_primary_marked_down_is_counted(edge, path):
+    failing = edge.fresh_domain(WWW_PRIMARY, WWW_SECONDARY)
+    for i in range(3):  # the default: 3 failures in a row mark an origin down
+        edge.request(failing, f"{path}/{i}")
+    before = counter(edge, "failover.marked_down")
+    r = edge.request(failing, path)
+    assert r.header("x-origin-error") == "orig marked down; failover=secondary"
+    assert counter(edge, "failover.marked_down") - before == 1
+
+
 def test_a_failover_skipped_for_its_method_is_counted(edge, path):
+    failing = edge.fresh_domain(WWW_PRIMARY, WWW_SECONDARY)
     before = counter(edge, "failover.skipped")
-    r = edge.request("www.example.com", path, method="POST", body=b"order=1")
+    r = edge.request(failing, path, method="POST", body=b"order=1")
     assert r.status == 503
     assert r.header("x-origin-error") == "orig response 503 error; failover=skipped (method POST)"
     assert counter(edge, "failover.skipped") - before == 1

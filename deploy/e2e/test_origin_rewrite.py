@@ -14,7 +14,8 @@ def test_https_policy_sends_the_configured_sni_and_validates_it(edge, path):
     got = only(edge.seen(path))
     assert (got.origin, got.scheme) == ("multi-tenant", "https")
     assert got.sni == "origin-secure.example.net"
-    assert got.host == "origin-secure.example.net"
+    # The origin's own name, with its port: it is not the HTTPS default.
+    assert got.host == "origin-secure.example.net:18443"
 
 
 def test_one_origin_serves_two_certificates_by_sni(edge, path):
@@ -74,7 +75,7 @@ def test_custom_https_port_60080_for_a_wildcard_domain(edge, path):
     "domain, host",
     [
         ("plain.example.com", "plain.example.com"),  # acceleration domain
-        ("secure.example.com", "origin-secure.example.net"),  # origin domain
+        ("secure.example.com", "origin-secure.example.net:18443"),  # origin domain
         ("shop.example.com", "shop-origin.example.net"),  # custom
     ],
 )

@@ -4,7 +4,7 @@ use origin_policy_cli::explain_text;
 use origin_policy_cli::files::{read_paths, write_atomically};
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::report::{diagnostic_json, outcome_json, request_from_url};
-use origin_policy_engine::Diagnostics;
+use origin_policy_engine::{fingerprint, Diagnostics, PolicySet};
 use serde_json::{json, Value};
 use std::fmt;
 use std::path::PathBuf;
@@ -14,12 +14,14 @@ const USAGE: &str = "\
 usage:
   origin-policy check [--json] [PATH...]
       Validate policy files (default PATH: policies/). Exit 1 on any error.
-      --json also lists every Envoy cluster the policies can send requests to.
+      --json also lists the Envoy clusters derived from the policies.
   origin-policy explain [--json] [--policies PATH] [--method M] [--x-forwarded-proto P] URL
       Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
   origin-policy bundle [--wasm FILE] [--out DIR] [PATH...]
-      Write DIR/plugin-config.json and DIR/origin-policy.ecds.json (default DIR: run/),
-      each replaced atomically so that Envoy's file watch sees whole files only.";
+      Write DIR/origin-policy.cds.json (the origin clusters), DIR/plugin-config.json
+      and DIR/origin-policy.ecds.json (default DIR: run/), each replaced atomically so
+      that Envoy's file watch sees whole files only; clusters first, so that a new
+      policy never names a cluster Envoy does not have yet.";
 
 /// Why the command line failed.
 #[derive(Debug)]
@@ -104,10 +106,11 @@ fn check(args: &Args) -> Result<(), CliError> {
     let domains = compiled.as_ref().map_or(0, |c| c.set.index.len());
     if args.has("json") {
         let list: Vec<Value> = diagnostics.0.iter().map(diagnostic_json).collect();
-        let clusters: Vec<&str> = compiled
+        let derived = compiled
             .as_ref()
-            .map(|c| c.set.clusters().into_iter().collect())
+            .map(|c| c.set.derived_clusters())
             .unwrap_or_default();
+        let clusters: Vec<&String> = derived.origins.keys().chain(derived.chains.keys()).collect();
         println!(
             "{}",
             json!({
@@ -181,6 +184,30 @@ fn ecds_resource(plugin_config: &str, wasm: &str) -> Value {
     })
 }
 
+/// The clusters the new policies need, plus those the previous bundle's
+/// policies needed: requests still running on the previous filter
+/// configuration keep their clusters until the next push removes them.
+fn cds_resources(config: &str, previous: &std::path::Path) -> Result<Value, CliError> {
+    let compile = |bytes: &[u8]| PolicySet::from_plugin_config(bytes, None).ok().map(|c| c.set);
+    let set = compile(config.as_bytes())
+        .ok_or_else(|| CliError::Io("the bundled configuration does not compile".to_owned()))?;
+    let mut derived = set.derived_clusters();
+    if let Some(old) = std::fs::read(previous).ok().and_then(|b| compile(&b)) {
+        let old = old.derived_clusters();
+        for (name, endpoint) in old.origins {
+            derived.origins.entry(name).or_insert(endpoint);
+        }
+        for (name, members) in old.chains {
+            derived.chains.entry(name).or_insert(members);
+        }
+    }
+    let resources = derived.envoy_resources(&set.settings);
+    Ok(json!({
+        "version_info": format!("{:016x}", fingerprint(config.as_bytes())),
+        "resources": resources,
+    }))
+}
+
 fn bundle(args: &Args) -> Result<(), CliError> {
     let dir = load(&args.paths())?;
     let (_, diagnostics) = dir.compile();
@@ -204,6 +231,7 @@ fn bundle(args: &Args) -> Result<(), CliError> {
     })?;
     let config = dir.plugin_config().to_string();
     let ecds = ecds_resource(&config, &wasm_abs.to_string_lossy());
+    let cds = cds_resources(&config, &out.join("plugin-config.json"))?;
     let write = |name: &str, text: String| {
         let path = out.join(name);
         write_atomically(&path, text.as_bytes())
@@ -211,6 +239,7 @@ fn bundle(args: &Args) -> Result<(), CliError> {
         println!("wrote {}", path.display());
         Ok::<(), CliError>(())
     };
+    write("origin-policy.cds.json", format!("{cds:#}"))?;
     write("plugin-config.json", config)?;
     write("origin-policy.ecds.json", format!("{ecds:#}"))?;
     Ok(())

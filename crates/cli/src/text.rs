@@ -29,7 +29,13 @@ pub fn explain_text(outcome: &Value, method: &str) -> String {
     );
     line(
         "origin",
-        format!("{} via cluster {}", text(&o["role"]), text(&o["cluster"])),
+        format!(
+            "{} {}:{} via cluster {}",
+            text(&o["tier"]),
+            text(&o["address"]),
+            o["port"],
+            text(&o["cluster"])
+        ),
     );
     line(
         "scheme",
@@ -44,9 +50,30 @@ pub fn explain_text(outcome: &Value, method: &str) -> String {
             .unwrap_or("(none: plain HTTP or IP address)")
             .to_owned(),
     );
-    if let Some(h) = o["dynamic_host"].as_str() {
-        line("dfp", format!("{h}:{}", o["port"]));
+    line(
+        "timeouts",
+        format!(
+            "connect {} ms, response {} ms",
+            o["connect_timeout_ms"], o["response_timeout_ms"]
+        ),
+    );
+    for next in outcome["chain"].as_array().into_iter().flatten() {
+        line(
+            "then",
+            format!(
+                "{} {}://{}:{} host {} sni {} (connect {} ms, response {} ms)",
+                text(&next["tier"]),
+                text(&next["scheme"]),
+                text(&next["address"]),
+                next["port"],
+                text(&next["authority"]),
+                next["sni"].as_str().unwrap_or("-"),
+                next["connect_timeout_ms"],
+                next["response_timeout_ms"]
+            ),
+        );
     }
+    line("cluster", format!("{} (cluster header)", text(&outcome["route_cluster"])));
     let cache: Vec<String> = outcome["cache"]
         .as_object()
         .into_iter()
@@ -66,15 +93,22 @@ pub fn explain_text(outcome: &Value, method: &str) -> String {
         "failover",
         match f["eligible"].as_bool() {
             None => "none (no secondary origin)".to_owned(),
-            Some(false) => format!("not for {method} requests"),
+            Some(false) => format!("not for this {method} request: {}", text(&f["reason"])),
+            Some(true) if f["connect_failures_only"] == true => format!(
+                "{method} is not idempotent: only when {}:{} refuses the connection -> {} {}:{}",
+                text(&o["address"]),
+                o["port"],
+                text(&f["tier"]),
+                text(&f["address"]),
+                f["port"]
+            ),
             Some(true) => format!(
-                "on {} -> secondary via cluster {} ({}://{}:{}, timeout {} ms)",
+                "on {}, a timeout or a refused connection -> {} {}://{}:{} (one retry)",
                 f["statuses"],
-                text(&f["cluster"]),
+                text(&f["tier"]),
                 text(&f["scheme"]),
-                text(&f["authority"]),
-                f["port"],
-                f["timeout_ms"]
+                text(&f["address"]),
+                f["port"]
             ),
         },
     );

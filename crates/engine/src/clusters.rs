@@ -113,14 +113,14 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
         },
         // Sticky origin health: an origin that keeps failing is skipped for a
         // cool-down that grows each time, and a chain moves to its next origin.
+        // Connect failures and timeouts count with the 5xx answers: kept
+        // apart (split_external_local_origin_errors), a hanging origin is
+        // never marked down.
         "outlier_detection": {
             "consecutive_5xx": h.consecutive_failures,
             "consecutive_gateway_failure": h.consecutive_failures,
-            "consecutive_local_origin_failure": h.consecutive_failures,
-            "split_external_local_origin_errors": true,
             "enforcing_consecutive_5xx": 100,
             "enforcing_consecutive_gateway_failure": 100,
-            "enforcing_consecutive_local_origin_failure": 100,
             "enforcing_success_rate": 0,
             "enforcing_local_origin_success_rate": 0,
             "interval": "1s",

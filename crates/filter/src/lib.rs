@@ -4,12 +4,10 @@
 //! - `root`: parses, compiles and swaps the policies (`on_configure`);
 //! - `http`: one HTTP context per stream, mapping host calls to and from the
 //!   request's [`origin_policy_engine::Exchange`];
-//! - `filter_state`: the `set_envoy_filter_state` encoder (SNI, SAN, DFP);
 //! - `metrics`: the counters, from one name table.
 // Host calls exist only in the proxy-wasm build; natively this crate is empty.
 #![cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 
-mod filter_state;
 mod http;
 mod metrics;
 mod root;
