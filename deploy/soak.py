@@ -43,20 +43,6 @@ PHASES = ("healthy", "503", "refusing")
 PRIMARY = OriginSpec("primary", PRIMARY_PORT, cache_control="no-store")
 SECONDARY = OriginSpec("secondary", SECONDARY_PORT, cache_control="no-store")
 
-CLUSTERS = [
-    {
-        "name": name,
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}
-            ],
-        },
-    }
-    for name, port in (("soak_primary", PRIMARY_PORT), ("soak_secondary", SECONDARY_PORT))
-]
-
 WRK_SCRIPT = """\
 local hosts = {"soak.example.com", "steady.example.com"}
 local n = 0
@@ -114,13 +100,14 @@ def write_policies(directory: Path, version: int) -> None:
     shutil.copy(POLICIES / "settings.json", directory / "settings.json")
     soak = {
         "domain": "soak.example.com",
-        "primary": {"address": "primary.soak.test", "port": 80, "clusters": {"http": "soak_primary"}},
-        "secondary": {"address": "secondary.soak.test", "port": 80, "clusters": {"http": "soak_secondary"}},
-        "failover": {"statuses": [500, 502, 503, 504], "timeout_ms": 3000},
+        "primary": {"address": "127.0.0.1", "port": PRIMARY_PORT, "response_timeout_ms": 3000},
+        "secondary": {"address": "127.0.0.1", "port": SECONDARY_PORT},
+        "origin_host": {"mode": "custom", "value": "primary.soak.test"},
+        "failover": {"statuses": [500, 502, 503, 504]},
     }
     steady = {
         "domain": "steady.example.com",
-        "primary": {"address": "secondary.soak.test", "port": 80, "clusters": {"http": "soak_secondary"}},
+        "primary": {"address": "127.0.0.1", "port": SECONDARY_PORT},
         "cache_status_ttl": {"404": version % 600},
     }
     (directory / "soak.example.com.json").write_text(json.dumps(soak))
@@ -170,7 +157,6 @@ def main() -> int:
     write_policies(policies, 0)
     bundle(run, [policies])
     config = edge_config()
-    config["static_resources"]["clusters"] += CLUSTERS
     if args.without_cache_tier:
         for listener in config["static_resources"]["listeners"]:
             if listener["name"] == "viewer_http":

@@ -60,6 +60,7 @@ class Edge:
         self.certs = certs
         self.policies = run_dir / "policies"
         self._tls = ssl.create_default_context(cafile=str(certs.ca_file))
+        self._fresh = 0
 
     @property
     def policy_paths(self) -> list[Path]:
@@ -105,16 +106,19 @@ class Edge:
 
     def fresh_domain(self, primary: dict, secondary: dict | None = None, **policy) -> str:
         """A new domain whose origins get clusters of their own, and so a
-        health state of their own: their Host is one no other domain sends."""
+        health state of their own: a connect timeout no other domain uses
+        makes them reached another way. Its Host is `<domain>.origin`."""
         name = f"f{uuid.uuid4().hex[:12]}.failover.test"
+        self._fresh += 1
+        own = {"connect_timeout_ms": 20_000 + self._fresh}
         document = {
             "domain": name,
-            "primary": primary,
+            "primary": {**own, **primary},
             "origin_host": {"mode": "custom", "value": f"{name}.origin"},
             **policy,
         }
         if secondary:
-            document["secondary"] = secondary
+            document["secondary"] = {**own, **secondary}
         return self.push_policy(document)
 
     def seen(self, path: str, origin: str | None = None):

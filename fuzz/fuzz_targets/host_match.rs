@@ -12,8 +12,8 @@ fn matched(set: &PolicySet, authority: &str) -> Option<String> {
     let request = ViewerRequest {
         authority,
         connection: Some(Scheme::Https),
-        x_forwarded_proto: None,
         method: "GET",
+        ..ViewerRequest::default()
     };
     match set.decide(&request) {
         Outcome::Origin(d) => Some(d.policy.name.clone()),

@@ -24,13 +24,19 @@ fuzz_target!(|data: &[u8]| {
             let request = ViewerRequest {
                 authority: &host,
                 connection: scheme_from_text(scheme),
-                x_forwarded_proto: None,
                 method: "GET",
+                ..ViewerRequest::default()
             };
             match compiled.set.decide(&request) {
                 Outcome::Origin(d) => {
                     assert_eq!(d.policy.name, policy.name);
-                    let _ = d.on_primary_response(503, None);
+                    // Every origin a request can reach has a derived cluster.
+                    let derived = compiled.set.derived_clusters();
+                    assert!(
+                        derived.origins.contains_key(d.target.cluster)
+                            && (derived.origins.contains_key(d.route_cluster)
+                                || derived.chains.contains_key(d.route_cluster))
+                    );
                 }
                 other => panic!("{host} over {scheme}: {other:?}"),
             }

@@ -1,273 +1,234 @@
-//! Failover on a primary 5xx: replay on the secondary, its reply delivered,
-//! the secondary failing or timing out, ineligible methods, never twice.
+//! Failover through the `.wasm`: the request headers that let Envoy retry
+//! once on the next origin of the chain, and what the filter makes of the
+//! answer from the properties Envoy reports (attempts, the answering endpoint).
+//! Envoy itself retries, streams and marks origins down (deploy/e2e).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use host_test::{Action, Vm};
 
-const GET: [(&str, &str); 5] = [
+const GET: [(&str, &str); 4] = [
     (":authority", "www.example.com"),
     (":scheme", "http"),
     (":method", "GET"),
     (":path", "/page?q=1"),
-    ("x-viewer", "kept"),
 ];
 
-fn primary_fails(vm: &mut Vm, request: &[(&str, &str)], body: Option<&[u8]>) -> (u32, Action) {
-    let id = vm.open_stream().unwrap();
-    vm.request_headers(id, request, body.is_none()).unwrap();
-    if let Some(b) = body {
-        vm.request_body(id, b, true).unwrap();
-    }
-    let action = vm
-        .response_headers(id, &[(":status", "503"), ("content-length", "5")], false)
-        .unwrap();
-    (id, action)
+/// The chain of www.example.com as the engine derives it.
+fn chain() -> (String, String, String) {
+    let set = origin_policy_engine::PolicySet::from_plugin_config(
+        common::example_config().as_bytes(),
+        None,
+    )
+    .unwrap()
+    .set;
+    let request = origin_policy_engine::ViewerRequest {
+        authority: "www.example.com",
+        method: "GET",
+        ..Default::default()
+    };
+    let found = set.lookup("www.example.com").unwrap();
+    let exchange = origin_policy_engine::Exchange::begin(found, &request, &set.settings).unwrap();
+    let d = exchange.decision().unwrap();
+    (
+        d.route_cluster.to_owned(),
+        d.target.cluster.to_owned(),
+        d.chain[0].cluster.to_owned(),
+    )
 }
 
-#[test]
-fn a_503_is_replayed_on_the_secondary_and_its_reply_delivered() {
-    let mut vm = common::example_vm();
-    let (id, action) = primary_fails(&mut vm, &GET, None);
-    assert_eq!(action, Action::Pause);
+/// A request answered with `status`, after Envoy made `attempts` attempts and
+/// the endpoint of `cluster` answered.
+fn answered(
+    vm: &mut Vm,
+    request: &[(&str, &str)],
+    status: &str,
+    attempts: u64,
+    cluster: &str,
+) -> u32 {
+    let id = vm.open_stream().unwrap();
     assert_eq!(
-        vm.response_body(id, b"oops!", true).unwrap(),
-        Action::Pause,
-        "primary body is held back"
-    );
-    let call = vm.state().dispatched.last().unwrap().clone();
-    assert_eq!(call.cluster, "www_secondary");
-    assert_eq!(call.timeout_ms, 3000);
-    assert_eq!(call.header(":path"), Some("/page?q=1"));
-    assert_eq!(call.header(":authority"), Some("www.example.com"));
-    assert_eq!(call.header("x-viewer"), Some("kept"));
-    assert_eq!(
-        call.header("x-origin-cluster"),
-        None,
-        "the cluster header is not replayed"
-    );
-    vm.http_call_response(
-        call.token,
-        Some(&[
-            (":status", "200"),
-            ("content-type", "text/html"),
-            ("connection", "close"),
-        ]),
-        b"from secondary",
-    )
-    .unwrap();
-    let reply = vm.local_response(id).unwrap();
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.body, b"from secondary");
-    assert_eq!(reply.header("content-type"), Some("text/html"));
-    assert_eq!(
-        reply.header("connection"),
-        None,
-        "hop-by-hop headers are dropped"
-    );
-    assert_eq!(
-        reply.header("x-origin-error"),
-        Some("orig response 503 error; failover=secondary")
-    );
-    assert_eq!(vm.metric("origin_policy.failover.started"), Some(1));
-    assert_eq!(vm.metric("origin_policy.failover.succeeded"), Some(1));
-
-    // The local reply passes through the filter again: it must not fail over twice.
-    assert_eq!(
-        vm.response_headers(id, &[(":status", "503")], true)
-            .unwrap(),
+        vm.request_headers(id, request, true).unwrap(),
         Action::Continue
     );
-    assert_eq!(vm.state().dispatched.len(), 1);
-}
-
-#[test]
-fn a_failing_secondary_gives_502_with_both_causes() {
-    let mut vm = common::example_vm();
-    let (id, _) = primary_fails(&mut vm, &GET, None);
-    let token = vm.state().dispatched[0].token;
-    vm.http_call_response(token, Some(&[(":status", "500")]), b"")
+    vm.set_stream_property(id, "upstream.request_attempt_count", attempts.to_le_bytes())
         .unwrap();
-    let reply = vm.local_response(id).unwrap();
-    assert_eq!(reply.status, 502);
+    let mut metadata = b"\n\x0dorigin_policy\x12\x2a".to_vec();
+    metadata.extend_from_slice(cluster.as_bytes());
+    vm.set_stream_property(id, "xds.upstream_host_metadata", metadata)
+        .unwrap();
+    let action = vm
+        .response_headers(id, &[(":status", status), ("content-length", "5")], false)
+        .unwrap();
+    assert_eq!(action, Action::Continue, "the answer streams through");
+    id
+}
+
+#[test]
+fn a_get_names_the_chain_and_turns_on_one_retry() {
+    let (route, _, _) = chain();
+    let mut vm = common::example_vm();
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &GET, true).unwrap();
+    assert_eq!(vm.upstream_header(id, "x-origin-cluster"), Some(route));
     assert_eq!(
-        reply.header("x-origin-error"),
-        Some("orig response 503 error; failover=secondary; secondary response 500 error")
+        vm.upstream_header(id, "x-envoy-retry-on").as_deref(),
+        Some("retriable-status-codes,connect-failure,refused-stream,reset")
     );
     assert_eq!(
-        vm.metric("origin_policy.failover.secondary_failed"),
-        Some(1)
+        vm.upstream_header(id, "x-envoy-retriable-status-codes")
+            .as_deref(),
+        Some("500,502,503,504")
+    );
+    // policies/www.example.com.json: the primary's 3 s, then the secondary's 5 s.
+    assert_eq!(
+        vm.upstream_header(id, "x-envoy-upstream-rq-per-try-timeout-ms")
+            .as_deref(),
+        Some("3000")
+    );
+    assert_eq!(
+        vm.upstream_header(id, "x-envoy-upstream-rq-timeout-ms")
+            .as_deref(),
+        Some("8000")
+    );
+    assert!(
+        vm.state().dispatched.is_empty(),
+        "Envoy re-sends, not the filter"
     );
 }
 
 #[test]
-fn an_unreachable_secondary_gives_502() {
+fn an_answer_from_the_secondary_names_both_origins() {
+    let (_, _, secondary) = chain();
     let mut vm = common::example_vm();
-    let (id, _) = primary_fails(&mut vm, &GET, None);
-    let token = vm.state().dispatched[0].token;
-    vm.http_call_response(token, None, b"").unwrap();
-    let reply = vm.local_response(id).unwrap();
-    assert_eq!(reply.status, 502);
-    assert!(reply
-        .header("x-origin-error")
-        .unwrap()
-        .ends_with("secondary connect failure"));
+    let id = answered(&mut vm, &GET, "200", 2, &secondary);
+    assert_eq!(
+        vm.response_header(id, "x-origin-error").as_deref(),
+        Some("orig failed; failover=secondary")
+    );
+    let decision = vm.response_header(id, "x-origin-decision").unwrap();
+    assert!(
+        decision.contains("origin=secondary; address=backup.example.net; scheme=http; port=18085"),
+        "{decision}"
+    );
+    assert_eq!(vm.metric("origin_policy.failover.retried"), Some(1));
+    assert_eq!(vm.metric("origin_policy.failover.succeeded"), Some(1));
 }
 
 #[test]
-fn a_secondary_timeout_gives_504() {
+fn a_primary_marked_down_is_said_so() {
+    let (_, _, secondary) = chain();
     let mut vm = common::example_vm();
-    let (id, _) = primary_fails(&mut vm, &GET, None);
-    let token = vm.state().dispatched[0].token;
-    vm.advance_clock_ms(3_000);
-    vm.http_call_response(token, None, b"").unwrap();
-    let reply = vm.local_response(id).unwrap();
-    assert_eq!(reply.status, 504);
+    let id = answered(&mut vm, &GET, "200", 1, &secondary);
     assert_eq!(
-        reply.header("x-origin-error"),
-        Some("orig response 503 error; failover=secondary; secondary timeout")
+        vm.response_header(id, "x-origin-error").as_deref(),
+        Some("orig marked down; failover=secondary")
     );
+    assert_eq!(vm.metric("origin_policy.failover.marked_down"), Some(1));
+}
+
+#[test]
+fn both_failing_names_both() {
+    let (_, _, secondary) = chain();
+    let mut vm = common::example_vm();
+    let id = answered(&mut vm, &GET, "503", 2, &secondary);
     assert_eq!(
-        vm.metric("origin_policy.failover.secondary_timeout"),
-        Some(1)
+        vm.response_header(id, "x-origin-error").as_deref(),
+        Some("orig failed; failover=secondary; secondary response 503 error")
     );
+    assert_eq!(vm.metric("origin_policy.failover.next_failed"), Some(1));
 }
 
 #[test]
 fn post_is_not_failed_over_by_default() {
+    let (_, primary, _) = chain();
     let mut vm = common::example_vm();
     let post = [
         (":authority", "www.example.com"),
         (":scheme", "http"),
         (":method", "POST"),
-        (":path", "/form"),
+        (":path", "/order"),
+        ("content-length", "7"),
     ];
-    let (id, action) = primary_fails(&mut vm, &post, Some(b"a=1"));
-    assert_eq!(action, Action::Continue);
-    assert!(vm.state().dispatched.is_empty());
+    let id = answered(&mut vm, &post, "503", 1, &primary);
+    assert_eq!(vm.upstream_header(id, "x-envoy-retry-on"), None);
     assert_eq!(
         vm.response_header(id, "x-origin-error").as_deref(),
         Some("orig response 503 error; failover=skipped (method POST)")
     );
+    assert_eq!(vm.metric("origin_policy.failover.skipped"), Some(1));
 }
 
 #[test]
-fn a_configured_post_failover_replays_the_body() {
-    let config = serde_json::json!({
-        "settings": {"max_replay_body_bytes": 16},
-        "policies": [{
-            "domain": "api.example.com",
-            "primary": {"address": "a.example.net", "clusters": {"http": "api_a"}},
-            "secondary": {"address": "b.example.net", "clusters": {"http": "api_b"}},
-            "failover": {"methods": ["POST"]}
-        }]
-    });
-    let mut vm = host_test::Filter::shared()
-        .unwrap()
-        .start(&config.to_string())
-        .unwrap();
-    let post = [
-        (":authority", "api.example.com"),
-        (":scheme", "http"),
-        (":method", "POST"),
-        (":path", "/x"),
-        ("content-length", "9"),
-    ];
-    let (_, action) = primary_fails(&mut vm, &post, Some(b"name=edge"));
-    assert_eq!(action, Action::Pause);
-    let call = vm.state().dispatched[0].clone();
-    assert_eq!(call.body, b"name=edge");
-    assert_eq!(
-        call.header("content-length"),
-        None,
-        "the host recomputes content-length"
-    );
-
-    // Over the replay limit: no failover, and the header says why.
-    let (id, action) = primary_fails(&mut vm, &post, Some(b"0123456789abcdefXYZ"));
-    assert_eq!(action, Action::Continue);
-    assert_eq!(
-        vm.response_header(id, "x-origin-error").as_deref(),
-        Some("orig response 503 error; failover=skipped (request body over 16 bytes)")
-    );
-}
-
-#[test]
-fn statuses_outside_the_rule_and_domains_without_secondary_do_not_fail_over() {
+fn a_body_over_the_replay_limit_is_not_failed_over() {
     let mut vm = common::example_vm();
     let id = vm.open_stream().unwrap();
-    vm.request_headers(id, &GET, true).unwrap();
-    assert_eq!(
-        vm.response_headers(id, &[(":status", "501")], true)
-            .unwrap(),
-        Action::Continue
-    );
+    let big = [
+        (":authority", "www.example.com"),
+        (":scheme", "http"),
+        (":method", "GET"),
+        (":path", "/"),
+        // settings.json: max_replay_body_bytes 1048576.
+        ("content-length", "1048577"),
+    ];
+    vm.request_headers(id, &big, false).unwrap();
+    assert_eq!(vm.upstream_header(id, "x-envoy-retry-on"), None);
+}
+
+#[test]
+fn a_domain_without_a_secondary_names_its_origin_and_no_retry() {
+    let mut vm = common::example_vm();
     let id = vm.open_stream().unwrap();
     vm.request_headers(id, &common::get("plain.example.com", "http"), true)
         .unwrap();
-    assert_eq!(
-        vm.response_headers(id, &[(":status", "503")], true)
-            .unwrap(),
-        Action::Continue
+    let cluster = vm.upstream_header(id, "x-origin-cluster").unwrap();
+    assert!(
+        cluster.starts_with("origin:http:plain-origin.example.net:18081:"),
+        "{cluster}"
     );
+    assert_eq!(vm.upstream_header(id, "x-envoy-retry-on"), None);
+    // The route's own timeout is the default response timeout: nothing to write.
     assert_eq!(
-        vm.response_header(id, "x-origin-error").as_deref(),
-        Some("orig response 503 error")
+        vm.upstream_header(id, "x-envoy-upstream-rq-timeout-ms"),
+        None
     );
-    assert!(vm.state().dispatched.is_empty());
 }
 
-/// Envoy's own 503 when the origin never answered, as `response.code_details` names it.
-fn envoy_reply_for(vm: &mut Vm, details: &str) {
-    vm.state_mut()
-        .properties
-        .insert("response.code_details".into(), details.as_bytes().to_vec());
+fn envoy_reply_for(vm: &mut Vm, request: &[(&str, &str)], details: &str) -> u32 {
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, request, true).unwrap();
+    vm.set_stream_property(id, "response.code_details", details)
+        .unwrap();
+    vm.response_headers(id, &[(":status", "503")], false)
+        .unwrap();
+    id
 }
 
 #[test]
 fn an_origin_that_never_answered_gets_502_or_504_with_the_cause() {
     let mut vm = common::example_vm();
-    let cases = [
-        (
-            "upstream_reset_before_response_started{connection_failure,TLS_error:_268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end}",
-            "502",
-            "orig TLS handshake failed (CERTIFICATE_VERIFY_FAILED)",
-        ),
-        ("response_timeout", "504", "orig response timeout"),
-        ("via_upstream", "503", "orig response 503 error"),
-    ];
-    for (details, status, error) in cases {
-        envoy_reply_for(&mut vm, details);
-        let id = vm.open_stream().unwrap();
-        vm.request_headers(id, &common::get("secure.example.com", "https"), true)
-            .unwrap();
-        vm.response_headers(id, &[(":status", "503")], false)
-            .unwrap();
-        assert_eq!(vm.response_header(id, ":status").as_deref(), Some(status));
-        assert_eq!(
-            vm.response_header(id, "x-origin-error").as_deref(),
-            Some(error)
-        );
-    }
-    assert_eq!(vm.metric("origin_policy.origin_unreachable"), Some(2));
-}
-
-#[test]
-fn a_refused_primary_fails_over_naming_the_connect_failure() {
-    let mut vm = common::example_vm();
-    envoy_reply_for(
+    let plain = common::get("plain.example.com", "http");
+    let refused = envoy_reply_for(
         &mut vm,
-        "upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}",
+        &plain,
+        "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
     );
-    let (id, action) = primary_fails(&mut vm, &GET, None);
-    assert_eq!(action, Action::Pause);
-    let call = vm.state().dispatched.last().unwrap().clone();
-    vm.http_call_response(call.token, Some(&[(":status", "200")]), b"ok")
-        .unwrap();
-    let reply = vm.local_response(id).unwrap();
-    assert_eq!(reply.status, 200);
     assert_eq!(
-        reply.header("x-origin-error"),
-        Some("orig connect failed (Connection refused); failover=secondary")
+        vm.response_header(refused, ":status").as_deref(),
+        Some("502")
     );
+    assert_eq!(
+        vm.response_header(refused, "x-origin-error").as_deref(),
+        Some("orig connect failed (Connection refused)")
+    );
+    let timeout = envoy_reply_for(&mut vm, &plain, "response_timeout");
+    assert_eq!(
+        vm.response_header(timeout, ":status").as_deref(),
+        Some("504")
+    );
+    assert_eq!(
+        vm.response_header(timeout, "x-origin-error").as_deref(),
+        Some("orig response timeout")
+    );
+    assert_eq!(vm.metric("origin_policy.origin_unreachable"), Some(2));
 }

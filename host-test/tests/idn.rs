@@ -19,17 +19,15 @@ fn idn_documents() -> PolicyDocuments {
     docs.add(
         DocumentKind::Settings,
         "settings.json".to_owned(),
-        json!({"unknown_domain": {"action": "local_reply", "status": 404}}),
+        json!({"unknown_domain": {"action": "local_reply", "status": 404}, "decision_header": true}),
     );
     docs.add(
         DocumentKind::Policy,
         "buecher.json".to_owned(),
         json!({
             "domain": "Bücher.example",
-            "primary": {"address": "Ursprung.bücher.example", "port": 443,
-                        "clusters": {"https": "buecher_tls"}},
-            "secondary": {"address": "reserve.BÜCHER.example", "port": 80,
-                          "clusters": {"http": "buecher_backup"}},
+            "primary": {"address": "Ursprung.bücher.example", "port": 443},
+            "secondary": {"address": "reserve.BÜCHER.example", "port": 80},
             "origin_host": {"mode": "custom", "value": "Laden.bücher.example:8443"},
             "origin_sni": {"mode": "custom", "value": "zertifikat.bücher.example"}
         }),
@@ -39,7 +37,7 @@ fn idn_documents() -> PolicyDocuments {
         "strasse.json".to_owned(),
         json!({
             "domain": "*.straße.example",
-            "primary": {"address": "origin.straße.example", "clusters": {"http": "strasse"}},
+            "primary": {"address": "origin.straße.example"},
             "origin_host": {"mode": "origin_domain"}
         }),
     );
@@ -47,7 +45,7 @@ fn idn_documents() -> PolicyDocuments {
         DocumentKind::Policy,
         "plain.json".to_owned(),
         json!({"domain": "plain.example.com",
-               "primary": {"address": "plain-origin.example.net", "clusters": {"http": "plain_origin"}}}),
+               "primary": {"address": "plain-origin.example.net"}}),
     );
     docs
 }
@@ -60,30 +58,33 @@ const HOST_FIELDS: [&str; 5] = [
     "/origin_sni/value",
 ];
 
-/// The request as the filter saw it: its cluster, `:authority` and SNI.
-fn seen(vm: &mut Vm, host: &str) -> [Option<String>; 3] {
+/// The cluster the filter named for a request, and the `x-origin-decision`
+/// it wrote on the answer.
+fn seen(vm: &mut Vm, host: &str) -> [Option<String>; 2] {
     let id = vm.open_tls_stream().unwrap();
     vm.request_headers(id, &common::get(host, "https"), true)
         .unwrap();
+    vm.response_headers(id, &[(":status", "200")], false)
+        .unwrap();
     let seen = [
         vm.upstream_header(id, "x-origin-cluster"),
-        vm.upstream_header(id, ":authority"),
-        vm.filter_state(id, "envoy.network.upstream_server_name"),
+        vm.response_header(id, "x-origin-decision"),
     ];
     vm.close_stream(id).unwrap();
     seen
 }
 
-/// The same fields from the native engine, which has IDNA.
-fn decided(set: &PolicySet, host: &str) -> [Option<String>; 3] {
+/// The same from the native engine, which has IDNA.
+fn decided(set: &PolicySet, host: &str) -> Option<String> {
     let request = ViewerRequest {
         authority: host,
         connection: Some(origin_policy_engine::Scheme::Https),
-        x_forwarded_proto: None,
         method: "GET",
+        ..ViewerRequest::default()
     };
-    let o = &outcome_json(set, &set.decide(&request))["origin"];
-    ["cluster", "authority", "sni"].map(|k| o[k].as_str().map(str::to_owned))
+    outcome_json(set, &set.decide(&request))["route_cluster"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 #[test]
@@ -125,24 +126,23 @@ fn a_bundled_idn_policy_loads_in_the_filter_and_decides_as_check_did() {
         "plain.example.com",
     ] {
         let want = decided(&set, host);
-        assert!(want[0].is_some(), "{host}: the engine routes it");
-        assert_eq!(seen(&mut vm, host), want, "{host}");
+        assert!(want.is_some(), "{host}: the engine routes it");
+        assert_eq!(seen(&mut vm, host)[0], want, "{host}");
     }
-    assert_eq!(
-        seen(&mut vm, "xn--bcher-kva.example"),
-        [
-            Some("buecher_tls".to_owned()),
-            Some("laden.xn--bcher-kva.example:8443".to_owned()),
-            Some("zertifikat.xn--bcher-kva.example".to_owned()),
-        ]
+    let decision = seen(&mut vm, "xn--bcher-kva.example")[1].clone().unwrap();
+    assert!(
+        decision.ends_with(
+            "address=ursprung.xn--bcher-kva.example; scheme=https; port=443; \
+             host=laden.xn--bcher-kva.example:8443; sni=zertifikat.xn--bcher-kva.example"
+        ),
+        "{decision}"
     );
-    // The secondary is named in punycode too.
-    let id = vm
-        .exchange(&common::get("xn--bcher-kva.example", "https"), "503")
-        .unwrap();
-    let call = vm.state().dispatched.last().unwrap().clone();
-    assert_eq!(call.context_id, id);
-    assert_eq!(call.cluster, "buecher_backup");
+    // The secondary is named in punycode too: its cluster is in the chain.
+    let derived = set.derived_clusters();
+    assert!(derived
+        .origins
+        .keys()
+        .any(|name| name.starts_with("origin:http:reserve.xn--bcher-kva.example:80:")));
 }
 
 #[test]
@@ -192,12 +192,22 @@ fn an_unbundled_non_ascii_domain_is_rejected_with_its_path_and_the_others_keep_s
     vm.close_stream(id).unwrap();
     // ...and every other example domain is.
     for (host, cluster) in [
-        ("plain.example.com", "plain_origin"),
-        ("www.example.com", "www_primary"),
-        ("secure.example.com", "secure_origin_tls"),
-        ("cdn.img.example.com", "img_origin_60080"),
+        (
+            "plain.example.com",
+            "origin:http:plain-origin.example.net:18081:",
+        ),
+        ("www.example.com", "chain:"),
+        (
+            "secure.example.com",
+            "origin:https:origin-secure.example.net:18443:",
+        ),
+        (
+            "cdn.img.example.com",
+            "origin:https:img-origin.example.net:60080:",
+        ),
     ] {
-        assert_eq!(seen(&mut vm, host)[0].as_deref(), Some(cluster), "{host}");
+        let named = seen(&mut vm, host)[0].clone().unwrap_or_default();
+        assert!(named.starts_with(cluster), "{host}: {named}");
     }
 }
 
@@ -205,13 +215,12 @@ fn an_unbundled_non_ascii_domain_is_rejected_with_its_path_and_the_others_keep_s
 fn a_non_ascii_name_in_any_host_field_is_rejected_at_its_path() {
     let config = json!({"policies": [
         {"domain": "xn--bcher-kva.example",
-         "primary": {"address": "ursprung.bücher.example", "port": 443,
-                     "clusters": {"https": "buecher_tls"}},
-         "secondary": {"address": "reserve.bücher.example", "clusters": {"http": "backup"}},
+         "primary": {"address": "ursprung.bücher.example", "port": 443},
+         "secondary": {"address": "reserve.bücher.example"},
          "origin_host": {"mode": "custom", "value": "laden.bücher.example:8443"},
          "origin_sni": {"mode": "custom", "value": "zertifikat.bücher.example"}},
         {"domain": "plain.example.com",
-         "primary": {"address": "plain-origin.example.net", "clusters": {"http": "plain_origin"}}}
+         "primary": {"address": "plain-origin.example.net"}}
     ]});
     let mut vm = Filter::shared()
         .unwrap()
@@ -228,8 +237,9 @@ fn a_non_ascii_name_in_any_host_field_is_rejected_at_its_path() {
         );
     }
     assert_eq!(vm.metric("origin_policy.policy.rejected"), Some(1));
-    assert_eq!(
-        seen(&mut vm, "plain.example.com")[0].as_deref(),
-        Some("plain_origin")
+    let named = seen(&mut vm, "plain.example.com")[0].clone().unwrap();
+    assert!(
+        named.starts_with("origin:http:plain-origin.example.net:80:"),
+        "{named}"
     );
 }

@@ -59,7 +59,7 @@ function drawDecision(d, viewerHost) {
       hop(`${d.viewer_scheme} · Host ${viewerHost}`, "viewer-arrow"),
       el("div", { className: "node", textContent: `POP (${d.domain}, ${d.match})` }),
       hop(originLabel(t), "origin-arrow"),
-      el("div", { className: "node", textContent: `${t.role} origin · cluster ${t.cluster}` }),
+      el("div", { className: "node", textContent: `${t.tier} origin · ${t.address}` }),
     ),
   );
   if (d.failover && d.failover.eligible) {
@@ -67,8 +67,8 @@ function drawDecision(d, viewerHost) {
     out.append(
       el("div", { className: "path failover" },
         el("div", { className: "node", textContent: "POP" }),
-        hop(`on ${f.statuses.join("/")} within ${f.timeout_ms} ms: ${originLabel(f)}`, "failover-arrow"),
-        el("div", { className: "node secondary", textContent: `secondary origin · cluster ${f.cluster}` }),
+        hop(`on ${f.statuses.join("/")} or after ${t.response_timeout_ms} ms: ${originLabel(f)}`, "failover-arrow"),
+        el("div", { className: "node secondary", textContent: `${f.tier} origin · ${f.address}` }),
       ),
     );
   } else if (d.failover) {

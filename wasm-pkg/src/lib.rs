@@ -27,16 +27,28 @@ export interface Diagnostic {
 /** A viewer request: a URL, or the fields of a golden case. */
 export type ViewerRequest =
   | { url: string; method?: string; x_forwarded_proto?: string }
-  | { authority: string; scheme?: string; method?: string; x_forwarded_proto?: string };
+  | {
+      authority: string;
+      scheme?: string;
+      method?: string;
+      x_forwarded_proto?: string;
+      /** The request body's size, when a failover depends on it. */
+      body_bytes?: number;
+      /** Any number: picks among weighted primaries. */
+      spread?: number;
+    };
 
 export interface OriginTarget {
-  role: "primary" | "secondary";
+  tier: "primary" | "secondary";
+  /** The origin's Envoy cluster, derived by `origin-policy bundle`. */
   cluster: string;
+  address: string;
   scheme: "http" | "https";
   port: number;
   authority: string;
   sni: string | null;
-  dynamic_host: string | null;
+  connect_timeout_ms: number;
+  response_timeout_ms: number;
 }
 
 /** What `origin-policy explain --json` prints. */
@@ -47,11 +59,15 @@ export type Decision =
       match: "exact" | "wildcard";
       viewer_host: string;
       viewer_scheme: "http" | "https";
+      /** What the filter names in the cluster header: the origin, or its failover chain. */
+      route_cluster: string;
       origin: OriginTarget;
+      /** The origins Envoy moves to, in order, when the first fails or is marked down. */
+      chain: OriginTarget[];
       failover:
         | null
         | { eligible: false; reason: string }
-        | (OriginTarget & { eligible: true; statuses: number[]; timeout_ms: number });
+        | (OriginTarget & { eligible: true; statuses: number[]; connect_failures_only: boolean });
       cache: Record<string, string>;
       /** Which rule chose the scheme and port. */
       rule: string;
@@ -118,7 +134,7 @@ fn policy_set(policy_set_json: &str) -> Result<PolicySet, JsError> {
     Ok(compiled.set)
 }
 
-/// The origin decision for a viewer request: cluster, scheme, port, Host, SNI,
+/// The origin decision for a viewer request: origin, scheme, port, Host, SNI,
 /// cache rules, failover plan and the rule that chose the scheme and port.
 /// Throws an `Error` for an invalid policy set or request.
 #[wasm_bindgen(unchecked_return_type = "Decision")]

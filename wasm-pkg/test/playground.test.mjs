@@ -49,31 +49,31 @@ test("the playground draws the decision for a policy and a URL", async () => {
   await page.waitForSelector("body[data-ready=true]");
 
   await page.selectOption("#example", "www.example.com.json");
-  await page.waitForFunction(() => document.querySelector("#policy").value.includes("www_secondary"));
+  await page.waitForFunction(() => document.querySelector("#policy").value.includes("backup.example.net"));
   await page.fill("#url", "www.example.com/index.html");
   await page.selectOption("#scheme", "http");
   await page.click("#explain");
   assert.equal(
     await page.textContent("[data-testid=origin-arrow]"),
-    "http :80 · Host www.example.com",
+    "http :18084 · Host www.example.com",
   );
-  assert.match(await page.textContent("[data-testid=failover-arrow]"), /^on 500\/502\/503\/504 within 3000 ms: http :80 · Host www.example.com$/);
+  assert.match(await page.textContent("[data-testid=failover-arrow]"), /^on 500\/502\/503\/504 or after 3000 ms: http :18085 · Host www.example.com$/);
   assert.match(await page.textContent("[data-testid=messages]"), /valid: no errors, no warnings/);
 
   await page.selectOption("#example", "media.example.com.json");
-  await page.waitForFunction(() => document.querySelector("#policy").value.includes("media_origin_tls"));
+  await page.waitForFunction(() => document.querySelector("#policy").value.includes("18444"));
   await page.fill("#url", "media.example.com/a.png");
   await page.selectOption("#scheme", "https");
   await page.click("#explain");
   assert.equal(
     await page.textContent("[data-testid=origin-arrow]"),
-    "https :443 · Host media.example.com · SNI media.example.com",
+    "https :18444 · Host media.example.com · SNI media.example.com",
   );
   assert.equal(await page.textContent("[data-testid=viewer-arrow]"), "https · Host media.example.com");
   mkdirSync(artifacts, { recursive: true });
   await page.screenshot({ path: join(artifacts, "playground.png"), fullPage: true });
 
-  const broken = (await page.inputValue("#policy")).replace('"https_port": 443', '"https_port": 0');
+  const broken = (await page.inputValue("#policy")).replace('"https_port": 18444', '"https_port": 0');
   await page.fill("#policy", broken);
   await page.click("#explain");
   assert.match(await page.textContent("[data-testid=messages]"), /error: media\.example\.com \/protocol\/https_port: port 0 is outside 1-65535/);

@@ -29,8 +29,8 @@ mod native {
         ViewerRequest {
             authority,
             connection: Some(Scheme::Https),
-            x_forwarded_proto: None,
             method: "GET",
+            ..ViewerRequest::default()
         }
     }
 

@@ -36,7 +36,7 @@ pub fn plugin_config(n: usize, first: FirstDomain) -> String {
             out.push(',');
         }
         out.push_str(&format!(
-            r#"{{"domain":"{}","primary":{{"address":"o{i}.example.net","port":443,"clusters":{{"https":"c{i}"}}}}}}"#,
+            r#"{{"domain":"{}","primary":{{"address":"o{i}.example.net","port":443}}}}"#,
             domain(i, first)
         ));
     }

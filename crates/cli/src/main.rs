@@ -110,7 +110,11 @@ fn check(args: &Args) -> Result<(), CliError> {
             .as_ref()
             .map(|c| c.set.derived_clusters())
             .unwrap_or_default();
-        let clusters: Vec<&String> = derived.origins.keys().chain(derived.chains.keys()).collect();
+        let clusters: Vec<&String> = derived
+            .origins
+            .keys()
+            .chain(derived.chains.keys())
+            .collect();
         println!(
             "{}",
             json!({
@@ -188,7 +192,11 @@ fn ecds_resource(plugin_config: &str, wasm: &str) -> Value {
 /// policies needed: requests still running on the previous filter
 /// configuration keep their clusters until the next push removes them.
 fn cds_resources(config: &str, previous: &std::path::Path) -> Result<Value, CliError> {
-    let compile = |bytes: &[u8]| PolicySet::from_plugin_config(bytes, None).ok().map(|c| c.set);
+    let compile = |bytes: &[u8]| {
+        PolicySet::from_plugin_config(bytes, None)
+            .ok()
+            .map(|c| c.set)
+    };
     let set = compile(config.as_bytes())
         .ok_or_else(|| CliError::Io("the bundled configuration does not compile".to_owned()))?;
     let mut derived = set.derived_clusters();

@@ -73,7 +73,10 @@ pub fn explain_text(outcome: &Value, method: &str) -> String {
             ),
         );
     }
-    line("cluster", format!("{} (cluster header)", text(&outcome["route_cluster"])));
+    line(
+        "cluster",
+        format!("{} (cluster header)", text(&outcome["route_cluster"])),
+    );
     let cache: Vec<String> = outcome["cache"]
         .as_object()
         .into_iter()

@@ -157,9 +157,11 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
             TlsName::None => {}
         }
         tls["common_tls_context"] = json!({"validation_context": validation});
-        tls["@type"] =
-            json!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext");
-        cluster["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": tls});
+        tls["@type"] = json!(
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+        );
+        cluster["transport_socket"] =
+            json!({"name": "envoy.transport_sockets.tls", "typed_config": tls});
     }
     cluster
 }

@@ -11,8 +11,9 @@ pub enum TlsName {
     /// Plain HTTP, or a Host that is an IP literal: TLS carries no name.
     None,
     Fixed(String),
-    /// The Host sent, which is the viewer's: Envoy takes SNI and the name to
-    /// check from the request (`auto_sni`, `auto_san_validation`).
+    /// The Host the request carries (the viewer's, or the policy's custom
+    /// one the filter wrote): Envoy takes SNI and the name to check from it
+    /// (`auto_sni`, `auto_san_validation`).
     FromHost,
 }
 
@@ -25,7 +26,8 @@ pub struct OriginEndpoint {
     /// Domain name or IP literal (IPv6 in brackets).
     pub address: String,
     pub port: u16,
-    /// The Host sent to this origin; `None` keeps the viewer's.
+    /// The Host Envoy writes for this origin (its own name); `None` keeps
+    /// the request's, which the filter set.
     pub host: Option<String>,
     pub tls_name: TlsName,
     pub connect_timeout_ms: u32,
@@ -166,28 +168,35 @@ fn port_for(policy: &Policy, origin: &Origin, scheme: Scheme) -> u16 {
 
 fn endpoint(policy: &Policy, origin: &Origin, scheme: Scheme) -> OriginEndpoint {
     let port = port_for(policy, origin, scheme);
+    // Only an origin's own name travels with its cluster: the accelerated and
+    // custom names are per domain, and the filter writes them, so that every
+    // domain reaching an origin the same way shares its cluster and health.
     // A CDN names the origin's port in Host only when it addresses the origin
     // itself; the accelerated and custom names are virtual hosts, sent as given.
     let host = match &policy.origin_host {
-        OriginHost::AccelerationDomain => None,
         OriginHost::OriginDomain if port != scheme.default_port() => {
             Some(format!("{}:{port}", origin.address))
         }
         OriginHost::OriginDomain => Some(origin.address.clone()),
-        OriginHost::Custom(h) => Some(h.clone()),
+        OriginHost::AccelerationDomain | OriginHost::Custom(_) => None,
     };
-    let tls_name = match (scheme, &policy.origin_sni, &host) {
+    let tls_name = match (scheme, &policy.origin_sni, &policy.origin_host) {
         (Scheme::Http, _, _) => TlsName::None,
         (Scheme::Https, OriginSni::Custom(name), _) => TlsName::Fixed(name.clone()),
-        (Scheme::Https, OriginSni::OriginHost, None) => TlsName::FromHost,
-        (Scheme::Https, OriginSni::OriginHost, Some(h)) => {
-            let name = strip_port(h);
-            if is_ip_literal(name) {
+        (Scheme::Https, OriginSni::OriginHost, OriginHost::OriginDomain) => {
+            if is_ip_literal(&origin.address) {
                 TlsName::None
             } else {
-                TlsName::Fixed(name.to_owned())
+                TlsName::Fixed(origin.address.clone())
             }
         }
+        (Scheme::Https, OriginSni::OriginHost, OriginHost::Custom(h))
+            if is_ip_literal(strip_port(h)) =>
+        {
+            TlsName::None
+        }
+        // The Host the filter wrote: Envoy sends it as SNI and checks it.
+        (Scheme::Https, OriginSni::OriginHost, _) => TlsName::FromHost,
     };
     OriginEndpoint {
         scheme,

@@ -2,8 +2,8 @@
 //! a compiled policy.
 
 use crate::compiled::{CompiledPolicy, OriginRoute, Start, TlsName};
-use crate::host::{is_ip_literal, HostError};
-use crate::policy::{FailoverRule, ProtocolPolicy, Scheme, Tier};
+use crate::host::{is_ip_literal, strip_port, HostError};
+use crate::policy::{FailoverRule, OriginHost, ProtocolPolicy, Scheme, Tier};
 use crate::settings::Settings;
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -107,15 +107,22 @@ impl OriginTarget<'_> {
 }
 
 impl<'a> OriginTarget<'a> {
-    pub(crate) fn new(route: &'a OriginRoute, viewer_host: &Cow<'a, str>) -> Self {
+    /// `custom_host`: the policy's own Host, when it has one.
+    pub(crate) fn new(
+        route: &'a OriginRoute,
+        viewer_host: &Cow<'a, str>,
+        custom_host: Option<&'a str>,
+    ) -> Self {
         let e = &route.endpoint;
-        let authority = match &e.host {
-            None => viewer_host.clone(),
-            Some(h) => Cow::Borrowed(h.as_str()),
+        let authority = match (e.host.as_deref(), custom_host) {
+            (Some(h), _) | (None, Some(h)) => Cow::Borrowed(h),
+            (None, None) => viewer_host.clone(),
         };
         let sni = match &e.tls_name {
-            TlsName::FromHost if is_ip_literal(viewer_host) => None,
-            TlsName::FromHost => Some(viewer_host.clone()),
+            TlsName::FromHost => {
+                let name = strip_port(&authority);
+                (!is_ip_literal(name)).then(|| Cow::Owned(name.to_owned()))
+            }
             TlsName::Fixed(name) => Some(Cow::Borrowed(name.as_str())),
             TlsName::None => None,
         };
@@ -287,7 +294,10 @@ pub(crate) enum SkipReason {
 /// Methods whose request may have changed something at the origin even when
 /// the answer was an error (RFC 9110 9.2.2).
 fn idempotent(method: &str) -> bool {
-    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
 }
 
 /// A scheme as written in a URL, a header or a test case (`https`, `HTTP`,
@@ -334,12 +344,16 @@ impl CompiledPolicy {
     ) -> Option<OriginDecision<'a>> {
         let routes = self.routes(choice.viewer_scheme)?;
         let start: &Start = routes.start(choice.spread)?;
-        let target = OriginTarget::new(routes.origins.get(start.origin)?, &viewer_host);
+        let custom = match &self.policy.origin_host {
+            OriginHost::Custom(h) => Some(h.as_str()),
+            _ => None,
+        };
+        let target = OriginTarget::new(routes.origins.get(start.origin)?, &viewer_host, custom);
         let chain: Vec<OriginTarget<'a>> = start
             .chain
             .iter()
             .filter_map(|i| routes.origins.get(*i))
-            .map(|r| OriginTarget::new(r, &viewer_host))
+            .map(|r| OriginTarget::new(r, &viewer_host, custom))
             .collect();
         let failover = match (&self.policy.failover, choice.skip, chain.first()) {
             (Some(rule), None, Some(next)) => Failover::Plan(FailoverPlan {

@@ -8,11 +8,11 @@
 //! and the answer streams through. The exchange only reads what came back.
 
 use crate::compiled::{CacheControl, CompiledPolicy};
-use crate::decision::{Choice, DomainMatch, Failover, OriginDecision, OriginTarget, Refusal};
 use crate::decision::ViewerRequest;
+use crate::decision::{Choice, DomainMatch, Failover, OriginDecision, OriginTarget, Refusal};
 use crate::fetch::FetchFailure;
 use crate::origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
-use crate::policy::DEFAULT_RESPONSE_TIMEOUT_MS;
+use crate::policy::{OriginHost, DEFAULT_RESPONSE_TIMEOUT_MS};
 use crate::settings::Settings;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -109,6 +109,19 @@ impl Exchange {
         &self.policy.name
     }
 
+    /// The `:authority` to write, when it differs from what the viewer
+    /// `sent`: the policy's custom Host, or the viewer's host as matched (case,
+    /// trailing dot and port normalised). An origin's own name (`origin_domain`)
+    /// travels with its cluster, and Envoy writes it attempt by attempt.
+    pub fn authority_rewrite(&self, sent: &str) -> Option<&str> {
+        let host = match &self.policy.policy.origin_host {
+            OriginHost::AccelerationDomain => self.viewer_host.as_str(),
+            OriginHost::Custom(h) => h.as_str(),
+            OriginHost::OriginDomain => return None,
+        };
+        (sent != host).then_some(host)
+    }
+
     /// Whether the answer may have come from another origin than the first,
     /// so that the response phase must ask Envoy which one answered.
     pub fn has_chain(&self) -> bool {
@@ -131,13 +144,9 @@ impl Exchange {
             .and_then(|m| served_by(&decision, m))
             .unwrap_or(&decision.target);
         let first_answered = served.cluster == decision.target.cluster;
-        let failed = |s: u16| {
-            s >= 500 || decision.failover.rule().is_some_and(|r| r.triggers_on(s))
-        };
-        let own_failure = || match report.failure {
-            Some(f) => Some(f.to_string()),
-            None => None,
-        };
+        let failed =
+            |s: u16| s >= 500 || decision.failover.rule().is_some_and(|r| r.triggers_on(s));
+        let own_failure = || report.failure.map(|f| f.to_string());
         let origin_error = if !first_answered || report.attempts > 1 {
             // Envoy moved on: the first origin failed (a retry) or is marked down.
             let primary = if report.attempts > 1 {
@@ -173,7 +182,10 @@ impl Exchange {
             None
         };
         ResponseVerdict {
-            status: report.failure.map(|f| f.status()).filter(|s| *s != report.status),
+            status: report
+                .failure
+                .map(|f| f.status())
+                .filter(|s| *s != report.status),
             cache_control: self.policy.cache_override(status).map(|c| c.cache_control),
             origin_error,
             decision_header: self
@@ -218,7 +230,10 @@ impl Exchange {
 /// The origin whose cluster the answering endpoint's metadata names. The
 /// metadata arrives as Envoy serialised it; every derived endpoint carries its
 /// cluster's name, which is unique, so finding the name finds the origin.
-fn served_by<'d, 'a>(decision: &'d OriginDecision<'a>, metadata: &[u8]) -> Option<&'d OriginTarget<'a>> {
+fn served_by<'d, 'a>(
+    decision: &'d OriginDecision<'a>,
+    metadata: &[u8],
+) -> Option<&'d OriginTarget<'a>> {
     std::iter::once(&decision.target)
         .chain(decision.chain.iter())
         .find(|t| {

@@ -27,9 +27,9 @@ mod settings;
 
 pub use compiled::{CacheControl, CacheOverride, CompiledPolicy, OriginEndpoint, TlsName};
 pub use decision::{
-    scheme_from_text, viewer_scheme, DomainMatch, Failover, FailoverPlan, FailoverSkip,
-    MatchKind, OriginDecision, OriginTarget, Outcome, OwnedViewerRequest, Refusal,
-    ViewerRequest, ViewerSchemeSource,
+    scheme_from_text, viewer_scheme, DomainMatch, Failover, FailoverPlan, FailoverSkip, MatchKind,
+    OriginDecision, OriginTarget, Outcome, OwnedViewerRequest, Refusal, ViewerRequest,
+    ViewerSchemeSource,
 };
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 pub use exchange::{

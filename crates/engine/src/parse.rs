@@ -103,13 +103,14 @@ fn origin(f: &mut Findings, value: &Value, path: &str, tier: Option<Tier>) -> Op
             }
         },
     };
-    let mut bounded = |r: &mut FieldReader, key: &'static str, low: u32, high: u32, default: u32| match r
-        .field(key)
-    {
-        Some((v, p)) => integer_in(f, v, &p, u64::from(low), u64::from(high), key)
-            .and_then(|n| u32::try_from(n).ok()),
-        None => Some(default),
-    };
+    let mut bounded =
+        |r: &mut FieldReader, key: &'static str, low: u32, high: u32, default: u32| match r
+            .field(key)
+        {
+            Some((v, p)) => integer_in(f, v, &p, u64::from(low), u64::from(high), key)
+                .and_then(|n| u32::try_from(n).ok()),
+            None => Some(default),
+        };
     let weight = bounded(&mut r, "weight", 1, MAX_WEIGHT, DEFAULT_WEIGHT);
     let connect = bounded(
         &mut r,

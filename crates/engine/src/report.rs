@@ -120,7 +120,12 @@ pub fn request_from_json(value: &Value) -> Result<OwnedViewerRequest, String> {
     for key in obj.keys() {
         if !matches!(
             key.as_str(),
-            "authority" | "scheme" | "x_forwarded_proto" | "method" | "path" | "body_bytes"
+            "authority"
+                | "scheme"
+                | "x_forwarded_proto"
+                | "method"
+                | "path"
+                | "body_bytes"
                 | "spread"
         ) {
             return Err(format!("unknown request field `{key}`"));

@@ -217,7 +217,10 @@ fn resolve(f: &mut Findings, value: &Value, path: &str) -> BTreeMap<String, Stri
         };
         match ip.as_str() {
             Some(ip) if is_ip_literal(ip) => {
-                out.insert(name, ip.trim_start_matches('[').trim_end_matches(']').to_owned());
+                out.insert(
+                    name,
+                    ip.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                );
             }
             _ => f.error(&p, "expected an IP address"),
         }
@@ -237,9 +240,27 @@ fn origin_health(f: &mut Findings, value: &Value, path: &str) -> OriginHealth {
             }
         }
     };
-    read(&mut r, "consecutive_failures", 1, 100, &mut health.consecutive_failures);
-    read(&mut r, "cooldown_ms", 1_000, 3_600_000, &mut health.cooldown_ms);
-    read(&mut r, "max_cooldown_ms", 1_000, 86_400_000, &mut health.max_cooldown_ms);
+    read(
+        &mut r,
+        "consecutive_failures",
+        1,
+        100,
+        &mut health.consecutive_failures,
+    );
+    read(
+        &mut r,
+        "cooldown_ms",
+        1_000,
+        3_600_000,
+        &mut health.cooldown_ms,
+    );
+    read(
+        &mut r,
+        "max_cooldown_ms",
+        1_000,
+        86_400_000,
+        &mut health.max_cooldown_ms,
+    );
     r.finish(f);
     if health.max_cooldown_ms < health.cooldown_ms {
         f.error(

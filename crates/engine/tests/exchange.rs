@@ -1,26 +1,19 @@
-//! The per-request exchange, natively: failover eligibility, the replayed
-//! request, the secondary's answer and the typed `x-origin-error`.
+//! The per-request exchange, natively: the headers that turn on one failover,
+//! weighted primaries, what an answer says about the origins, and the typed
+//! `x-origin-error`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use origin_policy_engine::host::HostError;
+use origin_policy_engine::clusters::DerivedClusters;
 use origin_policy_engine::{
-    relayed_headers, CacheControl, Exchange, FetchFailure, PolicySet, Refusal, Scheme,
-    SecondaryResponse, SecondaryVerdict, ViewerRequest,
+    CacheControl, Exchange, FetchFailure, PolicySet, Scheme, UpstreamReport, ViewerRequest,
+    PER_TRY_TIMEOUT_HEADER, RETRIABLE_STATUSES_HEADER, RETRY_ON_HEADER, TIMEOUT_HEADER,
 };
-use serde_json::json;
-use std::time::Duration;
+use serde_json::{json, Value};
 
-fn policies(max_replay_body_bytes: u32) -> PolicySet {
+fn compile(policies: Value) -> PolicySet {
     let config = json!({
-        "settings": {"max_replay_body_bytes": max_replay_body_bytes, "decision_header": true},
-        "policies": [{
-            "domain": "www.example.com",
-            "primary": {"address": "primary.example.net", "port": 80, "clusters": {"http": "www_primary"}},
-            "secondary": {"address": "backup.example.net", "port": 80, "clusters": {"http": "www_secondary"}},
-            "origin_host": {"mode": "origin_domain"},
-            "cache_status_ttl": {"200": 60},
-            "failover": {"timeout_ms": 2000}
-        }]
+        "settings": {"max_replay_body_bytes": 1000, "decision_header": true},
+        "policies": policies,
     });
     let compiled = PolicySet::from_plugin_value(&config, None).unwrap();
     assert!(
@@ -31,294 +24,250 @@ fn policies(max_replay_body_bytes: u32) -> PolicySet {
     compiled.set
 }
 
-fn begin<'s>(set: &'s PolicySet, method: &'s str) -> Exchange {
+fn www() -> PolicySet {
+    compile(json!([{
+        "domain": "www.example.com",
+        "primary": {"address": "primary.example.net", "port": 80, "response_timeout_ms": 2000},
+        "secondary": {"address": "backup.example.net", "port": 8080, "response_timeout_ms": 5000},
+        "origin_host": {"mode": "origin_domain"},
+        "cache_status_ttl": {"200": 60}
+    }]))
+}
+
+fn begin(set: &PolicySet, method: &str, body_bytes: Option<u64>) -> Exchange {
     let request = ViewerRequest {
         authority: "www.example.com",
         connection: Some(Scheme::Http),
-        x_forwarded_proto: None,
         method,
+        body_bytes,
+        ..ViewerRequest::default()
     };
     let found = set.lookup(request.authority).unwrap();
-    let mut exchange = Exchange::begin(found, &request, &set.settings).unwrap();
-    if exchange.may_fail_over() {
-        exchange.keep_for_replay(vec![
-            (":authority".into(), "www.example.com".into()),
-            (":scheme".into(), "http".into()),
-            (":method".into(), method.into()),
-            (":path".into(), "/a".into()),
-            ("x-origin-cluster".into(), "www_primary".into()),
-            ("connection".into(), "keep-alive".into()),
-            ("accept".into(), "*/*".into()),
-        ]);
-    }
-    exchange
+    Exchange::begin(found, &request, &set.settings).unwrap()
 }
 
-fn answer<'a>(
-    status: Option<u16>,
-    headers: &'a [(String, String)],
-    body: &'a [u8],
-    elapsed_ms: u64,
-) -> SecondaryResponse<'a> {
-    SecondaryResponse {
-        status,
-        headers: (!headers.is_empty()).then_some(headers),
-        proxy_reply: SecondaryResponse::made_by_proxy(status, headers).then_some(body),
-        body_bytes: body.len(),
-        elapsed: Duration::from_millis(elapsed_ms),
-    }
-}
-
-fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
+fn header<'a>(headers: &'a [(&str, String)], name: &str) -> Option<&'a str> {
+    headers
         .iter()
-        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-        .collect()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 #[test]
-fn a_5xx_replays_the_request_to_the_secondary_with_its_own_host() {
-    let set = policies(1024);
-    let mut exchange = begin(&set, "GET");
-    let verdict = exchange.on_primary_response(503, None);
-    assert!(verdict.fail_over);
-    let replay = exchange.replay().unwrap();
-    assert_eq!(replay.target.cluster, "www_secondary");
-    assert_eq!(replay.timeout, Duration::from_millis(2000));
+fn a_get_may_fail_over_once_with_the_origins_own_timeouts() {
+    let set = www();
+    let exchange = begin(&set, "GET", None);
+    let d = exchange.decision().unwrap();
+    assert!(d.route_cluster.starts_with("chain:"));
+    assert_eq!(d.chain.len(), 1);
+    assert_eq!(d.chain[0].authority, "backup.example.net:8080");
+    let headers = exchange.route_headers();
     assert_eq!(
-        replay.headers("x-origin-cluster"),
-        vec![
-            (":method", "GET"),
-            (":path", "/a"),
-            ("accept", "*/*"),
-            (":authority", "backup.example.net"),
-            (":scheme", "http"),
-        ]
+        header(&headers, RETRY_ON_HEADER),
+        Some("retriable-status-codes,connect-failure,refused-stream,reset")
     );
-    exchange.failover_started();
-    let headers = h(&[
-        (":status", "200"),
-        ("x-envoy-upstream-service-time", "3"),
-        ("cache-control", "private"),
-        ("x-origin-error", "forged by the origin"),
-        ("transfer-encoding", "chunked"),
-        ("etag", "\"1\""),
-    ]);
-    let Some(SecondaryVerdict::Relay {
-        status,
-        cache_control,
-        origin_error,
-        decision_header,
-    }) = exchange.on_secondary_response(answer(Some(200), &headers, b"ok", 10))
-    else {
-        panic!("the secondary's 200 is relayed");
-    };
-    assert_eq!(status, 200);
-    assert_eq!(cache_control, Some(CacheControl::MaxAge(60)));
     assert_eq!(
-        origin_error.to_string(),
-        "orig response 503 error; failover=secondary"
+        header(&headers, RETRIABLE_STATUSES_HEADER),
+        Some("500,502,503,504")
     );
-    assert!(decision_header.unwrap().contains("origin=secondary"));
-    let relayed: Vec<_> = relayed_headers(&headers, true).collect();
-    assert_eq!(
-        relayed,
-        vec![("x-envoy-upstream-service-time", "3"), ("etag", "\"1\"")]
-    );
+    assert_eq!(header(&headers, PER_TRY_TIMEOUT_HEADER), Some("2000"));
+    // The primary's response timeout, then the secondary's.
+    assert_eq!(header(&headers, TIMEOUT_HEADER), Some("7000"));
 }
 
 #[test]
-fn the_secondary_answer_is_classified() {
-    let set = policies(1024);
-    let upstream = |status: &str| h(&[(":status", status), ("x-envoy-upstream-service-time", "1")]);
-    let proxy = |status: &str| h(&[(":status", status), ("content-type", "text/plain")]);
-    let refused = b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused";
-    // (answer headers, status, body, elapsed ms, status to the viewer, cause)
-    type Case<'a> = (
-        Vec<(String, String)>,
-        Option<u16>,
-        &'a [u8],
-        u64,
-        u16,
-        &'a str,
-    );
-    let cases: Vec<Case> = vec![
-        (
-            upstream("503"),
-            Some(503),
-            b"",
-            10,
-            502,
-            "secondary response 503 error",
-        ),
-        (
-            proxy("503"),
-            Some(503),
-            refused,
-            10,
-            502,
-            "secondary connect failure (remote connection failure)",
-        ),
-        (
-            proxy("503"),
-            Some(503),
-            b"",
-            10,
-            502,
-            "secondary response 503 error",
-        ),
-        (
-            proxy("504"),
-            Some(504),
-            b"upstream request timeout",
-            10,
-            504,
-            "secondary timeout",
-        ),
-        (
-            upstream("504"),
-            Some(504),
-            b"",
-            1990,
-            504,
-            "secondary timeout",
-        ),
-        (vec![], None, b"", 2000, 504, "secondary timeout"),
-        (vec![], None, b"", 10, 502, "secondary connect failure"),
-    ];
-    for (headers, status, body, elapsed, expected_status, cause) in cases {
-        let mut exchange = begin(&set, "GET");
-        assert!(exchange.on_primary_response(503, None).fail_over);
-        exchange.failover_started();
-        match exchange.on_secondary_response(answer(status, &headers, body, elapsed)) {
-            Some(SecondaryVerdict::Fail {
-                status,
-                origin_error,
-            }) => {
-                assert_eq!(status, expected_status, "{cause}");
-                assert_eq!(
-                    origin_error.to_string(),
-                    format!("orig response 503 error; failover=secondary; {cause}")
-                );
-            }
-            other => panic!("{cause}: {other:?}"),
-        }
-    }
-}
-
-#[test]
-fn an_oversized_secondary_answer_is_a_502() {
-    let set = policies(1024);
-    let mut exchange = begin(&set, "GET");
-    exchange.on_primary_response(500, None);
-    exchange.failover_started();
-    let headers = h(&[(":status", "200"), ("x-envoy-upstream-service-time", "1")]);
-    let big = SecondaryResponse {
-        body_bytes: 9 * 1024 * 1024,
-        ..answer(Some(200), &headers, b"", 5)
-    };
-    let Some(SecondaryVerdict::Fail {
-        status,
-        origin_error,
-    }) = exchange.on_secondary_response(big)
-    else {
-        panic!("over the limit");
-    };
-    assert_eq!(status, 502);
-    assert!(origin_error
-        .to_string()
-        .ends_with("secondary response body of 9437184 bytes is over the 8388608-byte limit"));
-}
-
-#[test]
-fn failover_is_skipped_for_methods_and_large_bodies() {
-    let set = policies(4);
-    let mut post = begin(&set, "POST");
-    assert!(!post.may_fail_over());
-    let verdict = post.on_primary_response(503, None);
-    assert!(!verdict.fail_over);
+fn post_is_not_failed_over_and_says_so() {
+    let set = www();
+    let exchange = begin(&set, "POST", None);
+    let headers = exchange.route_headers();
+    assert_eq!(header(&headers, RETRY_ON_HEADER), None);
+    assert_eq!(header(&headers, TIMEOUT_HEADER), Some("2000"));
+    let verdict = exchange.on_response(UpstreamReport {
+        status: 503,
+        attempts: 1,
+        ..UpstreamReport::default()
+    });
     assert_eq!(
         verdict.origin_error.unwrap().to_string(),
         "orig response 503 error; failover=skipped (method POST)"
     );
-
-    // Found by fuzzing: the method is quoted in a response header.
-    let mut odd = begin(&set, "M\u{0}\r\nX\u{fc}");
-    let verdict = odd.on_primary_response(503, None);
-    assert_eq!(
-        verdict.origin_error.unwrap().to_string(),
-        "orig response 503 error; failover=skipped (method M???X?)"
-    );
-
-    let mut large = begin(&set, "OPTIONS");
-    assert!(large.wants_body_chunk(3));
-    large.keep_body_chunk(b"abc");
-    assert!(!large.wants_body_chunk(2), "over the 4-byte limit");
-    let verdict = large.on_primary_response(502, None);
-    assert!(!verdict.fail_over);
-    assert_eq!(
-        verdict.origin_error.unwrap().to_string(),
-        "orig response 502 error; failover=skipped (request body over 4 bytes)"
-    );
-
-    // A 404 is not a failover status: nothing to say.
-    let mut fine = begin(&set, "GET");
-    let verdict = fine.on_primary_response(404, None);
-    assert!(!verdict.fail_over && verdict.origin_error.is_none());
 }
 
 #[test]
-fn an_unreachable_primary_fails_over_with_its_cause() {
-    let set = policies(1024);
-    let mut exchange = begin(&set, "GET");
-    let failure = FetchFailure::from_code_details(
-        "upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}",
-    );
-    let verdict = exchange.on_primary_response(503, failure);
-    assert_eq!(verdict.status, Some(502));
-    assert!(verdict.fail_over);
-    exchange.failover_started();
-    let headers = h(&[(":status", "200"), ("x-envoy-upstream-service-time", "1")]);
-    let Some(SecondaryVerdict::Relay { origin_error, .. }) =
-        exchange.on_secondary_response(answer(Some(200), &headers, b"", 5))
-    else {
-        panic!("relayed");
-    };
-    assert_eq!(
-        origin_error.to_string(),
-        "orig connect failed (Connection refused); failover=secondary"
-    );
-}
-
-#[test]
-fn a_host_joined_from_two_values_is_conflicting() {
-    let set = policies(1024);
-    // Envoy joins repeated Host headers with a comma before a filter sees them.
-    assert_eq!(
-        set.lookup("www.example.com,other.example").unwrap_err(),
-        Refusal::BadHost(HostError::Conflicting)
-    );
-    assert_eq!(
-        HostError::Conflicting.to_string(),
-        "conflicting Host values"
-    );
-}
-
-#[test]
-fn a_4xx_in_the_rule_fails_over_too() {
-    let config = json!({"policies": [{
+fn a_post_the_policy_allows_is_re_sent_only_on_a_connect_failure() {
+    let set = compile(json!([{
         "domain": "www.example.com",
-        "primary": {"address": "p.example.net", "clusters": {"http": "p"}},
-        "secondary": {"address": "s.example.net", "clusters": {"http": "s"}},
-        "failover": {"statuses": [404, 503]}
-    }]});
-    let set = PolicySet::from_plugin_value(&config, None).unwrap().set;
-    let mut exchange = begin(&set, "GET");
-    let verdict = exchange.on_primary_response(404, None);
-    assert!(verdict.fail_over);
+        "primary": {"address": "primary.example.net"},
+        "secondary": {"address": "backup.example.net"},
+        "failover": {"methods": ["GET", "POST"]}
+    }]));
+    let headers = begin(&set, "POST", None).route_headers();
+    assert_eq!(
+        header(&headers, RETRY_ON_HEADER),
+        Some("connect-failure,refused-stream")
+    );
+    assert_eq!(header(&headers, RETRIABLE_STATUSES_HEADER), None);
+}
+
+#[test]
+fn a_body_over_the_replay_limit_is_not_failed_over() {
+    let set = www();
+    let exchange = begin(&set, "GET", Some(1001));
+    assert_eq!(header(&exchange.route_headers(), RETRY_ON_HEADER), None);
+    let verdict = exchange.on_response(UpstreamReport {
+        status: 502,
+        attempts: 1,
+        ..UpstreamReport::default()
+    });
     assert_eq!(
         verdict.origin_error.unwrap().to_string(),
-        "orig response 404 error"
+        "orig response 502 error; failover=skipped (request body over 1000 bytes)"
     );
-    assert_eq!(exchange.replay().unwrap().target.cluster, "s");
+    assert!(begin(&set, "GET", Some(1000))
+        .route_headers()
+        .iter()
+        .any(|(n, _)| *n == RETRY_ON_HEADER));
+}
+
+/// Endpoint metadata as Envoy serialises it: the cluster name is in there.
+fn metadata_naming(cluster: &str) -> Vec<u8> {
+    let mut bytes = b"\n\x0corigin_policy\x12".to_vec();
+    bytes.extend_from_slice(cluster.as_bytes());
+    bytes
+}
+
+#[test]
+fn an_answer_from_the_secondary_says_what_happened_to_the_primary() {
+    let set = www();
+    let exchange = begin(&set, "GET", None);
+    let secondary = exchange.decision().unwrap().chain[0].cluster.to_owned();
+    let meta = metadata_naming(&secondary);
+    let retried = exchange.on_response(UpstreamReport {
+        status: 200,
+        attempts: 2,
+        host_metadata: Some(&meta),
+        failure: None,
+    });
+    assert_eq!(
+        retried.origin_error.unwrap().to_string(),
+        "orig failed; failover=secondary"
+    );
+    assert_eq!(retried.cache_control, Some(CacheControl::MaxAge(60)));
+    assert!(retried
+        .decision_header
+        .unwrap()
+        .contains("origin=secondary; address=backup.example.net"));
+    let skipped = exchange.on_response(UpstreamReport {
+        status: 200,
+        attempts: 1,
+        host_metadata: Some(&meta),
+        failure: None,
+    });
+    assert_eq!(
+        skipped.origin_error.unwrap().to_string(),
+        "orig marked down; failover=secondary"
+    );
+}
+
+#[test]
+fn both_failing_names_both_and_the_proxys_503_becomes_502_or_504() {
+    let set = www();
+    let exchange = begin(&set, "GET", None);
+    let meta = metadata_naming(exchange.decision().unwrap().chain[0].cluster);
+    let refused = FetchFailure::from_code_details(
+        "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+    );
+    let verdict = exchange.on_response(UpstreamReport {
+        status: 503,
+        attempts: 2,
+        host_metadata: Some(&meta),
+        failure: refused,
+    });
+    assert_eq!(verdict.status, Some(502));
+    assert_eq!(
+        verdict.origin_error.unwrap().to_string(),
+        "orig failed; failover=secondary; secondary connect failed (Connection refused)"
+    );
+    let timeout = exchange.on_response(UpstreamReport {
+        status: 504,
+        attempts: 2,
+        host_metadata: Some(&meta),
+        failure: FetchFailure::from_code_details("upstream_per_try_timeout"),
+    });
+    assert_eq!(timeout.status, None, "already a 504");
+    assert_eq!(
+        timeout.origin_error.unwrap().to_string(),
+        "orig failed; failover=secondary; secondary response timeout"
+    );
+}
+
+#[test]
+fn an_answer_from_the_primary_needs_no_header() {
+    let set = www();
+    let exchange = begin(&set, "GET", None);
+    let meta = metadata_naming(exchange.decision().unwrap().target.cluster);
+    let ok = exchange.on_response(UpstreamReport {
+        status: 200,
+        attempts: 1,
+        host_metadata: Some(&meta),
+        failure: None,
+    });
+    assert_eq!(ok.origin_error, None);
+    assert!(ok.decision_header.unwrap().contains("origin=primary"));
+}
+
+#[test]
+fn weighted_primaries_share_requests_and_each_starts_its_own_chain() {
+    let set = compile(json!([{
+        "domain": "www.example.com",
+        "origins": [
+            {"address": "a.example.net", "weight": 30},
+            {"address": "b.example.net", "weight": 10},
+            {"address": "c.example.net", "priority": "secondary"}
+        ]
+    }]));
+    let pick = |spread: u32| {
+        let request = ViewerRequest {
+            authority: "www.example.com",
+            method: "GET",
+            spread,
+            ..ViewerRequest::default()
+        };
+        let found = set.lookup(request.authority).unwrap();
+        let exchange = Exchange::begin(found, &request, &set.settings).unwrap();
+        let d = exchange.decision().unwrap();
+        let chain: Vec<String> = d.chain.iter().map(|t| t.address.to_owned()).collect();
+        (d.target.address.to_owned(), chain)
+    };
+    let mut from_a = 0;
+    for spread in 0..400 {
+        let (first, chain) = pick(spread);
+        match first.as_str() {
+            "a.example.net" => {
+                from_a += 1;
+                assert_eq!(chain, ["b.example.net", "c.example.net"]);
+            }
+            "b.example.net" => assert_eq!(chain, ["a.example.net", "c.example.net"]),
+            other => panic!("a secondary started a request: {other}"),
+        }
+    }
+    assert_eq!(from_a, 300, "30:10 by weight");
+    let derived = DerivedClusters::of(set.index.policies().map(|p| p.as_ref()));
+    assert_eq!(derived.origins.len(), 3);
+    assert_eq!(derived.chains.len(), 2, "one chain per primary");
+}
+
+#[test]
+fn domains_reaching_an_origin_the_same_way_share_its_cluster() {
+    let set = compile(json!([
+        {"domain": "a.example.com", "primary": {"address": "shared.example.net"},
+         "origin_host": {"mode": "origin_domain"}},
+        {"domain": "b.example.com", "primary": {"address": "shared.example.net"},
+         "origin_host": {"mode": "origin_domain"}},
+        // Another Host: another cluster, with its own endpoint hostname.
+        {"domain": "c.example.com", "primary": {"address": "shared.example.net"}}
+    ]));
+    let derived = set.derived_clusters();
+    assert_eq!(derived.origins.len(), 2);
+    assert!(derived.chains.is_empty());
 }

@@ -105,7 +105,7 @@ fn duplicate_keys_are_errors_with_their_path() {
 fn wrong_types_everywhere_are_each_reported() {
     let doc = json!([{
         "domain": 7,
-        "primary": {"address": ["o"], "port": "80", "clusters": {"http": 1}},
+        "primary": {"address": ["o"], "port": "80", "weight": "1"},
         "protocol": "https",
         "origin_host": {"mode": true},
         "cache_status_ttl": [],
@@ -116,7 +116,7 @@ fn wrong_types_everywhere_are_each_reported() {
         "/domain",
         "/primary/address",
         "/primary/port",
-        "/primary/clusters/http",
+        "/primary/weight",
         "/protocol",
         "/origin_host/mode",
         "/cache_status_ttl",
@@ -132,19 +132,21 @@ fn every_field_at_its_limits() {
     assert_eq!(longest.len(), 253);
     let at_limits = json!([{
         "domain": longest,
-        "primary": {"address": "o.example", "port": 65535, "clusters": {"http": "c"}},
-        "secondary": {"address": "s.example", "port": 1, "clusters": {"http": "s"}},
+        "primary": {"address": "o.example", "port": 65535, "weight": 100,
+                    "connect_timeout_ms": 60000, "response_timeout_ms": 300000},
+        "secondary": {"address": "s.example", "port": 1, "weight": 1,
+                      "connect_timeout_ms": 100, "response_timeout_ms": 100},
         "protocol": {"policy": "http", "http_port": 65535},
         "cache_status_ttl": {"100": 31536000, "599": 0},
-        "failover": {"statuses": [400, 599], "timeout_ms": 300000}
+        "failover": {"statuses": [400, 599]}
     }]);
     let set = PolicySet::from_plugin_config(&config(at_limits), None).unwrap();
     assert!(!set.diagnostics.has_errors(), "{}", set.diagnostics);
     let request = ViewerRequest {
         authority: &longest,
         connection: Some(origin_policy_engine::Scheme::Http),
-        x_forwarded_proto: None,
         method: "GET",
+        ..ViewerRequest::default()
     };
     assert!(matches!(
         set.set.decide(&request),

@@ -9,7 +9,7 @@ mod common;
 fn base() -> Value {
     json!({
         "domain": "www.example.com",
-        "primary": {"address": "origin.example.net", "port": 80, "clusters": {"http": "c_http"}}
+        "primary": {"address": "origin.example.net", "port": 80}
     })
 }
 
@@ -90,7 +90,7 @@ fn cases() -> Vec<Case> {
         ),
         (
             "address with space",
-            with(json!({"primary": {"address": "bad name.example", "clusters": {"http": "c"}}})),
+            with(json!({"primary": {"address": "bad name.example"}})),
             vec![(E, "/primary/address", "not allowed")],
             true,
         ),
@@ -132,14 +132,14 @@ fn cases() -> Vec<Case> {
         ),
         (
             "failover without secondary",
-            with(json!({"failover": {"timeout_ms": 100}})),
+            with(json!({"failover": {"statuses": [503]}})),
             vec![(E, "/failover", "no `secondary`")],
             true,
         ),
         (
             "failover status out of range",
             with(json!({
-            "secondary": {"address": "b.example.net", "clusters": {"http": "b"}},
+            "secondary": {"address": "b.example.net"},
             "failover": {"statuses": [200]}})),
             vec![(E, "/failover/statuses/0", "outside 400-599")],
             true,
@@ -147,41 +147,74 @@ fn cases() -> Vec<Case> {
         (
             "unknown failover method",
             with(json!({
-            "secondary": {"address": "b.example.net", "clusters": {"http": "b"}},
+            "secondary": {"address": "b.example.net"},
             "failover": {"methods": ["FETCH"]}})),
             vec![(E, "/failover/methods/0", "unknown method")],
             true,
         ),
         (
-            // Failover replays with dispatch_http_call, which cannot carry the
-            // policy's SNI nor a certificate name: refused, not served unchecked.
-            "secondary over HTTPS",
+            // The secondary's TLS is checked by its own derived cluster.
+            "secondary over HTTPS with its own SNI",
             with(json!({
-                "secondary": {"address": "b.example.net", "port": 443, "clusters": {"https": "b_tls"}},
+                "secondary": {"address": "b.example.net", "port": 443},
                 "origin_sni": {"mode": "custom", "value": "wrong-name.example.org"}})),
+            vec![(W, "/origin_sni/value", "differs from the Host")],
+            true,
+        ),
+        (
+            "clusters are derived, not named",
+            with(json!({"primary": {"address": "o.example.net", "clusters": {"http": "c"}}})),
+            vec![(E, "/primary/clusters", "no longer read")],
+            true,
+        ),
+        (
+            "the failover timeout is the origin's",
+            with(
+                json!({"secondary": {"address": "b.example.net"}, "failover": {"timeout_ms": 100}}),
+            ),
+            vec![(E, "/failover/timeout_ms", "no longer read")],
+            true,
+        ),
+        (
+            "origins list with tiers and weights",
+            with(json!({"primary": null, "origins": [
+                {"address": "a.example.net", "weight": 3},
+                {"address": "b.example.net", "weight": 1, "connect_timeout_ms": 3000},
+                {"address": "c.example.net", "priority": "secondary", "response_timeout_ms": 60000}]})),
+            vec![],
+            true,
+        ),
+        (
+            "origins list without a primary",
+            with(
+                json!({"primary": null, "origins": [{"address": "c.example.net", "priority": "secondary"}]}),
+            ),
+            vec![(E, "/origins", "no origin has priority `primary`")],
+            true,
+        ),
+        (
+            "origins and primary both",
+            with(json!({"origins": [{"address": "c.example.net"}]})),
+            vec![(E, "/origins", "not both")],
+            true,
+        ),
+        (
+            "weight and timeouts out of bounds",
+            with(
+                json!({"primary": {"address": "o.example.net", "weight": 0, "connect_timeout_ms": 60001, "response_timeout_ms": 99}}),
+            ),
             vec![
-                (E, "/secondary", "cannot be fetched over HTTPS"),
-                (W, "/origin_sni/value", "differs from the Host"),
+                (E, "/primary/weight", "outside 1-100"),
+                (E, "/primary/connect_timeout_ms", "outside 100-60000"),
+                (E, "/primary/response_timeout_ms", "outside 100-300000"),
             ],
-            false,
+            true,
         ),
         (
-            "secondary through the dynamic forward proxy",
-            with(json!({"secondary": {"address": "b.example.net"}})),
-            vec![(E, "/secondary", "needs `clusters`")],
-            false,
-        ),
-        (
-            "https policy without an https cluster",
-            with(json!({"protocol": {"policy": "https"}})),
-            vec![(E, "/primary/clusters", "no `https` cluster")],
-            false,
-        ),
-        (
-            "follow needs both clusters",
-            with(json!({"protocol": {"policy": "follow"}})),
-            vec![(E, "/primary/clusters", "no `https` cluster")],
-            false,
+            "priority outside an origins list",
+            with(json!({"primary": {"address": "o.example.net", "priority": "secondary"}})),
+            vec![(E, "/primary/priority", "belongs in an `origins` list")],
+            true,
         ),
         (
             "cache key not a status",
@@ -209,7 +242,7 @@ fn cases() -> Vec<Case> {
         (
             "warning: HTTPS on port 80",
             with(
-                json!({"primary": {"address": "o.example.net", "clusters": {"https": "t"}}, "protocol": {"policy": "https", "https_port": 80}}),
+                json!({"primary": {"address": "o.example.net"}, "protocol": {"policy": "https", "https_port": 80}}),
             ),
             vec![(W, "/protocol/https_port", "HTTPS to port 80")],
             true,
@@ -231,7 +264,7 @@ fn cases() -> Vec<Case> {
         (
             "warning: SNI differs from Host",
             with(json!({
-            "primary": {"address": "o.example.net", "port": 443, "clusters": {"https": "t"}},
+            "primary": {"address": "o.example.net", "port": 443},
             "origin_host": {"mode": "origin_domain"}, "origin_sni": {"mode": "custom", "value": "other.example.net"}})),
             vec![(W, "/origin_sni/value", "differs from the Host")],
             true,
@@ -379,9 +412,8 @@ fn a_rejected_update_keeps_the_last_good_policy_of_that_domain_only() {
     );
     assert_eq!(first.set.index.len(), 2);
     let bad_www = with(json!({"primary": {"address": "o.example.net", "port": 0}}));
-    let new_img = with(
-        json!({"domain": "img.example.com", "primary": {"address": "new.example.net", "clusters": {"http": "c_new"}}}),
-    );
+    let new_img =
+        with(json!({"domain": "img.example.com", "primary": {"address": "new.example.net"}}));
     let second = PolicySet::compile(
         Settings::default(),
         &[
@@ -399,9 +431,12 @@ fn a_rejected_update_keeps_the_last_good_policy_of_that_domain_only() {
     assert_eq!(second.kept_previous, vec!["www.example.com".to_owned()]);
     assert_eq!(second.rejected, 1);
     let www = second.set.index.lookup("www.example.com").unwrap().0;
-    assert_eq!(www.policy.primary.port, 80, "last good www policy kept");
+    assert_eq!(www.policy.origins[0].port, 80, "last good www policy kept");
     let img = second.set.index.lookup("img.example.com").unwrap().0;
-    assert_eq!(img.policy.primary.address, "new.example.net", "img updated");
+    assert_eq!(
+        img.policy.origins[0].address, "new.example.net",
+        "img updated"
+    );
 }
 
 #[test]
@@ -437,8 +472,8 @@ fn bundling_writes_host_names_in_punycode_and_keeps_every_policy() {
         "idn.json".to_owned(),
         json!({
             "domain": "*.Straße.example.",
-            "primary": {"address": "Ursprung.bücher.example", "port": 443, "clusters": {"https": "c"}},
-            "secondary": {"address": "[2001:DB8::1]", "clusters": {"http": "b"}},
+            "primary": {"address": "Ursprung.bücher.example", "port": 443},
+            "secondary": {"address": "[2001:DB8::1]"},
             "origin_host": {"mode": "custom", "value": "Laden.bücher.example:8443"},
             "origin_sni": {"mode": "custom", "value": "zertifikat.bücher.example"}
         }),

@@ -8,8 +8,8 @@ use log::{debug, error};
 use origin_policy_engine::host::HostError;
 use origin_policy_engine::{
     scheme_from_text, Exchange, FailoverOutcome, FetchFailure, OriginError, PolicySet,
-    PrimaryFailure, Refusal, ResponseVerdict, Scheme, UnknownDomain, UpstreamReport,
-    ViewerRequest, DECISION_HEADER, ORIGIN_ERROR_HEADER,
+    PrimaryFailure, Refusal, ResponseVerdict, Scheme, UnknownDomain, UpstreamReport, ViewerRequest,
+    DECISION_HEADER, ORIGIN_ERROR_HEADER,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -70,7 +70,9 @@ fn property(path: Vec<&str>) -> Option<Vec<u8>> {
 fn attempt_count() -> u32 {
     property(vec!["upstream", "request_attempt_count"])
         .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-        .map_or(1, |b| u32::try_from(u64::from_le_bytes(b)).unwrap_or(u32::MAX))
+        .map_or(1, |b| {
+            u32::try_from(u64::from_le_bytes(b)).unwrap_or(u32::MAX)
+        })
 }
 
 /// Spreads requests over weighted primaries; quality does not matter, cost does.
@@ -198,6 +200,9 @@ impl OriginFetch {
         };
         self.metrics.bump(Counter::Decided);
         set_request_header(&settings.cluster_header, Some(decision.route_cluster))?;
+        if let Some(host) = exchange.authority_rewrite(authority) {
+            set_request_header(":authority", Some(host))?;
+        }
         for (name, value) in exchange.route_headers() {
             set_request_header(name, Some(&value))?;
         }
