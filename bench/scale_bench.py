@@ -59,7 +59,6 @@ from edge import (  # noqa: E402
     parse_stats,
 )
 
-ORIGIN_CLUSTER = "scale_origin"
 DECISION = "x-origin-decision"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 MIB = 1024 * 1024
@@ -90,14 +89,31 @@ def origin_host(i: int, version: int) -> str:
     return f"v{version}.o{i}.example.net"
 
 
-def policy(i: int, version: int = 0) -> str:
-    """Policy i: plain HTTP to the one origin cluster, the Host sent to origin a
-    custom value (what a push changes: `host=` in `x-origin-decision`)."""
+def policy(i: int, origin_port: int, version: int = 0) -> str:
+    """Policy i: plain HTTP to the one origin, the Host sent to it a custom
+    value (what a push changes: `host=` in `x-origin-decision`). Every domain
+    reaches the origin the same way, so they share its one derived cluster."""
     return (
-        f'{{"domain":"{domain(i)}","primary":{{"address":"o{i}.example.net","port":80,'
-        f'"clusters":{{"http":"{ORIGIN_CLUSTER}"}}}},'
+        f'{{"domain":"{domain(i)}","primary":{{"address":"127.0.0.1","port":{origin_port}}},'
         f'"origin_host":{{"mode":"custom","value":"{origin_host(i, version)}"}}}}'
     )
+
+
+def origin_cluster(origin_port: int) -> dict:
+    """The cluster `origin-policy bundle` derives for the policies' origin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = Path(tmp) / "sample.json"
+        sample.write_text(policy(0, origin_port))
+        out = subprocess.run(
+            [str(REPO / "target" / "debug" / "origin-policy"), "bundle", "--wasm", str(WASM),
+             "--out", tmp, str(sample)],
+            capture_output=True, text=True,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"bundle failed: {out.stderr}")
+        (cluster,) = json.loads((Path(tmp) / "origin-policy.cds.json").read_text())["resources"]
+    del cluster["@type"]
+    return cluster
 
 
 SETTINGS = (
@@ -226,31 +242,7 @@ def bootstrap(run: Path, admin_port: int, viewer_port: int, origin_port: int) ->
                     ],
                 }
             ],
-            "clusters": [
-                {
-                    "name": ORIGIN_CLUSTER,
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": ORIGIN_CLUSTER,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": origin_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
+            "clusters": [origin_cluster(origin_port)],
         },
     }
 
@@ -627,7 +619,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
             [sys.executable, __file__, "--serve-origin", str(origin_port)], preexec_fn=die_with_parent
         )
         print(f"[{n:,}] generating the configuration", file=sys.stderr)
-        policies = [policy(i) for i in range(n)]
+        policies = [policy(i, origin_port) for i in range(n)]
         config = plugin_config(policies)
         res.config_bytes = len(config)
         (run / "ecds").mkdir()
@@ -723,7 +715,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         cpu_before = cpu_seconds(envoy.pid)
         for p, i in enumerate(pushed):
             version = p + 1
-            policies[i] = policy(i, version)
+            policies[i] = policy(i, origin_port, version)
             text = ecds_resource(plugin_config(policies), wasm)
             log_offset = log_path.stat().st_size
             renamed_wall, t0 = write_then_rename(run, text)

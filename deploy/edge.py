@@ -104,6 +104,9 @@ class Envoy:
                 str(self.concurrency),
                 "--log-level",
                 "info",
+                # Access log lines reach the file within 100 ms.
+                "--file-flush-interval-msec",
+                "100",
             ],
             cwd=self.run_dir,
             stdout=log,

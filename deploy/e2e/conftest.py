@@ -104,6 +104,15 @@ class Edge:
         finally:
             conn.close()
 
+    def wait_for(self, predicate, timeout: float = 10.0) -> float:
+        """Seconds until `predicate()` holds; fails the test after `timeout`."""
+        started = time.monotonic()
+        while not predicate():
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"condition not met within {timeout} s")
+            time.sleep(0.02)
+        return time.monotonic() - started
+
     def fresh_domain(self, primary: dict, secondary: dict | None = None, **policy) -> str:
         """A new domain whose origins get clusters of their own, and so a
         health state of their own: a connect timeout no other domain uses

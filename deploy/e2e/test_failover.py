@@ -241,3 +241,22 @@ def test_health_survives_pushes_under_load_with_no_failed_request(edge, flaky, p
         stop.set()
         worker.join()
     assert failures == []
+
+
+def test_the_access_log_has_the_decision_and_what_came_of_it(edge, path):
+    domain = edge.fresh_domain(WWW_PRIMARY, WWW_SECONDARY)
+    edge.request(domain, path)
+    log = edge.run_dir / "origin-access.log"
+    deadline = time.monotonic() + 5
+    line = None
+    while line is None and time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        line = next((json.loads(x) for x in lines if path in x), None)
+        time.sleep(0.1)
+    assert line is not None, "no access log line within 5 s"
+    assert line["status"] == 200
+    assert line["decision"].startswith(f"domain={domain}; origin=secondary; address=backup.example.net")
+    assert line["origin_error"] == "orig failed; failover=secondary"
+    assert line["chain"].startswith("chain:")
+    assert line["origin_cluster"].startswith("origin:http:backup.example.net:18085:")
+    assert line["attempts"] == 2
