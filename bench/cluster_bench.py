@@ -21,6 +21,7 @@ Run: .venv/bin/python bench/cluster_bench.py [--domains 1000,100000] [--shapes d
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import platform
 import shutil
@@ -77,14 +78,16 @@ def stat(envoy: Envoy, name: str) -> int:
 
 
 def decision_of(host: str) -> str:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", VIEWER_HTTP_PORT, timeout=5)
+    """The `x-origin-decision` for a request to `host`; "" when Envoy did not
+    answer in time (it can be busy applying the clusters)."""
+    conn = http.client.HTTPConnection("127.0.0.1", VIEWER_HTTP_PORT, timeout=30)
     try:
         conn.request("GET", f"/probe/{time.monotonic_ns()}", headers={"host": host})
         r = conn.getresponse()
         r.read()
         return r.getheader("x-origin-decision") or ""
+    except OSError:
+        return ""
     finally:
         conn.close()
 
@@ -142,24 +145,26 @@ def main() -> int:
     parser.add_argument("--domains", default="1000,100000")
     parser.add_argument("--shapes", default="distinct,shared")
     args = parser.parse_args()
-    rows = []
-    for n in (int(x) for x in args.domains.split(",")):
-        for shape in args.shapes.split(","):
-            print(f"measuring {n} domains, {shape} origins ...", file=sys.stderr, flush=True)
-            rows.append(measure(n, shape))
     print(f"Envoy {envoy_version()}, --concurrency 2; {cpu_model()}, {platform.machine()}; "
           f"admin {ADMIN}")
     print()
     print("| domains | origins | clusters derived | CDS file | bundle | Envoy load | Envoy RSS | "
           "one-domain push: bundle / visible | clusters added / modified / removed | RSS after |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        c = r["changed"]
-        print(f"| {r['domains']:,} | {r['shape']} | {r['clusters']:,} | {r['cds_mib']:.1f} MiB | "
-              f"{r['bundle_s']:.1f} s | {r['load_s']:.1f} s | {r['rss']:,.0f} MiB | "
-              f"{r['push_bundle_s']:.2f} s / {r['push_visible_s']:.2f} s | "
-              f"{c['added']} / {c['modified']} / {c['removed']} | {r['rss_after']:,.0f} MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for n in (int(x) for x in args.domains.split(",")):
+        for shape in args.shapes.split(","):
+            print(f"measuring {n} domains, {shape} origins ...", file=sys.stderr, flush=True)
+            print_row(measure(n, shape))
     return 0
+
+
+def print_row(r: dict) -> None:
+    c = r["changed"]
+    print(f"| {r['domains']:,} | {r['shape']} | {r['clusters']:,} | {r['cds_mib']:.1f} MiB | "
+          f"{r['bundle_s']:.1f} s | {r['load_s']:.1f} s | {r['rss']:,.0f} MiB | "
+          f"{r['push_bundle_s']:.2f} s / {r['push_visible_s']:.2f} s | "
+          f"{c['added']} / {c['modified']} / {c['removed']} | {r['rss_after']:,.0f} MiB |",
+          flush=True)
 
 
 if __name__ == "__main__":

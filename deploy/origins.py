@@ -51,6 +51,8 @@ class OriginSpec:
     # What an echo answer says about caching (the soak's unique paths must not
     # fill the edge's cache: it measures memory).
     cache_control: str = "max-age=60"
+    # Any loopback address: two origins may share a port on two addresses.
+    address: str = "127.0.0.1"
 
     @property
     def tls(self) -> bool:
@@ -243,7 +245,7 @@ class _OriginServer(ThreadingHTTPServer):
 
             default.sni_callback = pick
             self.tls = default
-        super().__init__(("127.0.0.1", spec.port), _Handler)
+        super().__init__((spec.address, spec.port), _Handler)
 
     def handle_error(self, request, client_address):
         # The edge hanging up on a slow answer (its timeout) is expected here.

@@ -37,6 +37,11 @@ E2E_POLICIES = HERE / "policies"
 PRIMARY_TIMEOUT_S = 3
 # How long an origin marked down is skipped, the first time.
 COOLDOWN_MS = 2000
+# Names the tests' own origins are reached by.
+TEST_ORIGIN_NAMES = {
+    "backup-tls.example.org": "127.0.0.2",
+    "wrong-name.example.org": "127.0.0.2",
+}
 
 
 @dataclass
@@ -160,6 +165,8 @@ def edge(tmp_path_factory, demo_origins):
     settings_path = run_dir / "policies" / "settings.json"
     settings = json.loads(settings_path.read_text())
     settings["origin_health"] = {"cooldown_ms": COOLDOWN_MS}
+    # Origins of the failover tests on another loopback address.
+    settings["resolve"].update(TEST_ORIGIN_NAMES)
     settings_path.write_text(json.dumps(settings))
     bundle(run_dir, [run_dir / "policies", E2E_POLICIES])
     envoy = Envoy(run_dir, edge_config())

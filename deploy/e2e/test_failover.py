@@ -29,6 +29,15 @@ WWW_SECONDARY = {"address": "backup.example.net", "port": 18085}
 
 
 @pytest.fixture(scope="module")
+def tls_backup(demo_origins):
+    """An HTTPS secondary on the multi-tenant origin's port, on 127.0.0.2,
+    whose certificate names only backup-tls.example.org."""
+    spec = OriginSpec("tls-backup", 18443, ("backup-tls.example.org",), address="127.0.0.2")
+    with DemoOrigins([spec], demo_origins.certs) as origins:
+        yield origins
+
+
+@pytest.fixture(scope="module")
 def flaky(demo_origins):
     """An origin of this module's own, to make hang and recover."""
     with DemoOrigins([OriginSpec("flaky", FLAKY_PORT)], demo_origins.certs) as origins:
@@ -260,3 +269,42 @@ def test_the_access_log_has_the_decision_and_what_came_of_it(edge, path):
     assert line["chain"].startswith("chain:")
     assert line["origin_cluster"].startswith("origin:http:backup.example.net:18085:")
     assert line["attempts"] == 2
+
+
+def https_chain(edge, secondary_address: str) -> str:
+    """Both origins over HTTPS on port 18443, each sent its own name as Host
+    and SNI (`origin_domain`): the primary answers 503 on /status/multi-tenant/503/."""
+    return edge.fresh_domain(
+        {"address": "origin-secure.example.net", "port": 443},
+        {"address": secondary_address, "port": 443},
+        protocol={"policy": "https", "https_port": 18443},
+        origin_host={"mode": "origin_domain"},
+    )
+
+
+def test_an_https_secondary_gets_its_own_sni_checked_against_its_certificate(
+    edge, tls_backup, path
+):
+    domain = https_chain(edge, "backup-tls.example.org")
+    r = edge.request(domain, f"/status/multi-tenant/503{path}")
+    assert r.status == 200
+    seen = r.json()
+    assert (seen["origin"], seen["scheme"]) == ("tls-backup", "https")
+    assert seen["sni"] == "backup-tls.example.org"
+    assert seen["host"] == "backup-tls.example.org:18443"
+    assert r.header("x-origin-error") == "orig failed; failover=secondary"
+    assert "sni=backup-tls.example.org" in r.header("x-origin-decision")
+
+
+def test_an_https_secondary_whose_certificate_does_not_name_its_sni_is_refused(
+    edge, tls_backup, path
+):
+    # The defect this replaces: a replayed request sent no SNI and accepted
+    # any certificate. Now the secondary's handshake is checked like any.
+    domain = https_chain(edge, "wrong-name.example.org")
+    r = edge.request(domain, f"/status/multi-tenant/503{path}")
+    assert r.status == 502
+    assert r.header("x-origin-error").startswith(
+        "orig failed; failover=secondary; secondary TLS handshake failed"
+    ), r.header("x-origin-error")
+    assert tls_backup.log.matching(path) == []
