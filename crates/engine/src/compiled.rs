@@ -242,9 +242,11 @@ fn scheme_routes(policy: &Policy, viewer: Scheme) -> Option<SchemeRoutes> {
         .map(|&first| {
             total_weight += origins[first].weight;
             // The other primaries first, then the secondary tier, each in the
-            // order written (the sort is stable).
-            let mut chain: Vec<usize> = (0..origins.len()).filter(|i| *i != first).collect();
-            chain.sort_by_key(|i| origins[*i].tier);
+            // order written.
+            let (mut chain, secondaries): (Vec<usize>, Vec<usize>) = (0..origins.len())
+                .filter(|i| *i != first)
+                .partition(|i| origins[*i].tier == Tier::Primary);
+            chain.extend(secondaries);
             let route_cluster = if chain.is_empty() {
                 origins[first].cluster.clone()
             } else {
