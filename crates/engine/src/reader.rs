@@ -139,8 +139,11 @@ pub(crate) fn integer_in(
             f.error(path, format!("{what} {n} is outside {lo}-{hi}"));
             None
         }
+        // The number as JSON writes it; shown without serialising a `Value`.
         None if value.is_number() => {
-            f.error(path, format!("{what} {value} is outside {lo}-{hi}"));
+            if let Some(n) = value.as_number() {
+                f.error(path, format!("{what} {n} is outside {lo}-{hi}"));
+            }
             None
         }
         None => {
