@@ -216,7 +216,7 @@ def main() -> int:
         "--policies",
         type=Path,
         default=BENCH / "policies",
-        help="policy directory for (d); it must route bench.example.com to bench_origin_tls",
+        help="policy directory for (d); it must send bench.example.com to the HTTPS origin",
     )
     parser.add_argument("--wasm", type=Path, default=WASM, help="the origin-policy build for (d)")
     parser.add_argument(

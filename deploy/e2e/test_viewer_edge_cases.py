@@ -392,6 +392,22 @@ def test_two_host_headers_are_conflicting_host_values(viewer_edge, path, viewer,
     assert viewer_edge.seen(path) == []
 
 
+@pytest.mark.parametrize("viewer", ["http", "https"])
+def test_header_bytes_that_are_not_utf8_do_not_stop_the_filter(viewer_edge, path, viewer):
+    """Envoy passes obs-text (RFC 9110 5.5) in header values; the filter reads
+    values as bytes, so such a request is served and the worker's VM lives on."""
+    port = VIEWER_PORTS[(viewer, False)]
+    for i in range(3):
+        request = (
+            f"GET {path}/{i} HTTP/1.1\r\nhost: media.example.com\r\n".encode()
+            + b"x-note: caf\xe9 \xff\xfe\r\nconnection: close\r\n\r\n"
+        )
+        r = http1(viewer_edge.demo, port, viewer == "https", request)
+        assert r.status == 200, r
+        assert r.header("x-origin-decision").startswith("domain=media.example.com")
+        assert len(viewer_edge.seen(f"{path}/{i}")) == 1
+
+
 # --- what the origin receives ----------------------------------------------------
 
 

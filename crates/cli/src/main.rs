@@ -247,7 +247,8 @@ fn bundle(args: &Args) -> Result<(), CliError> {
         println!("wrote {}", path.display());
         Ok::<(), CliError>(())
     };
-    write("origin-policy.cds.json", format!("{cds:#}"))?;
+    // Compact: at 100,000 origins Envoy parses every byte of it on each push.
+    write("origin-policy.cds.json", cds.to_string())?;
     write("plugin-config.json", config)?;
     write("origin-policy.ecds.json", format!("{ecds:#}"))?;
     Ok(())

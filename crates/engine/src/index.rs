@@ -15,35 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
-/// Sorts `(key, value)` pairs by key; unstable. A heapsort: O(n log n) and a
-/// fraction of the code of the standard library's sorts (which the filter's
-/// module carries for nothing else).
-fn heapsort_by_key<K: Ord, V>(v: &mut [(K, V)]) {
-    fn sift<K: Ord, V>(v: &mut [(K, V)], mut node: usize) {
-        loop {
-            let mut child = 2 * node + 1;
-            if child >= v.len() {
-                return;
-            }
-            if child + 1 < v.len() && v[child].0 < v[child + 1].0 {
-                child += 1;
-            }
-            if v[node].0 >= v[child].0 {
-                return;
-            }
-            v.swap(node, child);
-            node = child;
-        }
-    }
-    for node in (0..v.len() / 2).rev() {
-        sift(v, node);
-    }
-    for end in (1..v.len()).rev() {
-        v.swap(0, end);
-        sift(&mut v[..end], 0);
-    }
-}
-
 /// The most policies one plugin configuration may carry: loading is linear
 /// (about 0.8 s for 100,000 in wasmtime), and a bound keeps a mistaken push
 /// from stalling every worker.
@@ -244,15 +215,13 @@ impl PolicySet {
                 index.insert(p);
             }
         }
-        // By name, each once (no two patterns share a display name).
-        let mut by_name: Vec<(Option<String>, Option<DomainPattern>)> = rejected_domains
+        // By name, each once (no two patterns share a display name); a map
+        // rather than a sort keeps a sort routine out of the filter's module.
+        let by_name: BTreeMap<Option<String>, Option<DomainPattern>> = rejected_domains
             .into_iter()
             .map(|d| (d.as_ref().map(DomainPattern::display_name), d))
             .collect();
-        heapsort_by_key(&mut by_name);
-        by_name.dedup_by(|a, b| a.1 == b.1);
-        let rejected_domains: Vec<Option<DomainPattern>> =
-            by_name.into_iter().map(|(_, d)| d).collect();
+        let rejected_domains: Vec<Option<DomainPattern>> = by_name.into_values().collect();
         let mut kept_previous = Vec::new();
         for pattern in rejected_domains.iter().flatten() {
             if let Some(old) = previous.and_then(|prev| prev.index.get(pattern)) {
@@ -340,22 +309,6 @@ impl PolicySet {
         {
             Ok(d) => Outcome::Origin(d),
             Err(r) => Outcome::Refused(r),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::heapsort_by_key;
-
-    #[test]
-    fn heapsort_orders_by_key() {
-        for n in 0..40u32 {
-            let mut v: Vec<(u32, u32)> = (0..n).map(|i| ((i * 7919) % 13, i)).collect();
-            let mut want: Vec<u32> = v.iter().map(|p| p.0).collect();
-            want.sort_unstable();
-            heapsort_by_key(&mut v);
-            assert_eq!(v.iter().map(|p| p.0).collect::<Vec<_>>(), want);
         }
     }
 }

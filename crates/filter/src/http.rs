@@ -21,6 +21,8 @@ use std::rc::Rc;
 struct ViewerHeaders<'h> {
     authority: Option<&'h str>,
     conflicting_host: bool,
+    /// A Host that is not even UTF-8 (Envoy passes obs-text bytes through).
+    unreadable_host: bool,
     method: &'h str,
     x_forwarded_proto: Option<&'h str>,
     content_length: Option<u64>,
@@ -29,9 +31,18 @@ struct ViewerHeaders<'h> {
 }
 
 impl<'h> ViewerHeaders<'h> {
-    fn read(headers: &'h [(String, String)], cluster_header: &str) -> Self {
+    /// Values arrive as bytes: Envoy lets obs-text (RFC 9110 5.5) through,
+    /// and a value that is not UTF-8 must not stop the filter. Only the
+    /// values read here need to be text; the others are never looked at.
+    fn read(headers: &'h [(String, Vec<u8>)], cluster_header: &str) -> Self {
         let mut v = ViewerHeaders::default();
-        for (name, value) in headers {
+        for (name, bytes) in headers {
+            let Ok(value) = std::str::from_utf8(bytes) else {
+                if matches!(name.as_str(), ":authority" | "host") {
+                    v.unreadable_host = true;
+                }
+                continue;
+            };
             match name.as_str() {
                 ":authority" | "host" => match v.authority {
                     // RFC 9112 3.2: more than one Host, or one that disagrees
@@ -159,7 +170,7 @@ impl OriginFetch {
 
     /// Decides the request and writes the decision into it: the cluster
     /// header, and the retry and timeout headers Envoy's router reads.
-    fn apply_request(&mut self, headers: Vec<(String, String)>) -> Result<Action, String> {
+    fn apply_request(&mut self, headers: Vec<(String, Vec<u8>)>) -> Result<Action, String> {
         let policies = Rc::clone(&self.policies);
         let settings = &policies.settings;
         let viewer = ViewerHeaders::read(&headers, &settings.cluster_header);
@@ -171,6 +182,9 @@ impl OriginFetch {
         }
         if viewer.conflicting_host {
             return Ok(self.refuse(Refusal::BadHost(HostError::Conflicting), &viewer));
+        }
+        if viewer.unreadable_host {
+            return Ok(self.refuse(Refusal::BadHost(HostError::NotAscii), &viewer));
         }
         let authority = viewer.authority.unwrap_or_default();
         let found = match policies.lookup(authority) {
@@ -266,7 +280,7 @@ impl Context for OriginFetch {}
 
 impl HttpContext for OriginFetch {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let applied = hostcalls::get_map(MapType::HttpRequestHeaders)
+        let applied = hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
             .map_err(|e| format!("could not read request headers: {e:?}"))
             .and_then(|headers| self.apply_request(headers));
         match applied {
