@@ -204,6 +204,10 @@ def bootstrap(run: Path, admin_port: int, viewer_port: int, origin_port: int) ->
                                                             "request_headers_to_remove": [
                                                                 "x-origin-cluster"
                                                             ],
+                                                            "response_headers_to_remove": [
+                                                                "x-origin-error",
+                                                                "x-origin-decision",
+                                                            ],
                                                         }
                                                     ],
                                                 }

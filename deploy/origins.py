@@ -8,7 +8,9 @@ Paths that change an answer, where WHO is an origin's name or `all`:
   /status/WHO/NNN/...   origin WHO answers with status NNN
   /delay/WHO/MS/...     origin WHO waits MS milliseconds before answering
   /pad/WHO/BYTES/...    origin WHO adds BYTES of padding to its body
-The redirect origin answers 301 to the HTTPS URL (cacheable for an hour), 302
+Every echo answer under /forge/ also carries the edge's diagnostic headers
+(`x-origin-error`, `x-origin-decision`), as an origin that tries to speak for
+the edge would. The redirect origin answers 301 to the HTTPS URL (cacheable for an hour), 302
 under /found/, and a cacheable 200 under /page/. The failing primary answers
 503 unless told otherwise.
 
@@ -182,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.log.add(seen)
         status, headers = 200, {"cache-control": spec.cache_control}
         padding = 0
-        told = re.match(r"^/(status|delay|pad)/([\w-]+)/(\d+)/", self.path)
+        told = re.match(r"^(?:/forge)?/(status|delay|pad)/([\w-]+)/(\d+)/", self.path)
         forced = self.server.forced_status.get(spec.name)
         if forced is not None:
             status = forced
@@ -202,6 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not self.path.startswith("/page/"):
                 status = 302 if self.path.startswith("/found/") else 301
                 headers["location"] = f"https://{seen.host}{self.path}"
+        if self.path.startswith("/forge/"):
+            headers["x-origin-error"] = "forged by the origin"
+            headers["x-origin-decision"] = "forged by the origin"
         payload = json.dumps(seen.as_dict()).encode() + b"\n" + b"x" * padding
         self.send_response(status)
         for name, value in headers.items():

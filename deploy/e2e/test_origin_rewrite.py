@@ -84,10 +84,20 @@ def test_origin_host_modes(edge, path, domain, host):
     assert only(edge.seen(path)).host == host
 
 
-def test_the_dynamic_forward_proxy_reaches_the_policy_address_and_port(edge, path):
+def test_an_origin_reached_by_ip_address_gets_the_policy_port_and_host(edge, path):
     assert edge.request("dynamic.example.com", path).status == 200
     got = only(edge.seen(path))
     assert (got.origin, got.port, got.host) == ("dynamic", 18086, "dynamic-origin.example.net")
+
+
+def test_an_origins_own_diagnostic_headers_never_reach_the_viewer(edge, path):
+    r = edge.request("plain.example.com", f"/forge{path}")
+    assert r.status == 200
+    assert r.header("x-origin-error") is None
+    assert r.header("x-origin-decision").startswith("domain=plain.example.com")
+    # And on an answer the edge does speak about, only the edge's word.
+    r = edge.request("plain.example.com", f"/forge/status/plain/503{path}")
+    assert r.header("x-origin-error") == "orig response 503 error"
 
 
 def test_a_viewer_cannot_choose_the_cluster(edge, path):

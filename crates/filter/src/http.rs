@@ -242,15 +242,12 @@ impl OriginFetch {
                 Counter::CacheOverridden
             });
         }
-        // Set or removed, never read: the origin's own copy is never passed on.
-        set(
-            ORIGIN_ERROR_HEADER,
-            verdict
-                .origin_error
-                .as_ref()
-                .map(ToString::to_string)
-                .as_deref(),
-        );
+        // Written only when there is something to say: the origin's own copy
+        // is removed by the route (`response_headers_to_remove`), before this
+        // filter sees the answer, at no host call.
+        if let Some(error) = &verdict.origin_error {
+            set(ORIGIN_ERROR_HEADER, Some(&error.to_string()));
+        }
         if let Some(d) = &verdict.decision_header {
             set(DECISION_HEADER, Some(d));
         }
