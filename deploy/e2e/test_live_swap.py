@@ -192,3 +192,47 @@ def test_swaps_under_load_lose_no_request(edge):
     assert len(kept) == 1, kept
     # After the new module took over, the policy is the last bundled one.
     assert prober.decisions(SWAPPED)[-1].decision == swapped
+
+
+def test_an_invalid_policy_pushed_with_a_new_wasm_keeps_the_last_good_one(edge, tmp_path):
+    """A new .wasm starts new VMs, which have no policies of their own; the
+    domain whose policy in the same push is invalid keeps its last good one
+    (from the process's shared data), and the other domains are served."""
+    log_before = len(edge.envoy.log_text())
+    before = {d: edge.request(d, "/before").header("x-origin-decision") for d in DOMAINS}
+    assert all(before.values()), before
+
+    # The push: a new build of the module and, in the same ECDS resource, a
+    # configuration whose plain.example.com policy is invalid.
+    new_wasm = tmp_path / "origin_policy-invalid-push.wasm"
+    shutil.copy(WASM, new_wasm)
+    with open(new_wasm, "ab") as f:
+        name = b"origin-policy.build"
+        payload = bytes([len(name)]) + name + b"invalid-push"
+        f.write(bytes([0, len(payload)]) + payload)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    bundle(staged, edge.policy_paths, wasm=new_wasm)
+    ecds = json.loads((staged / ECDS_FILE).read_text())
+    typed = ecds["resources"][0]["typed_config"]["config"]
+    config = json.loads(typed["configuration"]["value"])
+    for p in config["policies"]:
+        if p["domain"] == SWAPPED:
+            p["primary"]["port"] = 70000
+    typed["configuration"]["value"] = json.dumps(config)
+    vms_before = edge.stats()["wasm.envoy.wasm.runtime.v8.created"]
+    write_atomically(edge.run_dir / ECDS_FILE, json.dumps(ecds))
+    wait_for(lambda: edge.stats()["wasm.envoy.wasm.runtime.v8.created"] > vms_before)
+    wait_for(lambda: "/primary/port" in edge.envoy.log_text()[log_before:])
+    time.sleep(0.5)
+    try:
+        for n in range(20):
+            for d in DOMAINS:
+                r = edge.request(d, f"/after/{n}")
+                assert r.status == 200, (d, r.status)
+                assert r.header("x-origin-decision") == before[d], d
+        log = edge.envoy.log_text()[log_before:]
+        assert "plain.example.com: keeping the last good policy" in log, log[-3000:]
+    finally:
+        # Back to the example policies and the module the other tests use.
+        edge.rebundle()

@@ -142,3 +142,78 @@ fn the_last_good_policy_survives_a_new_root_context() {
         .log_text()
         .contains("a.example.com: keeping the last good policy"));
 }
+
+#[test]
+fn the_last_good_policy_survives_a_new_vm() {
+    // A new `.wasm` starts new VMs, with no policies of their own; the last
+    // good documents are kept in the process's shared data.
+    let process = host_test::Filter::shared().unwrap().process();
+    let old = process.start(&config(8000)).unwrap();
+    drop(old);
+    let serves_a_on_8000 = |vm: &mut host_test::Vm| {
+        let a = vm.open_stream().unwrap();
+        vm.request_headers(a, &A, true).unwrap();
+        assert_eq!(port_named(vm, a), Some(8000), "{}", vm.log_text());
+        let b = vm.open_stream().unwrap();
+        vm.request_headers(b, &common::get("b.example.com", "http"), true)
+            .unwrap();
+        assert_eq!(port_named(vm, b), Some(9001));
+    };
+    // The new `.wasm` comes with a push whose a.example.com policy is invalid:
+    // Envoy configures a VM on the main thread, then one per worker.
+    let mut vms: Vec<_> = (0..3)
+        .map(|_| process.start(&invalid_a_new_b()).unwrap())
+        .collect();
+    for vm in &mut vms {
+        serves_a_on_8000(vm);
+    }
+    let logs: String = vms.iter().map(|vm| vm.log_text()).collect();
+    assert_eq!(
+        logs.matches("a.example.com: keeping the last good policy")
+            .count(),
+        1,
+        "{logs}"
+    );
+    // Another swap with the same push: the store now holds the invalid
+    // configuration and, apart, a.example.com's last good document.
+    let key = "origin-policy.last-good.";
+    let stored = process.shared_data().get("", key).unwrap().0;
+    assert!(
+        stored.len() < invalid_a_new_b().len() + config(8000).len(),
+        "{} bytes",
+        stored.len()
+    );
+    drop(vms);
+    let mut again = process.start(&invalid_a_new_b()).unwrap();
+    serves_a_on_8000(&mut again);
+    // In another process nothing is known: the domain is dropped.
+    let mut elsewhere = host_test::Filter::shared()
+        .unwrap()
+        .start(&invalid_a_new_b())
+        .unwrap();
+    let a = elsewhere.open_stream().unwrap();
+    elsewhere.request_headers(a, &A, true).unwrap();
+    assert_eq!(port_named(&elsewhere, a), None);
+}
+
+#[test]
+fn a_new_vm_after_pushes_keeps_what_the_old_vms_kept() {
+    let process = host_test::Filter::shared().unwrap().process();
+    let mut old = process.start(&config(8000)).unwrap();
+    // a.example.com is rejected, then b.example.com moves again: a stays on
+    // its 8000 policy through both pushes.
+    assert!(old.configure(&invalid_a_new_b()).unwrap());
+    let third = invalid_a_new_b().replace("9001", "9002");
+    assert!(old.configure(&third).unwrap());
+    let mut new = process.start(&third).unwrap();
+    for vm in [&mut old, &mut new] {
+        let a = vm.open_stream().unwrap();
+        vm.request_headers(a, &A, true).unwrap();
+        assert_eq!(port_named(vm, a), Some(8000));
+    }
+    // The new VM's next push brings a valid a.example.com back.
+    assert!(new.configure(&config(8100)).unwrap());
+    let a = new.open_stream().unwrap();
+    new.request_headers(a, &A, true).unwrap();
+    assert_eq!(port_named(&new, a), Some(8100));
+}

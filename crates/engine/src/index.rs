@@ -5,7 +5,7 @@ use crate::compiled::CompiledPolicy;
 use crate::decision::{DomainMatch, MatchKind, Outcome, Refusal, ViewerRequest};
 use crate::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 use crate::host::normalize_authority;
-use crate::json::parse_json;
+use crate::json::{document_fingerprint, parse_json, scan_envelope};
 use crate::parse::{domain_of, parse_policy};
 use crate::policy::DomainPattern;
 use crate::settings::{parse_settings, Settings};
@@ -104,11 +104,28 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A document compiled by an earlier push, found again by the fingerprint of
+/// its bytes: its policy, and the warnings it gave (each with the source it had
+/// then), so a reused document reports what a fresh compile would.
+#[derive(Debug, Clone)]
+struct Remembered {
+    policy: Arc<CompiledPolicy>,
+    warnings: Box<[PolicyDiagnostic]>,
+}
+
+type DocumentMap = HashMap<u128, Remembered, foldhash::fast::FixedState>;
+
 /// Settings plus every domain's compiled policy: what the filter serves from.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     pub settings: Settings,
     pub index: DomainIndex,
+    /// The accepted documents of the plugin configuration this set was
+    /// compiled from, by fingerprint; empty for a set compiled from parsed
+    /// values ([`PolicySet::compile`]), which the next push cannot reuse.
+    documents: DocumentMap,
+    /// The fingerprint of the `settings` text; a change recompiles everything.
+    settings_fingerprint: Option<u128>,
 }
 
 /// One policy document and where it came from.
@@ -125,11 +142,15 @@ impl<'v> PolicySource<'v> {
             .iter()
             .enumerate()
             .map(|(i, document)| PolicySource {
-                source: format!("policies[{i}]"),
+                source: slot_name(i),
                 document,
             })
             .collect()
     }
+}
+
+fn slot_name(i: usize) -> String {
+    format!("policies[{i}]")
 }
 
 /// The result of compiling a set: what is served now, and every finding.
@@ -138,36 +159,116 @@ pub struct CompiledSet {
     pub diagnostics: Diagnostics,
     /// Domains whose new policy was rejected and whose last good policy stays.
     pub kept_previous: Vec<String>,
+    /// The same domains as patterns, in the same order.
+    pub kept_patterns: Vec<DomainPattern>,
+    /// Domains whose new policy was rejected and that have no policy now (no
+    /// earlier one was known): see [`CompiledSet::keep_last_good`].
+    pub unresolved: Vec<DomainPattern>,
     /// Policies that were rejected (each domain counted once).
     pub rejected: usize,
+    /// Documents parsed and compiled by this push; the others were unchanged
+    /// since the previous set and reused as they were.
+    pub compiled: usize,
 }
 
-impl PolicySet {
-    /// The Envoy clusters the policies need, derived from their origins.
-    pub fn derived_clusters(&self) -> crate::clusters::DerivedClusters {
-        crate::clusters::DerivedClusters::of(self.index.policies().map(|p| p.as_ref()))
+impl CompiledSet {
+    /// Serves `policies`, last good policies found elsewhere (by a VM that
+    /// has no previous set), for the [`CompiledSet::unresolved`] domains they
+    /// cover; other policies are ignored. Returns how many were kept.
+    pub fn keep_last_good(
+        &mut self,
+        policies: impl IntoIterator<Item = Arc<CompiledPolicy>>,
+    ) -> usize {
+        let mut kept = 0;
+        for policy in policies {
+            let pattern = &policy.policy.domain;
+            let Some(at) = self.unresolved.iter().position(|d| d == pattern) else {
+                continue;
+            };
+            let pattern = self.unresolved.remove(at);
+            self.kept_previous.push(policy.name.clone());
+            self.kept_patterns.push(pattern);
+            self.set.index.insert(policy);
+            kept += 1;
+        }
+        kept
+    }
+}
+
+/// Collects each slot's result in order; then [`Builder::finish`] refuses
+/// duplicate domains and keeps rejected domains on their last good policy.
+struct Builder {
+    diagnostics: Vec<PolicyDiagnostic>,
+    // Each policy goes into its `Arc` once: compiled policies are large, and
+    // moving 100,000 of them through a growing Vec dominated compile time.
+    accepted: Vec<(usize, Arc<CompiledPolicy>)>,
+    rejected_domains: Vec<Option<DomainPattern>>,
+    documents: DocumentMap,
+    compiled: usize,
+}
+
+impl Builder {
+    fn new(capacity: usize) -> Self {
+        Builder {
+            diagnostics: Vec::new(),
+            accepted: Vec::with_capacity(capacity),
+            rejected_domains: Vec::new(),
+            documents: DocumentMap::default(),
+            compiled: 0,
+        }
     }
 
-    /// Compiles policies one domain at a time. A rejected policy never takes its
-    /// domain down: when `previous` served that domain, its last good policy stays.
-    pub fn compile(
+    /// Parses and compiles one document; `fingerprint` remembers it for the
+    /// next push.
+    fn compile(&mut self, slot: usize, source: &str, document: &Value, fingerprint: Option<u128>) {
+        self.compiled += 1;
+        let (policy, found) = parse_policy(source, document);
+        match policy {
+            Some(p) => {
+                let policy = Arc::new(CompiledPolicy::compile(p));
+                if let Some(fingerprint) = fingerprint {
+                    let warnings = found.clone().into_boxed_slice();
+                    let remembered = Remembered {
+                        policy: Arc::clone(&policy),
+                        warnings,
+                    };
+                    self.documents.insert(fingerprint, remembered);
+                }
+                self.accepted.push((slot, policy));
+            }
+            None => self.rejected_domains.push(domain_of(document)),
+        }
+        self.diagnostics.extend(found);
+    }
+
+    /// Takes a document unchanged since the previous set as it was.
+    fn reuse(&mut self, slot: usize, fingerprint: u128, remembered: &Remembered) {
+        if !remembered.warnings.is_empty() {
+            let source = slot_name(slot);
+            self.diagnostics
+                .extend(remembered.warnings.iter().map(|w| PolicyDiagnostic {
+                    source: source.clone(),
+                    ..w.clone()
+                }));
+        }
+        self.accepted.push((slot, Arc::clone(&remembered.policy)));
+        self.documents.insert(fingerprint, remembered.clone());
+    }
+
+    fn finish(
+        self,
         settings: Settings,
-        sources: &[PolicySource<'_>],
+        settings_fingerprint: Option<u128>,
+        source_of: impl Fn(usize) -> String,
         previous: Option<&PolicySet>,
     ) -> CompiledSet {
-        let mut diagnostics = Vec::new();
-        // Each policy goes into its `Arc` once: compiled policies are large, and
-        // moving 100,000 of them through a growing Vec dominated compile time.
-        let mut accepted: Vec<(usize, Arc<CompiledPolicy>)> = Vec::with_capacity(sources.len());
-        let mut rejected_domains: Vec<Option<DomainPattern>> = Vec::new();
-        for (i, src) in sources.iter().enumerate() {
-            let (policy, found) = parse_policy(&src.source, src.document);
-            diagnostics.extend(found);
-            match policy {
-                Some(p) => accepted.push((i, Arc::new(CompiledPolicy::compile(p)))),
-                None => rejected_domains.push(domain_of(src.document)),
-            }
-        }
+        let Builder {
+            mut diagnostics,
+            accepted,
+            mut rejected_domains,
+            documents,
+            compiled,
+        } = self;
         // Each domain's first slot, and the later slots that repeat a domain,
         // grouped under that first slot (in order, for stable diagnostics).
         let mut first_slot: HashMap<&DomainPattern, usize, foldhash::fast::FixedState> =
@@ -184,18 +285,16 @@ impl PolicySet {
                 }
             }
         }
+        drop(first_slot);
         let mut duplicate = vec![false; accepted.len()];
         for slots in groups.values() {
-            let names: Vec<&str> = slots
-                .iter()
-                .map(|&s| sources[accepted[s].0].source.as_str())
-                .collect();
-            for &slot in slots {
+            let names: Vec<String> = slots.iter().map(|&s| source_of(accepted[s].0)).collect();
+            for (&slot, source) in slots.iter().zip(&names) {
                 duplicate[slot] = true;
-                let (i, p) = &accepted[slot];
+                let (_, p) = &accepted[slot];
                 diagnostics.push(PolicyDiagnostic {
                     severity: Severity::Error,
-                    source: sources[*i].source.clone(),
+                    source: source.clone(),
                     domain: Some(p.name.clone()),
                     path: "/domain".to_owned(),
                     message: format!(
@@ -223,37 +322,119 @@ impl PolicySet {
             .collect();
         let rejected_domains: Vec<Option<DomainPattern>> = by_name.into_values().collect();
         let mut kept_previous = Vec::new();
+        let mut kept_patterns = Vec::new();
+        let mut unresolved = Vec::new();
         for pattern in rejected_domains.iter().flatten() {
-            if let Some(old) = previous.and_then(|prev| prev.index.get(pattern)) {
-                if index.get(pattern).is_none() {
+            if index.get(pattern).is_some() {
+                continue;
+            }
+            match previous.and_then(|prev| prev.index.get(pattern)) {
+                Some(old) => {
                     kept_previous.push(old.name.clone());
+                    kept_patterns.push(pattern.clone());
                     index.insert(Arc::clone(old));
                 }
+                None => unresolved.push(pattern.clone()),
             }
         }
         CompiledSet {
-            set: PolicySet { settings, index },
+            set: PolicySet {
+                settings,
+                index,
+                documents,
+                settings_fingerprint,
+            },
             diagnostics: Diagnostics(diagnostics),
             kept_previous,
+            kept_patterns,
+            unresolved,
             rejected: rejected_domains.len(),
+            compiled,
         }
+    }
+}
+
+impl PolicySet {
+    /// The Envoy clusters the policies need, derived from their origins.
+    pub fn derived_clusters(&self) -> crate::clusters::DerivedClusters {
+        crate::clusters::DerivedClusters::of(self.index.policies().map(|p| p.as_ref()))
+    }
+
+    /// Compiles policies one domain at a time. A rejected policy never takes its
+    /// domain down: when `previous` served that domain, its last good policy stays.
+    pub fn compile(
+        settings: Settings,
+        sources: &[PolicySource<'_>],
+        previous: Option<&PolicySet>,
+    ) -> CompiledSet {
+        let mut builder = Builder::new(sources.len());
+        for (i, src) in sources.iter().enumerate() {
+            builder.compile(i, &src.source, src.document, None);
+        }
+        builder.finish(settings, None, |i| sources[i].source.clone(), previous)
     }
 
     /// Parses a plugin configuration: `{"settings": {...}, "policies": [...]}`.
+    ///
+    /// Incremental: a policy document whose bytes are those of a document that
+    /// `previous` accepted (with the same `settings` text) is not parsed again;
+    /// its compiled policy is shared. The result is the one a full compile
+    /// gives: the same set, and the same findings (a reused document repeats
+    /// its warnings, under its current place in `policies`).
     pub fn from_plugin_config(
         bytes: &[u8],
         previous: Option<&PolicySet>,
     ) -> Result<CompiledSet, ConfigError> {
-        let value =
-            parse_json(bytes).map_err(|e| ConfigError::Envelope(format!("not valid JSON: {e}")))?;
-        Self::from_plugin_value(&value, previous)
+        Self::incremental(bytes, previous).map_err(|fast| {
+            // A refused configuration is reported as a full parse reports it
+            // (the first error in the document, with its line and column).
+            match parse_json(bytes) {
+                Err(e) => ConfigError::Envelope(format!("not valid JSON: {e}")),
+                Ok(value) => Self::envelope(&value).err().unwrap_or(fast),
+            }
+        })
     }
 
-    /// [`PolicySet::from_plugin_config`] for a document already parsed.
-    pub fn from_plugin_value(
-        value: &Value,
-        previous: Option<&PolicySet>,
-    ) -> Result<CompiledSet, ConfigError> {
+    fn incremental(bytes: &[u8], previous: Option<&PolicySet>) -> Result<CompiledSet, ConfigError> {
+        let not_json = |e: &dyn fmt::Display| ConfigError::Envelope(format!("not valid JSON: {e}"));
+        let envelope = scan_envelope(bytes, MAX_POLICIES).map_err(|e| not_json(&e.0))?;
+        // Each part is held to `parse_json`'s checks (duplicate keys, nesting)
+        // when it is parsed; a document reused by its bytes passed them before.
+        if let Some(schema) = envelope.schema {
+            parse_json(schema.get().as_bytes()).map_err(|e| not_json(&e))?;
+        }
+        let settings_value = match envelope.settings {
+            Some(raw) => Some(parse_json(raw.get().as_bytes()).map_err(|e| not_json(&e))?),
+            None => None,
+        };
+        let settings = parse_settings("plugin configuration", settings_value.as_ref())
+            .map_err(|d| ConfigError::Settings(Diagnostics(d)))?;
+        let Some(policies) = envelope.policies else {
+            return Err(ConfigError::Envelope("missing `policies`".to_owned()));
+        };
+        let settings_fingerprint = envelope
+            .settings
+            .map(|raw| document_fingerprint(raw.get().as_bytes()));
+        let reusable = previous
+            .filter(|p| p.settings_fingerprint == settings_fingerprint)
+            .map(|p| &p.documents);
+        let mut builder = Builder::new(policies.len());
+        for (slot, raw) in policies.iter().enumerate() {
+            let text = raw.get().as_bytes();
+            let fingerprint = document_fingerprint(text);
+            match reusable.and_then(|documents| documents.get(&fingerprint)) {
+                Some(remembered) => builder.reuse(slot, fingerprint, remembered),
+                None => {
+                    let document = parse_json(text).map_err(|e| not_json(&e))?;
+                    builder.compile(slot, &slot_name(slot), &document, Some(fingerprint));
+                }
+            }
+        }
+        Ok(builder.finish(settings, settings_fingerprint, slot_name, previous))
+    }
+
+    /// The settings and policies of a parsed plugin configuration.
+    fn envelope(value: &Value) -> Result<(Settings, &[Value]), ConfigError> {
         let Value::Object(map) = value else {
             return Err(ConfigError::Envelope(
                 "expected a JSON object with `settings` and `policies`".to_owned(),
@@ -284,6 +465,16 @@ impl PolicySet {
                 policies.len()
             )));
         }
+        Ok((settings, policies))
+    }
+
+    /// [`PolicySet::from_plugin_config`] for a document already parsed (no
+    /// reuse: nothing is known of its documents' bytes).
+    pub fn from_plugin_value(
+        value: &Value,
+        previous: Option<&PolicySet>,
+    ) -> Result<CompiledSet, ConfigError> {
+        let (settings, policies) = Self::envelope(value)?;
         let sources = PolicySource::numbered(policies);
         Ok(Self::compile(settings, &sources, previous))
     }

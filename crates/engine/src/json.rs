@@ -5,6 +5,7 @@
 
 use crate::diagnostic::pointer_segment;
 use serde_core::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
 use std::fmt;
 
@@ -148,6 +149,157 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, JsonError> {
         .and_then(|v| de.end().map(|()| v))
         .map_err(|e| JsonError::Syntax(e.to_string()))?;
     Ok(value)
+}
+
+/// A fingerprint of one document's bytes, to recognise a policy already
+/// compiled: 128 bits (two differently seeded hashes), so that an accidental
+/// collision among 200,000 documents is out of reach. Like [`fingerprint`], not
+/// a defence against a crafted collision.
+pub(crate) fn document_fingerprint(bytes: &[u8]) -> u128 {
+    use std::hash::BuildHasher as _;
+    let low = foldhash::fast::FixedState::with_seed(0x6f72_6967_696e).hash_one(bytes);
+    let high = foldhash::fast::FixedState::with_seed(0x706f_6c69_6379).hash_one(bytes);
+    (u128::from(high) << 64) | u128::from(low)
+}
+
+/// A plugin configuration's envelope with its parts still as JSON text,
+/// borrowed from the configuration: `{"settings": ..., "policies": [...]}`.
+/// Scanning it checks the JSON syntax of the whole configuration but builds
+/// no tree; each part is parsed (with [`parse_json`]'s checks) only when it
+/// has to be.
+pub(crate) struct RawEnvelope<'a> {
+    pub settings: Option<&'a RawValue>,
+    pub policies: Option<Vec<&'a RawValue>>,
+    pub schema: Option<&'a RawValue>,
+}
+
+/// Why an envelope could not be scanned. The message is only a fallback: the
+/// caller reports the error a full parse gives.
+#[derive(Debug)]
+pub(crate) struct EnvelopeError(pub String);
+
+struct EnvelopeVisitor {
+    max_policies: usize,
+}
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = RawEnvelope<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object with `settings` and `policies`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEnvelope<'de>, A::Error> {
+        let mut out = RawEnvelope {
+            settings: None,
+            policies: None,
+            schema: None,
+        };
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let taken = match key.as_ref() {
+                "settings" => out.settings.replace(map.next_value()?).is_some(),
+                "$schema" => out.schema.replace(map.next_value()?).is_some(),
+                "policies" => out
+                    .policies
+                    .replace(map.next_value_seed(RawList {
+                        max: self.max_policies,
+                    })?)
+                    .is_some(),
+                other => {
+                    return Err(de::Error::custom(format_args!(
+                        "unknown top-level field `{other}`"
+                    )))
+                }
+            };
+            if taken {
+                return Err(de::Error::custom(format_args!(
+                    "duplicate key `{key}` in the object at `/`"
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The `policies` array as raw documents; refused past `max` entries without
+/// reading the rest.
+struct RawList {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for RawList {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RawList {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of policy objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(document) = seq.next_element::<&'de RawValue>()? {
+            if out.len() == self.max {
+                return Err(de::Error::custom("too many policies"));
+            }
+            out.push(document);
+        }
+        Ok(out)
+    }
+}
+
+/// Scans a plugin configuration's envelope (see [`RawEnvelope`]).
+pub(crate) fn scan_envelope(
+    bytes: &[u8],
+    max_policies: usize,
+) -> Result<RawEnvelope<'_>, EnvelopeError> {
+    if bytes.len() > MAX_JSON_BYTES {
+        return Err(EnvelopeError(
+            JsonError::TooLarge { bytes: bytes.len() }.to_string(),
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let envelope = de
+        .deserialize_map(EnvelopeVisitor { max_policies })
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| EnvelopeError(e.to_string()))?;
+    Ok(envelope)
+}
+
+/// The `domain` member of a policy document, if it is a string: read without
+/// building the document's tree, to find a domain's document among many.
+pub(crate) fn domain_text(document: &RawValue) -> Option<String> {
+    struct DomainOnly;
+    impl<'de> Visitor<'de> for DomainOnly {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a policy object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let mut domain = None;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if key == "domain" && domain.is_none() {
+                    domain = match map.next_value::<Value>()? {
+                        Value::String(text) => Some(text),
+                        _ => None,
+                    };
+                } else {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+            Ok(domain)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(document.get());
+    de.deserialize_map(DomainOnly).ok().flatten()
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ mod fetch;
 pub mod host;
 mod index;
 mod json;
+pub mod last_good;
 mod origin_error;
 mod parse;
 pub mod policy;

@@ -5,7 +5,8 @@
 use crate::http::OriginFetch;
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
-use origin_policy_engine::{fingerprint, JsonError, PolicySet, MAX_JSON_BYTES};
+use origin_policy_engine::last_good::{no_kept_documents, LastGood};
+use origin_policy_engine::{fingerprint, CompiledSet, JsonError, PolicySet, MAX_JSON_BYTES};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
@@ -80,6 +81,61 @@ fn claim(plugin: &str, config: &[u8], knows_kept: bool) -> Report {
     }
 }
 
+/// The shared-data key of a plugin's last good documents (see
+/// [`origin_policy_engine::last_good`]): one store per Envoy process, which
+/// outlives a VM, so a new `.wasm` keeps rejected domains on their last good
+/// policy too.
+fn last_good_key(plugin: &str) -> String {
+    format!("origin-policy.last-good.{plugin}")
+}
+
+fn read_last_good(plugin: &str) -> Option<Vec<u8>> {
+    match hostcalls::get_shared_data(&last_good_key(plugin)) {
+        Ok((Some(bytes), _)) => Some(bytes),
+        _ => None,
+    }
+}
+
+/// A VM with no previous set (a new `.wasm`, or the VM Envoy makes to check a
+/// configuration) keeps the domains it rejected on the last good policies of
+/// the process. Returns whether it knows which domains kept theirs.
+fn keep_from_store(plugin: &str, compiled: &mut CompiledSet, stored: &mut Option<Vec<u8>>) -> bool {
+    if compiled.unresolved.is_empty() {
+        return true;
+    }
+    *stored = read_last_good(plugin);
+    let Some(store) = stored.as_deref().and_then(LastGood::decode) else {
+        return false;
+    };
+    let policies = store.policies(&compiled.unresolved);
+    compiled.keep_last_good(policies);
+    true
+}
+
+/// After a push is applied, by the VM that reports it: the configuration as
+/// applied, and the documents of the domains it kept on an older policy (from
+/// the store being replaced). The store is rewritten only when the
+/// configuration changed or domains are kept.
+fn store_last_good(plugin: &str, config: &[u8], compiled: &CompiledSet, stored: Option<Vec<u8>>) {
+    let old = stored.or_else(|| read_last_good(plugin));
+    let old = old.as_deref().and_then(LastGood::decode);
+    let kept = if compiled.kept_patterns.is_empty() {
+        if old.is_some_and(|o| o.config_fingerprint == fingerprint(config) && o.is_kept_empty()) {
+            return;
+        }
+        no_kept_documents()
+    } else {
+        match old {
+            Some(old) => old.documents(&compiled.kept_patterns),
+            None => no_kept_documents(),
+        }
+    };
+    let value = LastGood::encode(config, &kept);
+    if hostcalls::set_shared_data(&last_good_key(plugin), Some(&value), None).is_err() {
+        warn!("could not store the last good policies: a new VM may drop rejected domains");
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct OriginPolicyRoot {
     policies: Option<Rc<PolicySet>>,
@@ -125,18 +181,19 @@ impl RootContext for OriginPolicyRoot {
         };
         // The plugin's newest applied set, whichever root context applied it.
         let previous = last_good(&plugin);
-        let compiled = match PolicySet::from_plugin_config(&bytes, previous.as_deref()) {
+        let mut compiled = match PolicySet::from_plugin_config(&bytes, previous.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 let report = claim(&plugin, &bytes, true);
                 return self.reject(&metrics, report, &e);
             }
         };
-        let report = claim(
-            &plugin,
-            &bytes,
-            previous.is_some() || compiled.rejected == 0,
-        );
+        let mut stored = None;
+        let knows_kept = previous.is_some() || keep_from_store(&plugin, &mut compiled, &mut stored);
+        let report = claim(&plugin, &bytes, knows_kept);
+        if matches!(report, Report::All | Report::Kept) {
+            store_last_good(&plugin, &bytes, &compiled, stored);
+        }
         if matches!(report, Report::All | Report::Findings) {
             for d in compiled.diagnostics.errors() {
                 error!("policy rejected: {d}");
