@@ -70,6 +70,9 @@ pub struct Exchange {
     choice: Choice,
     method: String,
     decision_header: bool,
+    /// Known when the request is decided: the answer may come from another
+    /// origin than the first.
+    has_chain: bool,
 }
 
 impl Exchange {
@@ -81,20 +84,21 @@ impl Exchange {
     ) -> Result<Exchange, Refusal<'a>> {
         let choice = found.choose(request, settings);
         let policy: &'a Arc<CompiledPolicy> = found.policy;
-        if policy
-            .decision(Cow::Borrowed(&found.viewer_host), choice, request.method)
-            .is_none()
-        {
+        let Some(decision) =
+            policy.decision(Cow::Borrowed(&found.viewer_host), choice, request.method)
+        else {
             return Err(Refusal::NoRoute {
                 domain: &policy.name,
             });
-        }
+        };
+        let has_chain = !decision.chain.is_empty();
         Ok(Exchange {
             policy: Arc::clone(policy),
             viewer_host: found.viewer_host.into_owned(),
             choice,
             method: request.method.to_owned(),
             decision_header: settings.decision_header,
+            has_chain,
         })
     }
 
@@ -125,7 +129,7 @@ impl Exchange {
     /// Whether the answer may have come from another origin than the first,
     /// so that the response phase must ask Envoy which one answered.
     pub fn has_chain(&self) -> bool {
-        self.decision().is_some_and(|d| !d.chain.is_empty())
+        self.has_chain
     }
 
     /// Classifies the answer and says what to write into it.
@@ -193,16 +197,15 @@ impl Exchange {
                 .then(|| served.header_value(&self.policy.name)),
         }
     }
+}
 
+impl OriginDecision<'_> {
     /// The request headers to write, besides the cluster header: one failover
     /// when the policy allows it for this request, and the origin's timeouts.
     pub fn route_headers(&self) -> Vec<(&'static str, String)> {
-        let Some(d) = self.decision() else {
-            return Vec::new();
-        };
-        let first = d.target.response_timeout_ms;
-        let mut out = Vec::with_capacity(4);
-        match &d.failover {
+        let first = self.target.response_timeout_ms;
+        let mut out = Vec::new();
+        match &self.failover {
             Failover::Plan(plan) => {
                 let retry_on = if plan.connect_failures_only {
                     RETRY_ON_CONNECT_FAILURE

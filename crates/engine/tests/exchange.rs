@@ -61,7 +61,7 @@ fn a_get_may_fail_over_once_with_the_origins_own_timeouts() {
     assert!(d.route_cluster.starts_with("chain:"));
     assert_eq!(d.chain.len(), 1);
     assert_eq!(d.chain[0].authority, "backup.example.net:8080");
-    let headers = exchange.route_headers();
+    let headers = exchange.decision().unwrap().route_headers();
     assert_eq!(
         header(&headers, RETRY_ON_HEADER),
         Some("retriable-status-codes,connect-failure,refused-stream,reset")
@@ -79,7 +79,7 @@ fn a_get_may_fail_over_once_with_the_origins_own_timeouts() {
 fn post_is_not_failed_over_and_says_so() {
     let set = www();
     let exchange = begin(&set, "POST", None);
-    let headers = exchange.route_headers();
+    let headers = exchange.decision().unwrap().route_headers();
     assert_eq!(header(&headers, RETRY_ON_HEADER), None);
     assert_eq!(header(&headers, TIMEOUT_HEADER), Some("2000"));
     let verdict = exchange.on_response(UpstreamReport {
@@ -101,7 +101,10 @@ fn a_post_the_policy_allows_is_re_sent_only_on_a_connect_failure() {
         "secondary": {"address": "backup.example.net"},
         "failover": {"methods": ["GET", "POST"]}
     }]));
-    let headers = begin(&set, "POST", None).route_headers();
+    let headers = begin(&set, "POST", None)
+        .decision()
+        .unwrap()
+        .route_headers();
     assert_eq!(
         header(&headers, RETRY_ON_HEADER),
         Some("connect-failure,refused-stream")
@@ -113,7 +116,13 @@ fn a_post_the_policy_allows_is_re_sent_only_on_a_connect_failure() {
 fn a_body_over_the_replay_limit_is_not_failed_over() {
     let set = www();
     let exchange = begin(&set, "GET", Some(1001));
-    assert_eq!(header(&exchange.route_headers(), RETRY_ON_HEADER), None);
+    assert_eq!(
+        header(
+            &exchange.decision().unwrap().route_headers(),
+            RETRY_ON_HEADER
+        ),
+        None
+    );
     let verdict = exchange.on_response(UpstreamReport {
         status: 502,
         attempts: 1,
@@ -124,6 +133,8 @@ fn a_body_over_the_replay_limit_is_not_failed_over() {
         "orig response 502 error; failover=skipped (request body over 1000 bytes)"
     );
     assert!(begin(&set, "GET", Some(1000))
+        .decision()
+        .unwrap()
         .route_headers()
         .iter()
         .any(|(n, _)| *n == RETRY_ON_HEADER));

@@ -217,7 +217,7 @@ impl OriginFetch {
         if let Some(host) = exchange.authority_rewrite(authority) {
             set_request_header(":authority", Some(host))?;
         }
-        for (name, value) in exchange.route_headers() {
+        for (name, value) in decision.route_headers() {
             set_request_header(name, Some(&value))?;
         }
         debug!("{}: {}", decision.policy.name, decision.header_value());
