@@ -53,6 +53,18 @@ def log(message: str) -> None:
 
 # --- the fleet's state ----------------------------------------------------------------
 
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+def short_type(url: str) -> str:
+    return url.rsplit(".", 1)[-1]
+
+
+def send_order(url: str) -> tuple[int, str]:
+    """Clusters before anything that may name them (make before break)."""
+    return (0 if url == CLUSTER_TYPE else 1, url)
+
+
 
 @dataclass
 class TypeState:
@@ -81,9 +93,14 @@ class Node:
     last_response_bytes: int = 0
 
     def acked(self) -> str | None:
-        """The version every subscribed type ACKed, if they agree."""
+        """The version every subscribed type ACKed, if they agree (each type is
+        ACKed on its own: after a NACK of the filter, the clusters of the same
+        version may well be in place)."""
         versions = {t.acked for t in self.types.values()}
         return versions.pop() if len(versions) == 1 else None
+
+    def acked_by_type(self) -> dict[str, str | None]:
+        return {short_type(url): t.acked for url, t in self.types.items()}
 
     def nack(self) -> tuple[str, str] | None:
         for t in self.types.values():
@@ -219,9 +236,10 @@ class Fleet:
             "admin": node.admin,
             "target": target.version if target else None,
             "acked": node.acked(),
+            "acked_by_type": node.acked_by_type(),
             "nacked": nack[0] if nack else None,
             "nack_error": nack[1] if nack else None,
-            "types": {url.rsplit(".", 1)[-1]: vars(t).copy() for url, t in node.types.items()},
+            "types": {short_type(url): vars(t).copy() for url, t in node.types.items()},
             "bytes_sent": node.bytes_sent,
             "responses_sent": node.responses_sent,
             "last_response_bytes": node.last_response_bytes,
@@ -283,7 +301,7 @@ class Stream:
                 self.on_reply(request, state)
 
     def on_reply(self, request: discovery_pb2.DiscoveryRequest, state: TypeState) -> None:
-        kind = request.type_url.rsplit(".", 1)[-1]
+        kind = short_type(request.type_url)
         if request.HasField("error_detail"):
             state.nacked, state.error = state.sent, request.error_detail.message
             self.fleet.event(f"{self.node.id} NACKed {kind} {state.sent}: {state.error}")
@@ -308,7 +326,7 @@ class Stream:
         stream has not sent yet (a NACKed version is not sent again)."""
         with self.fleet.lock:
             snapshot = self.fleet.target(self.node)
-            todo = [(url, list(s.names)) for url, s in self.types.items()
+            todo = [(url, list(s.names)) for url, s in sorted(self.types.items(), key=lambda i: send_order(i[0]))
                     if snapshot and s.sent != snapshot.version]
         for url, names in todo:
             response = self.response(snapshot, url, names)
@@ -535,8 +553,9 @@ def status_text(status: dict) -> str:
     lines.append(f"{'node':<14}{'canary':<8}{'conn':<6}{'target':<14}{'acked':<14}{'bytes sent':>12}  nack")
     for node_id, n in status["nodes"].items():
         nack = f"{n['nacked']}: {n['nack_error']}" if n["nacked"] else ""
+        acked = n["acked"] or " ".join(f"{k}={v or '-'}" for k, v in n["acked_by_type"].items()) or "-"
         lines.append(f"{node_id:<14}{'yes' if n['canary'] else '':<8}{'up' if n['connected'] else 'down':<6}"
-                     f"{n['target'] or '-':<14}{n['acked'] or '-':<14}{n['bytes_sent']:>12}  {nack}")
+                     f"{n['target'] or '-':<14}{acked:<14}{n['bytes_sent']:>12}  {nack}")
     lines.append("")
     lines.append("recent pushes:")
     for p in status["pushes"][-8:]:
