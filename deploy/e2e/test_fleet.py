@@ -62,7 +62,7 @@ class Load:
         self.out = out
         self.process = subprocess.Popen(
             [sys.executable, str(LOAD), "--ports", ",".join(map(str, ports)),
-             "--hosts", ",".join(DOMAINS), "--out", str(out), "--seconds", "300"]
+             "--hosts", ",".join(DOMAINS), "--out", str(out), "--seconds", "300", "--interval", "0.005"]
         )
 
     def records(self, start: float = 0.0, end: float = float("inf")) -> list[list]:

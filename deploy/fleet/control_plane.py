@@ -60,10 +60,6 @@ def short_type(url: str) -> str:
     return url.rsplit(".", 1)[-1]
 
 
-def send_order(url: str) -> tuple[int, str]:
-    """Clusters before anything that may name them (make before break)."""
-    return (0 if url == CLUSTER_TYPE else 1, url)
-
 
 
 @dataclass
@@ -323,11 +319,17 @@ class Stream:
 
     def pending(self):
         """A response for every subscribed type whose target version this
-        stream has not sent yet (a NACKed version is not sent again)."""
+        stream has not sent yet (a NACKed version is not sent again). The
+        clusters of a version go first, and the rest only once Envoy has ACKed
+        them: the filter never names a cluster Envoy does not have."""
         with self.fleet.lock:
             snapshot = self.fleet.target(self.node)
-            todo = [(url, list(s.names)) for url, s in sorted(self.types.items(), key=lambda i: send_order(i[0]))
-                    if snapshot and s.sent != snapshot.version]
+            if snapshot is None:
+                return
+            clusters = self.types.get(CLUSTER_TYPE)
+            clusters_first = clusters is not None and clusters.acked != snapshot.version
+            todo = [(url, list(s.names)) for url, s in self.types.items()
+                    if s.sent != snapshot.version and (url == CLUSTER_TYPE or not clusters_first)]
         for url, names in todo:
             response = self.response(snapshot, url, names)
             size = response.ByteSize()

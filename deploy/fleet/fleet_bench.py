@@ -5,7 +5,9 @@ one domain's policy is changed and pushed, a few times. Prints a table:
 
 - bundle: `origin-policy bundle` (validation included, the CLI's debug build)
   and the control plane reading and encoding the result;
-- ACKed by all: from the push request until every Envoy ACKed the version;
+- accepted → all ACKed: from the control plane taking the version until
+  every Envoy ACKed it (sending, and each Envoy loading the configuration);
+- push → all ACKed: the same from the push request (bundle included);
 - visible on all: until every Envoy's answer for that domain shows the change
   (its workers have the new set);
 - bytes per Envoy: the DiscoveryResponse bytes the control plane sent each
@@ -182,15 +184,17 @@ def table(results: list[SizeResult], envoys: int) -> str:
         f"{envoys} Envoys (--concurrency 1) on {cpu_model()} ({platform.machine()}, "
         f"2 cores), Envoy {envoy_version()}; median of {len(results[0].pushes)} one-domain pushes",
         "",
-        "| domains | start (all ready) | bundle + validate | read + encode | push → all ACKed | "
-        "push → visible on all | bytes per Envoy per push | failed requests |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| domains | start (all ready) | bundle + validate | read + encode | accepted → all ACKed | "
+        "push → all ACKed | push → visible on all | bytes per Envoy per push | failed requests |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         p = r.pushes
         lines.append(
             f"| {r.domains:,} | {r.start_s:.2f} s | {median([x.bundle_s for x in p]):.2f} s "
-            f"| {median([x.encode_s for x in p]):.2f} s | {median([x.acked_s for x in p]):.2f} s "
+            f"| {median([x.encode_s for x in p]):.2f} s "
+            f"| {median([x.acked_s - x.bundle_s - x.encode_s for x in p]):.2f} s "
+            f"| {median([x.acked_s for x in p]):.2f} s "
             f"| {median([x.visible_s for x in p]):.2f} s "
             f"| {median([median(x.bytes_per_envoy) for x in p]):,.0f} "
             f"| {r.failed} of {r.requests:,} |"
