@@ -52,6 +52,7 @@ CANARY = "fleet-1"
 BAKE_SECONDS = 2
 DOMAINS = ["plain.example.com", "legacy.example.com", "media.example.com"]
 CHANGED = "plain.example.com"
+NEW_HOST = "fleet-change-1.example.net"  # what the one-domain change sends as its Host
 LOAD = HERE.parent / "fleet" / "load.py"
 
 
@@ -194,14 +195,13 @@ def extra_nodes(fleet):
 def test_one_domain_change_reaches_every_envoy(fleet):
     before = fleet.stable()
     assert all_acked(fleet, before, ["fleet-1", "fleet-2", "fleet-3"])
-    new_host = "fleet-change-1.example.net"
     started = time.monotonic()
-    fleet.write_policy(CHANGED, lambda p: p.update(origin_host={"mode": "custom", "value": new_host}))
+    fleet.write_policy(CHANGED, lambda p: p.update(origin_host={"mode": "custom", "value": NEW_HOST}))
     reached: dict[str, float] = {}
 
     def everywhere():
         for node in fleet.nodes:
-            if node.node_id not in reached and ask(node, CHANGED)[1] == new_host:
+            if node.node_id not in reached and ask(node, CHANGED)[1] == NEW_HOST:
                 reached[node.node_id] = time.monotonic() - started
         return len(reached) == len(fleet.nodes)
 
@@ -233,7 +233,7 @@ def test_invalid_push_is_refused(fleet):
     assert status["stable"]["version"] == version and status["rollout"]["candidate"] is None
     assert {k: v["responses_sent"] for k, v in status["nodes"].items()} == sent_before
     for node in fleet.nodes:
-        assert ask(node, CHANGED) == (200, "fleet-change-1.example.net")
+        assert ask(node, CHANGED) == (200, NEW_HOST)
     # Back to the served content: nothing to push.
     fleet.write_policy(CHANGED, lambda p: p["primary"].update(port=80))
     assert fleet.control.push()["outcome"] == "unchanged"
@@ -259,7 +259,7 @@ def test_nack_is_reported_and_the_others_keep_their_version(fleet):
     assert fleet3["acked_by_type"]["TypedExtensionConfig"] == before
     wait_for(lambda: all_acked(fleet, new, ["fleet-1", "fleet-2"]), what="fleet-1 and fleet-2 on the new version")
     assert "fleet-3" in status_text(fleet.status()) and "Invalid path" in status_text(fleet.status())
-    assert ask(fleet.node("fleet-3"), CHANGED) == (200, "fleet-change-1.example.net")
+    assert ask(fleet.node("fleet-3"), CHANGED) == (200, NEW_HOST)
 
     # The module rolled back: every Envoy on the earlier version again.
     write_atomically(fleet.wasm, original)
@@ -279,13 +279,14 @@ def test_canary_push_raising_5xx_is_held(fleet):
     print(f"\nheld: {held['reason']}")
     assert "5xx rate" in held["reason"] and CANARY in held["reason"]
     # The canary is back on the stable version; the others never left it.
-    wait_for(lambda: all_acked(fleet, stable, ["fleet-1", "fleet-2", "fleet-3"]), what="canary back on stable")
+    wait_for(lambda: all_acked(fleet, stable, ["fleet-1", "fleet-2", "fleet-3"]),
+             what="canary back on stable")
     wait_for(lambda: ask(fleet.node(CANARY), CHANGED)[0] == 200, what="canary serving again")
     fleet.canary_window = (start, time.time())
     for node in fleet.nodes[1:]:
         assert node.stats()["http.viewer.downstream_rq_5xx"] == 0
     fleet.restore_policy(CHANGED)
-    fleet.write_policy(CHANGED, lambda p: p.update(origin_host={"mode": "custom", "value": "fleet-change-1.example.net"}))
+    fleet.write_policy(CHANGED, lambda p: p.update(origin_host={"mode": "custom", "value": NEW_HOST}))
     fleet.control.push()
     wait_for(lambda: fleet.status()["rollout"]["stage"] == "promoted", what="rollout back to stable")
     assert fleet.stable() == stable
@@ -326,7 +327,7 @@ def test_new_envoy_serves_current_version_from_its_first_answer(fleet, extra_nod
     prober.stopped.set()
     prober.join()
     assert prober.answers and not prober.errors, prober.errors
-    assert {(s, d) for _, s, d in prober.answers} == {(200, "fleet-change-1.example.net")}
+    assert {(s, d) for _, s, d in prober.answers} == {(200, NEW_HOST)}
     assert fleet.nodes_status()["fleet-4"]["acked"] == stable
     print(f"\nfleet-4: {prober.refused} connections refused while warming, then "
           f"{len(prober.answers)} answers, all 200 with the current policy")
@@ -338,7 +339,7 @@ def test_control_plane_killed_and_restarted_loses_no_request(fleet, extra_nodes)
     fleet.control.kill()
     time.sleep(1.5)
     for node in fleet.nodes + extra_nodes:
-        assert ask(node, CHANGED) == (200, "fleet-change-1.example.net")
+        assert ask(node, CHANGED) == (200, NEW_HOST)
 
     # An Envoy started while there is no control plane waits: it does not listen.
     late = make_node(fleet.run, 5, fleet.certs, XDS_PORT, PORT_BASE)
@@ -358,7 +359,7 @@ def test_control_plane_killed_and_restarted_loses_no_request(fleet, extra_nodes)
     prober.stopped.set()
     prober.join()
     assert not prober.errors, prober.errors
-    assert {(s, d) for _, s, d in prober.answers} == {(200, "fleet-change-1.example.net")}
+    assert {(s, d) for _, s, d in prober.answers} == {(200, NEW_HOST)}
     # One stream each since the restart: every Envoy came back by itself.
     assert {n["connections"] for n in fleet.nodes_status().values()} == {1}
     failed = Load.failed(fleet.load.records(start, time.time()))

@@ -217,7 +217,7 @@ class Fleet:
                     "candidate": self.candidate.summary() if self.candidate else None,
                     "canaries": sorted(self.rollout.canaries),
                 },
-                "nodes": {n.id: self.node_status(n) for n in sorted(self.nodes.values(), key=lambda n: n.id)},
+                "nodes": {i: self.node_status(self.nodes[i]) for i in sorted(self.nodes)},
                 "pushes": self.pushes,
                 "events": self.events,
             }
@@ -376,7 +376,8 @@ class AggregatedDiscovery(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def DeltaAggregatedResources(self, request_iterator, context):
         # The filter's configuration is one resource, so delta xDS would send
         # the same bytes; see deploy/fleet/README.md.
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "delta xDS is not served: use api_type GRPC (state of the world)")
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "delta xDS is not served: use api_type GRPC (state of the world)")
 
 
 # --- staged rollout ---------------------------------------------------------------------
@@ -428,28 +429,31 @@ class Rollout(threading.Thread):
             self.bake(candidate, canaries)
 
     def await_acks(self, candidate: Snapshot, canaries: list[Node]) -> None:
+        """Holds on a canary NACK or a missing ACK; starts the bake once every
+        connected canary ACKed (their counters read outside the lock)."""
         fleet = self.fleet
         with fleet.lock:
-            if fleet.candidate is not candidate:
+            if fleet.candidate is not candidate or fleet.stage != "canary":
                 return
             for node in canaries:
                 nack = node.nack()
                 if nack and nack[0] == candidate.version:
                     return fleet.hold(f"{node.id} NACKed it: {nack[1]}")
-            if canaries and all(n.acked() == candidate.version for n in canaries):
-                self.start_bake(canaries)
-            elif time.time() - fleet.stage_since > fleet.rollout.ack_timeout:
-                missing = sorted(fleet.rollout.canaries - {n.id for n in canaries if n.acked() == candidate.version})
-                fleet.hold(f"no ACK within {fleet.rollout.ack_timeout:g} s from {', '.join(missing)}")
+            acked = {n.id for n in canaries if n.acked() == candidate.version}
+            if not canaries or len(acked) < len(canaries):
+                if time.time() - fleet.stage_since > fleet.rollout.ack_timeout:
+                    missing = ", ".join(sorted(fleet.rollout.canaries - acked))
+                    fleet.hold(f"no ACK within {fleet.rollout.ack_timeout:g} s from {missing}")
+                return
+        baseline = {n.id: read_counters(n.admin, self.counter_names()) for n in canaries if n.admin}
+        with fleet.lock:
+            if fleet.candidate is candidate and fleet.stage == "canary":
+                self.baseline, self.bake_start = baseline, time.time()
+                fleet.set_stage("baking", f"canaries ACKed; watching their 5xx and failovers for "
+                                          f"{fleet.rollout.bake_seconds:g} s")
 
     def counter_names(self) -> list[str]:
         return [self.requests, self.errors, self.failovers]
-
-    def start_bake(self, canaries: list[Node]) -> None:
-        self.baseline = {n.id: read_counters(n.admin, self.counter_names()) for n in canaries if n.admin}
-        self.bake_start = time.time()
-        self.fleet.set_stage("baking", f"canaries ACKed; watching their 5xx and failovers for "
-                                       f"{self.fleet.rollout.bake_seconds:g} s")
 
     def bake(self, candidate: Snapshot, canaries: list[Node]) -> None:
         settings = self.fleet.rollout
@@ -625,6 +629,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="requests a canary must see before it is judged before the bake ends")
     p.add_argument("--stat-prefix", default="viewer", help="the viewer listener's HCM stat_prefix")
     p.add_argument("--poll-seconds", type=float, default=0.5, help="0: no watch, pushes only")
+    p.add_argument("--max-envoys", type=int, default=256, help="ADS streams served at once")
     return p.parse_args(argv)
 
 
@@ -645,7 +650,8 @@ def serve(args: argparse.Namespace) -> int:
     pusher.push("start")
 
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=64),
+        # A stream holds a worker thread for its life: one per Envoy.
+        futures.ThreadPoolExecutor(max_workers=args.max_envoys + 4),
         options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 16 << 20)],
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscovery(fleet), server)
