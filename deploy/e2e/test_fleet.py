@@ -38,7 +38,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fleet"))
 
-from edge import POLICIES, WASM  # noqa: E402
+from edge import CLI, POLICIES, WASM  # noqa: E402
 from fleet import ControlPlane, make_node, start_nodes  # noqa: E402
 from control_plane import status_text  # noqa: E402
 from load import decision_host  # noqa: E402
@@ -69,7 +69,9 @@ class Load:
     def records(self, start: float = 0.0, end: float = float("inf")) -> list[list]:
         if not self.out.exists():
             return []
-        rows = [json.loads(line) for line in self.out.read_text().splitlines() if line]
+        # The last piece may be a line the load process is still writing.
+        complete = self.out.read_text().split("\n")[:-1]
+        rows = [json.loads(line) for line in complete if line]
         return [r for r in rows if start <= r[0] < end]
 
     @staticmethod
@@ -377,3 +379,100 @@ def test_no_request_failed_but_the_held_canarys(fleet):
           f"{len(expected)} 5xx from the held canary push; {len(unexpected)} other failures")
     assert unexpected == [], unexpected[:10]
     assert expected and all(r[3] == 503 for r in expected)
+
+
+# --- origin clusters from the bundle (CDS) ------------------------------------------------
+
+CDS_XDS_PORT = 18612
+CDS_STATUS_PORT = 18613
+CDS_DOMAIN = "cds.example.com"
+
+# `origin-policy bundle`, then a cluster file beside its output: a bundle that
+# carries origin clusters, served by the control plane with no code of its own.
+BUNDLE_WITH_CLUSTERS = '''#!{python}
+import shutil, subprocess, sys
+result = subprocess.run([{cli!r}, *sys.argv[1:]])
+if result.returncode == 0:
+    shutil.copyfile({clusters!r}, sys.argv[sys.argv.index("--out") + 1] + "/origin-policy.cds.json")
+sys.exit(result.returncode)
+'''
+
+
+def cluster(name: str, kind: str, address: str, port: int) -> dict:
+    return {
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name, "type": kind, "connect_timeout": "1s", "dns_lookup_family": "V4_ONLY",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": address, "port_value": port}}}}]}]},
+    }
+
+
+def cds_policy(cluster_name: str) -> str:
+    return json.dumps({"domain": CDS_DOMAIN, "protocol": {"policy": "http"},
+                       "primary": {"address": "cds-origin.example.net", "port": 80,
+                                   "clusters": {"http": cluster_name}}})
+
+
+def test_bundle_clusters_are_served_over_cds(tmp_path, demo_origins):
+    """A push that adds a cluster and a policy naming it, then one that moves
+    the domain to a new STRICT_DNS cluster and drops the first: Envoy never
+    routes to a cluster it lacks or has not resolved yet."""
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    clusters = tmp_path / "clusters.cds.json"
+    write_atomically(clusters, json.dumps({"resources": []}))
+    cli = tmp_path / "bundle-with-clusters"
+    cli.write_text(BUNDLE_WITH_CLUSTERS.format(python=sys.executable, cli=str(CLI), clusters=str(clusters)))
+    cli.chmod(0o755)
+    control = ControlPlane(tmp_path, [policies], xds_port=CDS_XDS_PORT, status_port=CDS_STATUS_PORT,
+                           cli=cli, extra=["--poll-seconds", "0"])
+    node = make_node(tmp_path, 6, demo_origins.certs, CDS_XDS_PORT, PORT_BASE)
+    prober = Prober(node, CDS_DOMAIN)
+    try:
+        control.start()
+        node.start()
+        prober.start()
+        assert ask(node, CDS_DOMAIN)[0] == 404  # no policy for it yet
+        steps = [("fleet_cds_static", "STATIC", "127.0.0.1", 18081, "plain"),
+                 ("fleet_cds_dns", "STRICT_DNS", "localhost", 18082, "media")]
+        for name, kind, address, port, origin in steps:
+            write_atomically(clusters, json.dumps({"resources": [cluster(name, kind, address, port)]}))
+            write_atomically(policies / f"{CDS_DOMAIN}.json", cds_policy(name))
+            pushed = control.push()
+            assert pushed["outcome"] == "accepted", pushed
+            wait_for(lambda: f"cluster={name}" in decision_of(node, CDS_DOMAIN), what=f"{name} in use")
+            assert served_by(node, CDS_DOMAIN) == origin
+            wait_for(lambda: control.status()["nodes"]["fleet-6"]["acked"] == pushed["version"],
+                     what="every type ACKed")
+        # The move off fleet_cds_static: the old cluster stayed until the
+        # filter stopped naming it (cluster set `NEW+OLD`), then went.
+        events = [e["event"] for e in control.status()["events"]]
+        assert any(f"ACKed Cluster {pushed['version']}+" in e for e in events), events
+    finally:
+        prober.stopped.set()
+        if prober.is_alive():
+            prober.join()
+        node.stop()
+        control.stop()
+    statuses = {s for _, s, _ in prober.answers}
+    assert statuses <= {404, 200} and not prober.errors, (statuses, prober.errors)
+
+
+def decision_of(node: FleetEnvoy, host: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", node.ports.http, timeout=10)
+    try:
+        conn.request("GET", f"/cds/{time.monotonic_ns()}", headers={"host": host})
+        r = conn.getresponse()
+        r.read()
+        return r.getheader("x-origin-decision") or ""
+    finally:
+        conn.close()
+
+
+def served_by(node: FleetEnvoy, host: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", node.ports.http, timeout=10)
+    try:
+        conn.request("GET", f"/cds/{time.monotonic_ns()}", headers={"host": host})
+        return json.loads(conn.getresponse().read())["origin"]
+    finally:
+        conn.close()

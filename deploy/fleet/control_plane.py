@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CLI = REPO / "target" / "debug" / "origin-policy"
 DEFAULT_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "origin_policy.wasm"
 HISTORY = 50  # pushes and events kept for the status page
+KNOWN_VERSIONS = 16  # snapshots kept for nodes still moving off them
 
 
 def log(message: str) -> None:
@@ -134,6 +135,8 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self.streams: set = set()
         self.seq = 0
+        # Recent versions by name: a node moving off one still needs its clusters.
+        self.known: dict[str, Snapshot] = {self.stable.version: self.stable} if self.stable else {}
 
     # what each node should run
 
@@ -167,6 +170,7 @@ class Fleet:
             latest = self.latest()
             if latest and latest.version == snapshot.version:
                 return self.record_push(source, "unchanged", snapshot.version)
+            self.remember(snapshot)
             if self.stable and snapshot.version == self.stable.version:
                 self.candidate = None
                 self.set_stage("promoted", "back to the stable version")
@@ -178,6 +182,12 @@ class Fleet:
                 self.set_stage("canary", f"sent to {', '.join(sorted(self.rollout.canaries))}")
             self.wake_streams()
             return self.record_push(source, "accepted", snapshot.version, self.stage)
+
+    def remember(self, snapshot: Snapshot) -> None:
+        self.known.pop(snapshot.version, None)
+        self.known[snapshot.version] = snapshot
+        while len(self.known) > KNOWN_VERSIONS:
+            self.known.pop(next(iter(self.known)))
 
     def set_stage(self, stage: str, reason: str) -> None:
         self.stage, self.reason, self.stage_since = stage, reason, time.time()
@@ -318,38 +328,68 @@ class Stream:
         self.fleet.event(f"{node.id} connected (stream {node.connections})")
 
     def pending(self):
-        """A response for every subscribed type whose target version this
-        stream has not sent yet (a NACKed version is not sent again). The
-        clusters of a version go first, and the rest only once Envoy has ACKed
-        them: the filter never names a cluster Envoy does not have."""
+        """A response for every subscribed type whose target this stream has
+        not sent yet (a NACKed one is not sent again), make before break:
+        the clusters first, holding on to any the filter Envoy runs still
+        names; the rest once Envoy has ACKed those clusters; and the clusters
+        alone last, once nothing names the dropped ones any more."""
         with self.fleet.lock:
-            snapshot = self.fleet.target(self.node)
-            if snapshot is None:
+            target = self.fleet.target(self.node)
+            if target is None:
                 return
-            clusters = self.types.get(CLUSTER_TYPE)
-            clusters_first = clusters is not None and clusters.acked != snapshot.version
-            todo = [(url, list(s.names)) for url, s in self.types.items()
-                    if s.sent != snapshot.version and (url == CLUSTER_TYPE or not clusters_first)]
-        for url, names in todo:
-            response = self.response(snapshot, url, names)
-            size = response.ByteSize()
+            states = {url: (s.sent, s.acked, list(s.names)) for url, s in self.types.items()}
+            known = dict(self.fleet.known)
+        todo = []
+        if CLUSTER_TYPE in states:
+            sent, acked, names = states.pop(CLUSTER_TYPE)
+            label, clusters = self.cluster_set(target, states, known)
+            if sent != label:
+                todo.append((CLUSTER_TYPE, label, clusters, names))
+            if (acked or "").split("+")[0] != target.version:
+                states = {}  # the rest waits for these clusters
+        for url, (sent, _, names) in states.items():
+            if sent != target.version:
+                todo.append((url, target.version, self.resources(target, url), names))
+        for url, version, resources, names in todo:
+            response = self.response(url, version, resources, names)
             with self.fleet.lock:
-                state = self.types[url]
-                state.sent, state.nonce = snapshot.version, response.nonce
-                self.node.bytes_sent += size
-                self.node.responses_sent += 1
-                self.node.last_response_bytes = size
+                self.record_sent(self.types[url], response)
             yield response
 
-    def response(self, snapshot: Snapshot, url: str, names: list[str]):
-        resources = snapshot.encoded(self.node.module_dir).get(url, [])
+    def resources(self, snapshot: Snapshot, url: str) -> list:
+        return snapshot.encoded(self.node.module_dir).get(url, [])
+
+    def cluster_set(self, target: Snapshot, others: dict, known: dict[str, Snapshot]):
+        """The target's clusters plus those of the versions the node's other
+        types run or were sent, labelled `TARGET+OLDER...` while there are any."""
+        clusters = list(self.resources(target, CLUSTER_TYPE))
+        names = {name for name, _ in clusters}
+        label = [target.version]
+        versions = {v for sent, acked, _ in others.values() for v in (sent, acked)}
+        for version in sorted(versions - {None, target.version}):
+            older = [(n, c) for n, c in self.resources(known[version], CLUSTER_TYPE) if n not in names] \
+                if version in known else []
+            if older:
+                clusters += older
+                names |= {n for n, _ in older}
+                label.append(version)
+        return "+".join(label), clusters
+
+    def response(self, url: str, version: str, resources: list, names: list[str]):
         self.nonce += 1
         return discovery_pb2.DiscoveryResponse(
-            version_info=snapshot.version,
+            version_info=version,
             type_url=url,
             nonce=str(self.nonce),
             resources=[packed for name, packed in resources if not names or name in names],
         )
+
+    def record_sent(self, state: TypeState, response) -> None:
+        size = response.ByteSize()
+        state.sent, state.nonce = response.version_info, response.nonce
+        self.node.bytes_sent += size
+        self.node.responses_sent += 1
+        self.node.last_response_bytes = size
 
     def close(self) -> None:
         with self.fleet.lock:

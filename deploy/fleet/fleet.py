@@ -43,14 +43,14 @@ class ControlPlane:
 
     def __init__(self, run_dir: Path, policies: list[Path], wasm: Path = DEFAULT_WASM,
                  xds_port: int = XDS_PORT, status_port: int = STATUS_PORT,
-                 canaries: list[str] = (), extra: list[str] = ()):
+                 canaries: list[str] = (), extra: list[str] = (), cli: Path = DEFAULT_CLI):
         self.run_dir = run_dir
         self.xds_port = xds_port
         self.url = f"http://127.0.0.1:{status_port}"
         self.log_path = run_dir / "control-plane.log"
         self.command = [
             PYTHON, str(HERE / "control_plane.py"),
-            "--policies", *map(str, policies), "--wasm", str(wasm), "--cli", str(DEFAULT_CLI),
+            "--policies", *map(str, policies), "--wasm", str(wasm), "--cli", str(cli),
             "--xds", f"127.0.0.1:{xds_port}", "--http", f"127.0.0.1:{status_port}",
             "--state-dir", str(run_dir / "control-plane"), "--canary", ",".join(canaries), *extra,
         ]

@@ -22,6 +22,7 @@ import importlib
 import json
 import pkgutil
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,8 @@ class Snapshot:
     _encoded: dict[str | None, dict[str, list[tuple[str, any_pb2.Any]]]] = field(
         default_factory=dict, repr=False
     )
+    # Streams woken together by a promotion all want the same encoding: once.
+    _encoding: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def type_urls(self) -> list[str]:
@@ -136,12 +139,13 @@ class Snapshot:
     def encoded(self, module_dir: str | None = None) -> dict[str, list[tuple[str, any_pb2.Any]]]:
         """(name, Any) per type URL, with Wasm modules read from `module_dir`
         when the node keeps them somewhere else than the store."""
-        if module_dir not in self._encoded:
-            self._encoded[module_dir] = {
-                url: [(r.get("name", ""), to_any(for_node(r, module_dir))) for r in items]
-                for url, items in self.resources.items()
-            }
-        return self._encoded[module_dir]
+        with self._encoding:
+            if module_dir not in self._encoded:
+                self._encoded[module_dir] = {
+                    url: [(r.get("name", ""), to_any(for_node(r, module_dir))) for r in items]
+                    for url, items in self.resources.items()
+                }
+            return self._encoded[module_dir]
 
     def summary(self) -> dict:
         return {
