@@ -14,10 +14,12 @@ over ADS, under steady load whose every request is recorded
 6. the control plane killed: every Envoy keeps serving; an Envoy started
    meanwhile does not serve at all (no 500s) until the control plane is back;
    on its return every Envoy reconnects;
-and no request failed, apart from the canary's 5xx in step 4.
+and no request failed, apart from the canary's 5xx in step 4. Then, with a
+control plane of its own, origin clusters in the bundle are served over CDS
+(a new cluster, then a move to a STRICT_DNS one) with no failed request.
 
-Ports: control plane 127.0.0.1:18610 (ADS) and :18611 (status); node i on
-12100+10i (HTTP), +1 (HTTPS), +2 (admin).
+Ports: control planes 127.0.0.1:18610/18612 (ADS) and :18611/18613 (status);
+node i on 12100+10i (HTTP), +1 (HTTPS), +2 (admin).
 """
 
 from __future__ import annotations
