@@ -3,8 +3,9 @@ synthetic domains by default) the control plane, three Envoys
 (`--concurrency 1`, the edge's configuration) and a light steady load; then
 one domain's policy is changed and pushed, a few times. Prints a table:
 
-- bundle: `origin-policy bundle` (validation included, the CLI's debug build)
-  and the control plane reading and encoding the result;
+- bundle: `origin-policy bundle` (validation included; the CLI's debug build
+  unless --cli names another) and the control plane reading and encoding the
+  result;
 - accepted → all ACKed: from the control plane taking the version until
   every Envoy ACKed it (sending, and each Envoy loading the configuration);
 - push → all ACKed: the same from the push request (bundle included);
@@ -14,7 +15,7 @@ one domain's policy is changed and pushed, a few times. Prints a table:
   Envoy for the push (the whole filter configuration: one ECDS resource);
 - failed requests of the steady load (must be 0).
 
-Run: .venv/bin/python deploy/fleet/fleet_bench.py [--domains 1000,100000] [--pushes 3]
+Run: .venv/bin/python deploy/fleet/fleet_bench.py [--domains 1000,100000] [--pushes 3] [--cli PATH]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -34,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from control_plane import DEFAULT_CLI  # noqa: E402
 from edge import cpu_model, envoy_version  # noqa: E402
 from fleet import ControlPlane, make_node, start_nodes  # noqa: E402
 from load import decision_host  # noqa: E402
@@ -135,12 +138,12 @@ def one_push(control: ControlPlane, nodes, directory: Path, i: int, version: int
                 [after[k]["bytes_sent"] - before.get(k, 0) for k in sorted(after)])
 
 
-def run_size(n: int, envoys: int, pushes: int, certs: Certificates, work: Path) -> SizeResult:
+def run_size(n: int, envoys: int, pushes: int, certs: Certificates, work: Path, cli: Path) -> SizeResult:
     run = work / f"fleet-{n}"
     policies = run / "policies"
     write_policies(policies, n)
     control = ControlPlane(run, [policies], xds_port=XDS_PORT, status_port=STATUS_PORT,
-                           extra=["--poll-seconds", "0"])
+                           extra=["--poll-seconds", "0"], cli=cli)
     nodes = [make_node(run, k, certs, XDS_PORT, PORT_BASE) for k in range(1, envoys + 1)]
     res = SizeResult(n)
     load = None
@@ -179,10 +182,11 @@ def median(values: list[float]) -> float:
     return values[len(values) // 2]
 
 
-def table(results: list[SizeResult], envoys: int) -> str:
+def table(results: list[SizeResult], envoys: int, cli: Path) -> str:
     lines = [
         f"{envoys} Envoys (--concurrency 1) on {cpu_model()} ({platform.machine()}, "
-        f"2 cores), Envoy {envoy_version()}; median of {len(results[0].pushes)} one-domain pushes",
+        f"{os.cpu_count()} cores), Envoy {envoy_version()}; bundled by {cli}; "
+        f"median of {len(results[0].pushes)} one-domain pushes",
         "",
         "| domains | start (all ready) | bundle + validate | read + encode | accepted → all ACKed | "
         "push → all ACKed | push → visible on all | bytes per Envoy per push | failed requests |",
@@ -207,6 +211,7 @@ def main() -> int:
     p.add_argument("--domains", default="1000,100000")
     p.add_argument("--envoys", type=int, default=3)
     p.add_argument("--pushes", type=int, default=3)
+    p.add_argument("--cli", type=Path, default=DEFAULT_CLI, help="the origin-policy build that bundles")
     args = p.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
@@ -215,10 +220,10 @@ def main() -> int:
         with DemoOrigins(DEMO_ORIGINS, certs):
             for n in (int(x) for x in args.domains.split(",")):
                 print(f"{n:,} domains ...", flush=True)
-                results.append(run_size(n, args.envoys, args.pushes, certs, work))
+                results.append(run_size(n, args.envoys, args.pushes, certs, work, args.cli))
                 for k, push in enumerate(results[-1].pushes, 1):
                     print(f"  push {k}: {push}", flush=True)
-    print(table(results, args.envoys))
+    print(table(results, args.envoys, args.cli))
     return 0
 
 
