@@ -1,0 +1,480 @@
+"""The fleet: three Envoys (`--concurrency 1` each) fed by the control plane
+over ADS, under steady load whose every request is recorded
+(deploy/fleet/load.py). In order:
+
+1. a one-domain change reaches the canary, then after the bake every Envoy
+   (time to the last one printed);
+2. an invalid policy is refused by the control plane, nothing is sent;
+3. a new module that fleet-3 cannot load (it reads modules from a directory
+   of its own, which lacks it): fleet-3's NACK is reported with Envoy's
+   error, fleet-3 keeps serving its version, the others run the new one;
+4. a canary push that makes the canary answer 5xx is held and the canary is
+   sent back to the stable version; no other Envoy ever gets it;
+5. a fourth Envoy joining serves the current version from its first answer;
+6. the control plane killed: every Envoy keeps serving; an Envoy started
+   meanwhile does not serve at all (no 500s) until the control plane is back;
+   on its return every Envoy reconnects;
+and no request failed, apart from the canary's 5xx in step 4. Then, with a
+control plane of its own, origin clusters in the bundle are served over CDS
+(a new cluster, then a move to a STRICT_DNS one) with no failed request.
+
+Ports: control planes 127.0.0.1:18610/18612 (ADS) and :18611/18613 (status);
+node i on 12100+10i (HTTP), +1 (HTTPS), +2 (admin).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "fleet"))
+
+from edge import CLI, POLICIES, WASM  # noqa: E402
+from fleet import ControlPlane, make_node, start_nodes  # noqa: E402
+from control_plane import status_text  # noqa: E402
+from load import decision_host  # noqa: E402
+from node import FleetEnvoy  # noqa: E402
+from resources import copy_module_to  # noqa: E402
+
+XDS_PORT = 18610
+STATUS_PORT = 18611
+PORT_BASE = 12100
+CANARY = "fleet-1"
+BAKE_SECONDS = 2
+DOMAINS = ["plain.example.com", "legacy.example.com", "media.example.com"]
+CHANGED = "plain.example.com"
+NEW_HOST = "fleet-change-1.example.net"  # what the one-domain change sends as its Host
+LOAD = HERE.parent / "fleet" / "load.py"
+
+
+class Load:
+    """deploy/fleet/load.py on the given ports; its records read back at any time."""
+
+    def __init__(self, out: Path, ports: list[int]):
+        self.out = out
+        self.process = subprocess.Popen(
+            [sys.executable, str(LOAD), "--ports", ",".join(map(str, ports)),
+             "--hosts", ",".join(DOMAINS), "--out", str(out), "--seconds", "300", "--interval", "0.005"]
+        )
+
+    def records(self, start: float = 0.0, end: float = float("inf")) -> list[list]:
+        if not self.out.exists():
+            return []
+        # The last piece may be a line the load process is still writing.
+        complete = self.out.read_text().split("\n")[:-1]
+        rows = [json.loads(line) for line in complete if line]
+        return [r for r in rows if start <= r[0] < end]
+
+    @staticmethod
+    def failed(rows: list[list]) -> list[list]:
+        return [r for r in rows if not 200 <= r[3] < 300]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+
+@dataclass
+class Fleet:
+    run: Path
+    policies: Path
+    wasm: Path
+    control: ControlPlane
+    nodes: list[FleetEnvoy]
+    load: Load
+    certs: object
+    canary_window: tuple[float, float] = (0.0, 0.0)
+    extra: list[FleetEnvoy] = field(default_factory=list)
+
+    def node(self, node_id: str) -> FleetEnvoy:
+        return next(n for n in self.nodes + self.extra if n.node_id == node_id)
+
+    def status(self) -> dict:
+        return self.control.status()
+
+    def nodes_status(self) -> dict:
+        return self.status()["nodes"]
+
+    def stable(self) -> str:
+        return self.status()["stable"]["version"]
+
+    def write_policy(self, domain: str, change) -> None:
+        path = self.policies / f"{domain}.json"
+        policy = json.loads(path.read_text())
+        change(policy)
+        write_atomically(path, json.dumps(policy, indent=2))
+
+    def restore_policy(self, domain: str) -> None:
+        shutil.copyfile(POLICIES / f"{domain}.json", self.policies / f"{domain}.json")
+
+
+def write_atomically(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.rename(tmp, path)
+
+
+def ask(node: FleetEnvoy, host: str, path: str = "/probe") -> tuple[int, str | None]:
+    conn = http.client.HTTPConnection("127.0.0.1", node.ports.http, timeout=10)
+    try:
+        conn.request("GET", f"{path}/{time.monotonic_ns()}", headers={"host": host})
+        r = conn.getresponse()
+        r.read()
+        return r.status, decision_host(r.getheader("x-origin-decision"))
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, timeout: float = 30.0, step: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def all_acked(fleet: Fleet, version: str, node_ids) -> bool:
+    nodes = fleet.nodes_status()
+    return all(nodes.get(i, {}).get("acked") == version for i in node_ids)
+
+
+def new_module_build(source: Path, tag: bytes) -> bytes:
+    """The module with an extra custom section: another build, same behaviour."""
+    name = b"origin-policy.build"
+    payload = bytes([len(name)]) + name + tag
+    return source.read_bytes() + bytes([0, len(payload)]) + payload
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, demo_origins):
+    run = tmp_path_factory.mktemp("fleet")
+    policies = run / "policies"
+    shutil.copytree(POLICIES, policies)
+    wasm = run / "origin_policy.wasm"  # the module source the test replaces
+    shutil.copyfile(WASM, wasm)
+    node3_modules = run / "fleet-3-modules"  # fleet-3 only gets the modules placed here
+    copy_module_to(wasm, node3_modules)
+    control = ControlPlane(
+        run, [policies], wasm=wasm, xds_port=XDS_PORT, status_port=STATUS_PORT, canaries=[CANARY],
+        extra=["--bake-seconds", str(BAKE_SECONDS), "--ack-timeout", "20", "--poll-seconds", "0.2",
+               "--min-requests", "10"],
+    )
+    control.start()
+    nodes = [make_node(run, i, demo_origins.certs, XDS_PORT, PORT_BASE,
+                       module_dir=node3_modules if i == 3 else None) for i in (1, 2, 3)]
+    load = None
+    try:
+        start_nodes(nodes)
+        load = Load(run / "load.jsonl", [n.ports.http for n in nodes])
+        wait_for(lambda: len(load.records()) > 30, what="load running")
+        yield Fleet(run, policies, wasm, control, nodes, load, demo_origins.certs)
+    finally:
+        if load:
+            load.stop()
+        for n in nodes:
+            n.stop()
+        control.stop()
+
+
+@pytest.fixture(scope="module")
+def extra_nodes(fleet):
+    yield fleet.extra
+    for n in fleet.extra:
+        n.stop()
+
+
+def test_one_domain_change_reaches_every_envoy(fleet):
+    before = fleet.stable()
+    assert all_acked(fleet, before, ["fleet-1", "fleet-2", "fleet-3"])
+    started = time.monotonic()
+    fleet.write_policy(CHANGED, lambda p: p.update(origin_host={"mode": "custom", "value": NEW_HOST}))
+    reached: dict[str, float] = {}
+
+    def everywhere():
+        for node in fleet.nodes:
+            if node.node_id not in reached and ask(node, CHANGED)[1] == NEW_HOST:
+                reached[node.node_id] = time.monotonic() - started
+        return len(reached) == len(fleet.nodes)
+
+    wait_for(everywhere, timeout=30, step=0.02, what="the change on every Envoy")
+    print(f"\none-domain change (file written -> seen in x-origin-decision), bake {BAKE_SECONDS} s: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(reached.items()))
+          + f"; last Envoy {max(reached.values()):.2f} s")
+    # The canary first; the others only after its bake.
+    assert reached[CANARY] < min(v for k, v in reached.items() if k != CANARY)
+    assert min(v for k, v in reached.items() if k != CANARY) >= BAKE_SECONDS
+    status = fleet.status()
+    assert status["rollout"]["stage"] == "promoted"
+    version = status["stable"]["version"]
+    assert version != before
+    wait_for(lambda: all_acked(fleet, version, ["fleet-1", "fleet-2", "fleet-3"]), what="every ACK")
+    # The other domains did not change.
+    for node in fleet.nodes:
+        assert ask(node, "legacy.example.com") == (200, "legacy-origin.example.net:8150")
+
+
+def test_invalid_push_is_refused(fleet):
+    version = fleet.stable()
+    sent_before = {k: v["responses_sent"] for k, v in fleet.nodes_status().items()}
+    fleet.write_policy(CHANGED, lambda p: p["primary"].update(port=70000))
+    result = fleet.control.push()
+    assert result["outcome"] == "refused"
+    assert "/primary/port" in result["detail"], result["detail"]
+    status = fleet.status()
+    assert status["stable"]["version"] == version and status["rollout"]["candidate"] is None
+    assert {k: v["responses_sent"] for k, v in status["nodes"].items()} == sent_before
+    for node in fleet.nodes:
+        assert ask(node, CHANGED) == (200, NEW_HOST)
+    # Back to the served content: nothing to push.
+    fleet.write_policy(CHANGED, lambda p: p["primary"].update(port=80))
+    assert fleet.control.push()["outcome"] == "unchanged"
+
+
+def test_nack_is_reported_and_the_others_keep_their_version(fleet):
+    before = fleet.stable()
+    original = fleet.wasm.read_bytes()
+    write_atomically(fleet.wasm, new_module_build(fleet.wasm, b"next"))
+    pushed = fleet.control.push()
+    assert pushed["outcome"] in ("accepted", "unchanged")  # the watcher may have pushed it first
+    new = wait_for(lambda: (s := fleet.status())["stable"]["version"] != before
+                   and s["stable"]["version"], timeout=30, what="the new module promoted")
+
+    def fleet3_nacked():
+        n = fleet.nodes_status()["fleet-3"]
+        return n["nacked"] == new and n
+
+    fleet3 = wait_for(fleet3_nacked, timeout=20, what="fleet-3's NACK")
+    print(f"\nfleet-3 NACKed {new}: {fleet3['nack_error']}")
+    assert "Invalid path" in fleet3["nack_error"] and "fleet-3-modules" in fleet3["nack_error"]
+    # The filter stays on the earlier version (the clusters, the same in both, are ACKed).
+    assert fleet3["acked_by_type"]["TypedExtensionConfig"] == before
+    wait_for(lambda: all_acked(fleet, new, ["fleet-1", "fleet-2"]), what="fleet-1 and fleet-2 on the new version")
+    assert "fleet-3" in status_text(fleet.status()) and "Invalid path" in status_text(fleet.status())
+    assert ask(fleet.node("fleet-3"), CHANGED) == (200, NEW_HOST)
+
+    # The module rolled back: every Envoy on the earlier version again.
+    write_atomically(fleet.wasm, original)
+    fleet.control.push()
+    wait_for(lambda: fleet.stable() == before and all_acked(fleet, before, ["fleet-1", "fleet-2", "fleet-3"]),
+             timeout=30, what="everyone back on the earlier module")
+
+
+def test_canary_push_raising_5xx_is_held(fleet):
+    stable = fleet.stable()
+    start = time.time()
+    # plain.example.com sent to an origin that answers 503, with no secondary.
+    fleet.write_policy(CHANGED, lambda p: p["primary"].update(clusters={"http": "www_primary"}))
+    fleet.control.push()
+    held = wait_for(lambda: (r := fleet.status()["rollout"])["stage"] == "held" and r, timeout=30,
+                    what="the rollout held")
+    print(f"\nheld: {held['reason']}")
+    assert "5xx rate" in held["reason"] and CANARY in held["reason"]
+    # The canary is back on the stable version; the others never left it.
+    wait_for(lambda: all_acked(fleet, stable, ["fleet-1", "fleet-2", "fleet-3"]),
+             what="canary back on stable")
+    wait_for(lambda: ask(fleet.node(CANARY), CHANGED)[0] == 200, what="canary serving again")
+    fleet.canary_window = (start, time.time())
+    for node in fleet.nodes[1:]:
+        assert node.stats()["http.viewer.downstream_rq_5xx"] == 0
+    fleet.restore_policy(CHANGED)
+    fleet.write_policy(CHANGED, lambda p: p.update(origin_host={"mode": "custom", "value": NEW_HOST}))
+    fleet.control.push()
+    wait_for(lambda: fleet.status()["rollout"]["stage"] == "promoted", what="rollout back to stable")
+    assert fleet.stable() == stable
+
+
+class Prober(threading.Thread):
+    """Asks one Envoy for a domain until stopped, from before it listens."""
+
+    def __init__(self, node: FleetEnvoy, host: str):
+        super().__init__(daemon=True)
+        self.node, self.host = node, host
+        self.answers: list[tuple[float, int, str | None]] = []
+        self.refused = 0
+        self.errors: list[str] = []
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            try:
+                status, decision = ask(self.node, self.host)
+                self.answers.append((time.monotonic(), status, decision))
+            except ConnectionRefusedError:
+                self.refused += 1
+            except (OSError, http.client.HTTPException) as e:
+                self.errors.append(repr(e))
+            self.stopped.wait(0.01)
+
+
+def test_new_envoy_serves_current_version_from_its_first_answer(fleet, extra_nodes):
+    stable = fleet.stable()
+    node = make_node(fleet.run, 4, fleet.certs, XDS_PORT, PORT_BASE)
+    extra_nodes.append(node)
+    prober = Prober(node, CHANGED)
+    prober.start()
+    node.spawn()
+    node.wait_ready()
+    time.sleep(1)
+    prober.stopped.set()
+    prober.join()
+    assert prober.answers and not prober.errors, prober.errors
+    assert {(s, d) for _, s, d in prober.answers} == {(200, NEW_HOST)}
+    assert fleet.nodes_status()["fleet-4"]["acked"] == stable
+    print(f"\nfleet-4: {prober.refused} connections refused while warming, then "
+          f"{len(prober.answers)} answers, all 200 with the current policy")
+
+
+def test_control_plane_killed_and_restarted_loses_no_request(fleet, extra_nodes):
+    stable = fleet.stable()
+    start = time.time()
+    fleet.control.kill()
+    time.sleep(1.5)
+    for node in fleet.nodes + extra_nodes:
+        assert ask(node, CHANGED) == (200, NEW_HOST)
+
+    # An Envoy started while there is no control plane waits: it does not listen.
+    late = make_node(fleet.run, 5, fleet.certs, XDS_PORT, PORT_BASE)
+    extra_nodes.append(late)
+    prober = Prober(late, CHANGED)
+    prober.start()
+    late.spawn()
+    time.sleep(2)
+    assert not late.ready() and not prober.answers and prober.refused > 0
+
+    fleet.control.start()
+    everyone = [n.node_id for n in fleet.nodes + extra_nodes]
+    wait_for(lambda: all(n["connected"] for n in fleet.nodes_status().values())
+             and all_acked(fleet, stable, everyone), timeout=30, what="every Envoy reconnected")
+    late.wait_ready()
+    time.sleep(0.5)
+    prober.stopped.set()
+    prober.join()
+    assert not prober.errors, prober.errors
+    assert {(s, d) for _, s, d in prober.answers} == {(200, NEW_HOST)}
+    # One stream each since the restart: every Envoy came back by itself.
+    assert {n["connections"] for n in fleet.nodes_status().values()} == {1}
+    failed = Load.failed(fleet.load.records(start, time.time()))
+    assert failed == [], failed[:10]
+
+
+def test_no_request_failed_but_the_held_canarys(fleet):
+    canary_port = fleet.node(CANARY).ports.http
+    begin, end = fleet.canary_window
+    rows = fleet.load.records()
+    failed = Load.failed(rows)
+    expected = [r for r in failed if r[1] == canary_port and r[2] == CHANGED and begin <= r[0] <= end]
+    unexpected = [r for r in failed if r not in expected]
+    print(f"\nload: {len(rows)} requests over {rows[-1][0] - rows[0][0]:.0f} s on three Envoys; "
+          f"{len(expected)} 5xx from the held canary push; {len(unexpected)} other failures")
+    assert unexpected == [], unexpected[:10]
+    assert expected and all(r[3] == 503 for r in expected)
+
+
+# --- origin clusters from the bundle (CDS) ------------------------------------------------
+
+CDS_XDS_PORT = 18612
+CDS_STATUS_PORT = 18613
+CDS_DOMAIN = "cds.example.com"
+
+# `origin-policy bundle`, then a cluster file beside its output: a bundle that
+# carries origin clusters, served by the control plane with no code of its own.
+BUNDLE_WITH_CLUSTERS = '''#!{python}
+import shutil, subprocess, sys
+result = subprocess.run([{cli!r}, *sys.argv[1:]])
+if result.returncode == 0:
+    shutil.copyfile({clusters!r}, sys.argv[sys.argv.index("--out") + 1] + "/origin-policy.cds.json")
+sys.exit(result.returncode)
+'''
+
+
+def cluster(name: str, kind: str, address: str, port: int) -> dict:
+    return {
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": name, "type": kind, "connect_timeout": "1s", "dns_lookup_family": "V4_ONLY",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": address, "port_value": port}}}}]}]},
+    }
+
+
+def cds_policy(cluster_name: str) -> str:
+    return json.dumps({"domain": CDS_DOMAIN, "protocol": {"policy": "http"},
+                       "primary": {"address": "cds-origin.example.net", "port": 80,
+                                   "clusters": {"http": cluster_name}}})
+
+
+def test_bundle_clusters_are_served_over_cds(tmp_path, demo_origins):
+    """A push that adds a cluster and a policy naming it, then one that moves
+    the domain to a new STRICT_DNS cluster and drops the first: Envoy never
+    routes to a cluster it lacks or has not resolved yet."""
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    clusters = tmp_path / "clusters.cds.json"
+    write_atomically(clusters, json.dumps({"resources": []}))
+    cli = tmp_path / "bundle-with-clusters"
+    cli.write_text(BUNDLE_WITH_CLUSTERS.format(python=sys.executable, cli=str(CLI), clusters=str(clusters)))
+    cli.chmod(0o755)
+    control = ControlPlane(tmp_path, [policies], xds_port=CDS_XDS_PORT, status_port=CDS_STATUS_PORT,
+                           cli=cli, extra=["--poll-seconds", "0"])
+    node = make_node(tmp_path, 6, demo_origins.certs, CDS_XDS_PORT, PORT_BASE)
+    prober = Prober(node, CDS_DOMAIN)
+    try:
+        control.start()
+        node.start()
+        prober.start()
+        assert ask(node, CDS_DOMAIN)[0] == 404  # no policy for it yet
+        steps = [("fleet_cds_static", "STATIC", "127.0.0.1", 18081, "plain"),
+                 ("fleet_cds_dns", "STRICT_DNS", "localhost", 18082, "media")]
+        for name, kind, address, port, origin in steps:
+            write_atomically(clusters, json.dumps({"resources": [cluster(name, kind, address, port)]}))
+            write_atomically(policies / f"{CDS_DOMAIN}.json", cds_policy(name))
+            pushed = control.push()
+            assert pushed["outcome"] == "accepted", pushed
+            wait_for(lambda: f"cluster={name}" in decision_of(node, CDS_DOMAIN), what=f"{name} in use")
+            assert served_by(node, CDS_DOMAIN) == origin
+            wait_for(lambda: control.status()["nodes"]["fleet-6"]["acked"] == pushed["version"],
+                     what="every type ACKed")
+        # The move off fleet_cds_static: the old cluster stayed until the
+        # filter stopped naming it (cluster set `NEW+OLD`), then went.
+        events = [e["event"] for e in control.status()["events"]]
+        assert any(f"ACKed Cluster {pushed['version']}+" in e for e in events), events
+    finally:
+        prober.stopped.set()
+        if prober.is_alive():
+            prober.join()
+        node.stop()
+        control.stop()
+    statuses = {s for _, s, _ in prober.answers}
+    assert statuses <= {404, 200} and not prober.errors, (statuses, prober.errors)
+
+
+def decision_of(node: FleetEnvoy, host: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", node.ports.http, timeout=10)
+    try:
+        conn.request("GET", f"/cds/{time.monotonic_ns()}", headers={"host": host})
+        r = conn.getresponse()
+        r.read()
+        return r.getheader("x-origin-decision") or ""
+    finally:
+        conn.close()
+
+
+def served_by(node: FleetEnvoy, host: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", node.ports.http, timeout=10)
+    try:
+        conn.request("GET", f"/cds/{time.monotonic_ns()}", headers={"host": host})
+        return json.loads(conn.getresponse().read())["origin"]
+    finally:
+        conn.close()

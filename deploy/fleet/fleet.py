@@ -1,0 +1,225 @@
+"""A local fleet in one command: the demo origins, the control plane watching
+a policy directory, and N Envoys (the edge's configuration, `--concurrency 1`
+each) fed over ADS. Also the library the fleet's end-to-end test and benchmark
+use.
+
+  fleet.py up [--envoys 3] [--canary fleet-1] [--bake-seconds 10]   (scripts/fleet)
+  fleet.py status [--json]    the control plane's view of every Envoy
+  fleet.py push               bundle the policy directory now (the watcher
+                              also does, within half a second of a change)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from control_plane import DEFAULT_CLI, DEFAULT_WASM, status_text  # noqa: E402
+from edge import REPO, EdgeError, edge_config  # noqa: E402
+from node import FleetEnvoy, NodePorts, node_config  # noqa: E402
+from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
+
+PYTHON = sys.executable
+XDS_PORT = 18600
+STATUS_PORT = 18601
+NODE_PORT_BASE = 12000  # node i listens on 12000+10i (HTTP), +1 (HTTPS), +2 (admin)
+
+
+class ControlPlane:
+    """The control plane as a process of its own (it can be killed and
+    restarted while the Envoys run)."""
+
+    def __init__(self, run_dir: Path, policies: list[Path], wasm: Path = DEFAULT_WASM,
+                 xds_port: int = XDS_PORT, status_port: int = STATUS_PORT,
+                 canaries: list[str] = (), extra: list[str] = (), cli: Path = DEFAULT_CLI):
+        self.run_dir = run_dir
+        self.xds_port = xds_port
+        self.url = f"http://127.0.0.1:{status_port}"
+        self.log_path = run_dir / "control-plane.log"
+        self.command = [
+            PYTHON, str(HERE / "control_plane.py"),
+            "--policies", *map(str, policies), "--wasm", str(wasm), "--cli", str(cli),
+            "--xds", f"127.0.0.1:{xds_port}", "--http", f"127.0.0.1:{status_port}",
+            "--state-dir", str(run_dir / "control-plane"), "--canary", ",".join(canaries), *extra,
+        ]
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EdgeError(f"control plane exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                self.status()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise EdgeError(f"control plane not up after {timeout} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to the Envoys."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def status(self) -> dict:
+        return fetch_json(f"{self.url}/status")
+
+    def push(self) -> dict:
+        return fetch_json(f"{self.url}/push", method="POST")
+
+
+def fetch_json(url: str, method: str = "GET", timeout: float = 600) -> dict:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def make_node(run_root: Path, index: int, certs: Certificates, xds_port: int,
+              port_base: int = NODE_PORT_BASE, module_dir: Path | None = None,
+              edge: dict | None = None) -> FleetEnvoy:
+    """fleet-INDEX, its working directory run_root/fleet-INDEX with the certificates."""
+    node_id = f"fleet-{index}"
+    run_dir = run_root / node_id
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    shutil.copytree(certs.directory, run_dir / "certs")
+    ports = NodePorts.numbered(port_base, index)
+    config = node_config(edge or edge_config(), node_id, ports, xds_port, module_dir)
+    return FleetEnvoy(run_dir, config, node_id, ports)
+
+
+def start_nodes(nodes: list[FleetEnvoy], timeout: float = 60.0) -> None:
+    """Started together (each warms until the control plane answers)."""
+    for node in nodes:
+        node.spawn()
+    for node in nodes:
+        node.wait_ready(timeout)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+CURL_LINES = """\
+  curl -si -H 'host: plain.example.com' http://127.0.0.1:{http}/hello
+  curl -si -H 'host: www.example.com' http://127.0.0.1:{http}/      # failover to the secondary
+  curl -s {admin}/stats | grep origin_policy"""
+
+
+def up(args: argparse.Namespace) -> int:
+    run_root = REPO / "run" / "fleet"
+    if run_root.exists():
+        shutil.rmtree(run_root)
+    run_root.mkdir(parents=True)
+    certs = Certificates(run_root / "certs")
+    canaries = [c for c in args.canary.split(",") if c]
+    control = ControlPlane(run_root, args.policies, canaries=canaries,
+                           extra=["--bake-seconds", str(args.bake_seconds)])
+    nodes = [make_node(run_root, i, certs, XDS_PORT) for i in range(1, args.envoys + 1)]
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with DemoOrigins(DEMO_ORIGINS, certs):
+        try:
+            control.start()
+            start_nodes(nodes)
+            print_welcome(control, nodes, args)
+            while not stop and control.process.poll() is None:
+                time.sleep(0.3)
+        except KeyboardInterrupt:
+            pass
+        except EdgeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        finally:
+            for node in nodes:
+                node.stop()
+            control.stop()
+    print("fleet stopped")
+    return 0
+
+
+def print_welcome(control: ControlPlane, nodes: list[FleetEnvoy], args: argparse.Namespace) -> None:
+    print(f"control plane: ADS 127.0.0.1:{control.xds_port}, status {control.url}/ "
+          f"(log {control.log_path})")
+    for node in nodes:
+        print(f"{node.node_id}: http://127.0.0.1:{node.ports.http}  https://127.0.0.1:{node.ports.https}"
+              f"  admin {node.admin}")
+    print(f"policies: {', '.join(map(str, args.policies))} (edit a file: the change rolls out"
+          + (f" to {args.canary} first" if args.canary else "") + ")")
+    print("try:")
+    print(CURL_LINES.format(http=nodes[0].ports.http, admin=nodes[0].admin))
+    print("  scripts/fleet status")
+    print("Ctrl-C stops the fleet.")
+
+
+def show_status(args: argparse.Namespace) -> int:
+    try:
+        status = fetch_json(f"http://127.0.0.1:{args.status_port}/status", timeout=10)
+    except OSError as e:
+        print(f"no control plane on 127.0.0.1:{args.status_port}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=1) if args.json else status_text(status), end="")
+    return 0
+
+
+def push(args: argparse.Namespace) -> int:
+    try:
+        result = fetch_json(f"http://127.0.0.1:{args.status_port}/push", method="POST")
+    except (OSError, urllib.error.HTTPError) as e:
+        print(f"no control plane on 127.0.0.1:{args.status_port}: {e}", file=sys.stderr)
+        return 1
+    print(f"push #{result['push']}: {result['outcome']} {result['version'] or ''}")
+    if result["detail"]:
+        print(result["detail"])
+    return 0 if result["outcome"] != "refused" else 1
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    p_up = sub.add_parser("up", help="start the fleet (the default)")
+    p_up.add_argument("--envoys", type=int, default=3)
+    p_up.add_argument("--canary", default="fleet-1", help="comma-separated node ids; '' for none")
+    p_up.add_argument("--bake-seconds", type=float, default=10.0)
+    p_up.add_argument("--policies", nargs="+", type=Path, default=[REPO / "policies"])
+    for name in ("status", "push"):
+        s = sub.add_parser(name)
+        s.add_argument("--status-port", type=int, default=STATUS_PORT)
+        if name == "status":
+            s.add_argument("--json", action="store_true")
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["up", *argv]
+    args = p.parse_args(argv)
+    return {"up": up, "status": show_status, "push": push}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,231 @@
+"""What a one-domain push costs a fleet: for each size (1,000 and 100,000
+synthetic domains by default) the control plane, three Envoys
+(`--concurrency 1`, the edge's configuration) and a light steady load; then
+one domain's policy is changed and pushed, a few times. Prints a table:
+
+- bundle: `origin-policy bundle` (validation included; the CLI's debug build
+  unless --cli names another) and the control plane reading and encoding the
+  result;
+- accepted → all ACKed: from the control plane taking the version until
+  every Envoy ACKed it (sending, and each Envoy loading the configuration);
+- push → all ACKed: the same from the push request (bundle included);
+- visible on all: until every Envoy's answer for that domain shows the change
+  (its workers have the new set);
+- bytes per Envoy: the DiscoveryResponse bytes the control plane sent each
+  Envoy for the push (the whole filter configuration: one ECDS resource);
+- failed requests of the steady load (must be 0).
+
+Run: .venv/bin/python deploy/fleet/fleet_bench.py [--domains 1000,100000] [--pushes 3] [--cli PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from control_plane import DEFAULT_CLI  # noqa: E402
+from edge import cpu_model, envoy_version  # noqa: E402
+from fleet import ControlPlane, make_node, start_nodes  # noqa: E402
+from load import decision_host  # noqa: E402
+from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
+
+XDS_PORT = 18620
+STATUS_PORT = 18621
+PORT_BASE = 12200
+ORIGIN_CLUSTER = "plain_origin"  # edge.yaml's cluster for the plain demo origin
+SETTINGS = {"decision_header": True, "unknown_domain": {"action": "local_reply", "status": 404}}
+
+
+def domain(i: int) -> str:
+    """As bench/synthetic: exact names and leading wildcards alternate."""
+    return f"*.img{i}.example.com" if i % 2 else f"site{i}.example.com"
+
+
+def host_for(i: int) -> str:
+    d = domain(i)
+    return f"a.{d[2:]}" if d.startswith("*.") else d
+
+
+def origin_host(i: int, version: int) -> str:
+    return f"v{version}.o{i}.example.net"
+
+
+def write_policy(directory: Path, i: int, version: int = 0) -> None:
+    policy = {
+        "domain": domain(i),
+        "primary": {"address": f"o{i}.example.net", "port": 80, "clusters": {"http": ORIGIN_CLUSTER}},
+        "origin_host": {"mode": "custom", "value": origin_host(i, version)},
+    }
+    path = directory / f"{domain(i).replace('*', '_')}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(policy))
+    tmp.rename(path)
+
+
+def write_policies(directory: Path, n: int) -> None:
+    directory.mkdir(parents=True)
+    (directory / "settings.json").write_text(json.dumps(SETTINGS))
+    for i in range(n):
+        write_policy(directory, i)
+
+
+def seen_host(port: int, host: str) -> str | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", f"/bench/{time.monotonic_ns()}", headers={"host": host})
+        r = conn.getresponse()
+        r.read()
+        return decision_host(r.getheader("x-origin-decision"))
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+@dataclass
+class Push:
+    bundle_s: float
+    encode_s: float
+    acked_s: float
+    visible_s: float
+    bytes_per_envoy: list[int]
+
+
+@dataclass
+class SizeResult:
+    domains: int
+    start_s: float = 0.0
+    pushes: list[Push] = field(default_factory=list)
+    requests: int = 0
+    failed: int = 0
+
+
+def one_push(control: ControlPlane, nodes, directory: Path, i: int, version: int) -> Push:
+    before = {k: v["bytes_sent"] for k, v in control.status()["nodes"].items()}
+    write_policy(directory, i, version)
+    want = origin_host(i, version)
+    started = time.monotonic()
+    result = control.push()
+    assert result["outcome"] == "accepted", result
+    acked = visible = None
+    pending = {n.node_id for n in nodes}
+    while acked is None or pending:
+        now = time.monotonic() - started
+        if now > 300:
+            raise RuntimeError(f"push not everywhere after 300 s: {pending}")
+        if acked is None and all(n["acked"] == result["version"] for n in control.status()["nodes"].values()):
+            acked = now
+        for node in [n for n in nodes if n.node_id in pending]:
+            if seen_host(node.ports.http, host_for(i)) == want:
+                pending.discard(node.node_id)
+        visible = time.monotonic() - started
+        time.sleep(0.02)
+    after = control.status()["nodes"]
+    return Push(result["bundle_seconds"], result["encode_seconds"], acked, visible,
+                [after[k]["bytes_sent"] - before.get(k, 0) for k in sorted(after)])
+
+
+def run_size(n: int, envoys: int, pushes: int, certs: Certificates, work: Path, cli: Path) -> SizeResult:
+    run = work / f"fleet-{n}"
+    policies = run / "policies"
+    write_policies(policies, n)
+    control = ControlPlane(run, [policies], xds_port=XDS_PORT, status_port=STATUS_PORT,
+                           extra=["--poll-seconds", "0"], cli=cli)
+    nodes = [make_node(run, k, certs, XDS_PORT, PORT_BASE) for k in range(1, envoys + 1)]
+    res = SizeResult(n)
+    load = None
+    load_out = run / "load.jsonl"
+    try:
+        control.start(timeout=600)
+        started = time.monotonic()
+        start_nodes(nodes, timeout=600)
+        res.start_s = time.monotonic() - started
+        load = start_load_process(nodes, load_out, [host_for(k) for k in range(3)])
+        for k in range(1, pushes + 1):
+            res.pushes.append(one_push(control, nodes, policies, (k * 7919) % n, k))
+            time.sleep(1)
+    finally:
+        if load:
+            load.terminate()
+            load.wait(timeout=20)
+            rows = [json.loads(line) for line in load_out.read_text().splitlines() if line]
+            res.requests = len(rows)
+            res.failed = sum(1 for r in rows if not 200 <= r[3] < 300)
+        for node in nodes:
+            node.stop()
+        control.stop()
+        shutil.rmtree(run, ignore_errors=True)
+    return res
+
+
+def start_load_process(nodes, out: Path, hosts: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "load.py"),
+                             "--ports", ",".join(str(n.ports.http) for n in nodes),
+                             "--hosts", ",".join(hosts), "--out", str(out), "--interval", "0.05"])
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def table(results: list[SizeResult], envoys: int, cli: Path) -> str:
+    lines = [
+        f"{envoys} Envoys (--concurrency 1) on {cpu_model()} ({platform.machine()}, "
+        f"{os.cpu_count()} cores), Envoy {envoy_version()}; bundled by {cli}; "
+        f"median of {len(results[0].pushes)} one-domain pushes",
+        "",
+        "| domains | start (all ready) | bundle + validate | read + encode | accepted → all ACKed | "
+        "push → all ACKed | push → visible on all | bytes per Envoy per push | failed requests |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        p = r.pushes
+        lines.append(
+            f"| {r.domains:,} | {r.start_s:.2f} s | {median([x.bundle_s for x in p]):.2f} s "
+            f"| {median([x.encode_s for x in p]):.2f} s "
+            f"| {median([x.acked_s - x.bundle_s - x.encode_s for x in p]):.2f} s "
+            f"| {median([x.acked_s for x in p]):.2f} s "
+            f"| {median([x.visible_s for x in p]):.2f} s "
+            f"| {median([median(x.bytes_per_envoy) for x in p]):,.0f} "
+            f"| {r.failed} of {r.requests:,} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--domains", default="1000,100000")
+    p.add_argument("--envoys", type=int, default=3)
+    p.add_argument("--pushes", type=int, default=3)
+    p.add_argument("--cli", type=Path, default=DEFAULT_CLI, help="the origin-policy build that bundles")
+    args = p.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+        work = Path(tmp)
+        certs = Certificates(work / "certs")
+        with DemoOrigins(DEMO_ORIGINS, certs):
+            for n in (int(x) for x in args.domains.split(",")):
+                print(f"{n:,} domains ...", flush=True)
+                results.append(run_size(n, args.envoys, args.pushes, certs, work, args.cli))
+                for k, push in enumerate(results[-1].pushes, 1):
+                    print(f"  push {k}: {push}", flush=True)
+    print(table(results, args.envoys, args.cli))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

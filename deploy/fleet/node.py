@@ -1,0 +1,167 @@
+"""A fleet node: the edge's Envoy (deploy/envoy/edge.yaml) with its own ports,
+a node identity, and every late-bound resource from the control plane over ADS
+instead of from files.
+
+- Every `config_discovery` filter (the origin-policy filter) reads its
+  configuration over ADS with no initial fetch timeout: a new Envoy warms its
+  listeners until it has the filter, so it never answers a request without it
+  (Envoy's default after a timeout would be the filter disabled and every
+  request refused with a 500).
+- Clusters come over ADS too (CDS), for the origin clusters a bundle may carry;
+  the static clusters of edge.yaml stay.
+- The ADS stream reconnects with a short backoff: when the control plane
+  stops, Envoy keeps serving what it has, and resubscribes when it returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edge import (  # noqa: E402
+    ENVOY,
+    VIEWER_HTTP_PORT,
+    VIEWER_HTTPS_PORT,
+    EdgeError,
+    Envoy,
+    http_get,
+)
+
+CONTROL_PLANE_CLUSTER = "fleet_control_plane"
+FLEET_CLUSTER = "origin-policy-fleet"
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    http: int
+    https: int
+    admin: int
+
+    @classmethod
+    def numbered(cls, base: int, index: int) -> "NodePorts":
+        """Node `index` (from 1) gets base+10*index, +1, +2."""
+        first = base + 10 * index
+        return cls(first, first + 1, first + 2)
+
+
+def ads_source() -> dict:
+    return {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"}
+
+
+def control_plane_cluster(xds_port: int) -> dict:
+    return {
+        "name": CONTROL_PLANE_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": CONTROL_PLANE_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}],
+        },
+    }
+
+
+def dynamic_resources() -> dict:
+    return {
+        "ads_config": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "set_node_on_first_message_only": True,
+            "grpc_services": [{"envoy_grpc": {
+                "cluster_name": CONTROL_PLANE_CLUSTER,
+                # Back within a second of the control plane's return.
+                "retry_policy": {"retry_back_off": {"base_interval": "0.2s", "max_interval": "1s"}},
+            }}],
+        },
+        "cds_config": ads_source(),
+    }
+
+
+def hcm_configs(config: dict):
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                if f.get("name") == "envoy.filters.network.http_connection_manager":
+                    yield f["typed_config"]
+
+
+def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int,
+                module_dir: Path | None = None) -> dict:
+    config = copy.deepcopy(edge)
+    metadata = {"admin": f"http://127.0.0.1:{ports.admin}"}
+    if module_dir is not None:
+        metadata["module_dir"] = str(module_dir)
+    config["node"] = {"id": node_id, "cluster": FLEET_CLUSTER, "metadata": metadata}
+    config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}}
+    listen_on = {VIEWER_HTTP_PORT: ports.http, VIEWER_HTTPS_PORT: ports.https}
+    for listener in config["static_resources"]["listeners"]:
+        address = listener.get("address", {}).get("socket_address")
+        if address and address.get("port_value") in listen_on:
+            address["port_value"] = listen_on[address["port_value"]]
+    # The anchors in edge.yaml make the two viewer listeners share one HCM
+    # dict; deepcopy keeps that, which is harmless here.
+    for hcm in hcm_configs(config):
+        for f in hcm.get("http_filters", []):
+            if "config_discovery" in f:
+                f["config_discovery"]["config_source"] = ads_source()
+    config["static_resources"]["clusters"].append(control_plane_cluster(xds_port))
+    config["dynamic_resources"] = dynamic_resources()
+    return config
+
+
+class FleetEnvoy(Envoy):
+    """An Envoy of the fleet, `--concurrency 1`; it can be started without
+    waiting for it to be ready (it warms until the control plane answers)."""
+
+    def __init__(self, run_dir: Path, config: dict, node_id: str, ports: NodePorts):
+        super().__init__(run_dir, config, concurrency=1, admin=f"http://127.0.0.1:{ports.admin}")
+        self.node_id = node_id
+        self.ports = ports
+
+    def spawn(self) -> None:
+        if not ENVOY.exists():
+            raise EdgeError(f"{ENVOY} not found: run scripts/setup with WITH_ENVOY=1")
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [str(ENVOY), "-c", str(self.config_path), "--disable-hot-restart",
+             "--concurrency", "1", "--log-level", "info"],
+            cwd=self.run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def ready(self) -> bool:
+        try:
+            return http_get(f"{self.admin}/ready", timeout=0.5)[0] == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EdgeError(f"{self.node_id} exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.05)
+        raise EdgeError(f"{self.node_id} not ready after {timeout} s:\n{self.log_tail()}")
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
