@@ -115,6 +115,7 @@ class RolloutSettings:
     max_failover_rate: float
     min_requests: int
     stat_prefix: str
+    failover_counter: str
 
 
 class Fleet:
@@ -444,7 +445,7 @@ class Rollout(threading.Thread):
         settings = fleet.rollout
         self.requests = f"http.{settings.stat_prefix}.downstream_rq_completed"
         self.errors = f"http.{settings.stat_prefix}.downstream_rq_5xx"
-        self.failovers = "wasmcustom.origin_policy.failover.started"
+        self.failovers = settings.failover_counter
         self.baseline: dict[str, dict[str, int]] = {}
         self.bake_start = 0.0
 
@@ -668,6 +669,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, default=20,
                    help="requests a canary must see before it is judged before the bake ends")
     p.add_argument("--stat-prefix", default="viewer", help="the viewer listener's HCM stat_prefix")
+    p.add_argument("--failover-counter", default="wasmcustom.origin_policy.failover.retried",
+                   help="the filter's counter of requests sent on to a next origin")
     p.add_argument("--poll-seconds", type=float, default=0.5, help="0: no watch, pushes only")
     p.add_argument("--max-envoys", type=int, default=256, help="ADS streams served at once")
     return p.parse_args(argv)
@@ -683,6 +686,7 @@ def serve(args: argparse.Namespace) -> int:
         max_failover_rate=args.max_failover_rate,
         min_requests=args.min_requests,
         stat_prefix=args.stat_prefix,
+        failover_counter=args.failover_counter,
     )
     fleet = Fleet(settings, args.state_dir)
     pusher = Pusher(fleet, args.cli, args.wasm, args.policies)

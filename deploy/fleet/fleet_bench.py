@@ -45,7 +45,7 @@ from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
 XDS_PORT = 18620
 STATUS_PORT = 18621
 PORT_BASE = 12200
-ORIGIN_CLUSTER = "plain_origin"  # edge.yaml's cluster for the plain demo origin
+ORIGIN_PORT = 18081  # the plain demo origin (deploy/origins.py)
 SETTINGS = {"decision_header": True, "unknown_domain": {"action": "local_reply", "status": 404}}
 
 
@@ -64,9 +64,12 @@ def origin_host(i: int, version: int) -> str:
 
 
 def write_policy(directory: Path, i: int, version: int = 0) -> None:
+    """Every domain on the one plain demo origin (one derived cluster), each
+    with a Host of its own (what a push changes)."""
     policy = {
         "domain": domain(i),
-        "primary": {"address": f"o{i}.example.net", "port": 80, "clusters": {"http": ORIGIN_CLUSTER}},
+        "primary": {"address": "127.0.0.1"},
+        "protocol": {"policy": "http", "http_port": ORIGIN_PORT},
         "origin_host": {"mode": "custom", "value": origin_host(i, version)},
     }
     path = directory / f"{domain(i).replace('*', '_')}.json"
