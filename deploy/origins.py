@@ -61,7 +61,7 @@ class OriginSpec:
         return bool(self.cert_names)
 
 
-# Ports match the clusters in deploy/envoy/edge.yaml.
+# Ports match the example policies (policies/), which name them.
 DEMO_ORIGINS = [
     OriginSpec("plain", 18081),
     OriginSpec("media", 18082),

@@ -3,7 +3,7 @@ what a viewer can forge, and what Envoy itself makes of malformed requests.
 
 Its own Envoy (admin :19901), generated here from the shipped edge.yaml: each
 viewer listener runs the origin-fetch tier's filters and route as shipped
-(origin-policy through ECDS, the dynamic forward proxy, the router), with
+(origin-policy through ECDS, the router; origins from the bundle's CDS), with
 `trust_x_forwarded_proto: false`, as a plaintext listener and a TLS listener
 (h2 and HTTP/1.1 by ALPN), each once with `use_remote_address: false` and once
 with `true`. Two more listeners run the same filter with

@@ -50,14 +50,6 @@ impl DerivedClusters {
         out
     }
 
-    pub fn len(&self) -> usize {
-        self.origins.len() + self.chains.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The clusters as Envoy CDS resources (`envoy.config.cluster.v3.Cluster`).
     pub fn envoy_resources(&self, settings: &Settings) -> Vec<Value> {
         let origins = self

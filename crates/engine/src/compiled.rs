@@ -316,12 +316,6 @@ impl CompiledPolicy {
         self.http.iter().chain(self.https.iter())
     }
 
-    /// Every cluster this policy can name in the cluster header.
-    pub fn route_clusters(&self) -> impl Iterator<Item = &str> {
-        self.all_routes()
-            .flat_map(|r| r.starts.iter().map(|s| s.route_cluster.as_str()))
-    }
-
     /// The `cache-control` to force for an origin response status, if any.
     pub fn cache_override(&self, status: u16) -> Option<&CacheOverride> {
         self.cache.iter().find(|c| c.status == status)
