@@ -14,6 +14,7 @@ Run: bench/run-envoy [--rounds N] [--seconds S]
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -110,12 +111,15 @@ def get(port: int) -> tuple[int, dict[str, str]]:
 
 
 def check_variants() -> None:
-    """Every variant must reach the origin; (b) and (d) with the rewritten Host
-    and SNI. A benchmark of a misrouted request would measure nothing."""
+    """Every variant must reach the origin; (b), (d) and the levers with the
+    rewritten Host (a lever may name the origin's port in it) and SNI. A
+    benchmark of a misrouted request would measure nothing."""
     for name, port in VARIANTS.items():
         status, headers = get(port)
         host, sni = headers.get("x-origin-host"), headers.get("x-origin-sni")
-        want_host = "origin.example.net" if name in ("native", "origin_policy") else VIEWER_HOST
+        want_host = VIEWER_HOST if name in ("no_filter", "noop_wasm") else "origin.example.net"
+        if name.startswith("lever_") and host == f"{want_host}:{ORIGIN_PORT}":
+            host = want_host
         if status != 200 or host != want_host or sni != "origin.example.net":
             raise SystemExit(f"{name}: status {status}, origin saw Host {host!r} SNI {sni!r}")
 
@@ -177,6 +181,32 @@ def profile(envoy_pid: int, port: int, args, script: Path, run: Path) -> int:
     return 0
 
 
+def add_lever(run: Path, config: dict, lever: str, port: int, wasm: Path) -> None:
+    """A copy of (d)'s listener on `port`, its filter bundled from another
+    policy directory into a directory of its own; its clusters join (d)'s."""
+    name, _, directory = lever.partition("=")
+    out = run / f"lever-{name}"
+    bundle(out, [Path(directory)], wasm)
+    cds = json.loads((run / "origin-policy.cds.json").read_text())
+    known = {c["name"] for c in cds["resources"]}
+    lever_cds = json.loads((out / "origin-policy.cds.json").read_text())
+    cds["resources"] += [c for c in lever_cds["resources"] if c["name"] not in known]
+    (run / "origin-policy.cds.json").write_text(json.dumps(cds))
+    listener = copy.deepcopy(
+        next(l for l in config["static_resources"]["listeners"] if l["name"] == "origin_policy")
+    )
+    listener["name"] = f"lever_{name}"
+    listener["address"]["socket_address"]["port_value"] = port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = f"lever_{name}"
+    source = hcm["http_filters"][0]["config_discovery"]["config_source"]["path_config_source"]
+    source["path"] = str(out / "origin-policy.ecds.json")
+    source["watched_directory"] = {"path": str(out)}
+    config["static_resources"]["listeners"].append(listener)
+    VARIANTS[f"lever_{name}"] = port
+    LABELS[f"lever_{name}"] = f"(d) with `{name}`"
+
+
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -224,6 +254,14 @@ def main() -> int:
     )
     parser.add_argument("--wasm", type=Path, default=WASM, help="the origin-policy build for (d)")
     parser.add_argument(
+        "--lever",
+        action="append",
+        default=[],
+        metavar="NAME=POLICY_DIR",
+        help="one more origin-policy variant in the same run, with another policy directory "
+        "(same origin): an A/B of one lever against (d)",
+    )
+    parser.add_argument(
         "--profile",
         choices=list(VARIANTS),
         help="instead of the tables: load one variant for --seconds under `perf record` of Envoy",
@@ -253,6 +291,8 @@ def main() -> int:
         shutil.copy(NOOP_WASM, run / "noop_filter.wasm")
         bundle(run, [args.policies], args.wasm)
         config = yaml.safe_load((BENCH / "envoy" / "bench.yaml").read_text())
+        for i, lever in enumerate(args.lever):
+            add_lever(run, config, lever, VARIANTS["origin_policy"] + 1 + i, args.wasm)
         envoy = Envoy(run, config, concurrency=1, cpus={ENVOY_CPU}, admin=ADMIN)
         envoy.start()
         check_variants()
