@@ -36,31 +36,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent.parent / "bench"))
 from control_plane import DEFAULT_CLI  # noqa: E402
 from edge import cpu_model, envoy_version  # noqa: E402
 from fleet import ControlPlane, make_node, start_nodes  # noqa: E402
 from load import decision_host  # noqa: E402
 from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
+# The synthetic domains of the scale benchmark, so both measure the same names.
+from scale_bench import domain, host_for, origin_host  # noqa: E402
 
 XDS_PORT = 18620
 STATUS_PORT = 18621
 PORT_BASE = 12200
 ORIGIN_PORT = 18081  # the plain demo origin (deploy/origins.py)
 SETTINGS = {"decision_header": True, "unknown_domain": {"action": "local_reply", "status": 404}}
-
-
-def domain(i: int) -> str:
-    """As bench/synthetic: exact names and leading wildcards alternate."""
-    return f"*.img{i}.example.com" if i % 2 else f"site{i}.example.com"
-
-
-def host_for(i: int) -> str:
-    d = domain(i)
-    return f"a.{d[2:]}" if d.startswith("*.") else d
-
-
-def origin_host(i: int, version: int) -> str:
-    return f"v{version}.o{i}.example.net"
 
 
 def write_policy(directory: Path, i: int, version: int = 0) -> None:

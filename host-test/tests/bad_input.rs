@@ -57,25 +57,12 @@ fn with_host(host: &str) -> Vec<(&str, &str)> {
 /// The cluster the native engine names for `host` (the viewer on TLS or
 /// not), from the example policies.
 fn origin(host: &str, tls: bool) -> String {
-    let set = origin_policy_engine::PolicySet::from_plugin_config(
-        common::example_config().as_bytes(),
-        None,
-    )
-    .unwrap()
-    .set;
-    let request = origin_policy_engine::ViewerRequest {
-        authority: host,
-        connection: Some(if tls {
-            origin_policy_engine::Scheme::Https
-        } else {
-            origin_policy_engine::Scheme::Http
-        }),
-        method: "GET",
-        ..Default::default()
+    let scheme = if tls {
+        origin_policy_engine::Scheme::Https
+    } else {
+        origin_policy_engine::Scheme::Http
     };
-    let found = set.lookup(host).unwrap();
-    let exchange = origin_policy_engine::Exchange::begin(found, &request, &set.settings).unwrap();
-    exchange.decision().unwrap().route_cluster.to_owned()
+    common::example_clusters(host, scheme).swap_remove(0)
 }
 
 fn routed_to(cluster: &str, authority: &str) -> Seen {

@@ -72,18 +72,13 @@ fn a_secondary_envoy_could_not_reach_after_a_retry_is_a_connect_failure() {
     // endpoint's metadata (which names its cluster), and the reset details.
     vm.set_stream_property(id, "upstream.request_attempt_count", 2u64.to_le_bytes())
         .unwrap();
-    let secondary = "origin:http:backup.example.net:18085:";
-    let cluster = common::example_config();
-    assert!(cluster.contains("backup.example.net"));
-    let set = origin_policy_engine::PolicySet::from_plugin_config(cluster.as_bytes(), None)
-        .unwrap()
-        .set;
-    let name = set
-        .derived_clusters()
-        .origins
-        .into_keys()
-        .find(|n| n.starts_with(secondary))
+    let name = common::example_clusters("www.example.com", origin_policy_engine::Scheme::Http)
+        .pop()
         .unwrap();
+    assert!(
+        name.starts_with("origin:http:backup.example.net:18085:"),
+        "{name}"
+    );
     vm.set_stream_property(id, "xds.upstream_host_metadata", name.as_bytes())
         .unwrap();
     vm.set_stream_property(

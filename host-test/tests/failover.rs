@@ -14,27 +14,14 @@ const GET: [(&str, &str); 4] = [
     (":path", "/page?q=1"),
 ];
 
-/// The chain of www.example.com as the engine derives it.
+/// The cluster header, primary and secondary clusters of www.example.com as
+/// the engine derives them.
 fn chain() -> (String, String, String) {
-    let set = origin_policy_engine::PolicySet::from_plugin_config(
-        common::example_config().as_bytes(),
-        None,
-    )
-    .unwrap()
-    .set;
-    let request = origin_policy_engine::ViewerRequest {
-        authority: "www.example.com",
-        method: "GET",
-        ..Default::default()
-    };
-    let found = set.lookup("www.example.com").unwrap();
-    let exchange = origin_policy_engine::Exchange::begin(found, &request, &set.settings).unwrap();
-    let d = exchange.decision().unwrap();
-    (
-        d.route_cluster.to_owned(),
-        d.target.cluster.to_owned(),
-        d.chain[0].cluster.to_owned(),
-    )
+    match common::example_clusters("www.example.com", origin_policy_engine::Scheme::Http).as_slice()
+    {
+        [route, primary, secondary] => (route.clone(), primary.clone(), secondary.clone()),
+        other => panic!("www.example.com: expected a two-origin chain, got {other:?}"),
+    }
 }
 
 /// A request answered with `status`, after Envoy made `attempts` attempts and

@@ -30,3 +30,27 @@ pub const fn get<'a>(host: &'a str, scheme: &'a str) -> [(&'static str, &'a str)
         (":path", "/"),
     ]
 }
+
+/// What the native engine names for a GET of `host` over `scheme` with the
+/// example policies: the cluster header's value, then the first origin's
+/// cluster and those of its chain, in order.
+pub fn example_clusters(host: &str, scheme: origin_policy_engine::Scheme) -> Vec<String> {
+    let set =
+        origin_policy_engine::PolicySet::from_plugin_config(example_config().as_bytes(), None)
+            .unwrap()
+            .set;
+    let request = origin_policy_engine::ViewerRequest {
+        authority: host,
+        connection: Some(scheme),
+        method: "GET",
+        ..Default::default()
+    };
+    let found = set.lookup(host).unwrap();
+    let exchange = origin_policy_engine::Exchange::begin(found, &request, &set.settings).unwrap();
+    let d = exchange.decision().unwrap();
+    [d.route_cluster, d.target.cluster]
+        .into_iter()
+        .chain(d.chain.iter().map(|t| t.cluster))
+        .map(str::to_owned)
+        .collect()
+}
