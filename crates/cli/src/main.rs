@@ -191,17 +191,13 @@ fn ecds_resource(plugin_config: &str, wasm: &str) -> Value {
 /// The clusters the new policies need, plus those the previous bundle's
 /// policies needed: requests still running on the previous filter
 /// configuration keep their clusters until the next push removes them.
-fn cds_resources(config: &str, previous: &std::path::Path) -> Result<Value, CliError> {
-    let compile = |bytes: &[u8]| {
-        PolicySet::from_plugin_config(bytes, None)
-            .ok()
-            .map(|c| c.set)
-    };
-    let set = compile(config.as_bytes())
-        .ok_or_else(|| CliError::Io("the bundled configuration does not compile".to_owned()))?;
+fn cds_resources(set: &PolicySet, config: &str, previous: &std::path::Path) -> Value {
     let mut derived = set.derived_clusters();
-    if let Some(old) = std::fs::read(previous).ok().and_then(|b| compile(&b)) {
-        let old = old.derived_clusters();
+    let old = std::fs::read(previous)
+        .ok()
+        .and_then(|b| PolicySet::from_plugin_config(&b, None).ok());
+    if let Some(old) = old {
+        let old = old.set.derived_clusters();
         for (name, endpoint) in old.origins {
             derived.origins.entry(name).or_insert(endpoint);
         }
@@ -210,23 +206,26 @@ fn cds_resources(config: &str, previous: &std::path::Path) -> Result<Value, CliE
         }
     }
     let resources = derived.envoy_resources(&set.settings);
-    Ok(json!({
+    json!({
         "version_info": format!("{:016x}", fingerprint(config.as_bytes())),
         "resources": resources,
-    }))
+    })
 }
 
 fn bundle(args: &Args) -> Result<(), CliError> {
     let dir = load(&args.paths())?;
-    let (_, diagnostics) = dir.compile();
+    let (compiled, diagnostics) = dir.compile();
     for d in diagnostics.warnings() {
         eprintln!("{d}");
     }
-    if diagnostics.has_errors() {
-        return Err(CliError::Invalid(Diagnostics(
-            diagnostics.errors().cloned().collect(),
-        )));
-    }
+    let compiled = match compiled {
+        Some(c) if !diagnostics.has_errors() => c,
+        _ => {
+            return Err(CliError::Invalid(Diagnostics(
+                diagnostics.errors().cloned().collect(),
+            )))
+        }
+    };
     let out = PathBuf::from(args.value("out").unwrap_or("run"));
     std::fs::create_dir_all(&out).map_err(|e| CliError::Io(format!("{}: {e}", out.display())))?;
     let wasm = args
@@ -239,7 +238,8 @@ fn bundle(args: &Args) -> Result<(), CliError> {
     })?;
     let config = dir.plugin_config().to_string();
     let ecds = ecds_resource(&config, &wasm_abs.to_string_lossy());
-    let cds = cds_resources(&config, &out.join("plugin-config.json"))?;
+    // The set just checked is the one bundled: no second compile of it.
+    let cds = cds_resources(&compiled.set, &config, &out.join("plugin-config.json"));
     let write = |name: &str, text: String| {
         let path = out.join(name);
         write_atomically(&path, text.as_bytes())
