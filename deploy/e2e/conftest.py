@@ -41,6 +41,9 @@ COOLDOWN_MS = 2000
 TEST_ORIGIN_NAMES = {
     "backup-tls.example.org": "127.0.0.2",
     "wrong-name.example.org": "127.0.0.2",
+    # test_chain_tls.py: an origin whose certificate names only some names.
+    "sni-ok.origin.test": "127.0.0.3",
+    "sni-bad.origin.test": "127.0.0.3",
 }
 
 
@@ -118,11 +121,14 @@ class Edge:
             time.sleep(0.02)
         return time.monotonic() - started
 
-    def fresh_domain(self, primary: dict, secondary: dict | None = None, **policy) -> str:
-        """A new domain whose origins get clusters of their own, and so a
-        health state of their own: a connect timeout no other domain uses
-        makes them reached another way. Its Host is `<domain>.origin`."""
-        name = f"f{uuid.uuid4().hex[:12]}.failover.test"
+    def fresh_domain(
+        self, primary: dict, secondary: dict | None = None, name: str | None = None, **policy
+    ) -> str:
+        """A new domain (or `name`, replaced) whose origins get clusters of
+        their own, and so a health state of their own: a connect timeout no
+        other domain uses makes them reached another way. Its Host is
+        `<domain>.origin` unless `origin_host` says otherwise."""
+        name = name or f"f{uuid.uuid4().hex[:12]}.failover.test"
         self._fresh += 1
         own = {"connect_timeout_ms": 20_000 + self._fresh}
         document = {

@@ -57,7 +57,7 @@ impl DerivedClusters {
             .iter()
             .map(|(name, e)| origin_cluster(name, e, settings));
         let chains = self.chains.iter().map(|(name, members)| {
-            json!({
+            let mut chain = json!({
                 "@type": CLUSTER_TYPE_URL,
                 "name": name,
                 "connect_timeout": "10s",
@@ -69,10 +69,35 @@ impl DerivedClusters {
                         "clusters": members,
                     },
                 },
-            })
+            });
+            // Envoy's router reads auto_sni / auto_san_validation from the
+            // cluster the route picked, which for a chain is this aggregate,
+            // never from the origin cluster the attempt then goes to. The
+            // origin/SNI rules are per policy, so the HTTPS origins of one
+            // chain either all take their name from the Host or none does.
+            let from_host = members.iter().any(|m| {
+                self.origins
+                    .get(m)
+                    .is_some_and(|e| e.tls_name == TlsName::FromHost)
+            });
+            if from_host {
+                chain["typed_extension_protocol_options"] = tls_name_from_host();
+            }
+            chain
         });
         origins.chain(chains).collect()
     }
+}
+
+/// Envoy sends the request's Host as SNI and checks the certificate against it.
+fn tls_name_from_host() -> Value {
+    json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+            "explicit_http_config": {"http_protocol_options": {}},
+        },
+    })
 }
 
 fn duration_ms(ms: u32) -> String {
@@ -138,13 +163,7 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
                     json!([{"san_type": "DNS", "matcher": {"exact": sni}}]);
             }
             TlsName::FromHost => {
-                cluster["typed_extension_protocol_options"] = json!({
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
-                        "explicit_http_config": {"http_protocol_options": {}},
-                    },
-                });
+                cluster["typed_extension_protocol_options"] = tls_name_from_host();
             }
             TlsName::None => {}
         }
