@@ -286,6 +286,51 @@ class _OriginServer(ThreadingHTTPServer):
                 pass
 
 
+class NameServer:
+    """A DNS server on 127.0.0.1 (UDP) that knows no name: every query is
+    answered NXDOMAIN. The edge's origins named by DNS are looked up here
+    (`settings.dns_resolvers`), so no query leaves the machine and a name
+    that never resolves fails at once."""
+
+    def __init__(self, port: int):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.address = f"127.0.0.1:{port}"
+        self.queries: list[str] = []
+        self.thread = threading.Thread(target=self._serve, name="dns", daemon=True)
+
+    @staticmethod
+    def _question(query: bytes) -> tuple[str, bytes]:
+        at, labels = 12, []
+        while query[at]:
+            labels.append(query[at + 1 : at + 1 + query[at]].decode("ascii", "replace"))
+            at += 1 + query[at]
+        return ".".join(labels), query[12 : at + 5]
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            try:
+                name, question = self._question(query)
+            except IndexError:
+                continue
+            self.queries.append(name)
+            # Same id; a response, recursion desired and available, NXDOMAIN;
+            # one question, no records.
+            header = query[:2] + b"\x81\x83" + b"\x00\x01" + b"\x00\x00" * 3
+            self.sock.sendto(header + question, peer)
+
+    def __enter__(self) -> "NameServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
+
+
 class DemoOrigins:
     """Runs a set of origins in background threads of this process."""
 

@@ -30,7 +30,7 @@ from edge import (  # noqa: E402
     bundle,
     edge_config,
 )
-from origins import DEMO_ORIGINS, Certificates, DemoOrigins, RequestLog  # noqa: E402
+from origins import DEMO_ORIGINS, Certificates, DemoOrigins, NameServer, RequestLog  # noqa: E402
 
 E2E_POLICIES = HERE / "policies"
 # www.example.com's primary response_timeout_ms (policies/www.example.com.json).
@@ -162,8 +162,18 @@ def copy_certs(certs: Certificates, run_dir: Path) -> None:
     shutil.copytree(certs.directory, run_dir / "certs")
 
 
+# The tests' DNS server (knows no name).
+NAME_SERVER_PORT = 18053
+
+
 @pytest.fixture(scope="session")
-def edge(tmp_path_factory, demo_origins):
+def name_server():
+    with NameServer(NAME_SERVER_PORT) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def edge(tmp_path_factory, demo_origins, name_server):
     run_dir = tmp_path_factory.mktemp("edge")
     copy_certs(demo_origins.certs, run_dir)
     shutil.copytree(POLICIES, run_dir / "policies")
@@ -173,6 +183,8 @@ def edge(tmp_path_factory, demo_origins):
     settings["origin_health"] = {"cooldown_ms": COOLDOWN_MS}
     # Origins of the failover tests on another loopback address.
     settings["resolve"].update(TEST_ORIGIN_NAMES)
+    # Origins named by DNS are looked up on this machine only.
+    settings["dns_resolvers"] = [name_server.address]
     settings_path.write_text(json.dumps(settings))
     bundle(run_dir, [run_dir / "policies", E2E_POLICIES])
     envoy = Envoy(run_dir, edge_config())

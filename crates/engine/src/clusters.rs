@@ -152,6 +152,21 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
         cluster["dns_lookup_family"] = json!("V4_PREFERRED");
         cluster["dns_refresh_rate"] = json!("60s");
         cluster["respect_dns_ttl"] = json!(true);
+        if !settings.dns_resolvers.is_empty() {
+            let resolvers: Vec<Value> = settings
+                .dns_resolvers
+                .iter()
+                .map(|a| json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}))
+                .collect();
+            cluster["typed_dns_resolver_config"] = json!({
+                "name": "envoy.network.dns_resolver.cares",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                    "resolvers": resolvers,
+                    "dns_resolver_options": {"no_default_search_domain": true},
+                },
+            });
+        }
     }
     if e.scheme == Scheme::Https {
         let mut validation = json!({"trusted_ca": {"filename": settings.origin_ca_file}});

@@ -11,6 +11,7 @@ use crate::compiled::{CacheControl, CompiledPolicy};
 use crate::decision::ViewerRequest;
 use crate::decision::{Choice, DomainMatch, Failover, OriginDecision, OriginTarget, Refusal};
 use crate::fetch::FetchFailure;
+use crate::host::is_ip_literal;
 use crate::origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
 use crate::policy::{OriginHost, DEFAULT_RESPONSE_TIMEOUT_MS};
 use crate::settings::Settings;
@@ -73,6 +74,10 @@ pub struct Exchange {
     /// Known when the request is decided: the answer may come from another
     /// origin than the first.
     has_chain: bool,
+    /// Every origin of the decision is looked up by DNS: with no host at
+    /// all, the cause is a name that never resolved, not a marked-down origin
+    /// (an origin with an address is tried even when marked down, in panic).
+    all_by_dns: bool,
 }
 
 impl Exchange {
@@ -92,6 +97,9 @@ impl Exchange {
             });
         };
         let has_chain = !decision.chain.is_empty();
+        let by_dns = |a: &str| !is_ip_literal(a) && !settings.resolve.contains_key(a);
+        let all_by_dns =
+            by_dns(decision.target.address) && decision.chain.iter().all(|t| by_dns(t.address));
         Ok(Exchange {
             policy: Arc::clone(policy),
             viewer_host: found.viewer_host.into_owned(),
@@ -99,6 +107,7 @@ impl Exchange {
             method: request.method.to_owned(),
             decision_header: settings.decision_header,
             has_chain,
+            all_by_dns,
         })
     }
 
@@ -133,7 +142,10 @@ impl Exchange {
     }
 
     /// Classifies the answer and says what to write into it.
-    pub fn on_response(&self, report: UpstreamReport<'_>) -> ResponseVerdict {
+    pub fn on_response(&self, mut report: UpstreamReport<'_>) -> ResponseVerdict {
+        if self.all_by_dns && report.failure == Some(FetchFailure::NoHealthyOrigin) {
+            report.failure = Some(FetchFailure::Unresolved);
+        }
         let Some(decision) = self.decision() else {
             return ResponseVerdict {
                 status: None,

@@ -22,6 +22,9 @@ pub enum FetchFailure<'a> {
     Reset(&'a str),
     /// Every origin the request could go to is marked down.
     NoHealthyOrigin,
+    /// No origin had an address: the name of each was never resolved
+    /// (Envoy's `no_healthy_upstream` for a DNS cluster with no host).
+    Unresolved,
 }
 
 impl<'a> FetchFailure<'a> {
@@ -80,6 +83,7 @@ impl fmt::Display for FetchFailure<'_> {
             FetchFailure::Timeout => f.write_str("orig response timeout"),
             FetchFailure::Reset(c) => write!(f, "orig connection reset ({})", words(c)),
             FetchFailure::NoHealthyOrigin => f.write_str("orig marked down, no origin left"),
+            FetchFailure::Unresolved => f.write_str("orig dns failed (the origin's name has no address)"),
         }
     }
 }

@@ -206,7 +206,6 @@ fn ascii_host(name: &str) -> Result<String, HostError> {
 }
 
 /// <https://url.spec.whatwg.org/#ends-in-a-number-checker>
-#[cfg(any(test, not(feature = "idna")))]
 fn ends_in_a_number(name: &str) -> bool {
     let mut parts = name.rsplit('.');
     let last = match parts.next() {
@@ -222,7 +221,6 @@ fn ends_in_a_number(name: &str) -> bool {
 
 /// <https://url.spec.whatwg.org/#ipv4-number-parser>: decimal, `0x` hex or
 /// `0` octal; `Ok(None)` for a valid number over `u32`.
-#[cfg(any(test, not(feature = "idna")))]
 fn parse_ipv4_number(text: &str) -> Result<Option<u32>, ()> {
     if text.is_empty() {
         return Err(());
@@ -250,7 +248,6 @@ fn parse_ipv4_number(text: &str) -> Result<Option<u32>, ()> {
 }
 
 /// <https://url.spec.whatwg.org/#concept-ipv4-parser>
-#[cfg(any(test, not(feature = "idna")))]
 fn parse_ipv4(name: &str) -> Option<Ipv4Addr> {
     let name = name.strip_suffix('.').unwrap_or(name);
     let mut numbers = [0u32; 4];
@@ -287,6 +284,89 @@ pub fn normalize_authority(authority: &str) -> Result<Cow<'_, str>, HostError> {
     })
 }
 
+/// Why an origin address would not take Envoy to the origin as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddressError {
+    /// `127.1`, `010.0.0.1`, `0x7f.0.0.1`: an IPv4 address in a form the URL
+    /// Standard reads but Envoy does not (it would look it up as a DNS name).
+    /// Carries the address it reads as, when it reads as one.
+    Ipv4Form(Option<Ipv4Addr>),
+    BadIpv6,
+    /// A host and a port in one string.
+    HasPort,
+    /// Not a DNS name: a label empty, too long, or with characters other
+    /// than letters, digits, `-` (not at either end) and `_`.
+    NotDnsName(String),
+}
+
+impl fmt::Display for AddressError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddressError::Ipv4Form(Some(ip)) => write!(
+                f,
+                "is not a dotted-quad IPv4 address, and Envoy would look it up as a DNS name \
+                 that never resolves: write `{ip}`"
+            ),
+            AddressError::Ipv4Form(None) => f.write_str(
+                "ends in a number but is not an IPv4 address: write four decimal numbers \
+                 (e.g. `192.0.2.10`) or a DNS name",
+            ),
+            AddressError::BadIpv6 => f.write_str(
+                "is not an IPv6 address: write it with or without brackets (e.g. `[2001:db8::1]`)",
+            ),
+            AddressError::HasPort => f.write_str("must not carry a port: use `port`"),
+            AddressError::NotDnsName(why) => write!(f, "is not a DNS name Envoy can resolve: {why}"),
+        }
+    }
+}
+
+/// An origin address as Envoy will use it: a dotted-quad IPv4 address, an
+/// IPv6 address in brackets (canonical form), or a lower-case DNS name
+/// (IDNs in punycode where the build has IDNA). Anything Envoy would not
+/// reach as written is refused, naming the fix.
+pub fn origin_address(text: &str) -> Result<String, AddressError> {
+    let bracketed = text.starts_with('[') || text.ends_with(']');
+    if bracketed || text.contains(':') {
+        let bare = text.strip_prefix('[').unwrap_or(text);
+        let bare = bare.strip_suffix(']').unwrap_or(bare);
+        if let Ok(ip) = bare.parse::<Ipv6Addr>() {
+            if bracketed != (text.starts_with('[') && text.ends_with(']')) {
+                return Err(AddressError::BadIpv6);
+            }
+            return Ok(format!("[{ip}]"));
+        }
+        return Err(if !bracketed && strip_port(text) != text {
+            AddressError::HasPort
+        } else {
+            AddressError::BadIpv6
+        });
+    }
+    let lower = text.to_ascii_lowercase();
+    if ends_in_a_number(&lower) {
+        return match lower.parse::<Ipv4Addr>() {
+            Ok(ip) => Ok(ip.to_string()),
+            Err(_) => Err(AddressError::Ipv4Form(parse_ipv4(&lower))),
+        };
+    }
+    let name = normalize_host(text).map_err(|e| AddressError::NotDnsName(e.to_string()))?;
+    for label in name.split('.') {
+        let ldh = label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ldh {
+            return Err(AddressError::NotDnsName(format!(
+                "label `{label}` has characters other than letters, digits, `-` and `_`"
+            )));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(AddressError::NotDnsName(format!(
+                "label `{label}` starts or ends with `-`"
+            )));
+        }
+    }
+    Ok(name.into_owned())
+}
+
 /// True when `host` is an IPv4 or (bracketed or bare) IPv6 literal.
 pub fn is_ip_literal(host: &str) -> bool {
     // A name whose last character is a letter is never an address; checking
@@ -303,6 +383,39 @@ pub fn is_ip_literal(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origin_addresses_are_what_envoy_reaches_or_refused() {
+        let ok = [
+            ("127.0.0.1", "127.0.0.1"),
+            ("2001:DB8::1", "[2001:db8::1]"),
+            ("[2001:db8:0:0::1]", "[2001:db8::1]"),
+            ("Origin.Example.NET.", "origin.example.net"),
+            ("_acme.example.net", "_acme.example.net"),
+            ("localhost", "localhost"),
+        ];
+        for (text, want) in ok {
+            assert_eq!(origin_address(text).as_deref(), Ok(want), "{text}");
+        }
+        let refused = [
+            ("127.1", AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1)))),
+            ("127.000.000.001", AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1)))),
+            ("0x7f000001", AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1)))),
+            ("1.2.3.256", AddressError::Ipv4Form(None)),
+            ("[127.0.0.1]", AddressError::BadIpv6),
+            ("2001:db8::1]", AddressError::BadIpv6),
+            ("origin.example.net:80", AddressError::HasPort),
+        ];
+        for (text, want) in refused {
+            assert_eq!(origin_address(text), Err(want), "{text}");
+        }
+        for name in ["a..b", "-a.example", "a-.example", "a!b.example", "a.example/x"] {
+            assert!(
+                matches!(origin_address(name), Err(AddressError::NotDnsName(_))),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn normalisation_table() {

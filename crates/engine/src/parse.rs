@@ -2,7 +2,7 @@
 
 use crate::checks::lint;
 use crate::diagnostic::{pointer_segment, PolicyDiagnostic};
-use crate::host::{is_ip_literal, strip_port};
+use crate::host::{is_ip_literal, origin_address, strip_port};
 use crate::policy::*;
 use crate::reader::*;
 use serde_json::Value;
@@ -55,18 +55,12 @@ fn origin(f: &mut Findings, value: &Value, path: &str, tier: Option<Tier>) -> Op
     let mut r = FieldReader::open(f, value, path)?;
     let address = match r.field("address") {
         Some((v, p)) => string(f, v, &p).and_then(|a| {
-            let bare = a.trim_start_matches('[').trim_end_matches(']');
-            if bare.parse::<std::net::Ipv6Addr>().is_ok() {
-                Some(format!("[{bare}]"))
-            } else if strip_port(a) != a {
-                f.error(
-                    &p,
-                    format!("address `{a}` must not carry a port: use `port`"),
-                );
-                None
-            } else {
-                host_name(f, a, &p, "address")
+            if !header_safe(f, a, &p, "address") {
+                return None;
             }
+            origin_address(a)
+                .map_err(|e| f.error(&p, format!("address `{a}` {e}")))
+                .ok()
         }),
         None => {
             f.error(path, "missing field `address`");

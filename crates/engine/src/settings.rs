@@ -63,6 +63,9 @@ pub struct Settings {
     /// Fixed addresses for origin names, like `curl --resolve`: a lab or a
     /// private network without DNS for its origins.
     pub resolve: BTreeMap<String, String>,
+    /// DNS servers (`ip:port`) the origins named by DNS are looked up with;
+    /// empty: the system's (`/etc/resolv.conf`).
+    pub dns_resolvers: Vec<std::net::SocketAddr>,
     pub origin_health: OriginHealth,
 }
 
@@ -76,6 +79,7 @@ impl Default for Settings {
             max_replay_body_bytes: DEFAULT_MAX_REPLAY_BODY_BYTES,
             origin_ca_file: DEFAULT_ORIGIN_CA_FILE.to_owned(),
             resolve: BTreeMap::new(),
+            dns_resolvers: Vec::new(),
             origin_health: OriginHealth::default(),
         }
     }
@@ -183,6 +187,9 @@ pub fn parse_settings(
         if let Some((v, p)) = r.field("resolve") {
             settings.resolve = resolve(&mut f, v, &p);
         }
+        if let Some((v, p)) = r.field("dns_resolvers") {
+            settings.dns_resolvers = dns_resolvers(&mut f, v, &p);
+        }
         if let Some((v, p)) = r.field("origin_health") {
             settings.origin_health = origin_health(&mut f, v, &p);
         }
@@ -223,6 +230,25 @@ fn resolve(f: &mut Findings, value: &Value, path: &str) -> BTreeMap<String, Stri
                 );
             }
             _ => f.error(&p, "expected an IP address"),
+        }
+    }
+    out
+}
+
+fn dns_resolvers(f: &mut Findings, value: &Value, path: &str) -> Vec<std::net::SocketAddr> {
+    let Value::Array(list) = value else {
+        f.error(path, "expected a list of DNS servers as `ip:port`");
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let p = format!("{path}/{i}");
+        match item.as_str().map(str::parse::<std::net::SocketAddr>) {
+            Some(Ok(addr)) => out.push(addr),
+            _ => f.error(
+                &p,
+                "expected a DNS server as `ip:port` (e.g. `192.0.2.53:53`, `[2001:db8::53]:53`)",
+            ),
         }
     }
     out

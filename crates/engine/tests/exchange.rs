@@ -213,6 +213,39 @@ fn both_failing_names_both_and_the_proxys_503_becomes_502_or_504() {
 }
 
 #[test]
+fn no_host_at_all_is_a_name_never_resolved_when_every_origin_is_looked_up_by_dns() {
+    let no_host = || UpstreamReport {
+        status: 503,
+        attempts: 1,
+        host_metadata: None,
+        failure: FetchFailure::from_code_details("no_healthy_upstream"),
+    };
+    let by_dns = www();
+    let verdict = begin(&by_dns, "GET", None).on_response(no_host());
+    assert_eq!(verdict.status, Some(502));
+    assert_eq!(
+        verdict.origin_error.unwrap().to_string(),
+        "orig dns failed (the origin's name has no address)"
+    );
+    // An origin with a fixed address always has its host: then every origin
+    // of the request was marked down.
+    let config = json!({
+        "settings": {"resolve": {"primary.example.net": "192.0.2.1"}},
+        "policies": [{
+            "domain": "www.example.com",
+            "primary": {"address": "primary.example.net"},
+            "secondary": {"address": "192.0.2.2"}
+        }],
+    });
+    let fixed = PolicySet::from_plugin_value(&config, None).unwrap().set;
+    let verdict = begin(&fixed, "GET", None).on_response(no_host());
+    assert_eq!(
+        verdict.origin_error.unwrap().to_string(),
+        "orig marked down, no origin left"
+    );
+}
+
+#[test]
 fn an_answer_from_the_primary_needs_no_header() {
     let set = www();
     let exchange = begin(&set, "GET", None);
