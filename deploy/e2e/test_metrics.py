@@ -1,5 +1,7 @@
 """The filter's counters on Envoy's admin /stats (scenario 9)."""
 
+import pytest
+
 
 def counter(edge, name):
     return edge.stats().get(f"wasmcustom.origin_policy.{name}", 0)
@@ -47,3 +49,34 @@ def test_a_failover_skipped_for_its_method_is_counted(edge, path):
     assert r.status == 503
     assert r.header("x-origin-error") == "orig response 503 error; failover=skipped (method POST)"
     assert counter(edge, "failover.skipped") - before == 1
+
+
+DOWN = {"address": "127.0.0.1", "port": 18099}  # nothing listens there
+
+
+@pytest.mark.parametrize(
+    ("primary", "secondary", "path_prefix", "counted"),
+    [
+        # The viewer got the secondary's 200: no origin error to count.
+        (DOWN, WWW_SECONDARY, "", {"failover.retried": 1, "failover.succeeded": 1}),
+        # The viewer got Envoy's 502: the last origin tried never answered.
+        (DOWN, DOWN, "", {"failover.retried": 1, "failover.next_failed": 1,
+                          "origin_unreachable": 1}),
+        # The viewer got the secondary's own 503.
+        (WWW_PRIMARY, WWW_SECONDARY, "/status/all/503", {
+            "failover.retried": 1, "failover.next_failed": 1, "origin_5xx": 1}),
+        # No secondary: the viewer got the primary's 503, or Envoy's 502.
+        (WWW_PRIMARY, None, "", {"origin_5xx": 1}),
+        (DOWN, None, "", {"origin_unreachable": 1}),
+    ],
+    ids=["refused-then-answered", "both-refused", "both-503", "one-503", "one-refused"],
+)
+def test_origin_counters_count_what_the_viewer_got(edge, path, primary, secondary,
+                                                    path_prefix, counted):
+    names = ["origin_5xx", "origin_unreachable", "failover.retried", "failover.succeeded",
+             "failover.next_failed", "failover.marked_down"]
+    domain = edge.fresh_domain(primary, secondary)
+    before = {n: counter(edge, n) for n in names}
+    edge.request(domain, f"{path_prefix}{path}")
+    after = {n: counter(edge, n) for n in names}
+    assert {n: after[n] - before[n] for n in names} == {n: counted.get(n, 0) for n in names}

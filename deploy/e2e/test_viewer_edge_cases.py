@@ -63,6 +63,9 @@ VIEWER_PORTS = {
 }
 # The filter trusts x-forwarded-proto here (use_remote_address: false).
 TRUSTING_PORTS = {"http": 10182, "https": 10545}
+# An edge that counts loopback viewers as internal (`internal_address_config`):
+# Envoy keeps their x-envoy-* headers.
+INTERNAL_VIEWER_PORT = 10183
 
 FOLLOW = "media.example.com"  # policies/media.example.com.json: follow
 # What the origin saw, by the protocol the edge fetched with.
@@ -124,10 +127,14 @@ def viewer_config(run_dir: Path) -> dict:
     tls = copy.deepcopy(listeners["viewer_https"]["filter_chains"][0]["transport_socket"])
     tls["typed_config"]["common_tls_context"]["alpn_protocols"] = ["h2", "http/1.1"]
 
-    def listener(name, port, scheme, use_remote_address, filters=None):
+    def listener(name, port, scheme, use_remote_address, filters=None, internal=None):
         hcm = copy.deepcopy(fetch_hcm)
         hcm["stat_prefix"] = name
         hcm["use_remote_address"] = use_remote_address
+        if internal:
+            hcm["internal_address_config"] = {
+                "cidr_ranges": [{"address_prefix": internal, "prefix_len": 8}]
+            }
         if filters is not None:
             hcm["http_filters"] = filters
         chain = {
@@ -152,6 +159,7 @@ def viewer_config(run_dir: Path) -> dict:
         listener(f"trusting_{scheme}", port, scheme, False, trusting)
         for scheme, port in TRUSTING_PORTS.items()
     ]
+    out.append(listener("viewer_internal", INTERNAL_VIEWER_PORT, "http", True, internal="127.0.0.0"))
     host, port = ADMIN.removeprefix("http://").split(":")
     return {
         "node": shipped["node"],
@@ -583,3 +591,51 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.rename(tmp, path)
+
+
+# --- a viewer's own x-envoy-* headers ------------------------------------------------
+
+
+VIEWER_ROUTING = {
+    "x-envoy-retry-on": "5xx,connect-failure",
+    "x-envoy-retriable-status-codes": "503",
+    "x-envoy-max-retries": "3",
+    "x-envoy-upstream-rq-timeout-ms": "100",
+    "x-envoy-upstream-rq-per-try-timeout-ms": "100",
+}
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_loopback_viewer_cannot_ask_for_retries_or_timeouts(edge, path, method):
+    """A viewer on a loopback or private address would count as internal to
+    Envoy and keep its x-envoy-* headers: the viewer tier treats no address
+    as internal, so they are dropped before any router reads them."""
+    body = b"x" if method == "POST" else None
+    # plain.example.com has no secondary: the filter writes no retry header.
+    failing = f"/status/plain/503{path}"
+    r = edge.request("plain.example.com", failing, method=method, body=body,
+                     headers=VIEWER_ROUTING)
+    assert r.status == 503
+    assert len(edge.seen(failing)) == 1, "retried on the viewer's word"
+    slow = f"/delay/plain/600{path}"
+    r = edge.request("plain.example.com", slow, method=method, body=body, headers=VIEWER_ROUTING)
+    assert r.status == 200, (r.status, r.header("x-origin-error"))
+    got = only(edge.seen(slow))
+    assert not got.header_names() & set(VIEWER_ROUTING), got.headers
+
+
+def test_a_viewer_envoy_counts_as_internal_cannot_ask_for_retries_or_timeouts(viewer_edge, path):
+    """A viewer in an `internal_address_config` range is internal to Envoy,
+    which then keeps its x-envoy-* headers: the filter removes them, so only
+    the policy decides (media.example.com has no secondary)."""
+    port = INTERNAL_VIEWER_PORT
+    headers = list(VIEWER_ROUTING.items())
+    failing = f"/status/media/503{path}"
+    r = get1(viewer_edge.demo, port, False, FOLLOW, failing, headers)
+    assert r.status == 503
+    assert len(viewer_edge.seen(failing)) == 1, "retried on the viewer's word"
+    slow = f"/delay/media/600{path}"
+    r = get1(viewer_edge.demo, port, False, FOLLOW, slow, headers)
+    assert r.status == 200, r.status
+    got = only(viewer_edge.seen(slow))
+    assert not got.header_names() & set(VIEWER_ROUTING), got.headers

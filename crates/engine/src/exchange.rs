@@ -29,6 +29,21 @@ pub const RETRY_ON_HEADER: &str = "x-envoy-retry-on";
 pub const RETRIABLE_STATUSES_HEADER: &str = "x-envoy-retriable-status-codes";
 pub const TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-timeout-ms";
 pub const PER_TRY_TIMEOUT_HEADER: &str = "x-envoy-upstream-rq-per-try-timeout-ms";
+/// Every request header by which a client can steer Envoy's router (retries,
+/// timeouts). Envoy drops them from external clients only; a viewer it counts
+/// as internal (no `use_remote_address`, or a trusted range) keeps them, so the
+/// filter removes a viewer's copy before writing its own.
+pub const ROUTER_CONTROL_HEADERS: [&str; 9] = [
+    RETRY_ON_HEADER,
+    RETRIABLE_STATUSES_HEADER,
+    TIMEOUT_HEADER,
+    PER_TRY_TIMEOUT_HEADER,
+    "x-envoy-max-retries",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-header-names",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-upstream-rq-per-try-idle-timeout-ms",
+];
 
 /// A failed attempt Envoy may retry: an answer with one of the rule's
 /// statuses, no connection, a reset, or no answer within the per-try timeout.

@@ -83,7 +83,9 @@ impl fmt::Display for FetchFailure<'_> {
             FetchFailure::Timeout => f.write_str("orig response timeout"),
             FetchFailure::Reset(c) => write!(f, "orig connection reset ({})", words(c)),
             FetchFailure::NoHealthyOrigin => f.write_str("orig marked down, no origin left"),
-            FetchFailure::Unresolved => f.write_str("orig dns failed (the origin's name has no address)"),
+            FetchFailure::Unresolved => {
+                f.write_str("orig dns failed (the origin's name has no address)")
+            }
         }
     }
 }

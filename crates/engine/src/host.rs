@@ -315,7 +315,9 @@ impl fmt::Display for AddressError {
                 "is not an IPv6 address: write it with or without brackets (e.g. `[2001:db8::1]`)",
             ),
             AddressError::HasPort => f.write_str("must not carry a port: use `port`"),
-            AddressError::NotDnsName(why) => write!(f, "is not a DNS name Envoy can resolve: {why}"),
+            AddressError::NotDnsName(why) => {
+                write!(f, "is not a DNS name Envoy can resolve: {why}")
+            }
         }
     }
 }
@@ -398,9 +400,18 @@ mod tests {
             assert_eq!(origin_address(text).as_deref(), Ok(want), "{text}");
         }
         let refused = [
-            ("127.1", AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1)))),
-            ("127.000.000.001", AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1)))),
-            ("0x7f000001", AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1)))),
+            (
+                "127.1",
+                AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1))),
+            ),
+            (
+                "127.000.000.001",
+                AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1))),
+            ),
+            (
+                "0x7f000001",
+                AddressError::Ipv4Form(Some(Ipv4Addr::new(127, 0, 0, 1))),
+            ),
             ("1.2.3.256", AddressError::Ipv4Form(None)),
             ("[127.0.0.1]", AddressError::BadIpv6),
             ("2001:db8::1]", AddressError::BadIpv6),
@@ -409,7 +420,13 @@ mod tests {
         for (text, want) in refused {
             assert_eq!(origin_address(text), Err(want), "{text}");
         }
-        for name in ["a..b", "-a.example", "a-.example", "a!b.example", "a.example/x"] {
+        for name in [
+            "a..b",
+            "-a.example",
+            "a-.example",
+            "a!b.example",
+            "a.example/x",
+        ] {
             assert!(
                 matches!(origin_address(name), Err(AddressError::NotDnsName(_))),
                 "{name}"

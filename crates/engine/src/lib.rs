@@ -35,7 +35,8 @@ pub use decision::{
 pub use diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 pub use exchange::{
     Exchange, ResponseVerdict, UpstreamReport, DECISION_HEADER, ORIGIN_ERROR_HEADER,
-    PER_TRY_TIMEOUT_HEADER, RETRIABLE_STATUSES_HEADER, RETRY_ON_HEADER, TIMEOUT_HEADER,
+    PER_TRY_TIMEOUT_HEADER, RETRIABLE_STATUSES_HEADER, RETRY_ON_HEADER, ROUTER_CONTROL_HEADERS,
+    TIMEOUT_HEADER,
 };
 pub use fetch::FetchFailure;
 pub use index::{CompiledSet, ConfigError, DomainIndex, PolicySet, PolicySource, MAX_POLICIES};

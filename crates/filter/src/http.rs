@@ -8,8 +8,8 @@ use log::{debug, error};
 use origin_policy_engine::host::HostError;
 use origin_policy_engine::{
     scheme_from_text, Exchange, FailoverOutcome, FetchFailure, OriginError, PolicySet,
-    PrimaryFailure, Refusal, ResponseVerdict, Scheme, UnknownDomain, UpstreamReport, ViewerRequest,
-    DECISION_HEADER, ORIGIN_ERROR_HEADER,
+    PrimaryFailure, Refusal, ResponseVerdict, Scheme, SecondaryFailure, UnknownDomain,
+    UpstreamReport, ViewerRequest, DECISION_HEADER, ORIGIN_ERROR_HEADER, ROUTER_CONTROL_HEADERS,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -28,6 +28,8 @@ struct ViewerHeaders<'h> {
     content_length: Option<u64>,
     forged_diagnostics: bool,
     cluster_header: bool,
+    /// The viewer sent a header that steers Envoy's router.
+    router_control: bool,
 }
 
 impl<'h> ViewerHeaders<'h> {
@@ -56,6 +58,9 @@ impl<'h> ViewerHeaders<'h> {
                 "x-forwarded-proto" => v.x_forwarded_proto = Some(value),
                 "content-length" => v.content_length = value.parse().ok(),
                 ORIGIN_ERROR_HEADER | DECISION_HEADER => v.forged_diagnostics = true,
+                n if n.starts_with("x-envoy-") && ROUTER_CONTROL_HEADERS.contains(&n) => {
+                    v.router_control = true
+                }
                 n if n == cluster_header => v.cluster_header = true,
                 _ => {}
             }
@@ -213,6 +218,12 @@ impl OriginFetch {
             return Ok(Action::Continue);
         };
         self.metrics.bump(Counter::Decided);
+        if viewer.router_control {
+            // Only the policy decides retries and timeouts.
+            for name in ROUTER_CONTROL_HEADERS {
+                set_request_header(name, None)?;
+            }
+        }
         set_request_header(&settings.cluster_header, Some(decision.route_cluster))?;
         if let Some(host) = exchange.authority_rewrite(authority) {
             set_request_header(":authority", Some(host))?;
@@ -253,6 +264,11 @@ impl OriginFetch {
         }
     }
 
+    /// `origin_5xx` and `origin_unreachable` count what the viewer got (an
+    /// origin's 5xx; the proxy's 502/504 for an origin that never answered),
+    /// whichever origin that came from; the `failover.*` counters say how
+    /// the request got there. After a retry Envoy keeps only the last
+    /// attempt, so the first origin's own cause is not known here.
     fn count(&self, error: Option<&OriginError>) {
         let Some(error) = error else { return };
         match error.primary {
@@ -266,7 +282,18 @@ impl OriginFetch {
         }
         match &error.failover {
             FailoverOutcome::Skipped(_) => self.metrics.bump(Counter::FailoverSkipped),
-            FailoverOutcome::Next(_, Some(_)) => self.metrics.bump(Counter::FailoverNextFailed),
+            FailoverOutcome::Next(_, Some(last)) => {
+                self.metrics.bump(Counter::FailoverNextFailed);
+                match last {
+                    SecondaryFailure::Unreachable(_) => {
+                        self.metrics.bump(Counter::OriginUnreachable)
+                    }
+                    SecondaryFailure::Answered(status) if *status >= 500 => {
+                        self.metrics.bump(Counter::Origin5xx)
+                    }
+                    SecondaryFailure::Answered(_) => {}
+                }
+            }
             FailoverOutcome::Next(_, None) => self.metrics.bump(Counter::FailoverSucceeded),
             FailoverOutcome::None => {}
         }
