@@ -48,8 +48,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(CLI), *args], capture_output=True, text=True, cwd=REPO)
 
 
-def bundle(run_dir: Path, policy_paths: list[Path], wasm: Path = WASM) -> None:
-    out = cli("bundle", "--wasm", str(wasm), "--out", str(run_dir), *map(str, policy_paths))
+def bundle(
+    run_dir: Path, policy_paths: list[Path], wasm: Path = WASM, admin: str | None = None
+) -> None:
+    """With `admin` (a running Envoy's admin URL), the filter configuration
+    is written once that Envoy has taken the clusters."""
+    waits = ["--admin", admin] if admin else []
+    out = cli(
+        "bundle", "--wasm", str(wasm), "--out", str(run_dir), *waits, *map(str, policy_paths)
+    )
     if out.returncode != 0:
         raise EdgeError(f"bundle failed:\n{out.stdout}{out.stderr}")
 
@@ -222,7 +229,10 @@ def main() -> int:
             print(f"edge up: http://127.0.0.1:{VIEWER_HTTP_PORT}  https://127.0.0.1:{VIEWER_HTTPS_PORT}")
             print(f"admin: {ADMIN}   log: {envoy.log_path}")
             print("demo origins: " + ", ".join(f"{o.name}:{o.port}" for o in DEMO_ORIGINS))
-            print(f"policies: {POLICIES} (edit, then `{CLI} bundle --out {run_dir}` to swap live)")
+            print(
+                f"policies: {POLICIES} (edit, then"
+                f" `{CLI} bundle --out {run_dir} --admin {ADMIN}` to swap live)"
+            )
             print("try:")
             print(
                 CURL_LINES.format(

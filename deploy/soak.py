@@ -194,7 +194,7 @@ def main() -> int:
                     push_invalid(run)
                 else:
                     write_policies(policies, swaps)
-                    bundle(run, [policies])
+                    bundle(run, [policies], admin=envoy.admin)
                 next_swap = now + args.swap_seconds
             if envoy.process.poll() is not None:
                 raise SystemExit(f"Envoy exited during the soak:\n{envoy.log_tail()}")

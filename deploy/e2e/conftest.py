@@ -75,7 +75,7 @@ class Edge:
         return [self.policies, E2E_POLICIES]
 
     def rebundle(self) -> None:
-        bundle(self.run_dir, self.policy_paths)
+        bundle(self.run_dir, self.policy_paths, admin=self.envoy.admin)
 
     def push_policy(self, document: dict) -> str:
         """Adds (or replaces) one domain's policy live; returns once the edge

@@ -145,7 +145,7 @@ def test_swaps_under_load_lose_no_request(edge):
             f.write(bytes([0, len(payload)]) + payload)
         vms_before = edge.stats()["wasm.envoy.wasm.runtime.v8.created"]
         wasm_at = time.monotonic()
-        bundle(edge.run_dir, edge.policy_paths, wasm=new_wasm)
+        bundle(edge.run_dir, edge.policy_paths, wasm=new_wasm, admin=edge.envoy.admin)
         wait_for(lambda: edge.stats()["wasm.envoy.wasm.runtime.v8.created"] > vms_before)
 
         out, _ = wrk.communicate(timeout=LOAD_SECONDS + 30)

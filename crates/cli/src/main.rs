@@ -1,5 +1,6 @@
 //! `origin-policy` command line: check, explain and bundle policy files.
 
+use origin_policy_cli::admin;
 use origin_policy_cli::explain_text;
 use origin_policy_cli::files::{read_paths, write_atomically};
 use origin_policy_engine::documents::PolicyDocuments;
@@ -17,11 +18,17 @@ usage:
       --json also lists the Envoy clusters derived from the policies.
   origin-policy explain [--json] [--policies PATH] [--method M] [--x-forwarded-proto P] URL
       Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
-  origin-policy bundle [--wasm FILE] [--out DIR] [PATH...]
+  origin-policy bundle [--wasm FILE] [--out DIR] [--admin ADDRESS] [PATH...]
       Write DIR/origin-policy.cds.json (the origin clusters), DIR/plugin-config.json
       and DIR/origin-policy.ecds.json (default DIR: run/), each replaced atomically so
-      that Envoy's file watch sees whole files only; clusters first, so that a new
-      policy never names a cluster Envoy does not have yet.";
+      that Envoy's file watch sees whole files only; clusters first. With --admin
+      (Envoy's admin address, e.g. 127.0.0.1:9901), the filter configuration is
+      written only once that Envoy has taken the clusters, so that a new policy
+      never names a cluster Envoy does not have yet; nothing more is written if
+      Envoy rejects them.";
+
+/// Envoy applies a 100,000-cluster file in about a minute (BENCHMARKS.md).
+const CLUSTERS_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// Why the command line failed.
 #[derive(Debug)]
@@ -248,7 +255,21 @@ fn bundle(args: &Args) -> Result<(), CliError> {
         Ok::<(), CliError>(())
     };
     // Compact: at 100,000 origins Envoy parses every byte of it on each push.
-    write("origin-policy.cds.json", cds.to_string())?;
+    let cds = cds.to_string();
+    let cds_path = out.join("origin-policy.cds.json");
+    if std::fs::read(&cds_path).ok().as_deref() != Some(cds.as_bytes()) {
+        let admin = args.value("admin");
+        let before = admin
+            .map(admin::cds_progress)
+            .transpose()
+            .map_err(CliError::Io)?;
+        write("origin-policy.cds.json", cds)?;
+        if let (Some(admin), Some(before)) = (admin, before) {
+            admin::wait_for_clusters(admin, before, CLUSTERS_TAKEN_WITHIN).map_err(|e| {
+                CliError::Io(format!("{e}: the filter configuration was not written"))
+            })?;
+        }
+    }
     write("plugin-config.json", config)?;
     write("origin-policy.ecds.json", format!("{ecds:#}"))?;
     Ok(())
@@ -264,7 +285,7 @@ fn main() -> ExitCode {
         "check" => Args::parse(rest, &[]).and_then(|a| check(&a)),
         "explain" => Args::parse(rest, &["policies", "method", "x-forwarded-proto"])
             .and_then(|a| explain(&a)),
-        "bundle" => Args::parse(rest, &["wasm", "out"]).and_then(|a| bundle(&a)),
+        "bundle" => Args::parse(rest, &["wasm", "out", "admin"]).and_then(|a| bundle(&a)),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
