@@ -26,6 +26,6 @@ pub use filter::{filter_path, Filter, Process};
 pub use shared_data::SharedData;
 pub use state::{
     header, DispatchedCall, Headers, HostState, HttpCallResponse, LocalResponse, LogLine, Metric,
-    Phase, StreamState, TLS_VERSION, TLS_VERSION_PROPERTY,
+    Phase, StreamState, GUEST_ALLOCATION, TLS_VERSION, TLS_VERSION_PROPERTY,
 };
 pub use vm::{Action, Vm};

@@ -138,9 +138,20 @@ pub struct HostState {
     pub now_nanos: u64,
     pub(crate) next_token: u32,
     pub status: (u32, Vec<u8>),
+    /// Every call the guest made into the host, with the callback it was in,
+    /// in order; and the host's calls back into the guest to hand it a value
+    /// (`proxy_on_memory_allocate`), which Envoy pays for too.
+    pub host_calls: Vec<(Option<Phase>, &'static str)>,
 }
 
+/// The name [`HostState::host_calls`] gives the host's allocation calls into the guest.
+pub const GUEST_ALLOCATION: &str = "(proxy_on_memory_allocate)";
+
 impl HostState {
+    pub(crate) fn note_host_call(&mut self, name: &'static str) {
+        self.host_calls.push((self.phase, name));
+    }
+
     /// The stream the current callback belongs to, if it is one.
     pub(crate) fn stream(&mut self) -> Option<&mut StreamState> {
         let id = self.current;

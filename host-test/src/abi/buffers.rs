@@ -46,6 +46,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_buffer_bytes",
         |mut c: Caller<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_size: i32| {
+            c.data_mut().note_host_call("proxy_get_buffer_bytes");
             answer(get_buffer_bytes(
                 &mut c, kind, start, max, ret_ptr, ret_size,
             ))
@@ -55,6 +56,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_set_buffer_bytes",
         |mut c: Caller<'_>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| {
+            c.data_mut().note_host_call("proxy_set_buffer_bytes");
             answer(set_buffer_bytes(&mut c, kind, start, size, ptr, len))
         },
     )?;

@@ -28,6 +28,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          tl: i32,
          timeout: i32,
          ret: i32| {
+            c.data_mut().note_host_call("proxy_http_call");
             let call = HttpCallArgs {
                 cluster: (up, ul),
                 headers: (hp, hl),
@@ -50,6 +51,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          hp: i32,
          hl: i32,
          _grpc: i32| {
+            c.data_mut().note_host_call("proxy_send_local_response");
             let reply = LocalReplyArgs {
                 code,
                 details: (dp, dl),
@@ -63,6 +65,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_status",
         |mut c: Caller<'_>, ret_code: i32, ret_ptr: i32, ret_size: i32| {
+            c.data_mut().note_host_call("proxy_get_status");
             answer(get_status(&mut c, ret_code, ret_ptr, ret_size))
         },
     )?;
@@ -70,6 +73,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_call_foreign_function",
         |mut c: Caller<'_>, np: i32, nl: i32, ap: i32, al: i32, _ret_ptr: i32, _ret_size: i32| {
+            c.data_mut().note_host_call("proxy_call_foreign_function");
             answer(call_foreign_function(&mut c, np, nl, ap, al))
         },
     )?;
@@ -95,14 +99,21 @@ fn link_grpc(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         ENV,
         "proxy_grpc_send",
-        |_c: Caller<'_>, _token: i32, _ptr: i32, _len: i32, _end: i32| {
+        |mut c: Caller<'_>, _token: i32, _ptr: i32, _len: i32, _end: i32| {
+            c.data_mut().note_host_call("proxy_grpc_send");
             answer(Err(Status::NotFound))
         },
     )?;
-    linker.func_wrap(ENV, "proxy_grpc_cancel", |_c: Caller<'_>, _token: i32| {
-        answer(Err(Status::NotFound))
-    })?;
-    linker.func_wrap(ENV, "proxy_grpc_close", |_c: Caller<'_>, _token: i32| {
+    linker.func_wrap(
+        ENV,
+        "proxy_grpc_cancel",
+        |mut c: Caller<'_>, _token: i32| {
+            c.data_mut().note_host_call("proxy_grpc_cancel");
+            answer(Err(Status::NotFound))
+        },
+    )?;
+    linker.func_wrap(ENV, "proxy_grpc_close", |mut c: Caller<'_>, _token: i32| {
+        c.data_mut().note_host_call("proxy_grpc_close");
         answer(Err(Status::NotFound))
     })?;
     Ok(())

@@ -10,12 +10,20 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         ENV,
         "proxy_get_current_time_nanoseconds",
-        |mut c: Caller<'_>, ret: i32| answer(current_time_nanoseconds(&mut c, ret)),
+        |mut c: Caller<'_>, ret: i32| {
+            c.data_mut()
+                .note_host_call("proxy_get_current_time_nanoseconds");
+            answer(current_time_nanoseconds(&mut c, ret))
+        },
     )?;
     linker.func_wrap(
         ENV,
         "proxy_set_tick_period_milliseconds",
-        |mut c: Caller<'_>, ms: i32| answer(set_tick_period_milliseconds(&mut c, ms)),
+        |mut c: Caller<'_>, ms: i32| {
+            c.data_mut()
+                .note_host_call("proxy_set_tick_period_milliseconds");
+            answer(set_tick_period_milliseconds(&mut c, ms))
+        },
     )?;
     Ok(())
 }

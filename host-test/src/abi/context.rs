@@ -7,18 +7,34 @@ use crate::HostState;
 use wasmtime::Linker;
 
 pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(ENV, "proxy_continue_stream", |c: Caller<'_>, _kind: i32| {
-        answer(current_stream_exists(&c))
-    })?;
-    linker.func_wrap(ENV, "proxy_close_stream", |c: Caller<'_>, _kind: i32| {
-        answer(current_stream_exists(&c))
-    })?;
+    linker.func_wrap(
+        ENV,
+        "proxy_continue_stream",
+        |mut c: Caller<'_>, _kind: i32| {
+            c.data_mut().note_host_call("proxy_continue_stream");
+            answer(current_stream_exists(&c))
+        },
+    )?;
+    linker.func_wrap(
+        ENV,
+        "proxy_close_stream",
+        |mut c: Caller<'_>, _kind: i32| {
+            c.data_mut().note_host_call("proxy_close_stream");
+            answer(current_stream_exists(&c))
+        },
+    )?;
     linker.func_wrap(
         ENV,
         "proxy_set_effective_context",
-        |mut c: Caller<'_>, id: i32| answer(set_effective_context(&mut c, id)),
+        |mut c: Caller<'_>, id: i32| {
+            c.data_mut().note_host_call("proxy_set_effective_context");
+            answer(set_effective_context(&mut c, id))
+        },
     )?;
-    linker.func_wrap(ENV, "proxy_done", |_c: Caller<'_>| answer(Ok(())))?;
+    linker.func_wrap(ENV, "proxy_done", |mut c: Caller<'_>| {
+        c.data_mut().note_host_call("proxy_done");
+        answer(Ok(()))
+    })?;
     Ok(())
 }
 

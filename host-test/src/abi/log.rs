@@ -39,9 +39,13 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         ENV,
         "proxy_log",
-        |mut c: Caller<'_>, level: i32, ptr: i32, len: i32| answer(log(&mut c, level, ptr, len)),
+        |mut c: Caller<'_>, level: i32, ptr: i32, len: i32| {
+            c.data_mut().note_host_call("proxy_log");
+            answer(log(&mut c, level, ptr, len))
+        },
     )?;
     linker.func_wrap(ENV, "proxy_get_log_level", |mut c: Caller<'_>, ret: i32| {
+        c.data_mut().note_host_call("proxy_get_log_level");
         answer(get_log_level(&mut c, ret))
     })?;
     Ok(())

@@ -42,6 +42,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_>, map: i32, ret_ptr: i32, ret_size: i32| {
+            c.data_mut().note_host_call("proxy_get_header_map_pairs");
             answer(get_header_map_pairs(&mut c, map, ret_ptr, ret_size))
         },
     )?;
@@ -49,6 +50,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_set_header_map_pairs",
         |mut c: Caller<'_>, map: i32, ptr: i32, len: i32| {
+            c.data_mut().note_host_call("proxy_set_header_map_pairs");
             answer(set_header_map_pairs(&mut c, map, ptr, len))
         },
     )?;
@@ -56,6 +58,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_header_map_value",
         |mut c: Caller<'_>, map: i32, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32| {
+            c.data_mut().note_host_call("proxy_get_header_map_value");
             answer(get_header_map_value(&mut c, map, kp, kl, ret_ptr, ret_size))
         },
     )?;
@@ -63,6 +66,8 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_replace_header_map_value",
         |mut c: Caller<'_>, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+            c.data_mut()
+                .note_host_call("proxy_replace_header_map_value");
             answer(replace_header_map_value(&mut c, map, kp, kl, vp, vl))
         },
     )?;
@@ -70,6 +75,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_add_header_map_value",
         |mut c: Caller<'_>, map: i32, kp: i32, kl: i32, vp: i32, vl: i32| {
+            c.data_mut().note_host_call("proxy_add_header_map_value");
             answer(add_header_map_value(&mut c, map, kp, kl, vp, vl))
         },
     )?;
@@ -77,6 +83,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_remove_header_map_value",
         |mut c: Caller<'_>, map: i32, kp: i32, kl: i32| {
+            c.data_mut().note_host_call("proxy_remove_header_map_value");
             answer(remove_header_map_value(&mut c, map, kp, kl))
         },
     )?;

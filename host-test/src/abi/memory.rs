@@ -63,6 +63,9 @@ pub(super) fn give(
     let ptr = if bytes.is_empty() {
         0
     } else {
+        caller
+            .data_mut()
+            .note_host_call(crate::state::GUEST_ALLOCATION);
         let ptr = allocate
             .call(&mut *caller, bytes.len() as i32)
             .map_err(|_| Status::InternalFailure)?;

@@ -32,23 +32,33 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_define_metric",
         |mut c: Caller<'_>, kind: i32, np: i32, nl: i32, ret: i32| {
+            c.data_mut().note_host_call("proxy_define_metric");
             answer(define_metric(&mut c, kind, np, nl, ret))
         },
     )?;
     linker.func_wrap(
         ENV,
         "proxy_increment_metric",
-        |mut c: Caller<'_>, id: i32, offset: i64| answer(increment_metric(&mut c, id, offset)),
+        |mut c: Caller<'_>, id: i32, offset: i64| {
+            c.data_mut().note_host_call("proxy_increment_metric");
+            answer(increment_metric(&mut c, id, offset))
+        },
     )?;
     linker.func_wrap(
         ENV,
         "proxy_record_metric",
-        |mut c: Caller<'_>, id: i32, value: i64| answer(record_metric(&mut c, id, value)),
+        |mut c: Caller<'_>, id: i32, value: i64| {
+            c.data_mut().note_host_call("proxy_record_metric");
+            answer(record_metric(&mut c, id, value))
+        },
     )?;
     linker.func_wrap(
         ENV,
         "proxy_get_metric",
-        |mut c: Caller<'_>, id: i32, ret: i32| answer(get_metric(&mut c, id, ret)),
+        |mut c: Caller<'_>, id: i32, ret: i32| {
+            c.data_mut().note_host_call("proxy_get_metric");
+            answer(get_metric(&mut c, id, ret))
+        },
     )?;
     Ok(())
 }

@@ -13,6 +13,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_property",
         |mut c: Caller<'_>, pp: i32, pl: i32, ret_ptr: i32, ret_size: i32| {
+            c.data_mut().note_host_call("proxy_get_property");
             answer(get_property(&mut c, pp, pl, ret_ptr, ret_size))
         },
     )?;
@@ -20,6 +21,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_set_property",
         |mut c: Caller<'_>, pp: i32, pl: i32, vp: i32, vl: i32| {
+            c.data_mut().note_host_call("proxy_set_property");
             answer(set_property(&mut c, pp, pl, vp, vl))
         },
     )?;

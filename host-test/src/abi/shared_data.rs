@@ -12,6 +12,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_shared_data",
         |mut c: Caller<'_>, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| {
+            c.data_mut().note_host_call("proxy_get_shared_data");
             answer(get_shared_data(&mut c, kp, kl, ret_ptr, ret_size, ret_cas))
         },
     )?;
@@ -19,6 +20,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_set_shared_data",
         |mut c: Caller<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| {
+            c.data_mut().note_host_call("proxy_set_shared_data");
             answer(set_shared_data(&mut c, kp, kl, vp, vl, cas))
         },
     )?;
@@ -26,6 +28,7 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_register_shared_queue",
         |mut c: Caller<'_>, np: i32, nl: i32, ret: i32| {
+            c.data_mut().note_host_call("proxy_register_shared_queue");
             answer(register_shared_queue(&mut c, np, nl, ret))
         },
     )?;
@@ -33,18 +36,25 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         ENV,
         "proxy_resolve_shared_queue",
         |mut c: Caller<'_>, _vp: i32, _vl: i32, np: i32, nl: i32, ret: i32| {
+            c.data_mut().note_host_call("proxy_resolve_shared_queue");
             answer(resolve_shared_queue(&mut c, np, nl, ret))
         },
     )?;
     linker.func_wrap(
         ENV,
         "proxy_dequeue_shared_queue",
-        |_c: Caller<'_>, _id: i32, _ret_ptr: i32, _ret_size: i32| answer(Err(Status::Empty)),
+        |mut c: Caller<'_>, _id: i32, _ret_ptr: i32, _ret_size: i32| {
+            c.data_mut().note_host_call("proxy_dequeue_shared_queue");
+            answer(Err(Status::Empty))
+        },
     )?;
     linker.func_wrap(
         ENV,
         "proxy_enqueue_shared_queue",
-        |_c: Caller<'_>, _id: i32, _ptr: i32, _len: i32| answer(Ok(())),
+        |mut c: Caller<'_>, _id: i32, _ptr: i32, _len: i32| {
+            c.data_mut().note_host_call("proxy_enqueue_shared_queue");
+            answer(Ok(()))
+        },
     )?;
     Ok(())
 }

@@ -33,29 +33,40 @@ pub(super) fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         WASI,
         "random_get",
-        |mut c: Caller<'_>, ptr: i32, len: i32| errno(random_get(&mut c, ptr, len)),
+        |mut c: Caller<'_>, ptr: i32, len: i32| {
+            c.data_mut().note_host_call("random_get");
+            errno(random_get(&mut c, ptr, len))
+        },
     )?;
     linker.func_wrap(
         WASI,
         "environ_sizes_get",
-        |mut c: Caller<'_>, count: i32, size: i32| errno(environ_sizes_get(&mut c, count, size)),
+        |mut c: Caller<'_>, count: i32, size: i32| {
+            c.data_mut().note_host_call("environ_sizes_get");
+            errno(environ_sizes_get(&mut c, count, size))
+        },
     )?;
     linker.func_wrap(
         WASI,
         "environ_get",
-        |_c: Caller<'_>, _environ: i32, _buf: i32| errno(Ok(())),
+        |mut c: Caller<'_>, _environ: i32, _buf: i32| {
+            c.data_mut().note_host_call("environ_get");
+            errno(Ok(()))
+        },
     )?;
     linker.func_wrap(
         WASI,
         "fd_write",
         |mut c: Caller<'_>, fd: i32, iovs: i32, n: i32, written: i32| {
+            c.data_mut().note_host_call("fd_write");
             errno(fd_write(&mut c, fd, iovs, n, written))
         },
     )?;
     linker.func_wrap(
         WASI,
         "proc_exit",
-        |_c: Caller<'_>, code: i32| -> wasmtime::Result<()> {
+        |mut c: Caller<'_>, code: i32| -> wasmtime::Result<()> {
+            c.data_mut().note_host_call("proc_exit");
             wasmtime::bail!("guest called proc_exit({code})")
         },
     )?;
