@@ -8,7 +8,13 @@ paced by a per-request delay (latency at about the same offered load). Envoy's
 CPU comes from /proc/PID/stat, so a busy machine skews it far less than wall
 time. Prints Markdown tables of the medians over the rounds.
 
-Run: bench/run-envoy [--rounds N] [--seconds S]
+With --calibrate, the same run also measures what one host call costs Envoy:
+the no-op filter made to do exactly one kind of call per request (read the
+whole request header map, one header, set one, remove one, read a property,
+increment a counter, set filter state, get 200 B of shared data), one listener
+per kind, each against the plain no-op (flat out).
+
+Run: bench/run-envoy [--rounds N] [--seconds S] [--calibrate]
 """
 
 from __future__ import annotations
@@ -50,6 +56,23 @@ LABELS = {
     "noop_wasm": "(c) no-op wasm",
     "origin_policy": "(d) origin-policy",
 }
+# The calibration variants: the no-op filter's plugin configuration names the
+# one host call it makes per request (bench/noop-filter/src/lib.rs).
+CALIBRATION_CALLS = {
+    "request_header_map": "read the whole request header map",
+    "request_header": "read one request header (`:authority`)",
+    "set_request_header": "set one request header",
+    "remove_request_header": "remove one request header",
+    "property_tls_version": "property `connection.tls_version` (plaintext: not found)",
+    "property_attempt_count": "property `upstream.request_attempt_count` (response)",
+    "property_host_metadata": "property `xds.upstream_host_metadata` (response)",
+    "property_code_details": "property `response.code_details` (response)",
+    "increment_metric": "increment a counter",
+    "set_filter_state": "set filter state (`set_envoy_filter_state`)",
+    "shared_data_get_200b": "shared data: get 200 B",
+}
+CALIBRATION_PORT = 10150
+CALIBRATION: dict[str, int] = {}
 VIEWER_HOST = "bench.example.com"
 ENVOY_CPU = 0
 LOAD_CPU = 1
@@ -207,6 +230,39 @@ def add_lever(run: Path, config: dict, lever: str, port: int, wasm: Path) -> Non
     LABELS[f"lever_{name}"] = f"(d) with `{name}`"
 
 
+def add_calibration(config: dict) -> None:
+    """One copy of (c)'s listener per host call, its no-op filter told to make
+    that call once per request."""
+    noop = next(l for l in config["static_resources"]["listeners"] if l["name"] == "noop_wasm")
+    for i, call in enumerate(CALIBRATION_CALLS):
+        listener = copy.deepcopy(noop)
+        listener["name"] = f"calibrate_{call}"
+        listener["address"]["socket_address"]["port_value"] = CALIBRATION_PORT + i
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = f"calibrate_{call}"
+        wasm = hcm["http_filters"][0]["typed_config"]["config"]
+        wasm["name"] = f"calibrate_{call}"
+        wasm["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": call}
+        config["static_resources"]["listeners"].append(listener)
+        CALIBRATION[call] = CALIBRATION_PORT + i
+
+
+def calibration_table(results: dict[str, list[dict]], noop: list[dict]) -> str:
+    noop_cpu = median(noop, "cpu_us")
+    lines = [
+        "**One host call per request, flat out: Envoy CPU over the plain no-op (c)**",
+        "",
+        "| host call | Envoy CPU µs/req | µs per call (− (c)) | req/s |",
+        "|---|---:|---:|---:|",
+        f"| none: (c) no-op wasm | {noop_cpu:.1f} | +0.0 | {median(noop, 'rps'):,.0f} |",
+    ]
+    for call, label in CALIBRATION_CALLS.items():
+        rows = results[call]
+        cpu = median(rows, "cpu_us")
+        lines.append(f"| {label} | {cpu:.1f} | {cpu - noop_cpu:+.1f} | {median(rows, 'rps'):,.0f} |")
+    return "\n".join(lines)
+
+
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -262,6 +318,11 @@ def main() -> int:
         "(same origin): an A/B of one lever against (d)",
     )
     parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also measure one kind of host call per request against the no-op filter",
+    )
+    parser.add_argument(
         "--profile",
         choices=list(VARIANTS),
         help="instead of the tables: load one variant for --seconds under `perf record` of Envoy",
@@ -293,6 +354,8 @@ def main() -> int:
         config = yaml.safe_load((BENCH / "envoy" / "bench.yaml").read_text())
         for i, lever in enumerate(args.lever):
             add_lever(run, config, lever, VARIANTS["origin_policy"] + 1 + i, args.wasm)
+        if args.calibrate:
+            add_calibration(config)
         envoy = Envoy(run, config, concurrency=1, cpus={ENVOY_CPU}, admin=ADMIN)
         envoy.start()
         check_variants()
@@ -304,24 +367,25 @@ def main() -> int:
             WRK_REPORT % (VIEWER_HOST, f"function delay() return {args.paced_delay_ms} end")
         )
         # Warm-up: connection pools, TLS sessions, the wasm VMs' first requests.
-        for port in VARIANTS.values():
+        for port in [*VARIANTS.values(), *CALIBRATION.values()]:
             wrk(port, 1, args.connections, flat_out)
 
         if args.profile:
             return profile(envoy.process.pid, VARIANTS[args.profile], args, flat_out, run)
 
-        names = list(VARIANTS)
-        results = {"flat": {n: [] for n in names}, "paced": {n: [] for n in names}}
+        names = list(VARIANTS) + list(CALIBRATION)
+        results = {"flat": {n: [] for n in names}, "paced": {n: [] for n in VARIANTS}}
         for round_no in range(args.rounds):
             order = names[round_no % len(names) :] + names[: round_no % len(names)]
             for name in order:
-                port = VARIANTS[name]
+                port = VARIANTS.get(name) or CALIBRATION[name]
                 results["flat"][name].append(
                     measure(envoy.process.pid, port, args.seconds, args.connections, flat_out)
                 )
-                results["paced"][name].append(
-                    measure(envoy.process.pid, port, args.seconds, args.connections, paced)
-                )
+                if name in VARIANTS:
+                    results["paced"][name].append(
+                        measure(envoy.process.pid, port, args.seconds, args.connections, paced)
+                    )
             print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
         check_variants()
 
@@ -341,6 +405,9 @@ def main() -> int:
                 f"Paced ({args.paced_delay_ms:g} ms pause per request per connection: about the same offered load for every variant)",
             )
         )
+        if CALIBRATION:
+            print()
+            print(calibration_table(results["flat"], results["flat"]["noop_wasm"]))
         return 0
     finally:
         if envoy is not None:
