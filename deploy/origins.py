@@ -287,15 +287,17 @@ class _OriginServer(ThreadingHTTPServer):
 
 
 class NameServer:
-    """A DNS server on 127.0.0.1 (UDP) that knows no name: every query is
-    answered NXDOMAIN. The edge's origins named by DNS are looked up here
-    (`settings.dns_resolvers`), so no query leaves the machine and a name
-    that never resolves fails at once."""
+    """A DNS server on 127.0.0.1 (UDP). By default it knows no name: every
+    query is answered NXDOMAIN. The edge's origins named by DNS are looked up
+    here (`settings.dns_resolvers`), so no query leaves the machine and a name
+    that never resolves fails at once. Given `every_name_is`, it answers every
+    A query with that IPv4 address instead (a benchmark's many origin names)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, every_name_is: str | None = None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", port))
         self.address = f"127.0.0.1:{port}"
+        self.answer = socket.inet_aton(every_name_is) if every_name_is else None
         self.queries: list[str] = []
         self.thread = threading.Thread(target=self._serve, name="dns", daemon=True)
 
@@ -318,9 +320,20 @@ class NameServer:
             except IndexError:
                 continue
             self.queries.append(name)
-            # Same id; a response, recursion desired and available, NXDOMAIN;
-            # one question, no records.
-            header = query[:2] + b"\x81\x83" + b"\x00\x01" + b"\x00\x00" * 3
+            qtype = question[-4:-2]
+            if self.answer is not None and qtype == b"\x00\x01":
+                # Same id; a response, recursion desired and available, no
+                # error; one question, one answer: the question's name (a
+                # pointer to it), A, IN, an hour, the address.
+                header = query[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
+                record = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x0e\x10\x00\x04" + self.answer
+                self.sock.sendto(header + question + record, peer)
+                continue
+            # Same id; a response, recursion desired and available, NXDOMAIN
+            # (no error, no record, for another type of a known name); one
+            # question, no records.
+            rcode = b"\x81\x80" if self.answer is not None else b"\x81\x83"
+            header = query[:2] + rcode + b"\x00\x01" + b"\x00\x00" * 3
             self.sock.sendto(header + question, peer)
 
     def __enter__(self) -> "NameServer":

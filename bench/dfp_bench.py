@@ -1,0 +1,211 @@
+"""What Envoy's dynamic forward proxy (DFP) costs per origin host, against one
+cluster per origin (bench/cluster_bench.py): the candidate for 100,000
+distinct origins on one edge.
+
+One Envoy 1.40 (--concurrency 2): a listener whose DFP HTTP filter and DFP
+cluster take the origin from each request's Host (`o<i>.origins.test:18600`);
+its DNS cache (max_hosts 1,000,000) looks names up on a local DNS server that
+answers every name with 127.0.0.1, where one origin listens. For each N, a
+fresh Envoy gets one request for each of N new origin names (8 at a time),
+then the script measures (the origin closes each connection after its answer,
+as 100,000 rarely used origins would time theirs out):
+
+- Envoy's RSS before and after, and per origin host;
+- how long the N new hosts took, and the latency of a request to a new host
+  (the last 1,000 added: DNS, the host added to the cache and the cluster, a
+  new connection) and to a known one, at that N.
+
+Run: .venv/bin/python bench/dfp_bench.py [--hosts 1000,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "deploy"))
+from edge import Envoy, cpu_model, envoy_version  # noqa: E402
+from origins import NameServer  # noqa: E402
+
+LISTEN_PORT = 10190
+ORIGIN_PORT = 18600
+DNS_PORT = 18653
+ADMIN = "http://127.0.0.1:9912"
+MIB = 1024 * 1024
+
+
+def config() -> dict:
+    cache = {
+        "name": "origins",
+        "dns_lookup_family": "V4_ONLY",
+        "max_hosts": 1_000_000,
+        "typed_dns_resolver_config": {
+            "name": "envoy.network.dns_resolver.cares",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": DNS_PORT}}],
+                "dns_resolver_options": {"no_default_search_domain": True},
+            },
+        },
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "dfp",
+        "route_config": {
+            "virtual_hosts": [
+                {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "origins"}}]}
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                    "dns_cache_config": cache,
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    host, port = ADMIN.removeprefix("http://").split(":")
+    return {
+        "admin": {"address": {"socket_address": {"address": host, "port_value": int(port)}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "viewer",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": LISTEN_PORT}},
+                    "filter_chains": [
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "origins",
+                    "connect_timeout": "2s",
+                    "lb_policy": "CLUSTER_PROVIDED",
+                    "cluster_type": {
+                        "name": "envoy.clusters.dynamic_forward_proxy",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                            "dns_cache_config": cache,
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+class _Origin(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        # One connection per answer: 100,000 origin hosts each used once
+        # must not leave 100,000 idle connections (and threads) behind.
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("connection", "close")
+        self.send_header("content-length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def fetch(host: str) -> float:
+    """One GET through Envoy for `host`, on a connection of its own; its
+    latency in ms."""
+    conn = http.client.HTTPConnection("127.0.0.1", LISTEN_PORT, timeout=30)
+    try:
+        started = time.perf_counter()
+        conn.request("GET", "/", headers={"host": host})
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise SystemExit(f"{host}: {r.status}")
+        return (time.perf_counter() - started) * 1000
+    finally:
+        conn.close()
+
+
+def name(i: int) -> str:
+    return f"o{i}.origins.test:{ORIGIN_PORT}"
+
+
+def run(n: int) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="dfp-bench-"))
+    envoy = Envoy(run_dir, config(), concurrency=2, admin=ADMIN)
+    envoy.start()
+    try:
+        fetch(name(0))
+        before = rss_mib(envoy.process.pid)
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            latencies = list(pool.map(fetch, (name(i) for i in range(1, n + 1))))
+        took = time.monotonic() - started
+        after = rss_mib(envoy.process.pid)
+        known = [fetch(name(1 + i % n)) for i in range(1000)]
+        new = latencies[-1000:]
+        return {
+            "n": n,
+            "took": took,
+            "before": before,
+            "after": after,
+            "per_host_kib": (after - before) * 1024 / n,
+            "new_p50": statistics.median(new),
+            "new_p99": sorted(new)[int(len(new) * 0.99) - 1],
+            "known_p50": statistics.median(known),
+        }
+    finally:
+        envoy.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", default="1000,10000,100000")
+    args = parser.parse_args()
+    origin = ThreadingHTTPServer(("127.0.0.1", ORIGIN_PORT), _Origin)
+    origin.daemon_threads = True
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    rows = []
+    with NameServer(DNS_PORT, every_name_is="127.0.0.1"):
+        for n in (int(x) for x in args.hosts.split(",")):
+            rows.append(run(n))
+            print(f"{n} hosts done", file=sys.stderr)
+    origin.shutdown()
+    print(f"Machine: 2-core {cpu_model()}, Envoy {envoy_version()}, --concurrency 2; one origin on 127.0.0.1, names from a local DNS server; 8 requests at a time.")
+    print()
+    print("| origin hosts | time to add them | Envoy RSS before → after | per host | new host p50 / p99 (last 1,000) | known host p50 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['n']:,} | {r['took']:.1f} s | {r['before']:.0f} → {r['after']:.0f} MiB | {r['per_host_kib']:.1f} KiB"
+            f" | {r['new_p50']:.1f} / {r['new_p99']:.1f} ms | {r['known_p50']:.1f} ms |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
