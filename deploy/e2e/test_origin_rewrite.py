@@ -111,3 +111,13 @@ def test_an_unknown_host_gets_the_configured_local_reply(edge, path):
     assert r.status == 404
     assert r.header("x-origin-error") == "no origin policy for host unknown.example.org"
     assert edge.seen(path) == []
+
+
+def test_a_viewers_diagnostic_headers_never_reach_the_origin(edge, path):
+    # The filter reads no header but the host for this policy: the route's
+    # request_headers_to_remove drops them.
+    forged = {"x-origin-error": "forged", "x-origin-decision": "forged", "x-origin-cluster": "x"}
+    r = edge.request("plain.example.com", path, headers=forged)
+    assert r.status == 200
+    got = only(edge.seen(path))
+    assert not got.header_names() & set(forged), got.headers

@@ -179,6 +179,9 @@ class ViewerEdge:
         return self.demo.log.matching(path)
 
     def counter(self, name: str) -> int:
+        """A filter counter once every worker's tick (once a second) has
+        handed over the counts of the requests made before."""
+        time.sleep(1.3)
         return self.envoy.stats().get(f"wasmcustom.origin_policy.{name}", 0)
 
 

@@ -60,6 +60,7 @@ pub(crate) struct Exports {
     pub(crate) on_done: Export<ContextId, Answer>,
     pub(crate) on_log: Export<ContextId, ()>,
     pub(crate) on_delete: Export<ContextId, ()>,
+    pub(crate) on_tick: Export<ContextId, ()>,
 }
 
 impl Exports {
@@ -77,6 +78,7 @@ impl Exports {
             on_done: Export::lookup(store, instance, "proxy_on_done")?,
             on_log: Export::lookup(store, instance, "proxy_on_log")?,
             on_delete: Export::lookup(store, instance, "proxy_on_delete")?,
+            on_tick: Export::lookup(store, instance, "proxy_on_tick")?,
         })
     }
 }

@@ -300,6 +300,13 @@ impl Vm {
         Ok(())
     }
 
+    /// One tick of the root context, as Envoy delivers every
+    /// `tick_period_ms`: the filter hands its per-request counters over then.
+    pub fn tick(&mut self) -> Result<()> {
+        let root = self.root as i32;
+        self.with_phase(0, Phase::Root, |vm| vm.call(|e| &e.on_tick, root))
+    }
+
     /// Advances the host clock (for timeouts measured by the guest).
     pub fn advance_clock_ms(&mut self, ms: u64) {
         self.store.data_mut().now_nanos += ms * 1_000_000;

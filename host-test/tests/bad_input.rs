@@ -142,6 +142,7 @@ fn viewer_hosts() {
             other => panic!("{control:?}: {other:?}"),
         }
     }
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.bad_host"), Some(7));
     still_serves(&mut vm);
 }
@@ -165,15 +166,20 @@ fn missing_duplicate_and_disagreeing_hosts() {
         }
     );
     let conflict = Seen::Local(400, "bad host: conflicting Host values".to_owned());
+    // Envoy hands a filter one Host: repeated ones joined with a comma. A
+    // policy that decides on the host alone reads only `:authority`.
+    let joined = with_host("plain.example.com,www.example.com");
+    assert_eq!(send(&mut vm, &joined), conflict);
+    // Maps Envoy does not make, read whole for a `follow` policy: still refused.
     let two_hosts = [
-        (":authority", PLAIN),
+        (":authority", "media.example.com"),
         (":authority", "www.example.com"),
         (":scheme", "http"),
         (":method", "GET"),
     ];
     assert_eq!(send(&mut vm, &two_hosts), conflict);
     let disagree = [
-        (":authority", PLAIN),
+        (":authority", "media.example.com"),
         ("host", "secure.example.com"),
         (":scheme", "http"),
         (":method", "GET"),
@@ -260,7 +266,23 @@ fn without_trusted_x_forwarded_proto_only_the_connection_decides() {
 #[test]
 fn a_viewer_cannot_choose_the_cluster_or_forge_diagnostics() {
     let mut vm = common::example_vm();
+    // A policy that decides on the host alone reads no other header: the
+    // route drops a viewer's diagnostic headers (`request_headers_to_remove`,
+    // deploy/e2e test_a_viewers_diagnostic_headers_never_reach_the_origin).
     let mut headers = with_host(PLAIN);
+    headers.extend([
+        ("x-origin-cluster", "www_secondary"),
+        ("x-origin-error", "forged"),
+    ]);
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &headers, true).unwrap();
+    assert_eq!(
+        vm.upstream_header(id, "x-origin-cluster"),
+        Some(origin(PLAIN, false))
+    );
+    vm.close_stream(id).unwrap();
+    // A policy read whole drops them itself.
+    let mut headers = with_host("www.example.com");
     headers.extend([
         ("x-origin-cluster", "www_secondary"),
         ("x-origin-error", "forged"),
@@ -269,8 +291,11 @@ fn a_viewer_cannot_choose_the_cluster_or_forge_diagnostics() {
     let id = vm.open_stream().unwrap();
     vm.request_headers(id, &headers, true).unwrap();
     assert_eq!(
-        vm.upstream_header(id, "x-origin-cluster"),
-        Some(origin(PLAIN, false))
+        vm.upstream_header(id, "x-origin-cluster").as_deref(),
+        Some(
+            common::example_clusters("www.example.com", origin_policy_engine::Scheme::Http)[0]
+                .as_str()
+        )
     );
     assert_eq!(vm.upstream_header(id, "x-origin-error"), None);
     assert_eq!(vm.upstream_header(id, "x-origin-decision"), None);

@@ -32,6 +32,7 @@ fn redirects_are_marked_uncacheable_and_200_is_untouched() {
         assert_eq!(cc.len(), 1, "{status}: one cache-control line");
         assert_eq!(cc[0].1, want, "{status}");
     }
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.redirects_uncacheable"), Some(2));
 }
 

@@ -94,6 +94,7 @@ fn a_secondary_envoy_could_not_reach_after_a_retry_is_a_connect_failure() {
         vm.response_header(id, "x-origin-error").as_deref(),
         Some("orig failed; failover=secondary; secondary connect failed (Connection refused)")
     );
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.failover.next_failed"), Some(1));
 }
 
@@ -117,5 +118,6 @@ fn a_post_skipped_for_its_method_is_counted() {
         vm.response_header(id, "x-origin-error").as_deref(),
         Some("orig response 503 error; failover=skipped (method POST)")
     );
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.failover.skipped"), Some(1));
 }

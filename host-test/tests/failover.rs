@@ -98,6 +98,7 @@ fn an_answer_from_the_secondary_names_both_origins() {
         decision.contains("origin=secondary; address=backup.example.net; scheme=http; port=18085"),
         "{decision}"
     );
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.failover.retried"), Some(1));
     assert_eq!(vm.metric("origin_policy.failover.succeeded"), Some(1));
 }
@@ -111,6 +112,7 @@ fn a_primary_marked_down_is_said_so() {
         vm.response_header(id, "x-origin-error").as_deref(),
         Some("orig marked down; failover=secondary")
     );
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.failover.marked_down"), Some(1));
 }
 
@@ -123,6 +125,7 @@ fn both_failing_names_both() {
         vm.response_header(id, "x-origin-error").as_deref(),
         Some("orig failed; failover=secondary; secondary response 503 error")
     );
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.failover.next_failed"), Some(1));
 }
 
@@ -143,6 +146,7 @@ fn post_is_not_failed_over_by_default() {
         vm.response_header(id, "x-origin-error").as_deref(),
         Some("orig response 503 error; failover=skipped (method POST)")
     );
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.failover.skipped"), Some(1));
 }
 
@@ -217,5 +221,6 @@ fn an_origin_that_never_answered_gets_502_or_504_with_the_cause() {
         vm.response_header(timeout, "x-origin-error").as_deref(),
         Some("orig response timeout")
     );
+    vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.origin_unreachable"), Some(2));
 }

@@ -168,5 +168,6 @@ fn golden_cases_through_the_wasm_match_the_engine() {
     }
     assert!(checked >= 20);
     assert_eq!(filter_only, 1, "cases with `filter_expect`");
+    vm.tick().unwrap();
     assert!(vm.metric("origin_policy.decisions").unwrap() > 0);
 }

@@ -233,6 +233,13 @@ impl<'a> DomainMatch<'a> {
         self.policy.policy.protocol == ProtocolPolicy::Follow
     }
 
+    /// The decision takes nothing from the request but its host: the scheme
+    /// is not the viewer's and there is no failover rule to weigh the method
+    /// and body against. A caller may then skip reading the other headers.
+    pub fn needs_only_the_host(&self) -> bool {
+        !self.follows_viewer() && self.policy.policy.failover.is_none()
+    }
+
     /// What the decision takes from the request besides the host.
     pub(crate) fn choose(&self, request: &ViewerRequest<'_>, settings: &Settings) -> Choice {
         let (viewer_scheme, source) = viewer_scheme(request, settings);

@@ -14,6 +14,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// How late a per-request counter may reach Envoy's stats.
+const METRICS_FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
 thread_local! {
     /// The policies last applied per plugin in this VM. Envoy configures a
     /// changed plugin in a fresh root context, which must still be able to keep
@@ -146,7 +149,7 @@ impl OriginPolicyRoot {
     fn reject(&self, metrics: &Metrics, report: Report, why: &dyn std::fmt::Display) -> bool {
         if matches!(report, Report::All | Report::Findings) {
             error!("{why}");
-            metrics.bump(Counter::ConfigRejected);
+            metrics.add(Counter::ConfigRejected, 1);
         }
         // Envoy keeps serving the previous configuration.
         false
@@ -157,6 +160,10 @@ impl Context for OriginPolicyRoot {}
 
 impl RootContext for OriginPolicyRoot {
     fn on_configure(&mut self, size: usize) -> bool {
+        if self.metrics.is_none() {
+            // The per-request counters reach Envoy on this tick.
+            self.set_tick_period(METRICS_FLUSH_PERIOD);
+        }
         let metrics = Rc::clone(
             self.metrics
                 .get_or_insert_with(|| Rc::new(Metrics::define())),
@@ -202,7 +209,7 @@ impl RootContext for OriginPolicyRoot {
                 warn!("{d}");
             }
             metrics.add(Counter::PolicyRejected, compiled.rejected as u64);
-            metrics.bump(Counter::ConfigApplied);
+            metrics.add(Counter::ConfigApplied, 1);
         }
         if matches!(report, Report::All | Report::Kept) {
             for domain in &compiled.kept_previous {
@@ -218,6 +225,12 @@ impl RootContext for OriginPolicyRoot {
         LAST_GOOD.with(|m| m.borrow_mut().insert(plugin, Rc::clone(&set)));
         self.policies = Some(set);
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.flush();
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
