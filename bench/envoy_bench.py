@@ -208,8 +208,9 @@ def add_lever(run: Path, config: dict, lever: str, port: int, wasm: Path) -> Non
     """A copy of (d)'s listener on `port`, its filter bundled from another
     policy directory into a directory of its own; its clusters join (d)'s."""
     name, _, directory = lever.partition("=")
+    directory, _, other_wasm = directory.partition("@")
     out = run / f"lever-{name}"
-    bundle(out, [Path(directory)], wasm)
+    bundle(out, [Path(directory)], Path(other_wasm) if other_wasm else wasm)
     cds = json.loads((run / "origin-policy.cds.json").read_text())
     known = {c["name"] for c in cds["resources"]}
     lever_cds = json.loads((out / "origin-policy.cds.json").read_text())
@@ -313,9 +314,10 @@ def main() -> int:
         "--lever",
         action="append",
         default=[],
-        metavar="NAME=POLICY_DIR",
+        metavar="NAME=POLICY_DIR[@WASM]",
         help="one more origin-policy variant in the same run, with another policy directory "
-        "(same origin): an A/B of one lever against (d)",
+        "(same origin) and optionally another build of the filter: an A/B of one lever "
+        "against (d)",
     )
     parser.add_argument(
         "--calibrate",
