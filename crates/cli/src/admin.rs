@@ -65,24 +65,23 @@ pub fn cds_progress(admin: &str) -> Result<CdsProgress, String> {
     let body = get(admin, STATS_QUERY)?;
     let json: Value = serde_json::from_str(&body).map_err(|e| format!("Envoy admin stats: {e}"))?;
     let mut progress = CdsProgress::default();
-    let stats = json["stats"].as_array();
-    let reads_cds = stats
-        .into_iter()
-        .flatten()
-        .any(|s| s["name"] == "cluster_manager.cds.update_success");
-    if !reads_cds {
-        return Err(format!(
-            "the Envoy at {admin} reads no clusters (no `dynamic_resources.cds_config`)"
-        ));
-    }
-    for stat in stats.into_iter().flatten() {
+    let mut reads_cds = false;
+    for stat in json["stats"].as_array().into_iter().flatten() {
         let value = stat["value"].as_u64().unwrap_or(0);
         match stat["name"].as_str() {
-            Some("cluster_manager.cds.update_success") => progress.updates = value,
+            Some("cluster_manager.cds.update_success") => {
+                reads_cds = true;
+                progress.updates = value;
+            }
             Some("cluster_manager.cds.update_rejected") => progress.rejected = value,
             Some("cluster_manager.warming_clusters") => progress.warming = value,
             _ => {}
         }
+    }
+    if !reads_cds {
+        return Err(format!(
+            "the Envoy at {admin} reads no clusters (no `dynamic_resources.cds_config`)"
+        ));
     }
     Ok(progress)
 }

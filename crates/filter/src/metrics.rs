@@ -25,24 +25,6 @@ pub enum Counter {
     PolicyRejected,
 }
 
-const COUNTERS: [Counter; 15] = [
-    Counter::Decided,
-    Counter::UnknownDomain,
-    Counter::BadHost,
-    Counter::Origin5xx,
-    Counter::OriginUnreachable,
-    Counter::RedirectUncacheable,
-    Counter::CacheOverridden,
-    Counter::FailoverRetried,
-    Counter::FailoverMarkedDown,
-    Counter::FailoverSucceeded,
-    Counter::FailoverNextFailed,
-    Counter::FailoverSkipped,
-    Counter::ConfigApplied,
-    Counter::ConfigRejected,
-    Counter::PolicyRejected,
-];
-
 const NAMES: [&str; 15] = [
     "origin_policy.decisions",
     "origin_policy.unknown_domain",
@@ -101,14 +83,11 @@ impl Metrics {
 
     /// Hands the pending counts to Envoy: one call per counter that moved.
     pub fn flush(&self) {
-        let pending: Vec<(Counter, u64)> = PENDING.with(|p| {
-            COUNTERS
-                .iter()
-                .filter_map(|&c| Some((c, p[c as usize].replace(0))).filter(|(_, n)| *n > 0))
-                .collect()
-        });
-        for (counter, n) in pending {
-            self.add(counter, n);
+        let pending: [u64; NAMES.len()] = PENDING.with(|p| p.each_ref().map(|c| c.replace(0)));
+        for (id, n) in self.ids.iter().zip(pending) {
+            if let (Some(id), 1..) = (id, n) {
+                let _ = hostcalls::increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
     }
 }
