@@ -14,6 +14,13 @@ the edge would. The redirect origin answers 301 to the HTTPS URL (cacheable for 
 under /found/, and a cacheable 200 under /page/. The failing primary answers
 503 unless told otherwise.
 
+The site origin (static.example.com's primary) serves a small static site
+with validators (ETag, Last-Modified; 304 to a matching If-None-Match) and a
+sitemap, for the mirror; it counts the full answers it gave per path. Its
+hostile paths: /huge (announces 10 GB), /endless (no length, never ends),
+/drip (a byte a second), /loop/a <-> /loop/b (redirect loop), /moved (301 to
+/style.css).
+
 An origin can also be stopped (it hangs up, and its port then refuses
 connections), started again, and told to answer every request with one status
 (`DemoOrigins.stop`, `start`, `force_status`): how the soak makes a primary flap.
@@ -21,6 +28,7 @@ connections), started again, and told to answer every request with one status
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -49,7 +57,7 @@ class OriginSpec:
     name: str
     port: int
     cert_names: tuple[str, ...] = ()
-    kind: str = "echo"  # echo | redirect | failing
+    kind: str = "echo"  # echo | redirect | failing | site
     # What an echo answer says about caching (the soak's unique paths must not
     # fill the edge's cache: it measures memory).
     cache_control: str = "max-age=60"
@@ -73,7 +81,67 @@ DEMO_ORIGINS = [
     OriginSpec("www-primary", 18084, kind="failing"),
     OriginSpec("www-secondary", 18085),
     OriginSpec("dynamic", 18086),
+    OriginSpec("site", 18087, kind="site"),
 ]
+
+# static.example.com's secondary: `origin-policy mirror-serve` (not a demo origin).
+MIRROR_SERVE_PORT = 18089
+
+
+def demo_site() -> dict[str, tuple[str, bytes]]:
+    """The site origin's files: path -> (content type, body)."""
+    return {
+        "/": ("text/html", b"<!doctype html><title>static</title><link rel=stylesheet href=/style.css>\n"),
+        "/style.css": ("text/css", b"body { font-family: sans-serif }\n"),
+        "/app.js": ("application/javascript", b"console.log('static');\n"),
+        "/img/logo.svg": ("image/svg+xml", b"<svg xmlns='http://www.w3.org/2000/svg'/>\n"),
+    }
+
+
+@dataclass
+class Site:
+    """The site origin's files, changeable while it runs, and what it served."""
+
+    files: dict[str, tuple[str, bytes]] = field(default_factory=demo_site)
+    # path -> when its body last changed (Last-Modified).
+    changed: dict[str, float] = field(default_factory=dict)
+    # path -> full (200) answers given.
+    full_answers: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def put(self, path: str, content_type: str, body: bytes) -> None:
+        with self.lock:
+            self.files[path] = (content_type, body)
+            self.changed[path] = time.time()
+
+    def remove(self, path: str) -> None:
+        with self.lock:
+            self.files.pop(path, None)
+
+    def served(self, path: str) -> int:
+        with self.lock:
+            return self.full_answers.get(path, 0)
+
+    def sitemap(self, host: str) -> bytes:
+        with self.lock:
+            paths = sorted(self.files)
+        urls = "".join(f"<url><loc>https://{host}{p}</loc></url>" for p in paths)
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f'<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{urls}</urlset>'
+        ).encode()
+
+    def lookup(self, path: str) -> tuple[str, bytes, float] | None:
+        with self.lock:
+            if path not in self.files:
+                return None
+            content_type, body = self.files[path]
+            self.full_answers.setdefault(path, 0)
+            return content_type, body, self.changed.get(path, 1_700_000_000.0)
+
+    def count(self, path: str) -> None:
+        with self.lock:
+            self.full_answers[path] = self.full_answers.get(path, 0) + 1
 
 
 @dataclass
@@ -166,7 +234,71 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.sni = getattr(self.request, "origin_sni", None)
 
+    def _site(self) -> None:
+        """The site origin's answer (see the module's docstring)."""
+        site: Site = self.server.site
+        path = self.path
+        host = self.headers.get("host", "")
+        self.server.log.add(
+            Seen("site", "http", self.server.spec.port, host, None, self.command, path, 0,
+                 [(k.lower(), v) for k, v in self.headers.items()])
+        )
+        if path in ("/huge", "/endless", "/drip"):
+            self.send_response(200)
+            self.send_header("content-type", "application/octet-stream")
+            if path == "/huge":
+                self.send_header("content-length", str(10 * 1000**3))
+            else:
+                self.send_header("connection", "close")
+            self.end_headers()
+            chunk = b"\0" * (1 if path == "/drip" else 65536)
+            try:
+                for _ in range(1_000_000):
+                    self.wfile.write(chunk)
+                    if path == "/drip":
+                        self.wfile.flush()
+                        time.sleep(1)
+            except OSError:
+                pass
+            self.close_connection = True
+            return
+        redirects = {"/loop/a": "/loop/b", "/loop/b": "/loop/a", "/moved": "/style.css"}
+        if path in redirects:
+            self.send_response(302 if path.startswith("/loop/") else 301)
+            self.send_header("location", redirects[path])
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        if path == "/sitemap.xml":
+            found = ("application/xml", site.sitemap("static.example.com"), 0.0)
+        else:
+            found = site.lookup(path)
+        if found is None:
+            self.send_response(404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        content_type, body, changed = found
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        if self.headers.get("if-none-match") == etag:
+            self.send_response(304)
+            self.send_header("etag", etag)
+            self.end_headers()
+            return
+        site.count(path)
+        self.send_response(200)
+        self.send_header("content-type", content_type)
+        self.send_header("cache-control", "max-age=300")
+        self.send_header("etag", etag)
+        self.send_header("last-modified", self.date_time_string(int(changed)))
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def _answer(self):
+        if self.server.spec.kind == "site":
+            return self._site()
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length) if length else b""
         spec = self.server.spec
@@ -230,8 +362,10 @@ class _OriginServer(ThreadingHTTPServer):
         log: RequestLog,
         certs: Certificates | None,
         forced_status: dict[str, int],
+        site: "Site",
     ):
         self.spec = spec
+        self.site = site
         self.log = log
         self.forced_status = forced_status
         self.connections: set[socket.socket] = set()
@@ -356,13 +490,16 @@ class DemoOrigins:
         # Origin name -> the status it answers every request with, whatever
         # the path says; shared with the servers, kept across a restart.
         self.forced_status: dict[str, int] = {}
+        self.site = Site()
         self.servers: dict[str, _OriginServer] = {}
         # Servers are bound here, so a port already taken fails at once.
         for name in self.specs:
             self._bind(name)
 
     def _bind(self, name: str) -> _OriginServer:
-        server = _OriginServer(self.specs[name], self.log, self.certs, self.forced_status)
+        server = _OriginServer(
+            self.specs[name], self.log, self.certs, self.forced_status, self.site
+        )
         self.servers[name] = server
         return server
 

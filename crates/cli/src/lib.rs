@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod files;
+pub mod mirror;
 mod text;
 
 pub use text::explain_text;

@@ -1,8 +1,10 @@
-//! `origin-policy` command line: check, explain and bundle policy files.
+//! `origin-policy` command line: check, explain and bundle policy files;
+//! mirror a domain's primary origin into its secondary.
 
 use origin_policy_cli::admin;
 use origin_policy_cli::explain_text;
 use origin_policy_cli::files::{read_paths, write_atomically};
+use origin_policy_cli::mirror;
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::report::{diagnostic_json, outcome_json, request_from_url};
 use origin_policy_engine::{fingerprint, Diagnostics, PolicySet};
@@ -25,7 +27,24 @@ usage:
       (Envoy's admin address, e.g. 127.0.0.1:9901), the filter configuration is
       written only once that Envoy has taken the clusters, so that a new policy
       never names a cluster Envoy does not have yet; nothing more is written if
-      Envoy rejects them.";
+      Envoy rejects them.
+  origin-policy mirror DOMAIN [--paths FILE]... [--sitemap PATH]... [--store DIR|s3://BUCKET/PREFIX]
+                       [--policies DIR] [--origin-ca-file FILE] [--every INTERVAL]
+                       [--metrics FILE] [--json] [limits]
+      Copy DOMAIN's resources from its primary origin, fetched as the edge fetches
+      them (address, port, scheme, Host, SNI and certificate name, timeouts), into
+      the store (default run/mirror/DOMAIN): the domain's secondary origin. Paths
+      come from list files (one per line) and sitemaps on the origin (e.g.
+      /sitemap.xml). Unchanged resources are not fetched again (If-None-Match,
+      If-Modified-Since); a path gone from the lists or answering 404 is removed
+      after the grace period. Exit 1 if anything failed; --metrics writes the run's
+      counters for node_exporter's textfile collector.
+      limits (defaults): --concurrency 4, --rate 20M (bytes/s, 0: none),
+      --max-object-bytes 1G, --max-store-bytes 10G, --object-timeout 10m,
+      --max-redirects 5, --grace 7d, --viewer-scheme https (for `follow` policies)
+  origin-policy mirror-serve [--root DIR] [--listen ADDRESS]
+      Serve local mirrors (default root run/mirror, listen 127.0.0.1:18089): the
+      Host picks DIR/<host>/, answers carry the stored status and headers.";
 
 /// Envoy applies a 100,000-cluster file in about a minute (BENCHMARKS.md).
 const CLUSTERS_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(180);
@@ -38,6 +57,8 @@ enum CliError {
     Invalid(Diagnostics),
     /// Policies were rejected and the findings are already printed.
     Rejected,
+    /// A mirror run had errors, already printed.
+    MirrorFailed,
 }
 
 impl fmt::Display for CliError {
@@ -47,9 +68,30 @@ impl fmt::Display for CliError {
             CliError::Io(why) => f.write_str(why),
             CliError::Invalid(d) => write!(f, "{d}\npolicies rejected"),
             CliError::Rejected => f.write_str("policies rejected"),
+            CliError::MirrorFailed => f.write_str("mirror run had errors"),
         }
     }
 }
+
+const BOOLEAN_FLAGS: [&str; 1] = ["json"];
+
+const MIRROR_FLAGS: [&str; 15] = [
+    "origin-ca-file",
+    "paths",
+    "sitemap",
+    "store",
+    "policies",
+    "every",
+    "metrics",
+    "viewer-scheme",
+    "concurrency",
+    "rate",
+    "max-object-bytes",
+    "max-store-bytes",
+    "object-timeout",
+    "max-redirects",
+    "grace",
+];
 
 struct Args {
     flags: Vec<(String, Option<String>)>,
@@ -70,7 +112,7 @@ impl Args {
                         .next()
                         .ok_or_else(|| CliError::Usage(format!("--{name} needs a value")))?;
                     args.flags.push((name.to_owned(), Some(v.clone())));
-                } else if name == "json" {
+                } else if BOOLEAN_FLAGS.contains(&name) {
                     args.flags.push((name.to_owned(), None));
                 } else {
                     return Err(CliError::Usage(format!("unknown option --{name}")));
@@ -88,6 +130,14 @@ impl Args {
             .rev()
             .find(|(n, _)| n == name)
             .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn values(&self, name: &str) -> Vec<String> {
+        self.flags
+            .iter()
+            .filter(|(n, _)| n == name)
+            .filter_map(|(_, v)| v.clone())
+            .collect()
     }
 
     fn has(&self, name: &str) -> bool {
@@ -149,13 +199,7 @@ fn explain(args: &Args) -> Result<(), CliError> {
     let [url] = args.positional.as_slice() else {
         return Err(CliError::Usage("explain takes exactly one URL".to_owned()));
     };
-    let policies = PathBuf::from(args.value("policies").unwrap_or("policies"));
-    let dir = load(&[policies])?;
-    let (compiled, diagnostics) = dir.compile();
-    for d in diagnostics.errors() {
-        eprintln!("{d}");
-    }
-    let set = compiled.ok_or(CliError::Invalid(diagnostics))?.set;
+    let set = compiled_set(args.value("policies").unwrap_or("policies"))?;
     let spec = request_from_url(url, args.value("method"), args.value("x-forwarded-proto"))
         .map_err(CliError::Usage)?;
     let outcome = set.decide(&spec.as_request());
@@ -275,6 +319,72 @@ fn bundle(args: &Args) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The policy set in a directory, or the errors that keep it from compiling.
+fn compiled_set(dir: &str) -> Result<PolicySet, CliError> {
+    let docs = load(&[PathBuf::from(dir)])?;
+    let (compiled, diagnostics) = docs.compile();
+    for d in diagnostics.errors() {
+        eprintln!("{d}");
+    }
+    Ok(compiled.ok_or(CliError::Invalid(diagnostics))?.set)
+}
+
+fn mirror(args: &Args) -> Result<(), CliError> {
+    let [domain] = args.positional.as_slice() else {
+        return Err(CliError::Usage(
+            "mirror takes exactly one DOMAIN".to_owned(),
+        ));
+    };
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let mut set = compiled_set(args.value("policies").unwrap_or("policies"))?;
+    // settings.origin_ca_file is relative to Envoy's working directory.
+    if let Some(ca) = args.value("origin-ca-file") {
+        set.settings.origin_ca_file = ca.to_owned();
+    }
+    let every = args
+        .value("every")
+        .map(|v| {
+            origin_policy_mirror::parse_duration(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| CliError::Usage(format!("--every `{v}`: a duration like 1h")))
+        })
+        .transpose()?;
+    let request = mirror::MirrorRequest {
+        store: args
+            .value("store")
+            .map_or_else(|| format!("run/mirror/{domain}"), str::to_owned),
+        domain,
+        set,
+        viewer_scheme: args.value("viewer-scheme").unwrap_or("https").to_owned(),
+        path_files: args
+            .values("paths")
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+        sitemaps: args.values("sitemap"),
+        limits: mirror::limits(|n| args.value(n).map(str::to_owned)).map_err(CliError::Usage)?,
+        every,
+        metrics: args.value("metrics").map(PathBuf::from),
+        json: args.has("json"),
+    };
+    match mirror::mirror(request) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CliError::MirrorFailed),
+        Err(why) => Err(CliError::Io(why)),
+    }
+}
+
+fn mirror_serve(args: &Args) -> Result<(), CliError> {
+    if !args.positional.is_empty() {
+        return Err(CliError::Usage(
+            "mirror-serve takes no arguments".to_owned(),
+        ));
+    }
+    let root = PathBuf::from(args.value("root").unwrap_or("run/mirror"));
+    mirror::serve(root, args.value("listen").unwrap_or("127.0.0.1:18089")).map_err(CliError::Io)
+}
+
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     let Some((command, rest)) = raw.split_first() else {
@@ -286,6 +396,8 @@ fn main() -> ExitCode {
         "explain" => Args::parse(rest, &["policies", "method", "x-forwarded-proto"])
             .and_then(|a| explain(&a)),
         "bundle" => Args::parse(rest, &["wasm", "out", "admin"]).and_then(|a| bundle(&a)),
+        "mirror" => Args::parse(rest, &MIRROR_FLAGS).and_then(|a| mirror(&a)),
+        "mirror-serve" => Args::parse(rest, &["root", "listen"]).and_then(|a| mirror_serve(&a)),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
@@ -294,7 +406,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Rejected) => ExitCode::from(1),
+        Err(CliError::Rejected | CliError::MirrorFailed) => ExitCode::from(1),
         Err(e @ CliError::Invalid(_)) => {
             eprintln!("{e}");
             ExitCode::from(1)

@@ -1,0 +1,24 @@
+//! The secondary-origin mirror: fetches a domain's resources from its primary
+//! origin exactly as the edge would (the policy's address, port, scheme, Host,
+//! SNI and certificate name, timeouts) and keeps a copy of each in an object
+//! store, which then serves as the domain's secondary origin.
+//!
+//! A run is incremental (conditional requests against the stored validators),
+//! bounded (concurrency, bandwidth, object and store size, time per object)
+//! and never leaves a torn object: every object is written whole or not at all.
+
+mod error;
+mod job;
+mod origin;
+mod resources;
+mod serve;
+mod store;
+mod units;
+
+pub use error::{MirrorError, ResourceFailure};
+pub use job::{Limits, MirrorJob, Progress, RunSummary, Sources};
+pub use origin::{OriginClient, PrimaryOrigin};
+pub use resources::{parse_path_list, parse_sitemap, ResourcePath, SitemapEntries};
+pub use serve::serve_stores;
+pub use store::{MirrorStore, StoredHead, MANIFEST_KEY};
+pub use units::{parse_bytes, parse_duration};
