@@ -171,10 +171,13 @@ pub(crate) fn classify(e: &reqwest::Error) -> ResourceFailure {
         if let Some(r) = c.downcast_ref::<rustls::Error>() {
             tls = Some(r.to_string());
         }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        // An I/O error's `source` skips the error it wraps: look inside.
+        let mut io = c.downcast_ref::<std::io::Error>();
+        while let Some(inner) = io.and_then(std::io::Error::get_ref) {
+            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
                 tls = Some(r.to_string());
             }
+            io = inner.downcast_ref::<std::io::Error>();
         }
         chain = c.to_string();
         cause = c.source();
