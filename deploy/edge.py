@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
+from origins import DEMO_ORIGINS, MIRROR_SERVE_PORT, Certificates, DemoOrigins  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EDGE_CONFIG = REPO / "deploy" / "envoy" / "edge.yaml"
@@ -207,8 +207,40 @@ CURL_LINES = """\
   # the primary answers 503: Envoy retries on the secondary, x-origin-error says so
   # (after 3 such failures the primary is marked down: see run/origin-health.log)
   curl -si -H 'host: www.example.com' http://127.0.0.1:{http}/
+  # static.example.com's secondary is its own mirror, filled from the primary at start
+  # (run the mirror again, or with --every 1h, to keep it in sync)
+  curl -si -H 'host: static.example.com' http://127.0.0.1:{http}/style.css
+  curl -si -H 'host: static.example.com' http://127.0.0.1:{mirror}/style.css
+  {mirror_command}
   # metrics
   curl -s {admin}/stats | grep origin_policy"""
+
+MIRROR_DOMAIN = "static.example.com"
+
+
+def mirror_command(run_dir: Path, certs: Certificates) -> list[str]:
+    """The demo's mirror run: static.example.com's site into run/mirror."""
+    return [
+        str(CLI), "mirror", MIRROR_DOMAIN, "--sitemap", "/sitemap.xml",
+        "--origin-ca-file", str(certs.ca_file),
+        "--store", str(run_dir / "mirror" / MIRROR_DOMAIN),
+    ]  # fmt: skip
+
+
+def start_mirror(run_dir: Path, certs: Certificates) -> subprocess.Popen:
+    """`mirror-serve` over run/mirror, after one mirror run of the demo domain
+    (its primary, the site origin, must be up)."""
+    root = run_dir / "mirror"
+    root.mkdir(exist_ok=True)
+    run = subprocess.run(mirror_command(run_dir, certs), capture_output=True, text=True, cwd=REPO)
+    if run.returncode != 0:
+        raise EdgeError(f"mirror of {MIRROR_DOMAIN} failed:\n{run.stdout}{run.stderr}")
+    print(f"mirror: {run.stdout.strip()}")
+    return subprocess.Popen(
+        [str(CLI), "mirror-serve", "--root", str(root), "--listen", f"127.0.0.1:{MIRROR_SERVE_PORT}"],
+        cwd=REPO,
+        start_new_session=True,
+    )  # fmt: skip
 
 
 def main() -> int:
@@ -223,8 +255,10 @@ def main() -> int:
     envoy = Envoy(run_dir, config)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    mirror_serve = None
     with DemoOrigins(DEMO_ORIGINS, certs):
         try:
+            mirror_serve = start_mirror(run_dir, certs)
             envoy.start()
             print(f"edge up: http://127.0.0.1:{VIEWER_HTTP_PORT}  https://127.0.0.1:{VIEWER_HTTPS_PORT}")
             print(f"admin: {ADMIN}   log: {envoy.log_path}")
@@ -236,7 +270,12 @@ def main() -> int:
             print("try:")
             print(
                 CURL_LINES.format(
-                    http=VIEWER_HTTP_PORT, https=VIEWER_HTTPS_PORT, ca=certs.ca_file, admin=ADMIN
+                    http=VIEWER_HTTP_PORT,
+                    https=VIEWER_HTTPS_PORT,
+                    ca=certs.ca_file,
+                    admin=ADMIN,
+                    mirror=MIRROR_SERVE_PORT,
+                    mirror_command=" ".join(mirror_command(run_dir, certs)),
                 )
             )
             print("Ctrl-C stops the edge.")
@@ -252,6 +291,9 @@ def main() -> int:
             return 1
         finally:
             envoy.stop()
+            if mirror_serve is not None:
+                mirror_serve.terminate()
+                mirror_serve.wait(timeout=10)
     print("edge stopped")
     return 0
 

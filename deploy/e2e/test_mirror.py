@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -171,6 +172,31 @@ def test_hostile_answers_are_refused_and_leave_nothing_torn(edge: Edge, tmp_path
     # Whole objects only: no staging file, nothing of the refused bodies.
     assert stored_files(store) == {"moved", "style.css", ".origin-policy/mirror.json"}
     assert (store / "moved").read_bytes().endswith(SITE["/style.css"][1])
+
+
+def test_a_run_stopped_mid_body_exits_1_and_leaves_no_staging_file(edge: Edge, tmp_path: Path):
+    store = tmp_path / "store"
+    listed = tmp_path / "paths.txt"
+    listed.write_text("/style.css\n/endless\n")
+    run = subprocess.Popen(
+        [
+            str(CLI), "mirror", DOMAIN, "--paths", str(listed), "--store", str(store),
+            "--policies", str(edge.policies), "--origin-ca-file", str(edge.certs.ca_file),
+            "--max-object-bytes", "100G", "--rate", "4M",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # /endless is being written (past the in-memory buffer, into a staging file).
+        edge.wait_for(lambda: any(p.name != "style.css" for p in store.glob("*") if p.is_file()), timeout=20)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=20)
+    finally:
+        run.kill()
+    assert run.returncode == 1, err
+    assert f"mirror {DOMAIN}: terminated during a run" in err, err
+    # Whole objects only: the staging file of the cut body is gone.
+    edge.wait_for(lambda: stored_files(store) <= {"style.css"}, timeout=5)
 
 
 def test_a_full_store_refuses_new_bodies_and_keeps_the_old_ones(

@@ -104,16 +104,43 @@ async fn mirror_async(r: MirrorRequest) -> Result<bool, String> {
             r.store
         );
     }
+    // One listener for the whole loop: a signal during a run or between runs
+    // stops it. Dropping a run mid-way is safe: every object is whole or absent.
+    let stop = stop_signal();
+    tokio::pin!(stop);
     loop {
-        let ok = run_once(&job, &r).await;
+        let ok = tokio::select! {
+            ok = run_once(&job, &r) => ok,
+            why = &mut stop => {
+                eprintln!("\nmirror {}: {why} during a run: what was stored is whole; the next run goes on", r.domain);
+                return Ok(false);
+            }
+        };
         let Some(every) = r.every else {
             return Ok(ok);
         };
         eprintln!("next run in {} s (Ctrl-C stops)", every.as_secs());
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(ok),
+            _ = &mut stop => return Ok(ok),
         }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what systemd and `kill` send), naming it.
+async fn stop_signal() -> &'static str {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            // Without a SIGTERM handler the default (exit) stays: wait for Ctrl-C.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        () = terminate => "terminated",
     }
 }
 
@@ -207,7 +234,7 @@ pub fn serve(root: PathBuf, listen: &str) -> Result<(), String> {
         );
         tokio::select! {
             r = serve_stores(root, listener) => r.map_err(|e| e.to_string()),
-            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = stop_signal() => Ok(()),
         }
     })
 }
