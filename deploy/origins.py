@@ -272,7 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/sitemap.xml":
             found = ("application/xml", site.sitemap("static.example.com"), 0.0)
         else:
-            found = site.lookup(path)
+            # A directory's page is also its index.html, as static servers have it.
+            found = site.lookup(path.removesuffix("index.html"))
         if found is None:
             self.send_response(404)
             self.send_header("content-length", "0")

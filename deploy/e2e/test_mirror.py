@@ -194,9 +194,31 @@ def test_a_run_stopped_mid_body_exits_1_and_leaves_no_staging_file(edge: Edge, t
     finally:
         run.kill()
     assert run.returncode == 1, err
-    assert f"mirror {DOMAIN}: terminated during a run" in err, err
+    assert f"{DOMAIN}: stopped after 1 of 2 resources" in err, err
     # Whole objects only: the staging file of the cut body is gone.
-    edge.wait_for(lambda: stored_files(store) <= {"style.css"}, timeout=5)
+    assert stored_files(store) == {"style.css", ".origin-policy/mirror.json"}
+    # What was done is recorded: the next run only asks whether it changed.
+    listed.write_text("/style.css\n")
+    code, summary, _ = mirror(edge, store, "--paths", str(listed))
+    assert code == 0 and summary["unchanged"] == 1 and summary["fetched"] == 0, summary
+
+
+def test_paths_naming_one_object_are_fetched_once_and_never_delete_each_other(
+    edge: Edge, tmp_path: Path
+):
+    store = tmp_path / "store"
+    listed = tmp_path / "paths.txt"
+    listed.write_text("/\n/index.html\n")
+    code, summary, _ = mirror(edge, store, "--paths", str(listed))
+    assert code == 0 and summary["listed"] == 1 and summary["fetched"] == 1, summary
+    listed.write_text("/index.html\n")
+    code, summary, _ = mirror(edge, store, "--paths", str(listed), "--grace", "0")
+    assert code == 0 and summary["removed"] == 0 and summary["unchanged"] == 1, summary
+    assert from_mirror_store(store, "index.html").endswith(SITE["/"][1])
+
+
+def from_mirror_store(store: Path, key: str) -> bytes:
+    return (store / key).read_bytes()
 
 
 def test_a_full_store_refuses_new_bodies_and_keeps_the_old_ones(

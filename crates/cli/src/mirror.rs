@@ -2,10 +2,10 @@
 //! secondary-origin mirror (arguments, progress, repetition, metrics file).
 
 use crate::files::write_atomically;
-use origin_policy_engine::{scheme_from_text, PolicySet};
+use origin_policy_engine::{scheme_from_text, PolicySet, Scheme};
 use origin_policy_mirror::{
-    parse_bytes, parse_duration, serve_stores, Limits, MirrorJob, MirrorStore, Progress,
-    ResourcePath, RunSummary, Sources,
+    parse_bytes, parse_duration, serve_stores, unix_now, CancellationToken, Limits, MirrorError,
+    MirrorJob, MirrorStore, Progress, ResourcePath, RunSummary, Sources,
 };
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -88,12 +88,7 @@ async fn mirror_async(r: MirrorRequest) -> Result<bool, String> {
     if r.path_files.is_empty() && sitemaps.is_empty() {
         return Err("nothing to mirror: give --paths FILE and/or --sitemap PATH".to_owned());
     }
-    let store = MirrorStore::open(&r.store).map_err(|e| e.to_string())?;
-    let sources = Sources {
-        path_files: r.path_files.clone(),
-        sitemaps,
-    };
-    let job = MirrorJob::new(&r.set, &r.domain, viewer, store, sources, r.limits.clone())
+    let job = prepare(&r, viewer, &sitemaps)
         .await
         .map_err(|e| e.to_string())?;
     for origin in job.origins() {
@@ -104,27 +99,48 @@ async fn mirror_async(r: MirrorRequest) -> Result<bool, String> {
             r.store
         );
     }
-    // One listener for the whole loop: a signal during a run or between runs
-    // stops it. Dropping a run mid-way is safe: every object is whole or absent.
-    let stop = stop_signal();
-    tokio::pin!(stop);
+    // A signal during a run stops it cleanly (what is done is recorded);
+    // between runs, it ends the loop.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let why = stop_signal().await;
+            eprintln!("\nmirror: {why}");
+            stop.cancel();
+        }
+    });
+    let mut next = Ok(job);
     loop {
-        let ok = tokio::select! {
-            ok = run_once(&job, &r) => ok,
-            why = &mut stop => {
-                eprintln!("\nmirror {}: {why} during a run: what was stored is whole; the next run goes on", r.domain);
-                return Ok(false);
-            }
+        let ok = match next {
+            Ok(job) => run_once(&job, &r, &stop).await,
+            Err(e) => report(&r, Err(e)),
         };
-        let Some(every) = r.every else {
+        let Some(every) = r.every.filter(|_| !stop.is_cancelled()) else {
             return Ok(ok);
         };
         eprintln!("next run in {} s (Ctrl-C stops)", every.as_secs());
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            _ = &mut stop => return Ok(ok),
+            () = stop.cancelled() => return Ok(ok),
         }
+        // Every run resolves the origin again: its addresses may have moved.
+        next = prepare(&r, viewer, &sitemaps).await;
     }
+}
+
+/// The store opened and the primary origins resolved, for one run.
+async fn prepare(
+    r: &MirrorRequest,
+    viewer: Scheme,
+    sitemaps: &[ResourcePath],
+) -> Result<MirrorJob, MirrorError> {
+    let store = MirrorStore::open(&r.store)?;
+    let sources = Sources {
+        path_files: r.path_files.clone(),
+        sitemaps: sitemaps.to_vec(),
+    };
+    MirrorJob::new(&r.set, &r.domain, viewer, store, sources, r.limits.clone()).await
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what systemd and `kill` send), naming it.
@@ -144,17 +160,27 @@ async fn stop_signal() -> &'static str {
     }
 }
 
-async fn run_once(job: &MirrorJob, r: &MirrorRequest) -> bool {
+async fn run_once(job: &MirrorJob, r: &MirrorRequest, stop: &CancellationToken) -> bool {
     let progress = Arc::new(Progress::default());
     let reporter = tokio::spawn(report_progress(r.domain.clone(), progress.clone()));
-    let result = job.run(&progress).await;
+    let result = job.run(&progress, stop).await;
     reporter.abort();
     if std::io::stderr().is_terminal() {
         eprint!("\r\x1b[K");
     }
+    report(r, result)
+}
+
+/// Prints a run's outcome and writes its metrics; whether it went well.
+fn report(r: &MirrorRequest, result: Result<RunSummary, MirrorError>) -> bool {
     let finished = unix_now();
     let summary = match result {
-        Ok(summary) => summary,
+        Ok(summary) => {
+            for e in &summary.errors {
+                eprintln!("error: {e}");
+            }
+            summary
+        }
         Err(e) => {
             eprintln!("error: {e}; nothing was marked gone");
             RunSummary {
@@ -164,18 +190,13 @@ async fn run_once(job: &MirrorJob, r: &MirrorRequest) -> bool {
             }
         }
     };
-    if summary.listed > 0 || summary.ok() {
-        for e in &summary.errors {
-            eprintln!("error: {e}");
-        }
-        for skipped in &summary.skipped {
-            eprintln!("skipped: {skipped}");
-        }
-        if r.json {
-            println!("{}", summary.to_json());
-        } else {
-            println!("{}", summary.text());
-        }
+    for skipped in &summary.skipped {
+        eprintln!("skipped: {skipped}");
+    }
+    if r.json {
+        println!("{}", summary.to_json());
+    } else {
+        println!("{}", summary.text());
     }
     let ok = summary.ok();
     if let Some(file) = &r.metrics {
@@ -190,12 +211,6 @@ async fn run_once(job: &MirrorJob, r: &MirrorRequest) -> bool {
         }
     }
     ok
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The last success a previous metrics file recorded.
@@ -233,7 +248,7 @@ pub fn serve(root: PathBuf, listen: &str) -> Result<(), String> {
             root.display()
         );
         tokio::select! {
-            r = serve_stores(root, listener) => r.map_err(|e| e.to_string()),
+            () = serve_stores(root, listener) => Ok(()),
             _ = stop_signal() => Ok(()),
         }
     })

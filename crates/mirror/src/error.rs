@@ -82,6 +82,12 @@ pub enum MirrorError {
         path: String,
         failure: ResourceFailure,
     },
+    /// The run was stopped (a signal) before every resource was done.
+    Stopped {
+        domain: String,
+        done: u64,
+        listed: u64,
+    },
 }
 
 impl fmt::Display for MirrorError {
@@ -106,6 +112,14 @@ impl fmt::Display for MirrorError {
                 path,
                 failure,
             } => write!(f, "{domain} {path}: {failure}; previous copy (if any) kept"),
+            MirrorError::Stopped {
+                domain,
+                done,
+                listed,
+            } => write!(
+                f,
+                "{domain}: stopped after {done} of {listed} resources; what was stored is whole and recorded, the next run goes on"
+            ),
         }
     }
 }

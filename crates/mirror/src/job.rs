@@ -7,14 +7,16 @@ use crate::origin::{classify, OriginClient, PrimaryOrigin};
 use crate::resources::{parse_path_list, parse_sitemap, ResourcePath};
 use crate::store::{Manifest, ManifestEntry, MirrorStore, StoredHead};
 use futures::StreamExt as _;
+use object_store::path::Path as ObjectKey;
 use origin_policy_engine::{Outcome, PolicySet, Scheme, Tier, ViewerRequest};
 use reqwest::header::{HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LOCATION};
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
 
 /// How much a run may take from the origin, the network and the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +27,11 @@ pub struct Limits {
     pub max_object_bytes: u64,
     /// Largest the whole store may grow (bodies).
     pub max_store_bytes: u64,
-    /// Bytes per second read from the origin, all fetches together; 0: no cap.
+    /// Body bytes per second read from the origin, all fetches together
+    /// (sitemaps aside); 0: no cap.
     pub rate_bytes_per_s: u64,
-    /// One resource, headers to last byte: a slow drip is cut off here.
+    /// One resource's body, first to last byte, not counting the waits of
+    /// the rate limit: a slow drip is cut off here.
     pub object_timeout: Duration,
     pub max_redirects: usize,
     /// How long a path gone from the list, or answering 404, keeps its copy.
@@ -214,13 +218,13 @@ impl RunSummary {
     }
 }
 
-pub(crate) fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-/// Bytes left in the store, shared by the fetches of a run.
+/// Bytes the store holds against its limit, shared by the fetches of a run.
 struct StoreBudget {
     limit: u64,
     used: AtomicU64,
@@ -252,9 +256,10 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    async fn take(&self, n: u64) {
+    /// Waits for `n` bytes' turn; returns how long it waited.
+    async fn take(&self, n: u64) -> Duration {
         if self.bytes_per_s == 0 {
-            return;
+            return Duration::ZERO;
         }
         let wait = {
             let mut next = self.next_free.lock().await;
@@ -266,6 +271,7 @@ impl RateLimit {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+        wait
     }
 }
 
@@ -343,14 +349,16 @@ impl MirrorJob {
         self.origins.iter().map(|o| &o.endpoint)
     }
 
-    pub fn store(&self) -> &MirrorStore {
-        &self.store
-    }
-
     /// Runs once. An `Err` means the run could not start or finish its
     /// bookkeeping (a list or the store unreadable): nothing was marked gone.
     /// A resource that failed is in the summary's errors; its copy stays.
-    pub async fn run(&self, progress: &Progress) -> Result<RunSummary, MirrorError> {
+    /// When `stop` is cancelled, the fetches under way are dropped (nothing
+    /// of them is stored), what is done is saved, and the summary says so.
+    pub async fn run(
+        &self,
+        progress: &Progress,
+        stop: &CancellationToken,
+    ) -> Result<RunSummary, MirrorError> {
         let started = Instant::now();
         if let Ok(mut s) = progress.started.lock() {
             *s = Some(started);
@@ -373,41 +381,58 @@ impl MirrorJob {
             next_free: tokio::sync::Mutex::new(Instant::now()),
         };
         let now = unix_now();
-        let work: Vec<(&ResourcePath, Option<ManifestEntry>)> = listed
+        let work: Vec<(&String, &ResourcePath, Option<ManifestEntry>)> = listed
             .iter()
-            .map(|path| (path, manifest.entries.get(path.as_str()).cloned()))
+            .map(|(key, path)| (key, path, manifest.entries.get(key).cloned()))
             .collect();
-        let jobs = work.into_iter().map(|(path, previous)| {
+        let jobs = work.into_iter().map(|(key, path, previous)| {
             let (budget, rate) = (&budget, &rate);
             async move {
                 let result = self
                     .fetch(path, previous.as_ref(), budget, rate, progress)
                     .await;
-                (path, result)
+                (key, path, result)
             }
         });
         let mut results =
             futures::stream::iter(jobs).buffer_unordered(self.limits.concurrency.max(1));
         let mut since_save = 0;
-        while let Some((path, result)) = results.next().await {
+        loop {
+            let next = tokio::select! {
+                next = results.next() => next,
+                () = stop.cancelled() => {
+                    summary.errors.push(MirrorError::Stopped {
+                        domain: self.domain.clone(),
+                        done: progress.done.load(Ordering::Relaxed),
+                        listed: summary.listed,
+                    });
+                    break;
+                }
+            };
+            let Some((key, path, result)) = next else {
+                break;
+            };
             progress.done.fetch_add(1, Ordering::Relaxed);
             match result {
                 Ok(Fetched::Stored(entry)) => {
                     summary.fetched += 1;
-                    manifest.entries.insert(path.as_str().to_owned(), entry);
+                    manifest.entries.insert(key.clone(), entry);
                 }
                 Ok(Fetched::Unchanged) => {
                     summary.unchanged += 1;
-                    if let Some(e) = manifest.entries.get_mut(path.as_str()) {
+                    if let Some(e) = manifest.entries.get_mut(key) {
                         e.checked_at = now;
                         e.missing_since = None;
                     }
                 }
-                Ok(Fetched::Gone) => {
-                    if let Some(e) = manifest.entries.get_mut(path.as_str()) {
+                Ok(Fetched::Gone) => match manifest.entries.get_mut(key) {
+                    Some(e) => {
                         e.missing_since.get_or_insert(now);
                     }
-                }
+                    None => summary
+                        .skipped
+                        .push(format!("{path}: not found at the origin, nothing stored")),
+                },
                 Err(failure) => {
                     progress.failed.fetch_add(1, Ordering::Relaxed);
                     summary.failed += 1;
@@ -426,16 +451,21 @@ impl MirrorJob {
                 self.store.save_manifest(&manifest).await?;
             }
         }
+        // Dropping the stream drops the fetches still under way: their
+        // objects are never committed.
         drop(results);
-
-        let listed_now: BTreeSet<&str> = listed.iter().map(ResourcePath::as_str).collect();
-        for (path, e) in manifest.entries.iter_mut() {
-            if !listed_now.contains(path.as_str()) {
-                e.missing_since.get_or_insert(now);
+        if stop.is_cancelled() {
+            // Only what was done is recorded; nothing is marked gone.
+            self.store.save_manifest(&manifest).await?;
+        } else {
+            for (key, e) in manifest.entries.iter_mut() {
+                if !listed.contains_key(key) {
+                    e.missing_since.get_or_insert(now);
+                }
             }
+            self.forget_gone(&mut manifest, now, &mut summary).await;
+            self.store.save_manifest(&manifest).await?;
         }
-        self.forget_gone(&mut manifest, now, &mut summary).await;
-        self.store.save_manifest(&manifest).await?;
         summary.missing = manifest
             .entries
             .values()
@@ -458,28 +488,36 @@ impl MirrorJob {
             })
             .map(|(p, _)| p.clone())
             .collect();
-        for path in expired {
-            let Ok(resource) = ResourcePath::parse(&path) else {
-                manifest.entries.remove(&path);
-                continue;
+        for key in expired {
+            let deleted = match ObjectKey::parse(&key) {
+                Ok(object) => self.store.delete(&object).await,
+                Err(e) => Err(e.to_string()),
             };
-            match self.store.delete(&resource.key()).await {
+            match deleted {
                 Ok(()) => {
-                    manifest.entries.remove(&path);
+                    manifest.entries.remove(&key);
                     summary.removed += 1;
                 }
-                Err(why) => summary.errors.push(MirrorError::Resource {
-                    domain: self.domain.clone(),
-                    path,
-                    failure: ResourceFailure::Store(format!("cannot delete: {why}")),
-                }),
+                Err(why) => {
+                    summary.failed += 1;
+                    summary.errors.push(MirrorError::Resource {
+                        domain: self.domain.clone(),
+                        path: format!("/{key}"),
+                        failure: ResourceFailure::Store(format!("cannot delete: {why}")),
+                    });
+                }
             }
         }
     }
 
-    /// Every path the sources name, once. Any source that cannot be read
-    /// fails the run before anything is fetched or marked gone.
-    async fn list(&self, summary: &mut RunSummary) -> Result<BTreeSet<ResourcePath>, MirrorError> {
+    /// Every path the sources name, by the object it is stored as: paths
+    /// naming one object (`/` and `/index.html`) are fetched once, by the
+    /// first. Any source that cannot be read fails the run before anything
+    /// is fetched or marked gone.
+    async fn list(
+        &self,
+        summary: &mut RunSummary,
+    ) -> Result<BTreeMap<String, ResourcePath>, MirrorError> {
         let mut out = BTreeSet::new();
         for file in &self.sources.path_files {
             let source = file.display().to_string();
@@ -522,7 +560,11 @@ impl MirrorJob {
                 pending.extend(entries.sitemaps.into_iter().map(|s| (s, depth + 1)));
             }
         }
-        Ok(out)
+        let mut by_key = BTreeMap::new();
+        for path in out {
+            by_key.entry(path.key().to_string()).or_insert(path);
+        }
+        Ok(by_key)
     }
 
     /// A sitemap: at most 50 MiB (the sitemaps.org limit), as text.
@@ -635,7 +677,7 @@ impl MirrorJob {
             .map_err(ResourceFailure::Store)?;
         let mut size: u64 = 0;
         let mut stream = response.bytes_stream();
-        let deadline = tokio::time::Instant::now() + self.limits.object_timeout;
+        let mut deadline = tokio::time::Instant::now() + self.limits.object_timeout;
         let failure = loop {
             let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
                 Err(_) => {
@@ -676,7 +718,8 @@ impl MirrorJob {
                 };
             }
             size += n;
-            rate.take(n).await;
+            // The pace is ours, not the origin's: it does not count against it.
+            deadline += rate.take(n).await;
             progress.bytes.fetch_add(n, Ordering::Relaxed);
             if let Err(why) = writer.write(chunk).await {
                 break ResourceFailure::Store(why);
@@ -705,16 +748,39 @@ impl MirrorJob {
             .map_err(|e| ResourceFailure::Http(format!("Location `{location}`: {e}")))?;
         let host = target.host_str().unwrap_or_default();
         let own = host.eq_ignore_ascii_case(&self.domain)
-            || self.origins.iter().any(|o| {
-                o.endpoint
-                    .authority
-                    .split(':')
-                    .next()
-                    .is_some_and(|h| h.eq_ignore_ascii_case(host))
-            });
+            || self
+                .origins
+                .iter()
+                .any(|o| authority_host(&o.endpoint.authority).eq_ignore_ascii_case(host));
         if !own || target.query().is_some() {
             return Err(ResourceFailure::RedirectElsewhere(location.to_owned()));
         }
         ResourcePath::parse(target.path()).map_err(ResourceFailure::Http)
+    }
+}
+
+/// The host of a Host value (`name:port`, `[v6]:port`), as `url` writes it.
+fn authority_host(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| &authority[..=h.len()]);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authority_host;
+
+    #[test]
+    fn the_host_of_a_host_value_is_found_with_or_without_a_port() {
+        assert_eq!(authority_host("static.example.com"), "static.example.com");
+        assert_eq!(
+            authority_host("static.example.com:8080"),
+            "static.example.com"
+        );
+        assert_eq!(authority_host("[2001:db8::1]:443"), "[2001:db8::1]");
+        assert_eq!(authority_host("[2001:db8::1]"), "[2001:db8::1]");
     }
 }

@@ -16,9 +16,11 @@ mod store;
 mod units;
 
 pub use error::{MirrorError, ResourceFailure};
-pub use job::{Limits, MirrorJob, Progress, RunSummary, Sources};
-pub use origin::{OriginClient, PrimaryOrigin};
-pub use resources::{parse_path_list, parse_sitemap, ResourcePath, SitemapEntries};
+pub use job::{unix_now, Limits, MirrorJob, Progress, RunSummary, Sources};
+pub use origin::PrimaryOrigin;
+pub use resources::ResourcePath;
 pub use serve::serve_stores;
-pub use store::{MirrorStore, StoredHead, MANIFEST_KEY};
+pub use store::MirrorStore;
+/// Stops a run cleanly ([`MirrorJob::run`]).
+pub use tokio_util::sync::CancellationToken;
 pub use units::{parse_bytes, parse_duration};

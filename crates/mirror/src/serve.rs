@@ -10,13 +10,15 @@ use http_body_util::{combinators::BoxBody, BodyExt as _, Empty, Full, StreamBody
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, IF_NONE_MATCH};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use object_store::local::LocalFileSystem;
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncSeekExt as _, BufReader};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -24,11 +26,29 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// secondary served it.
 pub const SERVED_BY_HEADER: &str = "x-origin-policy-mirror";
 
-/// Serves until the listener fails; one task per connection.
-pub async fn serve_stores(root: PathBuf, listener: TcpListener) -> std::io::Result<()> {
+/// Connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 4096;
+/// A client gets this long to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves until the task is dropped; one task per connection.
+pub async fn serve_stores(root: PathBuf, listener: TcpListener) {
     let root = Arc::new(root);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors, or a connection aborted before it was
+            // accepted: the server goes on.
+            Err(e) => {
+                eprintln!("mirror-serve: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let root = root.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -37,8 +57,11 @@ pub async fn serve_stores(root: PathBuf, listener: TcpListener) -> std::io::Resu
             });
             // A viewer hanging up mid-body is not an error of the store.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }
@@ -103,7 +126,7 @@ async fn answer(root: &Path, req: Request<Incoming>) -> Response<Body> {
         Err(_) => return plain(StatusCode::NOT_FOUND, format!("not mirrored: {host}{path}")),
     };
     match stored(&file).await {
-        Ok(Some((head, body_offset, size))) => respond(head, &file, body_offset, size, &req).await,
+        Ok(Some((head, body, size))) => respond(head, body, size, &req),
         Ok(None) => plain(StatusCode::NOT_FOUND, format!("not mirrored: {host}{path}")),
         Err(why) => plain(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -112,27 +135,37 @@ async fn answer(root: &Path, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// The head, where the body starts, and the body's size.
-async fn stored(file: &Path) -> std::io::Result<Option<(StoredHead, u64, u64)>> {
+/// The head, the open object positioned at its body, and the body's size.
+/// One open file for both: an object replaced meanwhile (a rename) is
+/// served whole, old or new, never the old head with the new body.
+async fn stored(file: &Path) -> std::io::Result<Option<(StoredHead, tokio::fs::File, u64)>> {
     let f = match tokio::fs::File::open(file).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let total = f.metadata().await?.len();
+    let meta = f.metadata().await?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
     let mut reader = BufReader::new(f).take(MAX_HEAD_LINE as u64);
     let mut line = Vec::new();
     reader.read_until(b'\n', &mut line).await?;
     let head = StoredHead::from_envelope_line(&line)
         .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidData, why))?;
     let offset = line.len() as u64;
-    Ok(Some((head, offset, total.saturating_sub(offset))))
+    let mut f = reader.into_inner().into_inner();
+    f.seek(SeekFrom::Start(offset)).await?;
+    Ok(Some((head, f, meta.len().saturating_sub(offset))))
 }
 
-async fn respond(
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn respond(
     head: StoredHead,
-    file: &Path,
-    offset: u64,
+    body: tokio::fs::File,
     size: u64,
     req: &Request<Incoming>,
 ) -> Response<Body> {
@@ -142,29 +175,14 @@ async fn respond(
             .is_ok_and(|a| a.split(',').any(|t| t.trim() == etag || t.trim() == "*")),
         _ => false,
     };
+    let stored_status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::OK);
     let (status, body): (StatusCode, Body) = if not_modified {
-        (
-            StatusCode::NOT_MODIFIED,
-            Empty::new().map_err(|never| match never {}).boxed(),
-        )
+        (StatusCode::NOT_MODIFIED, empty())
     } else if req.method() == Method::HEAD {
-        (
-            StatusCode::from_u16(head.status).unwrap_or(StatusCode::OK),
-            Empty::new().map_err(|never| match never {}).boxed(),
-        )
+        (stored_status, empty())
     } else {
-        let mut f = match tokio::fs::File::open(file).await {
-            Ok(f) => f,
-            Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        };
-        if let Err(e) = f.seek(SeekFrom::Start(offset)).await {
-            return plain(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        }
-        let stream = tokio_util::io::ReaderStream::new(f.take(size)).map_ok(Frame::data);
-        (
-            StatusCode::from_u16(head.status).unwrap_or(StatusCode::OK),
-            StreamBody::new(stream).boxed(),
-        )
+        let stream = tokio_util::io::ReaderStream::new(body.take(size)).map_ok(Frame::data);
+        (stored_status, StreamBody::new(stream).boxed())
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;

@@ -3,9 +3,11 @@
 //! Every object is written whole or not at all: a local directory through
 //! the store's staging file and rename, S3 through its atomic PUT or
 //! multipart completion. The response headers travel with the body in the
-//! same object: as the object's attributes where the store keeps them (S3,
-//! which then serves them itself), as a one-line JSON head before the body
-//! where it does not (a local directory, served by `mirror-serve`).
+//! same object: as the object's attributes where the store keeps them (S3
+//! serves `Content-Type` and `Cache-Control` as its own; the origin's
+//! validators and `Expires` go along as `origin-*` metadata), as a one-line
+//! JSON head before the body where it does not (a local directory, served by
+//! `mirror-serve`).
 
 use crate::error::MirrorError;
 use bytes::Bytes;
@@ -315,13 +317,21 @@ impl MirrorStore {
     pub async fn writer(&self, key: ObjectKey, head: &StoredHead) -> Result<ObjectWriter, String> {
         let writer = BufWriter::with_capacity(self.store.clone(), key, 8 << 20);
         let mut writer = ObjectWriter {
-            inner: Some(match self.layout {
+            inner: match self.layout {
                 Layout::Attributes => writer.with_attributes(head.attributes()),
                 Layout::Envelope => writer,
-            }),
+            },
         };
         if self.layout == Layout::Envelope {
-            writer.write(Bytes::from(head.envelope_line())).await?;
+            let line = head.envelope_line();
+            // mirror-serve reads no further for a head.
+            if line.len() > MAX_HEAD_LINE {
+                return Err(format!(
+                    "the origin's headers take {} bytes stored, over {MAX_HEAD_LINE}",
+                    line.len()
+                ));
+            }
+            writer.write(Bytes::from(line)).await?;
         }
         Ok(writer)
     }
@@ -336,33 +346,25 @@ impl MirrorStore {
 
 /// One object being written.
 pub struct ObjectWriter {
-    /// `None` once committed or aborted.
-    inner: Option<BufWriter>,
+    inner: BufWriter,
 }
 
 impl ObjectWriter {
     pub async fn write(&mut self, bytes: Bytes) -> Result<(), String> {
-        let Some(w) = self.inner.as_mut() else {
-            return Err("object already closed".to_owned());
-        };
-        w.put(bytes).await.map_err(|e| e.to_string())
+        self.inner.put(bytes).await.map_err(|e| e.to_string())
     }
 
     /// Makes the object visible, whole.
     pub async fn commit(mut self) -> Result<(), String> {
-        let Some(mut w) = self.inner.take() else {
-            return Err("object already closed".to_owned());
-        };
-        w.shutdown().await.map_err(|e| e.to_string())
+        self.inner.shutdown().await.map_err(|e| e.to_string())
     }
 
     /// Drops what was written; the previous object, if any, stays.
     pub async fn abort(mut self) {
-        if let Some(mut w) = self.inner.take() {
-            // Best effort: a staging file left by a failed abort is never
-            // served, and the store's own cleanup removes it.
-            let _ = w.abort().await;
-        }
+        // Best effort. A staging file left behind is never served; an S3
+        // multipart upload left behind is removed by the bucket's
+        // AbortIncompleteMultipartUpload lifecycle rule (README).
+        let _ = self.inner.abort().await;
     }
 }
 

@@ -12,10 +12,10 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("`{text}` is not a size like 64M or 1048576"))?;
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
+        "K" | "KI" | "KB" | "KIB" => 10,
+        "M" | "MI" | "MB" | "MIB" => 20,
+        "G" | "GI" | "GB" | "GIB" => 30,
+        "T" | "TI" | "TB" | "TIB" => 40,
         _ => return Err(format!("`{text}`: unknown unit `{unit}` (K, M, G or T)")),
     };
     n.checked_mul(1 << shift)
@@ -56,6 +56,7 @@ mod tests {
         assert_eq!(parse_bytes("1048576"), Ok(1_048_576));
         assert_eq!(parse_bytes("64M"), Ok(64 << 20));
         assert_eq!(parse_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes("10Gi"), Ok(10 << 30));
         assert!(parse_bytes("10X").is_err());
         assert!(parse_bytes("M").is_err());
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
