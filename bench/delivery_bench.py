@@ -17,7 +17,9 @@ For each size N it measures: the initial sync (Envoy start until the last
 domain's entry is served), Envoy's RSS after it, K one-domain pushes under a
 steady keep-alive client (push accepted until probes on every worker see the
 new value; the client's longest request during the pushes against before
-them), RSS after the pushes, the feed bytes per push, and the per-request CPU
+them), RSS after the pushes, the feed bytes per push, a full re-sync while
+serving (`POST /reset`: a new epoch; its duration and the longest request
+during it), and the per-request CPU
 of the read (wrk on the reader listener and on the same filter reading
 nothing, in the same Envoy). Prints a Markdown table.
 
