@@ -19,9 +19,9 @@ steady keep-alive client (push accepted until probes on every worker see the
 new value; the client's longest request during the pushes against before
 them), RSS after the pushes, the feed bytes per push, a full re-sync while
 serving (`POST /reset`: a new epoch; its duration and the longest request
-during it), and the per-request CPU
-of the read (wrk on the reader listener and on the same filter reading
-nothing, in the same Envoy). Prints a Markdown table.
+during it), and the per-request CPU of the read (wrk on the reader listener
+and on the same filter reading nothing, in the same Envoy). Prints a Markdown
+table.
 
 Run: .venv/bin/python bench/delivery_bench.py [--domains 1000,100000,1000000] [--pushes 20]
 """

@@ -188,7 +188,7 @@ def test_a_run_stopped_mid_body_exits_1_and_leaves_no_staging_file(edge: Edge, t
     )  # fmt: skip
     try:
         # /endless is being written (past the in-memory buffer, into a staging file).
-        edge.wait_for(lambda: any(p.name != "style.css" for p in store.glob("*") if p.is_file()), timeout=20)
+        edge.wait_for(lambda: any(p.name.startswith("endless") for p in store.glob("*")), timeout=20)
         run.send_signal(signal.SIGTERM)
         _, err = run.communicate(timeout=20)
     finally:
