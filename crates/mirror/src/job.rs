@@ -558,6 +558,11 @@ impl MirrorJob {
             // A sitemap index lists sitemaps; those list pages (one level).
             if depth == 0 {
                 pending.extend(entries.sitemaps.into_iter().map(|s| (s, depth + 1)));
+            } else if !entries.sitemaps.is_empty() {
+                summary.skipped.push(format!(
+                    "sitemap {sitemap}: {} sitemaps of a nested index not read (one level only)",
+                    entries.sitemaps.len()
+                ));
             }
         }
         let mut by_key = BTreeMap::new();
