@@ -48,7 +48,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-import scale_bench
 from scale_bench import (
     ENVOY,
     MIB,
@@ -73,9 +72,6 @@ from scale_bench import (
 
 PROBE_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "delivery_probe.wasm"
 ENTRY = "x-delivery-entry"
-# The probes and the steady client of scale_bench read the filter's answer
-# from this header.
-scale_bench.DECISION = ENTRY
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
@@ -383,7 +379,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         out = multiprocessing.Queue()
         client = multiprocessing.Process(
             target=steady_client,
-            args=(reader_port, [host_for(i) for i in steady], 4, 0.005, stop, out),
+            args=(reader_port, [host_for(i) for i in steady], 4, 0.005, stop, out, ENTRY),
         )
         client.start()
         time.sleep(args.baseline)
@@ -394,7 +390,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
             with urllib.request.urlopen(req, timeout=10):
                 pass
             t0 = time.monotonic()
-            got = watch_push(probes, host_for(i), f"host={origin_host(i, version)}", t0, 30.0, 0.002)
+            got = watch_push(probes, host_for(i), f"host={origin_host(i, version)}", t0, 30.0, 0.002, ENTRY)
             if got.visible_s is None:
                 res.never_visible += 1
             else:

@@ -340,14 +340,19 @@ def cpu_seconds(pid: int) -> float:
 # --- requests -----------------------------------------------------------------------
 
 
-def get(conn: http.client.HTTPConnection, host: str, path: str) -> tuple[int, str | None]:
+def get(
+    conn: http.client.HTTPConnection, host: str, path: str, header: str = DECISION
+) -> tuple[int, str | None]:
+    """The status and the filter's answer header (`header`)."""
     conn.request("GET", path, headers={"Host": host})
     r = conn.getresponse()
     r.read()
-    return r.status, r.getheader(DECISION)
+    return r.status, r.getheader(header)
 
 
-def steady_client(port: int, hosts: list[str], threads: int, interval: float, stop, out) -> None:
+def steady_client(
+    port: int, hosts: list[str], threads: int, interval: float, stop, out, header: str = DECISION
+) -> None:
     """The steady load (its own process, so that its timing does not share a
     GIL with the probes): `threads` keep-alive connections, each sending a
     request, then pausing `interval` s. Every request's start, latency and
@@ -367,7 +372,7 @@ def steady_client(port: int, hosts: list[str], threads: int, interval: float, st
             n += threads
             start = time.monotonic()
             try:
-                status, decision = get(conn, host, f"/steady/{k}/{n}")
+                status, decision = get(conn, host, f"/steady/{k}/{n}", header)
                 outcome = "ok" if status == 200 and decision else f"status {status}"
             except (OSError, http.client.HTTPException) as e:
                 outcome = type(e).__name__
@@ -442,7 +447,10 @@ class PushResult:
     rss_after: float = 0.0  # MiB, --push-gap after it was visible
 
 
-def watch_push(probes: list[Probe], host: str, want: str, t0: float, timeout: float, step: float) -> PushResult:
+def watch_push(
+    probes: list[Probe], host: str, want: str, t0: float, timeout: float, step: float,
+    header: str = DECISION,
+) -> PushResult:
     """One thread per probe connection asks for `host` every `step` s until it
     has seen `want` in `x-origin-decision` `confirm` times in a row; a worker's
     time is the first response carrying the new value."""
@@ -457,7 +465,7 @@ def watch_push(probes: list[Probe], host: str, want: str, t0: float, timeout: fl
         while time.monotonic() - t0 < timeout and streak < confirm:
             n += 1
             try:
-                status, decision = get(probe.conn, host, f"/probe/{k}/{n}")
+                status, decision = get(probe.conn, host, f"/probe/{k}/{n}", header)
             except (OSError, http.client.HTTPException):
                 with lock:
                     failures[0] += 1
