@@ -35,7 +35,6 @@ import multiprocessing
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,12 +49,12 @@ from urllib.parse import parse_qs, urlparse
 
 from scale_bench import (
     ENVOY,
-    MIB,
     REPO,
     Admin,
     die_with_parent,
     domain,
     free_ports,
+    get,
     host_for,
     machine,
     ms,
@@ -65,8 +64,10 @@ from scale_bench import (
     rss_mib,
     cpu_seconds,
     serve_origin,
+    spread,
     steady_client,
     stop_process,
+    wait_for_port,
     watch_push,
 )
 
@@ -265,17 +266,6 @@ def bootstrap(admin: int, reader: int, passthrough: int, origin: int, source: in
     }  # fmt: skip
 
 
-def entry_of(port: int, host: str, timeout: float = 10) -> tuple[int, str | None]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/load", headers={"Host": host})
-        r = conn.getresponse()
-        r.read()
-        return r.status, r.getheader(ENTRY)
-    finally:
-        conn.close()
-
-
 WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)s")
 
 
@@ -333,12 +323,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         )
         feed.start()
         ready.wait(10)
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", origin_port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(origin_port)
         config = bootstrap(admin_port, reader_port, pass_port, origin_port, source_port, wasm)
         (run / "envoy.json").write_text(json.dumps(config))
         log_path = run / "envoy.log"
@@ -357,13 +342,16 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
             if time.monotonic() - start > args.load_timeout:
                 res.error = f"not in sync after {args.load_timeout:.0f} s"
                 return res
+            conn = http.client.HTTPConnection("127.0.0.1", reader_port, timeout=10)
             try:
-                status, found = entry_of(reader_port, last)
+                status, found = get(conn, last, "/load", ENTRY)
                 if status == 200 and found and found.startswith("bytes="):
                     res.sync_s = time.monotonic() - start
                     break
             except (OSError, http.client.HTTPException):
                 pass
+            finally:
+                conn.close()
             time.sleep(0.02)
         log = log_path.read_text(errors="replace")
         res.sync_log = next((line for line in log.splitlines() if "in sync at version" in line), "")
@@ -372,8 +360,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         print(f"[{n:,}] in sync after {res.sync_s:.2f} s, RSS {res.rss_load:.0f} MiB", file=sys.stderr)
 
         admin = Admin(admin_port)
-        pushed = [(n * (2 * p + 1)) // (2 * args.pushes) for p in range(args.pushes)]
-        steady = sorted({(n * k) // 64 for k in range(64)} - set(pushed)) or [0]
+        pushed, steady = spread(n, args.pushes)
         probes = open_probes(reader_port, admin, host_for(pushed[0]), args.probes_per_worker, 2)
         stop = multiprocessing.Event()
         out = multiprocessing.Queue()

@@ -325,6 +325,26 @@ def serve_origin(port: int) -> None:
     Server(("127.0.0.1", port), Handler).serve_forever()
 
 
+def wait_for_port(port: int) -> None:
+    """Until something listens on 127.0.0.1:`port` (at most about 5 s): an
+    origin answers before Envoy starts."""
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
+def spread(n: int, pushes: int) -> tuple[list[int], list[int]]:
+    """Which of n domains are pushed (evenly spread), and which 64 the steady
+    client asks for: never a pushed one, nor the last (the load probe's)."""
+    pushed = [(n * (2 * p + 1)) // (2 * pushes) for p in range(pushes)]
+    pushed = [i if i != n - 1 else n - 2 for i in pushed]
+    steady = sorted({(n * k) // 64 for k in range(64)} - set(pushed) - {n - 1}) or [0]
+    return pushed, steady
+
+
 def rss_mib(pid: int, key: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -639,13 +659,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         del config
         (run / "envoy.json").write_text(json.dumps(bootstrap(run, admin_port, viewer_port, origin_port)))
         log_path = run / "envoy.log"
-        # The origin answers before Envoy starts.
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", origin_port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(origin_port)
 
         print(f"[{n:,}] starting Envoy ({res.config_bytes / MIB:.1f} MiB of configuration)", file=sys.stderr)
         start_wall, start = time.time(), time.monotonic()
@@ -701,9 +715,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         print(f"[{n:,}] loaded in {res.load_s:.2f} s, RSS {res.rss_load:.0f} MiB", file=sys.stderr)
 
         # Which domains: the client's spread over the set, the pushed ones apart.
-        pushed = [(n * (2 * p + 1)) // (2 * args.pushes) for p in range(args.pushes)]
-        pushed = [i if i != n - 1 else n - 2 for i in pushed]
-        steady = sorted({(n * k) // 64 for k in range(64)} - set(pushed) - {n - 1}) or [0]
+        pushed, steady = spread(n, args.pushes)
         probes = open_probes(viewer_port, admin, host_for(pushed[0]), args.probes_per_worker, 2)
 
         ctx = multiprocessing.get_context("spawn")

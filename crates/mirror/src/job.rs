@@ -454,18 +454,16 @@ impl MirrorJob {
         // Dropping the stream drops the fetches still under way: their
         // objects are never committed.
         drop(results);
-        if stop.is_cancelled() {
-            // Only what was done is recorded; nothing is marked gone.
-            self.store.save_manifest(&manifest).await?;
-        } else {
+        // A stopped run records what was done and marks nothing gone.
+        if !stop.is_cancelled() {
             for (key, e) in manifest.entries.iter_mut() {
                 if !listed.contains_key(key) {
                     e.missing_since.get_or_insert(now);
                 }
             }
             self.forget_gone(&mut manifest, now, &mut summary).await;
-            self.store.save_manifest(&manifest).await?;
         }
+        self.store.save_manifest(&manifest).await?;
         summary.missing = manifest
             .entries
             .values()
