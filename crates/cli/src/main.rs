@@ -3,6 +3,7 @@
 
 use origin_policy_cli::admin;
 use origin_policy_cli::explain_text;
+use origin_policy_cli::feed;
 use origin_policy_cli::files::{read_paths, write_atomically};
 use origin_policy_cli::mirror;
 use origin_policy_engine::documents::PolicyDocuments;
@@ -28,6 +29,13 @@ usage:
       written only once that Envoy has taken the clusters, so that a new policy
       never names a cluster Envoy does not have yet; nothing more is written if
       Envoy rejects them.
+  origin-policy feed [--wasm FILE] [--out DIR] [--admin ADDRESS] [--listen ADDRESS] [PATH...]
+      Serve the policies per domain to Envoys whose filter has `\"delivery\": \"feed\"`
+      (default listen 127.0.0.1:18090, GET /changes). Watches PATH (default
+      policies/); on a change, validates, writes DIR/origin-policy.cds.json (with
+      --admin: and waits until Envoy has the clusters) and DIR/origin-policy.ecds.json
+      (the settings), then publishes the domains that changed. A rejected policy
+      keeps its domain's last published one. Runs until Ctrl-C or SIGTERM.
   origin-policy mirror DOMAIN [--paths FILE]... [--sitemap PATH]... [--store DIR|s3://BUCKET/PREFIX]
                        [--policies DIR] [--origin-ca-file FILE] [--every INTERVAL]
                        [--metrics FILE] [--json] [limits]
@@ -375,6 +383,20 @@ fn mirror(args: &Args) -> Result<(), CliError> {
     }
 }
 
+fn feed(args: &Args) -> Result<(), CliError> {
+    feed::feed(feed::FeedRequest {
+        paths: args.paths(),
+        out: PathBuf::from(args.value("out").unwrap_or("run")),
+        wasm: PathBuf::from(
+            args.value("wasm")
+                .unwrap_or("target/wasm32-wasip1/release/origin_policy.wasm"),
+        ),
+        admin: args.value("admin").map(str::to_owned),
+        listen: args.value("listen").unwrap_or("127.0.0.1:18090").to_owned(),
+    })
+    .map_err(CliError::Io)
+}
+
 fn mirror_serve(args: &Args) -> Result<(), CliError> {
     if !args.positional.is_empty() {
         return Err(CliError::Usage(
@@ -396,6 +418,7 @@ fn main() -> ExitCode {
         "explain" => Args::parse(rest, &["policies", "method", "x-forwarded-proto"])
             .and_then(|a| explain(&a)),
         "bundle" => Args::parse(rest, &["wasm", "out", "admin"]).and_then(|a| bundle(&a)),
+        "feed" => Args::parse(rest, &["wasm", "out", "admin", "listen"]).and_then(|a| feed(&a)),
         "mirror" => Args::parse(rest, &MIRROR_FLAGS).and_then(|a| mirror(&a)),
         "mirror-serve" => Args::parse(rest, &["root", "listen"]).and_then(|a| mirror_serve(&a)),
         "help" | "--help" | "-h" => {

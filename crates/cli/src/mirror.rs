@@ -64,7 +64,7 @@ pub fn limits(value: impl Fn(&str) -> Option<String>) -> Result<Limits, String> 
     Ok(l)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -144,7 +144,7 @@ async fn prepare(
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what systemd and `kill` send), naming it.
-async fn stop_signal() -> &'static str {
+pub(crate) async fn stop_signal() -> &'static str {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -135,6 +135,50 @@ impl PolicyDocuments {
     }
 }
 
+/// What a policy feed publishes from a set of documents.
+#[derive(Debug, Clone)]
+pub struct FeedDocuments {
+    /// The settings document as written (`{}` when there is none).
+    pub settings: Value,
+    /// Each accepted policy's domain and compact document, host names in
+    /// ASCII as [`PolicyDocuments::plugin_config`] writes them.
+    pub accepted: Vec<(String, String)>,
+    /// Domains whose document was rejected: they keep what was published.
+    pub rejected: Vec<String>,
+    pub diagnostics: Diagnostics,
+}
+
+impl PolicyDocuments {
+    /// Validates everything and splits it into what a feed publishes per
+    /// domain. `Err`: the settings are invalid, and nothing can be published.
+    pub fn feed_documents(&self) -> Result<FeedDocuments, Diagnostics> {
+        let (compiled, diagnostics) = self.compile();
+        let Some(compiled) = compiled else {
+            return Err(diagnostics);
+        };
+        let rejected: Vec<String> = compiled
+            .unresolved
+            .iter()
+            .map(crate::DomainPattern::display_name)
+            .collect();
+        let accepted = self
+            .policies
+            .iter()
+            .filter_map(|(source, document)| {
+                let domain = crate::parse_policy(source, document).0?.domain;
+                (!compiled.unresolved.contains(&domain))
+                    .then(|| (domain.display_name(), names_in_ascii(source, document).to_string()))
+            })
+            .collect();
+        Ok(FeedDocuments {
+            settings: self.settings.clone().unwrap_or_else(|| json!({})),
+            accepted,
+            rejected,
+            diagnostics,
+        })
+    }
+}
+
 /// `document` with every field that `parse` normalises as a host name
 /// replaced by what it normalised to; an invalid policy is kept as written
 /// (the filter reports it as `check` does).

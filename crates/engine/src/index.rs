@@ -115,11 +115,40 @@ struct Remembered {
 
 type DocumentMap = HashMap<u128, Remembered, foldhash::fast::FixedState>;
 
+/// Where a filter's policies come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Delivery {
+    /// In the plugin configuration's `policies`.
+    #[default]
+    Inline,
+    /// One domain at a time, from the change feed's entries in shared data
+    /// (`"delivery": "feed"`, see [`crate::feed`]); the configuration carries
+    /// the settings only.
+    Feed,
+}
+
+impl Delivery {
+    fn parse(raw: Option<&str>, has_policies: bool) -> Result<Delivery, ConfigError> {
+        match (raw, has_policies) {
+            (None, true) => Ok(Delivery::Inline),
+            (None, false) => Err(ConfigError::Envelope("missing `policies`".to_owned())),
+            (Some("\"feed\""), false) => Ok(Delivery::Feed),
+            (Some("\"feed\""), true) => Err(ConfigError::Envelope(
+                "`policies` and `\"delivery\": \"feed\"` exclude each other: with the feed, the configuration carries the settings only".to_owned(),
+            )),
+            (Some(other), _) => Err(ConfigError::Envelope(format!(
+                "`delivery` must be \"feed\" (or absent, with `policies`), not {other}"
+            ))),
+        }
+    }
+}
+
 /// Settings plus every domain's compiled policy: what the filter serves from.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     pub settings: Settings,
     pub index: DomainIndex,
+    pub delivery: Delivery,
     /// The accepted documents of the plugin configuration this set was
     /// compiled from, by fingerprint; empty for a set compiled from parsed
     /// values ([`PolicySet::compile`]), which the next push cannot reuse.
@@ -341,6 +370,7 @@ impl Builder {
             set: PolicySet {
                 settings,
                 index,
+                delivery: Delivery::Inline,
                 documents,
                 settings_fingerprint,
             },
@@ -409,9 +439,11 @@ impl PolicySet {
         };
         let settings = parse_settings("plugin configuration", settings_value.as_ref())
             .map_err(|d| ConfigError::Settings(Diagnostics(d)))?;
-        let Some(policies) = envelope.policies else {
-            return Err(ConfigError::Envelope("missing `policies`".to_owned()));
-        };
+        let delivery = Delivery::parse(
+            envelope.delivery.map(|raw| raw.get()),
+            envelope.policies.is_some(),
+        )?;
+        let policies = envelope.policies.unwrap_or_default();
         let settings_fingerprint = envelope
             .settings
             .map(|raw| document_fingerprint(raw.get().as_bytes()));
@@ -430,11 +462,13 @@ impl PolicySet {
                 }
             }
         }
-        Ok(builder.finish(settings, settings_fingerprint, slot_name, previous))
+        let mut compiled = builder.finish(settings, settings_fingerprint, slot_name, previous);
+        compiled.set.delivery = delivery;
+        Ok(compiled)
     }
 
     /// The settings and policies of a parsed plugin configuration.
-    fn envelope(value: &Value) -> Result<(Settings, &[Value]), ConfigError> {
+    fn envelope(value: &Value) -> Result<(Settings, &[Value], Delivery), ConfigError> {
         let Value::Object(map) = value else {
             return Err(ConfigError::Envelope(
                 "expected a JSON object with `settings` and `policies`".to_owned(),
@@ -442,7 +476,7 @@ impl PolicySet {
         };
         if let Some(unknown) = map
             .keys()
-            .find(|k| !matches!(k.as_str(), "settings" | "policies" | "$schema"))
+            .find(|k| !matches!(k.as_str(), "settings" | "policies" | "delivery" | "$schema"))
         {
             return Err(ConfigError::Envelope(format!(
                 "unknown top-level field `{unknown}`"
@@ -450,14 +484,16 @@ impl PolicySet {
         }
         let settings = parse_settings("plugin configuration", map.get("settings"))
             .map_err(|d| ConfigError::Settings(Diagnostics(d)))?;
-        let policies = match map.get("policies") {
+        let delivery_text = map.get("delivery").map(Value::to_string);
+        let delivery = Delivery::parse(delivery_text.as_deref(), map.contains_key("policies"))?;
+        let policies: &[Value] = match map.get("policies") {
             Some(Value::Array(list)) => list,
             Some(_) => {
                 return Err(ConfigError::Envelope(
                     "`policies` must be an array of policy objects".to_owned(),
                 ))
             }
-            None => return Err(ConfigError::Envelope("missing `policies`".to_owned())),
+            None => &[],
         };
         if policies.len() > MAX_POLICIES {
             return Err(ConfigError::Envelope(format!(
@@ -465,7 +501,7 @@ impl PolicySet {
                 policies.len()
             )));
         }
-        Ok((settings, policies))
+        Ok((settings, policies, delivery))
     }
 
     /// [`PolicySet::from_plugin_config`] for a document already parsed (no
@@ -474,9 +510,11 @@ impl PolicySet {
         value: &Value,
         previous: Option<&PolicySet>,
     ) -> Result<CompiledSet, ConfigError> {
-        let (settings, policies) = Self::envelope(value)?;
+        let (settings, policies, delivery) = Self::envelope(value)?;
         let sources = PolicySource::numbered(policies);
-        Ok(Self::compile(settings, &sources, previous))
+        let mut compiled = Self::compile(settings, &sources, previous);
+        compiled.set.delivery = delivery;
+        Ok(compiled)
     }
 
     /// The policy that covers a viewer's Host.

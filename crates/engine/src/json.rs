@@ -171,6 +171,7 @@ pub(crate) struct RawEnvelope<'a> {
     pub settings: Option<&'a RawValue>,
     pub policies: Option<Vec<&'a RawValue>>,
     pub schema: Option<&'a RawValue>,
+    pub delivery: Option<&'a RawValue>,
 }
 
 /// Why an envelope could not be scanned. The message is only a fallback: the
@@ -194,11 +195,13 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
             settings: None,
             policies: None,
             schema: None,
+            delivery: None,
         };
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             let taken = match key.as_ref() {
                 "settings" => out.settings.replace(map.next_value()?).is_some(),
                 "$schema" => out.schema.replace(map.next_value()?).is_some(),
+                "delivery" => out.delivery.replace(map.next_value()?).is_some(),
                 "policies" => out
                     .policies
                     .replace(map.next_value_seed(RawList {

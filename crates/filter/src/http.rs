@@ -5,16 +5,96 @@
 
 use crate::metrics::{Counter, Metrics};
 use log::{debug, error};
-use origin_policy_engine::host::HostError;
+use origin_policy_engine::feed::{DomainEntries, EntryError, FEED_STATE_KEY, READY_STATE};
+use origin_policy_engine::host::{normalize_authority, HostError};
 use origin_policy_engine::{
-    scheme_from_text, DomainMatch, Exchange, FailoverOutcome, FetchFailure, OriginError, PolicySet,
-    PrimaryFailure, Refusal, ResponseVerdict, Scheme, SecondaryFailure, UnknownDomain,
-    UpstreamReport, ViewerRequest, DECISION_HEADER, ORIGIN_ERROR_HEADER, ROUTER_CONTROL_HEADERS,
+    scheme_from_text, CompiledPolicy, Delivery, DomainMatch, Exchange, FailoverOutcome,
+    FetchFailure, MatchKind, OriginError, PolicySet, PrimaryFailure, Refusal, ResponseVerdict,
+    Scheme, SecondaryFailure, UnknownDomain, UpstreamReport, ViewerRequest, DECISION_HEADER,
+    ORIGIN_ERROR_HEADER, ROUTER_CONTROL_HEADERS,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
+
+thread_local! {
+    /// This worker's compiled policies of `"delivery": "feed"`, kept across
+    /// configurations: an entry compiles the same under any settings.
+    static ENTRIES: RefCell<DomainEntries> = RefCell::default();
+}
+
+/// The policy a request's host found, owned: from the configuration's index,
+/// or compiled from the domain's feed entry.
+struct FoundPolicy<'a> {
+    policy: Arc<CompiledPolicy>,
+    matched: MatchKind,
+    viewer_host: Cow<'a, str>,
+}
+
+impl<'a> FoundPolicy<'a> {
+    fn domain_match(&self) -> DomainMatch<'_> {
+        DomainMatch {
+            policy: &self.policy,
+            matched: self.matched,
+            viewer_host: Cow::Borrowed(&self.viewer_host),
+        }
+    }
+}
+
+/// Why a request found no policy.
+enum NotFound<'a> {
+    Refused(Refusal<'a>),
+    /// Feed delivery only: no entry yet, or one that cannot be used.
+    Unavailable(EntryError),
+}
+
+fn shared_data(key: &str) -> origin_policy_engine::feed::EntryRead {
+    match hostcalls::get_shared_data(key) {
+        Ok((Some(value), Some(cas))) => Some((value, cas)),
+        _ => None,
+    }
+}
+
+/// The policy covering `authority`, as the configuration delivers policies.
+fn find_policy<'a>(policies: &'a PolicySet, authority: &'a str) -> Result<FoundPolicy<'a>, NotFound<'a>> {
+    if policies.delivery == Delivery::Inline {
+        let found = policies.lookup(authority).map_err(NotFound::Refused)?;
+        return Ok(FoundPolicy {
+            policy: Arc::clone(found.policy),
+            matched: found.matched,
+            viewer_host: found.viewer_host,
+        });
+    }
+    let host = normalize_authority(authority).map_err(|e| NotFound::Refused(Refusal::BadHost(e)))?;
+    let found = ENTRIES
+        .with(|entries| entries.borrow_mut().lookup(&host, shared_data))
+        .map_err(NotFound::Unavailable)?;
+    match found {
+        Some((policy, matched)) => Ok(FoundPolicy {
+            policy,
+            matched,
+            viewer_host: host,
+        }),
+        // An unknown domain, unless the edge has not got its policies yet.
+        None => match shared_data(FEED_STATE_KEY) {
+            Some((state, _)) if state == READY_STATE.as_bytes() => {
+                Err(NotFound::Refused(Refusal::UnknownDomain { viewer_host: host }))
+            }
+            state => Err(NotFound::Unavailable(EntryError::NotReady {
+                why: state
+                    .and_then(|(s, _)| String::from_utf8(s).ok())
+                    .map_or_else(
+                        || "no policy feed has written to this Envoy (is the feed singleton configured, with the same vm_id?)".to_owned(),
+                        |s| s.strip_prefix("waiting: ").unwrap_or(&s).to_owned(),
+                    ),
+            })),
+        },
+    }
+}
 
 /// The request headers the decision reads, borrowed from the header map.
 #[derive(Default)]
@@ -142,6 +222,24 @@ impl OriginFetch {
         Action::Pause
     }
 
+    /// Feed delivery without a usable entry: 503, with why, and asked to
+    /// come back (the first sync takes seconds).
+    fn unavailable(&mut self, error: &EntryError) -> Action {
+        self.metrics.bump(Counter::EntryUnavailable);
+        let error = error.to_string();
+        self.exchange = None;
+        local_reply(
+            503,
+            vec![
+                (ORIGIN_ERROR_HEADER, &error),
+                ("retry-after", "1"),
+                ("content-type", "text/plain"),
+            ],
+            format!("{error}\n").as_bytes(),
+        );
+        Action::Pause
+    }
+
     fn refuse(&mut self, refusal: Refusal<'_>, viewer: &ViewerHeaders<'_>) -> Action {
         match refusal {
             Refusal::UnknownDomain { viewer_host } => {
@@ -192,10 +290,12 @@ impl OriginFetch {
             return Ok(self.refuse(Refusal::BadHost(HostError::NotAscii), &viewer));
         }
         let authority = viewer.authority.unwrap_or_default();
-        let found = match policies.lookup(authority) {
+        let found = match find_policy(&policies, authority) {
             Ok(found) => found,
-            Err(refusal) => return Ok(self.refuse(refusal, &viewer)),
+            Err(NotFound::Refused(refusal)) => return Ok(self.refuse(refusal, &viewer)),
+            Err(NotFound::Unavailable(e)) => return Ok(self.unavailable(&e)),
         };
+        let found = found.domain_match();
         // The connection is asked only when the decision depends on it.
         let trusted_header = settings.trust_x_forwarded_proto
             && viewer
@@ -225,7 +325,8 @@ impl OriginFetch {
             .flatten()?;
         let authority = String::from_utf8(bytes).ok()?;
         let policies = Rc::clone(&self.policies);
-        match policies.lookup(&authority) {
+        let found = find_policy(&policies, &authority);
+        match found.as_ref().map(FoundPolicy::domain_match) {
             Ok(found) if found.needs_only_the_host() => {
                 let request = ViewerRequest {
                     authority: &authority,
@@ -236,14 +337,15 @@ impl OriginFetch {
                 // header is written over.
                 Some(self.route(found, &request, false))
             }
-            Err(refusal @ Refusal::UnknownDomain { .. }) => {
+            Err(NotFound::Refused(refusal @ Refusal::UnknownDomain { .. })) => {
                 // Unread: a viewer's cluster header, if any, is removed blind.
                 let viewer = ViewerHeaders {
                     cluster_header: true,
                     ..ViewerHeaders::default()
                 };
-                Some(Ok(self.refuse(refusal, &viewer)))
+                Some(Ok(self.refuse(refusal.clone(), &viewer)))
             }
+            Err(NotFound::Unavailable(e)) => Some(Ok(self.unavailable(e))),
             _ => None,
         }
     }

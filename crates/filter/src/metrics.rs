@@ -23,9 +23,16 @@ pub enum Counter {
     ConfigApplied,
     ConfigRejected,
     PolicyRejected,
+    /// Entries the feed singleton wrote into shared data.
+    FeedEntriesWritten,
+    /// Policies from the feed refused; their domains keep their entry.
+    FeedPolicyRejected,
+    /// Requests answered 503 because the first sync is not complete, or
+    /// whose domain's entry could not be used.
+    EntryUnavailable,
 }
 
-const NAMES: [&str; 15] = [
+const NAMES: [&str; 18] = [
     "origin_policy.decisions",
     "origin_policy.unknown_domain",
     "origin_policy.bad_host",
@@ -41,6 +48,9 @@ const NAMES: [&str; 15] = [
     "origin_policy.config.applied",
     "origin_policy.config.rejected",
     "origin_policy.policy.rejected",
+    "origin_policy.feed.entries_written",
+    "origin_policy.feed.policy_rejected",
+    "origin_policy.feed.entry_unavailable",
 ];
 
 thread_local! {

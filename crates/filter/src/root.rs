@@ -6,7 +6,9 @@ use crate::http::OriginFetch;
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::last_good::{no_kept_documents, LastGood};
-use origin_policy_engine::{fingerprint, CompiledSet, JsonError, PolicySet, MAX_JSON_BYTES};
+use origin_policy_engine::{
+    fingerprint, CompiledSet, Delivery, JsonError, PolicySet, MAX_JSON_BYTES,
+};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
@@ -28,7 +30,7 @@ fn last_good(plugin: &str) -> Option<Rc<PolicySet>> {
     LAST_GOOD.with(|m| m.borrow().get(plugin).cloned())
 }
 
-fn plugin_root_id() -> String {
+pub(crate) fn plugin_root_id() -> String {
     hostcalls::get_property(vec!["plugin_root_id"])
         .ok()
         .flatten()
@@ -215,11 +217,14 @@ impl RootContext for OriginPolicyRoot {
             for domain in &compiled.kept_previous {
                 warn!("{domain}: keeping the last good policy");
             }
-            info!(
-                "origin policies loaded: {} domains ({} rejected)",
-                compiled.set.index.len(),
-                compiled.rejected
-            );
+            match compiled.set.delivery {
+                Delivery::Inline => info!(
+                    "origin policies loaded: {} domains ({} rejected)",
+                    compiled.set.index.len(),
+                    compiled.rejected
+                ),
+                Delivery::Feed => info!("settings loaded; the policies come from the feed"),
+            }
         }
         let set = Rc::new(compiled.set);
         LAST_GOOD.with(|m| m.borrow_mut().insert(plugin, Rc::clone(&set)));

@@ -1,0 +1,475 @@
+//! Per-domain delivery: policies arrive one domain at a time from a change
+//! feed. On Envoy's main thread a singleton pages the feed into the process's
+//! shared data, one entry per domain, after validating each policy
+//! ([`FeedSync`]); each worker reads the entry of a request's domain and
+//! compiles it on first use, keeping it while the entry is unchanged
+//! ([`DomainEntries`]). A push then costs one entry, however many are loaded.
+//!
+//! Pure: the filter supplies the shared-data reads and writes.
+//!
+//! The feed, over HTTP/1.1: `GET /changes?since=VERSION&epoch=EPOCH` answers
+//! `200` with one line per changed domain, `DOMAIN \t DOCUMENT` (the policy's
+//! compact JSON; an empty document removes the domain), and the headers
+//! [`VERSION_HEADER`] (the version this page brings the reader to),
+//! [`EPOCH_HEADER`], [`MORE_HEADER`] (another page follows at once) and
+//! [`RESET_HEADER`] (this page starts a snapshot: every domain not listed
+//! before the last page is removed). `204` says nothing changed within the
+//! source's long-poll wait.
+
+use crate::compiled::CompiledPolicy;
+use crate::decision::MatchKind;
+use crate::diagnostic::{PolicyDiagnostic, Severity};
+use crate::json::{document_fingerprint, parse_json};
+use crate::parse::parse_policy;
+use crate::policy::Policy;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+/// The shared-data key of a domain's entry: the prefix, then the policy's
+/// domain as written in it (`www.example.com`, `*.example.com`).
+pub const ENTRY_KEY_PREFIX: &str = "origin-policy.domain/";
+/// Where the singleton says whether the edge has its policies yet: `ready`,
+/// or `waiting: WHY` until the first sync is complete.
+pub const FEED_STATE_KEY: &str = "origin-policy.feed.state";
+/// A removed domain's entry (shared data has no delete in ABI 0.2): never a
+/// JSON document, so never mistaken for one.
+pub const REMOVED_ENTRY: &[u8] = b"-";
+
+pub const VERSION_HEADER: &str = "x-feed-version";
+pub const EPOCH_HEADER: &str = "x-feed-epoch";
+pub const MORE_HEADER: &str = "x-feed-more";
+pub const RESET_HEADER: &str = "x-feed-reset";
+
+/// The state value once the first sync is complete.
+pub const READY_STATE: &str = "ready";
+
+/// A worker keeps at most this many compiled policies; a domain dropped from
+/// the cache is compiled again from its entry when next asked for.
+pub const MAX_CACHED_POLICIES: usize = 16_384;
+
+pub fn entry_key(domain: &str) -> String {
+    let mut key = String::with_capacity(ENTRY_KEY_PREFIX.len() + domain.len());
+    key.push_str(ENTRY_KEY_PREFIX);
+    key.push_str(domain);
+    key
+}
+
+/// The value of [`FEED_STATE_KEY`] while the edge waits for its first sync.
+pub fn waiting_state(why: &str) -> String {
+    format!("waiting: {why}")
+}
+
+/// Why a request's domain could not be served from its entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryError {
+    /// No entry, and the first sync is not complete.
+    NotReady { why: String },
+    /// The entry does not compile in this filter: a source that skipped
+    /// validation, or a filter older than the singleton that wrote it.
+    Invalid { domain: String, why: String },
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EntryError::NotReady { why } => {
+                write!(f, "origin policies not received yet: {why}")
+            }
+            EntryError::Invalid { domain, why } => {
+                write!(f, "{domain}: the delivered policy cannot be used: {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EntryError {}
+
+/// What a read of a shared-data key gives: the value and its CAS (which
+/// changes with every write of the key).
+pub type EntryRead = Option<(Vec<u8>, u32)>;
+
+/// One worker's compiled policies, by entry key, each with the CAS of the
+/// entry it was compiled from.
+#[derive(Debug, Default)]
+pub struct DomainEntries {
+    compiled: HashMap<String, (u32, Arc<CompiledPolicy>), foldhash::fast::RandomState>,
+}
+
+impl DomainEntries {
+    /// The policy for a normalised host: its exact name's entry, then the
+    /// wildcard of each parent (`*.b.c`, then `*.c` for `a.b.c`). `Ok(None)`:
+    /// no policy covers the host. `read` reads one shared-data key.
+    pub fn lookup(
+        &mut self,
+        host: &str,
+        mut read: impl FnMut(&str) -> EntryRead,
+    ) -> Result<Option<(Arc<CompiledPolicy>, MatchKind)>, EntryError> {
+        if let Some(p) = self.entry(entry_key(host), &mut read)? {
+            return Ok(Some((p, MatchKind::Exact)));
+        }
+        let mut rest = host;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            let key = format!("{ENTRY_KEY_PREFIX}*.{rest}");
+            if let Some(p) = self.entry(key, &mut read)? {
+                return Ok(Some((p, MatchKind::Wildcard)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// How many compiled policies this worker holds.
+    pub fn len(&self) -> usize {
+        self.compiled.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.compiled.is_empty()
+    }
+
+    fn entry(
+        &mut self,
+        key: String,
+        read: &mut impl FnMut(&str) -> EntryRead,
+    ) -> Result<Option<Arc<CompiledPolicy>>, EntryError> {
+        let Some((value, cas)) = read(&key) else {
+            self.compiled.remove(&key);
+            return Ok(None);
+        };
+        if value == REMOVED_ENTRY {
+            self.compiled.remove(&key);
+            return Ok(None);
+        }
+        if let Some((seen, policy)) = self.compiled.get(&key) {
+            if *seen == cas {
+                return Ok(Some(Arc::clone(policy)));
+            }
+        }
+        let domain = &key[ENTRY_KEY_PREFIX.len()..];
+        let policy = validate_entry(domain, &value).map_err(|d| EntryError::Invalid {
+            domain: domain.to_owned(),
+            why: d.to_string(),
+        })?;
+        let policy = Arc::new(CompiledPolicy::compile(policy));
+        if self.compiled.len() >= MAX_CACHED_POLICIES && !self.compiled.contains_key(&key) {
+            // Any one: a domain evicted is only compiled again when asked.
+            if let Some(evicted) = self.compiled.keys().next().cloned() {
+                self.compiled.remove(&evicted);
+            }
+        }
+        self.compiled.insert(key, (cas, Arc::clone(&policy)));
+        Ok(Some(policy))
+    }
+}
+
+/// A document as the feed names it: valid, and for the domain it is filed
+/// under. The first error is the one reported.
+fn validate_entry(domain: &str, document: &[u8]) -> Result<Policy, Box<PolicyDiagnostic>> {
+    let source = "feed";
+    let finding = |path: &str, message: String| {
+        Box::new(PolicyDiagnostic {
+            severity: Severity::Error,
+            source: source.to_owned(),
+            domain: Some(domain.to_owned()),
+            path: path.to_owned(),
+            message,
+            fix: None,
+        })
+    };
+    let value = parse_json(document).map_err(|e| finding("", format!("not valid JSON: {e}")))?;
+    let (policy, found) = parse_policy(source, &value);
+    let Some(policy) = policy else {
+        let first = found.into_iter().find(|d| d.severity == Severity::Error);
+        return Err(first.map_or_else(
+            || finding("", "the policy was rejected".to_owned()),
+            Box::new,
+        ));
+    };
+    let named = policy.domain.display_name();
+    if named != domain {
+        return Err(finding(
+            "/domain",
+            format!("the feed files this policy under `{domain}`, but it is for `{named}`"),
+        ));
+    }
+    Ok(policy)
+}
+
+/// One line of a feed page that is not `DOMAIN \t DOCUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedLine {
+    pub line: usize,
+}
+
+impl fmt::Display for MalformedLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "feed page line {}: expected `DOMAIN<TAB>DOCUMENT`",
+            self.line
+        )
+    }
+}
+
+/// What the singleton does with one page of the feed.
+#[derive(Debug, Default)]
+pub struct PageOutcome {
+    /// Shared-data writes, in order: an entry key and its new value.
+    pub writes: Vec<(String, Vec<u8>)>,
+    /// Policies refused: their domains keep the entry they had.
+    pub rejected: Vec<PolicyDiagnostic>,
+    pub malformed: Vec<MalformedLine>,
+    /// Entries left as they were because the document did not change.
+    pub unchanged: usize,
+}
+
+/// The singleton's view of what it wrote: each domain's document by
+/// fingerprint, so that a re-sync rewrites only what changed and can remove
+/// what the source no longer has.
+#[derive(Debug, Default)]
+pub struct FeedSync {
+    written: HashMap<String, u128, foldhash::fast::RandomState>,
+    /// During a snapshot: the domains it listed so far.
+    listed: Option<HashSet<String, foldhash::fast::RandomState>>,
+}
+
+impl FeedSync {
+    /// The source starts over (its first answer, or it lost its versions):
+    /// the pages that follow list every domain it has.
+    pub fn begin_snapshot(&mut self) {
+        self.listed = Some(HashSet::default());
+    }
+
+    pub fn in_snapshot(&self) -> bool {
+        self.listed.is_some()
+    }
+
+    /// How many domains have an entry.
+    pub fn domains(&self) -> usize {
+        self.written.len()
+    }
+
+    /// Validates one page's changes and says what to write.
+    pub fn apply(&mut self, page: &[u8]) -> PageOutcome {
+        let mut out = PageOutcome::default();
+        for (i, line) in page.split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let parsed = line
+                .iter()
+                .position(|b| *b == b'\t')
+                .and_then(|tab| Some((std::str::from_utf8(&line[..tab]).ok()?, &line[tab + 1..])))
+                .filter(|(domain, _)| !domain.is_empty());
+            let Some((domain, document)) = parsed else {
+                out.malformed.push(MalformedLine { line: i + 1 });
+                continue;
+            };
+            if let Some(listed) = &mut self.listed {
+                listed.insert(domain.to_owned());
+            }
+            if document.is_empty() {
+                if self.written.remove(domain).is_some() {
+                    out.writes.push((entry_key(domain), REMOVED_ENTRY.to_vec()));
+                }
+                continue;
+            }
+            let fingerprint = document_fingerprint(document);
+            if self.written.get(domain) == Some(&fingerprint) {
+                out.unchanged += 1;
+                continue;
+            }
+            match validate_entry(domain, document) {
+                Ok(_) => {
+                    self.written.insert(domain.to_owned(), fingerprint);
+                    out.writes.push((entry_key(domain), document.to_vec()));
+                }
+                Err(finding) => out.rejected.push(*finding),
+            }
+        }
+        out
+    }
+
+    /// The snapshot's last page was applied: the entries of every domain it
+    /// did not list are removed.
+    pub fn end_snapshot(&mut self) -> Vec<(String, Vec<u8>)> {
+        let Some(listed) = self.listed.take() else {
+            return Vec::new();
+        };
+        let gone: Vec<String> = self
+            .written
+            .keys()
+            .filter(|d| !listed.contains(*d))
+            .cloned()
+            .collect();
+        gone.into_iter()
+            .map(|domain| {
+                self.written.remove(&domain);
+                (entry_key(&domain), REMOVED_ENTRY.to_vec())
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap as Map;
+
+    const WWW: &str = r#"{"domain":"www.example.com","primary":{"address":"a.example.net"}}"#;
+    const WILD: &str = r#"{"domain":"*.example.org","primary":{"address":"b.example.net"}}"#;
+
+    /// Shared data as the filter sees it: values with a CAS bumped per write.
+    #[derive(Default)]
+    struct FakeSharedData(Map<String, (Vec<u8>, u32)>);
+
+    impl FakeSharedData {
+        fn write(&mut self, writes: Vec<(String, Vec<u8>)>) {
+            for (key, value) in writes {
+                let cas = self.0.get(&key).map_or(1, |(_, c)| c + 1);
+                self.0.insert(key, (value, cas));
+            }
+        }
+        fn read(&self, key: &str) -> EntryRead {
+            self.0.get(key).cloned()
+        }
+    }
+
+    fn page(lines: &[(&str, &str)]) -> Vec<u8> {
+        lines
+            .iter()
+            .map(|(d, doc)| format!("{d}\t{doc}\n"))
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    fn origin_of(p: &CompiledPolicy) -> &str {
+        &p.policy.origins[0].address
+    }
+
+    #[test]
+    fn an_entry_is_compiled_once_and_again_when_rewritten() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        shared.write(sync.apply(&page(&[("www.example.com", WWW)])).writes);
+        let mut entries = DomainEntries::default();
+        let (p, kind) = entries
+            .lookup("www.example.com", |k| shared.read(k))
+            .unwrap()
+            .unwrap();
+        assert_eq!((origin_of(&p), kind), ("a.example.net", MatchKind::Exact));
+        let (again, _) = entries
+            .lookup("www.example.com", |k| shared.read(k))
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&p, &again), "unchanged entry recompiled");
+        let changed = WWW.replace("a.example.net", "c.example.net");
+        shared.write(sync.apply(&page(&[("www.example.com", &changed)])).writes);
+        let (now, _) = entries
+            .lookup("www.example.com", |k| shared.read(k))
+            .unwrap()
+            .unwrap();
+        assert_eq!(origin_of(&now), "c.example.net");
+        // A request that started before keeps its policy.
+        assert_eq!(origin_of(&p), "a.example.net");
+    }
+
+    #[test]
+    fn wildcards_cover_subdomains_not_the_parent() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        shared.write(sync.apply(&page(&[("*.example.org", WILD)])).writes);
+        let mut entries = DomainEntries::default();
+        let found = entries
+            .lookup("x.y.example.org", |k| shared.read(k))
+            .unwrap();
+        assert_eq!(found.map(|(_, k)| k), Some(MatchKind::Wildcard));
+        assert!(entries
+            .lookup("example.org", |k| shared.read(k))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn an_invalid_change_keeps_the_last_good_entry() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        shared.write(sync.apply(&page(&[("www.example.com", WWW)])).writes);
+        let bad = WWW.replace("\"a.example.net\"", "\"a.example.net\",\"port\":\"x\"");
+        let out = sync.apply(&page(&[("www.example.com", &bad)]));
+        assert!(out.writes.is_empty());
+        assert_eq!(out.rejected.len(), 1);
+        let finding = out.rejected[0].to_string();
+        assert!(
+            finding.contains("www.example.com") && finding.contains("/primary/port"),
+            "{finding}"
+        );
+        // Filed under another domain than its own: refused too.
+        let out = sync.apply(&page(&[("other.example.com", WWW)]));
+        assert!(out.writes.is_empty());
+        assert!(out.rejected[0].to_string().contains("/domain"));
+        let mut entries = DomainEntries::default();
+        let (p, _) = entries
+            .lookup("www.example.com", |k| shared.read(k))
+            .unwrap()
+            .unwrap();
+        assert_eq!(origin_of(&p), "a.example.net");
+    }
+
+    #[test]
+    fn a_snapshot_rewrites_only_changes_and_removes_what_it_did_not_list() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        sync.begin_snapshot();
+        let other = WWW.replace("www.example.com", "old.example.com");
+        shared.write(
+            sync.apply(&page(&[("www.example.com", WWW), ("old.example.com", &other)]))
+                .writes,
+        );
+        assert!(sync.end_snapshot().is_empty());
+        sync.begin_snapshot();
+        let out = sync.apply(&page(&[("www.example.com", WWW)]));
+        assert_eq!((out.writes.len(), out.unchanged), (0, 1));
+        let removed = sync.end_snapshot();
+        assert_eq!(
+            removed,
+            vec![(entry_key("old.example.com"), REMOVED_ENTRY.to_vec())]
+        );
+        shared.write(removed);
+        let mut entries = DomainEntries::default();
+        assert!(entries
+            .lookup("old.example.com", |k| shared.read(k))
+            .unwrap()
+            .is_none());
+        assert_eq!(sync.domains(), 1);
+    }
+
+    #[test]
+    fn a_removal_and_malformed_lines() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        shared.write(sync.apply(&page(&[("www.example.com", WWW)])).writes);
+        let out = sync.apply(b"www.example.com\t\nno tab here\n\tdoc\n");
+        assert_eq!(
+            out.malformed,
+            vec![MalformedLine { line: 2 }, MalformedLine { line: 3 }]
+        );
+        shared.write(out.writes);
+        let mut entries = DomainEntries::default();
+        assert!(entries
+            .lookup("www.example.com", |k| shared.read(k))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn an_entry_this_filter_cannot_compile_is_an_error_naming_the_domain() {
+        let mut shared = FakeSharedData::default();
+        shared.write(vec![(entry_key("www.example.com"), b"{\"domain\":".to_vec())]);
+        let err = DomainEntries::default()
+            .lookup("www.example.com", |k| shared.read(k))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("www.example.com: "), "{err}");
+    }
+}

@@ -1,0 +1,258 @@
+//! The feed singleton: a bootstrap wasm service (`singleton: true`, Envoy's
+//! main thread) that long-polls the policy source's change feed and keeps one
+//! shared-data entry per domain (see [`origin_policy_engine::feed`]). The
+//! HTTP filter's VMs share its `vm_id`, so they read what it writes without
+//! being reconfigured.
+
+use crate::metrics::{Counter, Metrics};
+use log::{error, info, warn};
+use origin_policy_engine::feed::{
+    waiting_state, FeedSync, EPOCH_HEADER, FEED_STATE_KEY, MORE_HEADER, READY_STATE, RESET_HEADER,
+    VERSION_HEADER,
+};
+use origin_policy_engine::parse_json;
+use proxy_wasm::traits::{Context, RootContext};
+use proxy_wasm::types::BufferType;
+use serde_json::Value;
+use std::time::{Duration, SystemTime};
+
+/// The source holds a long poll for about 20 s; this only bounds a lost one.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How soon a failed poll is tried again.
+const RETRY_PERIOD: Duration = Duration::from_secs(1);
+const DEFAULT_PATH: &str = "/changes";
+
+/// The singleton's plugin configuration: `{"feed_cluster": NAME}`, and
+/// optionally `"feed_path"` (default `/changes`).
+#[derive(Debug)]
+struct FeedConfig {
+    cluster: String,
+    path: String,
+}
+
+impl FeedConfig {
+    fn parse(bytes: &[u8]) -> Result<FeedConfig, String> {
+        let value = parse_json(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+        let Value::Object(map) = value else {
+            return Err("expected a JSON object with `feed_cluster`".to_owned());
+        };
+        let text = |name: &str| match map.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(format!("/{name}: must be a non-empty string")),
+        };
+        if let Some(unknown) = map
+            .keys()
+            .find(|k| !matches!(k.as_str(), "feed_cluster" | "feed_path"))
+        {
+            return Err(format!("/{unknown}: unknown field"));
+        }
+        Ok(FeedConfig {
+            cluster: text("feed_cluster")?
+                .ok_or("/feed_cluster: missing (the cluster of the policy source)")?,
+            path: text("feed_path")?.unwrap_or_else(|| DEFAULT_PATH.to_owned()),
+        })
+    }
+}
+
+pub(crate) struct FeedRoot {
+    config: Option<FeedConfig>,
+    metrics: Option<Metrics>,
+    sync: FeedSync,
+    /// The feed's version the entries have reached, in the source's epoch (a
+    /// new epoch: the source lost its versions, and a snapshot follows).
+    version: u64,
+    epoch: String,
+    ready: bool,
+    retry: bool,
+    last_failure: Option<String>,
+    sync_started: Option<SystemTime>,
+}
+
+impl FeedRoot {
+    pub(crate) fn new() -> Self {
+        FeedRoot {
+            config: None,
+            metrics: None,
+            sync: FeedSync::default(),
+            version: 0,
+            epoch: String::new(),
+            ready: false,
+            retry: false,
+            last_failure: None,
+            sync_started: None,
+        }
+    }
+
+    fn poll(&mut self) {
+        let Some(config) = &self.config else { return };
+        let path = format!(
+            "{}?since={}&epoch={}",
+            config.path, self.version, self.epoch
+        );
+        let cluster = config.cluster.clone();
+        let call = self.dispatch_http_call(
+            &cluster,
+            vec![
+                (":method", "GET"),
+                (":path", &path),
+                (":authority", &cluster),
+            ],
+            None,
+            vec![],
+            CALL_TIMEOUT,
+        );
+        if let Err(e) = call {
+            self.fail(format!(
+                "cannot call the policy source on cluster `{cluster}` ({e:?}): is the cluster defined?"
+            ));
+        }
+    }
+
+    /// The source could not be asked or did not answer: try again on the next
+    /// tick, serving the entries already here. Until the first sync, requests
+    /// are told why they wait.
+    fn fail(&mut self, why: String) {
+        self.retry = true;
+        if self.last_failure.as_ref() != Some(&why) {
+            warn!("policy feed: {why}; trying again every second");
+        }
+        if !self.ready {
+            let _ = self.set_shared_data(FEED_STATE_KEY, Some(waiting_state(&why).as_bytes()), None);
+        }
+        self.last_failure = Some(why);
+    }
+
+    fn write(&self, writes: Vec<(String, Vec<u8>)>) {
+        let mut written = 0;
+        for (key, value) in writes {
+            match self.set_shared_data(&key, Some(&value), None) {
+                Ok(()) => written += 1,
+                Err(e) => error!("policy feed: could not write {key}: {e:?}"),
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.add(Counter::FeedEntriesWritten, written);
+        }
+    }
+
+    fn apply_page(&mut self, body_size: usize, more: bool) {
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        let outcome = self.sync.apply(&body);
+        for finding in &outcome.rejected {
+            error!("policy rejected, the domain keeps its last good policy: {finding}");
+        }
+        for line in &outcome.malformed {
+            warn!("policy feed: {line}; skipped");
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.add(Counter::FeedPolicyRejected, outcome.rejected.len() as u64);
+        }
+        self.write(outcome.writes);
+        if more {
+            return;
+        }
+        if self.sync.in_snapshot() {
+            let removed = self.sync.end_snapshot();
+            if !removed.is_empty() {
+                info!("policy feed: {} domains removed by the source", removed.len());
+            }
+            self.write(removed);
+        }
+        if !self.ready {
+            self.ready = true;
+            let _ = self.set_shared_data(FEED_STATE_KEY, Some(READY_STATE.as_bytes()), None);
+            let took = self
+                .sync_started
+                .and_then(|t| self.get_current_time().duration_since(t).ok())
+                .unwrap_or_default();
+            info!(
+                "policy feed: in sync at version {}: {} domains in {} ms",
+                self.version,
+                self.sync.domains(),
+                took.as_millis()
+            );
+        }
+    }
+}
+
+impl Context for FeedRoot {
+    fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        let header = |name: &str| self.get_http_call_response_header(name);
+        let status = header(":status");
+        let version = header(VERSION_HEADER).and_then(|v| v.parse::<u64>().ok());
+        let epoch = header(EPOCH_HEADER);
+        let reset = header(RESET_HEADER).is_some();
+        let more = header(MORE_HEADER).is_some();
+        let cluster = self
+            .config
+            .as_ref()
+            .map_or_else(String::new, |c| c.cluster.clone());
+        match (status.as_deref(), version, epoch) {
+            (Some("200"), Some(version), Some(epoch)) => {
+                if self.last_failure.take().is_some() {
+                    info!("policy feed: the source answers again");
+                }
+                if reset {
+                    info!("policy feed: the source sends every domain (epoch {epoch})");
+                    self.sync.begin_snapshot();
+                }
+                self.epoch = epoch;
+                self.version = version;
+                self.apply_page(body_size, more);
+                self.poll();
+            }
+            (Some("204"), _, _) => {
+                self.last_failure = None;
+                self.poll();
+            }
+            (Some(status), _, _) => self.fail(format!(
+                "the policy source on cluster `{cluster}` answered {status} without a feed page"
+            )),
+            (None, _, _) => self.fail(format!(
+                "the policy source on cluster `{cluster}` did not answer (unreachable, reset or timed out)"
+            )),
+        }
+    }
+}
+
+impl RootContext for FeedRoot {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = proxy_wasm::hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let config = match FeedConfig::parse(&bytes) {
+            Ok(c) => c,
+            Err(why) => {
+                error!("policy feed configuration rejected: {why}");
+                return false;
+            }
+        };
+        let first = self.config.is_none();
+        if first {
+            self.metrics = Some(Metrics::define());
+            self.set_tick_period(RETRY_PERIOD);
+            self.sync_started = Some(self.get_current_time());
+            let _ = self.set_shared_data(
+                FEED_STATE_KEY,
+                Some(waiting_state("the policy source has not answered yet").as_bytes()),
+                None,
+            );
+        }
+        info!("policy feed: following cluster `{}`", config.cluster);
+        self.config = Some(config);
+        if first {
+            self.poll();
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if std::mem::take(&mut self.retry) {
+            self.poll();
+        }
+    }
+}
