@@ -183,6 +183,48 @@ def edge_config() -> dict:
     return yaml.safe_load(EDGE_CONFIG.read_text())
 
 
+FEED_CLUSTER = "origin_policy_feed"
+FEED_ROOT_ID = "origin-policy-feed"
+
+
+def with_feed(config: dict, feed_port: int, wasm: Path = WASM) -> dict:
+    """`config` for `"delivery": "feed"`: the feed singleton (a bootstrap wasm
+    service on the main thread, the filter's `vm_id`, so its entries are the
+    filter's shared data) and the cluster of the policy source it follows."""
+    config = json.loads(json.dumps(config))
+    config.setdefault("bootstrap_extensions", []).append({
+        "name": "envoy.bootstrap.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+            "singleton": True,
+            "config": {
+                "name": FEED_ROOT_ID,
+                "root_id": FEED_ROOT_ID,
+                "vm_config": {
+                    "vm_id": "origin-policy",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(wasm)}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": json.dumps({"feed_cluster": FEED_CLUSTER}),
+                },
+            },
+        },
+    })
+    config["static_resources"]["clusters"].append({
+        "name": FEED_CLUSTER,
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": FEED_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": feed_port}
+            }}}]}],
+        },
+    })  # fmt: skip
+    return config
+
+
 def prepare_run_dir(run_dir: Path) -> Certificates:
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -21,6 +21,13 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How soon a failed poll is tried again.
 const RETRY_PERIOD: Duration = Duration::from_secs(1);
 const DEFAULT_PATH: &str = "/changes";
+/// Envoy configures the singleton's root in two VMs (the base VM it checks
+/// the module with, which gets no ticks, and the one it runs): the first root
+/// to tick leads, follows the feed and beats here every tick; another takes
+/// over when the beat is this old.
+const LEADER_KEY: &str = "origin-policy.feed.leader";
+const LEADER_STALE: Duration = Duration::from_secs(3);
+const FIRST_TICK: Duration = Duration::from_millis(10);
 
 /// The singleton's plugin configuration: `{"feed_cluster": NAME}`, and
 /// optionally `"feed_path"` (default `/changes`).
@@ -67,6 +74,9 @@ pub(crate) struct FeedRoot {
     retry: bool,
     last_failure: Option<String>,
     sync_started: Option<SystemTime>,
+    /// This root's id in [`LEADER_KEY`], and whether it leads.
+    id: u64,
+    leading: bool,
 }
 
 impl FeedRoot {
@@ -81,7 +91,47 @@ impl FeedRoot {
             retry: false,
             last_failure: None,
             sync_started: None,
+            id: 0,
+            leading: false,
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.get_current_time()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Beats as the leader, or becomes it when the leader's beat is stale.
+    /// `false`: another root leads.
+    fn lead(&mut self) -> bool {
+        let now = self.now_ms();
+        let (value, cas) = self.get_shared_data(LEADER_KEY);
+        let leader = value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.split_once(' '))
+            .and_then(|(id, beat)| Some((id.parse::<u64>().ok()?, beat.parse::<u64>().ok()?)));
+        let free = match leader {
+            Some((id, _)) if id == self.id => true,
+            Some((_, beat)) => now.saturating_sub(beat) > LEADER_STALE.as_millis() as u64,
+            None => true,
+        };
+        let won = free
+            && self
+                .set_shared_data(LEADER_KEY, Some(format!("{} {now}", self.id).as_bytes()), cas)
+                .is_ok();
+        if won && !self.leading {
+            info!("policy feed: following cluster `{}`", self.cluster());
+        }
+        self.leading = won;
+        won
+    }
+
+    fn cluster(&self) -> String {
+        self.config
+            .as_ref()
+            .map_or_else(String::new, |c| c.cluster.clone())
     }
 
     fn poll(&mut self) {
@@ -186,10 +236,7 @@ impl Context for FeedRoot {
         let epoch = header(EPOCH_HEADER);
         let reset = header(RESET_HEADER).is_some();
         let more = header(MORE_HEADER).is_some();
-        let cluster = self
-            .config
-            .as_ref()
-            .map_or_else(String::new, |c| c.cluster.clone());
+        let cluster = self.cluster();
         match (status.as_deref(), version, epoch) {
             (Some("200"), Some(version), Some(epoch)) => {
                 if self.last_failure.take().is_some() {
@@ -232,26 +279,37 @@ impl RootContext for FeedRoot {
             }
         };
         let first = self.config.is_none();
-        if first {
-            self.metrics = Some(Metrics::define());
-            self.set_tick_period(RETRY_PERIOD);
-            self.sync_started = Some(self.get_current_time());
-            let _ = self.set_shared_data(
-                FEED_STATE_KEY,
-                Some(waiting_state("the policy source has not answered yet").as_bytes()),
-                None,
-            );
-        }
-        info!("policy feed: following cluster `{}`", config.cluster);
         self.config = Some(config);
         if first {
-            self.poll();
+            self.metrics = Some(Metrics::define());
+            self.sync_started = Some(self.get_current_time());
+            self.id = self
+                .get_current_time()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64);
+            if self.get_shared_data(FEED_STATE_KEY).0.is_none() {
+                let why = waiting_state("the policy source has not answered yet");
+                let _ = self.set_shared_data(FEED_STATE_KEY, Some(why.as_bytes()), None);
+            }
+            // The first tick, soon, elects the leader.
+            self.set_tick_period(FIRST_TICK);
         }
         true
     }
 
     fn on_tick(&mut self) {
-        if std::mem::take(&mut self.retry) {
+        let was_leading = self.leading;
+        if !self.lead() {
+            return;
+        }
+        if !was_leading {
+            self.set_tick_period(RETRY_PERIOD);
+            // Taking over: the entries are the process's, but not what the
+            // last leader had read: start from a snapshot.
+            self.version = 0;
+            self.epoch.clear();
+            self.poll();
+        } else if std::mem::take(&mut self.retry) {
             self.poll();
         }
     }
