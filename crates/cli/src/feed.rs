@@ -27,7 +27,9 @@ use tokio::sync::Notify;
 pub const PAGE_ENTRIES: usize = 10_000;
 /// How long a poll with nothing new is held open.
 const LONG_POLL: Duration = Duration::from_secs(20);
-/// How often the policy files are looked at.
+/// How often the policy files are looked at, at least: a look that takes
+/// long (100,000 files) waits ten times as long before the next, so that
+/// watching stays under a tenth of a core.
 const WATCH_PERIOD: Duration = Duration::from_millis(500);
 /// Envoy applies a 100,000-cluster file in about a minute (BENCHMARKS.md).
 const CLUSTERS_TAKEN_WITHIN: Duration = Duration::from_secs(180);
@@ -148,7 +150,9 @@ impl Shared {
     fn log(&self) -> MutexGuard<'_, FeedLog> {
         // A panic while holding the lock cannot leave the log half-written:
         // every change to it is a whole `publish`.
-        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -221,20 +225,27 @@ impl Watcher {
     /// Looks at the files; on a change, validates them, writes what Envoy
     /// needs and publishes what changed. Errors are reported and the feed
     /// keeps what it published.
-    fn look(&mut self, shared: &Shared) {
+    /// Returns how long looking at the files took, and whether what they
+    /// hold was published (or had been).
+    fn look(&mut self, shared: &Shared) -> (Duration, bool) {
+        let started = std::time::Instant::now();
         let seen = files_seen(&self.request.paths);
+        let looked = started.elapsed();
         if self.seen.as_ref() == Some(&seen) {
-            return;
+            return (looked, self.settings.is_some());
         }
         self.seen = Some(seen);
         if let Err(why) = self.reload(shared) {
             eprintln!("feed: {why}; the feed keeps what it published");
         }
+        (looked, self.settings.is_some())
     }
 
     fn reload(&mut self, shared: &Shared) -> Result<(), String> {
         let documents: PolicyDocuments = read_paths(&self.request.paths)?;
-        let found = documents.feed_documents().map_err(|d| format!("{d}\nsettings rejected"))?;
+        let found = documents
+            .feed_documents()
+            .map_err(|d| format!("{d}\nsettings rejected"))?;
         for d in &found.diagnostics.0 {
             eprintln!("{d}");
         }
@@ -267,7 +278,8 @@ impl Watcher {
         let clusters = set.derived_clusters().envoy_resources(&settings);
         let mut all = clusters.clone();
         let names = |v: &Value| v["name"].as_str().map(str::to_owned);
-        let current: std::collections::HashSet<String> = clusters.iter().filter_map(names).collect();
+        let current: std::collections::HashSet<String> =
+            clusters.iter().filter_map(names).collect();
         all.extend(
             self.clusters
                 .iter()
@@ -339,7 +351,10 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Ful
         r
     };
     if request.uri().path() != "/changes" {
-        return plain(StatusCode::NOT_FOUND, "the feed is at GET /changes?since=VERSION&epoch=EPOCH");
+        return plain(
+            StatusCode::NOT_FOUND,
+            "the feed is at GET /changes?since=VERSION&epoch=EPOCH",
+        );
     }
     let query = request.uri().query().unwrap_or_default();
     let since = query_value(query, "since").unwrap_or(0);
@@ -367,7 +382,11 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Ful
         if page.reset {
             builder = builder.header(RESET_HEADER, "1");
         }
-        let body = if status == StatusCode::OK { page.body } else { String::new() };
+        let body = if status == StatusCode::OK {
+            page.body
+        } else {
+            String::new()
+        };
         return builder
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot build the page"));
@@ -408,8 +427,7 @@ pub fn feed(request: FeedRequest) -> Result<(), String> {
         })?
         .to_string_lossy()
         .into_owned();
-    std::fs::create_dir_all(&request.out)
-        .map_err(|e| format!("{}: {e}", request.out.display()))?;
+    std::fs::create_dir_all(&request.out).map_err(|e| format!("{}: {e}", request.out.display()))?;
     let epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
@@ -425,22 +443,35 @@ pub fn feed(request: FeedRequest) -> Result<(), String> {
         clusters: Vec::new(),
         settings: None,
     };
-    crate::mirror::runtime()?.block_on(async move {
+    // The feed opens once it has published the files: a snapshot from an
+    // empty feed would remove every domain of the Envoys that read it.
+    loop {
+        let (looked, published) = watcher.look(&shared);
+        if published {
+            break;
+        }
+        std::thread::sleep(WATCH_PERIOD.max(looked * 10));
+    }
+    let runtime = crate::mirror::runtime()?;
+    let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| format!("--listen {listen}: {e}"))?;
         eprintln!("feed: http://{listen}/changes (epoch {epoch})");
         let watched = shared.clone();
         let watch = tokio::task::spawn_blocking(move || loop {
-            watcher.look(&watched);
-            std::thread::sleep(WATCH_PERIOD);
+            let (looked, _) = watcher.look(&watched);
+            std::thread::sleep(WATCH_PERIOD.max(looked * 10));
         });
         tokio::select! {
             () = serve_feed(shared, listener) => Ok(()),
             _ = watch => Err("the policy watcher stopped".to_owned()),
             _ = crate::mirror::stop_signal() => Ok(()),
         }
-    })
+    });
+    // The watcher sleeps between looks: not waited for.
+    runtime.shutdown_background();
+    result
 }
 
 #[cfg(test)]
@@ -459,7 +490,10 @@ mod tests {
         }
         let synced = log.page(0, None, 100);
         assert!(synced.reset && synced.entries == 5 && synced.version == 5);
-        assert!(!log.publish("d3.example", "{\"n\":3}"), "unchanged republished");
+        assert!(
+            !log.publish("d3.example", "{\"n\":3}"),
+            "unchanged republished"
+        );
         log.publish("d3.example", "{\"n\":33}");
         let page = log.page(synced.version, Some(7), 100);
         assert_eq!(lines(&page), vec!["d3.example\t{\"n\":33}"]);

@@ -166,8 +166,12 @@ impl PolicyDocuments {
             .iter()
             .filter_map(|(source, document)| {
                 let domain = crate::parse_policy(source, document).0?.domain;
-                (!compiled.unresolved.contains(&domain))
-                    .then(|| (domain.display_name(), names_in_ascii(source, document).to_string()))
+                (!compiled.unresolved.contains(&domain)).then(|| {
+                    (
+                        domain.display_name(),
+                        names_in_ascii(source, document).to_string(),
+                    )
+                })
             })
             .collect();
         Ok(FeedDocuments {

@@ -424,8 +424,11 @@ mod tests {
         sync.begin_snapshot();
         let other = WWW.replace("www.example.com", "old.example.com");
         shared.write(
-            sync.apply(&page(&[("www.example.com", WWW), ("old.example.com", &other)]))
-                .writes,
+            sync.apply(&page(&[
+                ("www.example.com", WWW),
+                ("old.example.com", &other),
+            ]))
+            .writes,
         );
         assert!(sync.end_snapshot().is_empty());
         sync.begin_snapshot();
@@ -466,7 +469,10 @@ mod tests {
     #[test]
     fn an_entry_this_filter_cannot_compile_is_an_error_naming_the_domain() {
         let mut shared = FakeSharedData::default();
-        shared.write(vec![(entry_key("www.example.com"), b"{\"domain\":".to_vec())]);
+        shared.write(vec![(
+            entry_key("www.example.com"),
+            b"{\"domain\":".to_vec(),
+        )]);
         let err = DomainEntries::default()
             .lookup("www.example.com", |k| shared.read(k))
             .unwrap_err();

@@ -13,8 +13,8 @@ mod compiled;
 mod decision;
 mod diagnostic;
 pub mod documents;
-pub mod feed;
 mod exchange;
+pub mod feed;
 mod fetch;
 pub mod host;
 mod index;
@@ -40,7 +40,9 @@ pub use exchange::{
     TIMEOUT_HEADER,
 };
 pub use fetch::FetchFailure;
-pub use index::{CompiledSet, ConfigError, Delivery, DomainIndex, PolicySet, PolicySource, MAX_POLICIES};
+pub use index::{
+    CompiledSet, ConfigError, Delivery, DomainIndex, PolicySet, PolicySource, MAX_POLICIES,
+};
 pub use json::{fingerprint, parse_json, JsonError, MAX_JSON_BYTES};
 pub use origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
 pub use parse::parse_policy;

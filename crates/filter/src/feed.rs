@@ -28,6 +28,8 @@ const DEFAULT_PATH: &str = "/changes";
 const LEADER_KEY: &str = "origin-policy.feed.leader";
 const LEADER_STALE: Duration = Duration::from_secs(3);
 const FIRST_TICK: Duration = Duration::from_millis(10);
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const IDS_KEY: &str = "origin-policy.feed.ids";
 
 /// The singleton's plugin configuration: `{"feed_cluster": NAME}`, and
 /// optionally `"feed_path"` (default `/changes`).
@@ -119,13 +121,37 @@ impl FeedRoot {
         };
         let won = free
             && self
-                .set_shared_data(LEADER_KEY, Some(format!("{} {now}", self.id).as_bytes()), cas)
+                .set_shared_data(
+                    LEADER_KEY,
+                    Some(format!("{} {now}", self.id).as_bytes()),
+                    cas,
+                )
                 .is_ok();
         if won && !self.leading {
             info!("policy feed: following cluster `{}`", self.cluster());
         }
         self.leading = won;
         won
+    }
+
+    /// A number no other root of this process has: Envoy's clock is the
+    /// event loop's, the same for roots configured in one turn of it.
+    fn take_id(&self) -> u64 {
+        loop {
+            let (value, cas) = self.get_shared_data(IDS_KEY);
+            let last = value
+                .as_deref()
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            let id = last + 1;
+            match self.set_shared_data(IDS_KEY, Some(id.to_string().as_bytes()), cas) {
+                Ok(()) => return id,
+                Err(proxy_wasm::types::Status::CasMismatch) => continue,
+                // Without shared data there is no second root to tell apart.
+                Err(_) => return id,
+            }
+        }
     }
 
     fn cluster(&self) -> String {
@@ -164,11 +190,17 @@ impl FeedRoot {
     /// are told why they wait.
     fn fail(&mut self, why: String) {
         self.retry = true;
+        // Sooner while the edge has nothing to serve: at start, the source's
+        // cluster may not be up on the first try.
+        if !self.ready {
+            self.set_tick_period(FIRST_RETRY);
+        }
         if self.last_failure.as_ref() != Some(&why) {
             warn!("policy feed: {why}; trying again every second");
         }
         if !self.ready {
-            let _ = self.set_shared_data(FEED_STATE_KEY, Some(waiting_state(&why).as_bytes()), None);
+            let _ =
+                self.set_shared_data(FEED_STATE_KEY, Some(waiting_state(&why).as_bytes()), None);
         }
         self.last_failure = Some(why);
     }
@@ -207,7 +239,10 @@ impl FeedRoot {
         if self.sync.in_snapshot() {
             let removed = self.sync.end_snapshot();
             if !removed.is_empty() {
-                info!("policy feed: {} domains removed by the source", removed.len());
+                info!(
+                    "policy feed: {} domains removed by the source",
+                    removed.len()
+                );
             }
             self.write(removed);
         }
@@ -239,6 +274,7 @@ impl Context for FeedRoot {
         let cluster = self.cluster();
         match (status.as_deref(), version, epoch) {
             (Some("200"), Some(version), Some(epoch)) => {
+                self.set_tick_period(RETRY_PERIOD);
                 if self.last_failure.take().is_some() {
                     info!("policy feed: the source answers again");
                 }
@@ -256,7 +292,7 @@ impl Context for FeedRoot {
                 self.poll();
             }
             (Some(status), _, _) => self.fail(format!(
-                "the policy source on cluster `{cluster}` answered {status} without a feed page"
+                "no feed page from the policy source on cluster `{cluster}` (status {status})"
             )),
             (None, _, _) => self.fail(format!(
                 "the policy source on cluster `{cluster}` did not answer (unreachable, reset or timed out)"
@@ -283,10 +319,7 @@ impl RootContext for FeedRoot {
         if first {
             self.metrics = Some(Metrics::define());
             self.sync_started = Some(self.get_current_time());
-            self.id = self
-                .get_current_time()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64);
+            self.id = self.take_id();
             if self.get_shared_data(FEED_STATE_KEY).0.is_none() {
                 let why = waiting_state("the policy source has not answered yet");
                 let _ = self.set_shared_data(FEED_STATE_KEY, Some(why.as_bytes()), None);

@@ -60,7 +60,10 @@ fn shared_data(key: &str) -> origin_policy_engine::feed::EntryRead {
 }
 
 /// The policy covering `authority`, as the configuration delivers policies.
-fn find_policy<'a>(policies: &'a PolicySet, authority: &'a str) -> Result<FoundPolicy<'a>, NotFound<'a>> {
+fn find_policy<'a>(
+    policies: &'a PolicySet,
+    authority: &'a str,
+) -> Result<FoundPolicy<'a>, NotFound<'a>> {
     if policies.delivery == Delivery::Inline {
         let found = policies.lookup(authority).map_err(NotFound::Refused)?;
         return Ok(FoundPolicy {
@@ -69,7 +72,8 @@ fn find_policy<'a>(policies: &'a PolicySet, authority: &'a str) -> Result<FoundP
             viewer_host: found.viewer_host,
         });
     }
-    let host = normalize_authority(authority).map_err(|e| NotFound::Refused(Refusal::BadHost(e)))?;
+    let host =
+        normalize_authority(authority).map_err(|e| NotFound::Refused(Refusal::BadHost(e)))?;
     let found = ENTRIES
         .with(|entries| entries.borrow_mut().lookup(&host, shared_data))
         .map_err(NotFound::Unavailable)?;

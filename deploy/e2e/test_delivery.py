@@ -1,0 +1,334 @@
+"""Per-domain delivery (`"delivery": "feed"`) in real Envoy: `origin-policy
+feed` serves 100,000 policies from a directory as a change feed, the filter's
+feed singleton keeps one shared-data entry per domain, and the filter reads a
+request's entry.
+
+Its own Envoy (admin :9931, viewer :10280) and feed (:18091), in front of the
+demo origin `plain` (127.0.0.1:18081), which answers with the Host it saw.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import Response
+from edge import CLI, WASM, Envoy, edge_config, with_feed
+
+DOMAINS = 100_000
+FEED_PORT = 18091
+ADMIN_PORT = 9931
+VIEWER_PORT = 10280
+ORIGIN_PORT = 18081  # the demo origin `plain`
+# The feed re-reads 100,000 files on a change; a debug build takes seconds.
+PUSH_LIMIT_S = 60
+
+
+def domain(i: int) -> str:
+    return f"d{i}.feed.test"
+
+
+def policy(i: int, host: str | None = None, port=ORIGIN_PORT) -> dict:
+    doc = {"domain": domain(i), "primary": {"address": "127.0.0.1", "port": port}}
+    if host:
+        doc["origin_host"] = {"mode": "custom", "value": host}
+    return doc
+
+
+def decided_host(r: Response) -> str | None:
+    found = re.search(r"host=([^;]+)", r.header("x-origin-decision") or "")
+    return found.group(1) if found else None
+
+
+class FeedEdge:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.policies = run_dir / "policies"
+        self.feed: subprocess.Popen | None = None
+        self.feed_log = run_dir / "feed.log"
+        config = with_feed(edge_config(), FEED_PORT)
+        config["admin"]["address"]["socket_address"]["port_value"] = ADMIN_PORT
+        listeners = config["static_resources"]["listeners"]
+        listeners[:] = [l for l in listeners if l["name"] != "viewer_https"]  # noqa: E741
+        listeners[0]["address"]["socket_address"]["port_value"] = VIEWER_PORT
+        self.envoy = Envoy(run_dir, config, admin=f"http://127.0.0.1:{ADMIN_PORT}")
+
+    def start_feed(self) -> None:
+        self.feed = subprocess.Popen(
+            [str(CLI), "feed", "--wasm", str(WASM), "--out", str(self.run_dir),
+             "--listen", f"127.0.0.1:{FEED_PORT}", str(self.policies)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.feed_log, "ab"),
+        )  # fmt: skip
+
+    def stop_feed(self, sig: int = signal.SIGTERM) -> None:
+        if self.feed and self.feed.poll() is None:
+            self.feed.send_signal(sig)
+            self.feed.wait(timeout=10)
+
+    def feed_log_text(self) -> str:
+        return self.feed_log.read_text(errors="replace")
+
+    def write(self, i: int, document: dict) -> None:
+        path = self.policies / f"{domain(i)}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document))
+        tmp.rename(path)
+
+    def get(self, host: str) -> Response:
+        """One request on a new connection (Envoy spreads connections over
+        its workers), on a path no cache has seen."""
+        conn = http.client.HTTPConnection("127.0.0.1", VIEWER_PORT, timeout=20)
+        try:
+            conn.request("GET", f"/{uuid.uuid4().hex}", headers={"host": host})
+            r = conn.getresponse()
+            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+    def counter(self, name: str) -> int:
+        return self.envoy.stats().get(f"wasmcustom.origin_policy.feed.{name}", 0)
+
+    def serves(self, i: int, host: str, tries: int = 20) -> bool:
+        """`tries` requests on new connections all decided with Host `host`."""
+        return all(decided_host(self.get(domain(i))) == host for _ in range(tries))
+
+
+def wait_for(predicate, timeout: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def feed_edge(tmp_path_factory, demo_origins):
+    run_dir = tmp_path_factory.mktemp("feed-edge")
+    policies = run_dir / "policies"
+    policies.mkdir()
+    settings = {"decision_header": True, "unknown_domain": {"action": "local_reply", "status": 404}}
+    (policies / "settings.json").write_text(json.dumps(settings))
+    for i in range(DOMAINS):
+        (policies / f"{domain(i)}.json").write_text(json.dumps(policy(i)))
+    edge = FeedEdge(run_dir)
+    edge.start_feed()
+    try:
+        wait_for(lambda: (run_dir / "origin-policy.ecds.json").exists(), PUSH_LIMIT_S)
+        edge.envoy.start()
+        wait_for(lambda: edge.get(domain(DOMAINS - 1)).status == 200, PUSH_LIMIT_S)
+        yield edge
+    finally:
+        edge.envoy.stop()
+        edge.stop_feed()
+
+
+def test_every_domain_is_served_from_its_entry(feed_edge: FeedEdge):
+    for i in (0, 1, 4242, 54321, DOMAINS - 1):
+        r = feed_edge.get(domain(i))
+        assert r.status == 200, r.body
+        assert decided_host(r) == domain(i)
+        assert r.json()["host"] == domain(i)
+    unknown = feed_edge.get("nowhere.feed.test")
+    assert unknown.status == 404
+    assert unknown.header("x-origin-error") == "no origin policy for host nowhere.feed.test"
+    assert feed_edge.counter("entries_written") >= DOMAINS
+
+
+def test_one_domain_change_reaches_every_worker_and_nothing_else(feed_edge: FeedEdge):
+    written = feed_edge.counter("entries_written")
+    feed_edge.write(77777, policy(77777, host="v2.feed.test"))
+    wait_for(lambda: feed_edge.serves(77777, "v2.feed.test"), PUSH_LIMIT_S)
+    r = feed_edge.get(domain(77777))
+    assert r.json()["host"] == "v2.feed.test", "the origin did not get the new Host"
+    # One entry written for the one change: nothing else was touched.
+    assert feed_edge.counter("entries_written") == written + 1
+    for i in (0, 77776, 77778, DOMAINS - 1):
+        assert feed_edge.serves(i, domain(i), tries=3)
+
+
+def test_an_invalid_change_keeps_the_last_good_policy(feed_edge: FeedEdge):
+    feed_edge.write(12345, policy(12345, host="good.feed.test"))
+    wait_for(lambda: feed_edge.serves(12345, "good.feed.test", tries=3), PUSH_LIMIT_S)
+    written = feed_edge.counter("entries_written")
+    feed_edge.write(12345, policy(12345, host="bad.feed.test", port="x"))
+    wait_for(lambda: f"{domain(12345)}: rejected" in feed_edge.feed_log_text(), PUSH_LIMIT_S)
+    assert "/primary/port" in feed_edge.feed_log_text()
+    assert feed_edge.serves(12345, "good.feed.test")
+    assert feed_edge.counter("entries_written") == written
+
+
+def test_a_removed_domain_is_no_longer_served(feed_edge: FeedEdge):
+    (feed_edge.policies / f"{domain(31337)}.json").unlink()
+    wait_for(lambda: feed_edge.get(domain(31337)).status == 404, PUSH_LIMIT_S)
+    assert feed_edge.serves(31338, domain(31338), tries=3)
+
+
+class Load:
+    """Requests on keep-alive connections until stopped; counts failures."""
+
+    def __init__(self, hosts: list[str], clients: int = 4):
+        self.hosts = hosts
+        self.ok = 0
+        self.failed: list[str] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", VIEWER_PORT, timeout=20)
+        n = 0
+        while not self.stopping.is_set():
+            host = self.hosts[n % len(self.hosts)]
+            n += 1
+            try:
+                conn.request("GET", f"/{uuid.uuid4().hex}", headers={"host": host})
+                r = conn.getresponse()
+                r.read()
+                if r.status == 200 and r.getheader("x-origin-decision"):
+                    self.ok += 1
+                else:
+                    self.failed.append(f"{host}: {r.status} {r.getheader('x-origin-error')}")
+            except (OSError, http.client.HTTPException) as e:
+                self.failed.append(f"{host}: {e!r}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", VIEWER_PORT, timeout=20)
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_source_killed_and_restarted_under_load_fails_nothing(feed_edge: FeedEdge):
+    hosts = [domain(i) for i in range(0, DOMAINS, 997)]
+    envoy_log = feed_edge.envoy.log_text
+    snapshots = envoy_log().count("the source sends every domain")
+    with Load(hosts) as load:
+        time.sleep(1)
+        feed_edge.stop_feed(signal.SIGKILL)
+        time.sleep(3)
+        feed_edge.start_feed()
+        # The restarted source has a new epoch: the singleton re-syncs.
+        wait_for(
+            lambda: envoy_log().count("the source sends every domain") > snapshots, PUSH_LIMIT_S
+        )
+        time.sleep(1)
+    assert load.failed == [], load.failed[:5]
+    assert load.ok > 100
+    feed_edge.write(424, policy(424, host="after-restart.feed.test"))
+    wait_for(lambda: feed_edge.serves(424, "after-restart.feed.test"), PUSH_LIMIT_S)
+
+
+def test_a_wasm_swap_keeps_every_domain(feed_edge: FeedEdge, tmp_path):
+    # Another module: the same code with a custom section appended (id 0,
+    # size, name), so Envoy starts new VMs for the filter.
+    swapped = tmp_path / "origin_policy_swapped.wasm"
+    section = bytes([5]) + b"swap1" + b"x"
+    swapped.write_bytes(WASM.read_bytes() + bytes([0, len(section)]) + section)
+    ecds_path = feed_edge.run_dir / "origin-policy.ecds.json"
+    ecds = json.loads(ecds_path.read_text())
+    vm = ecds["resources"][0]["typed_config"]["config"]["vm_config"]
+    vm["code"]["local"]["filename"] = str(swapped)
+    reloads = "extension_config_discovery.http_filter.origin-policy.config_reload"
+    before = feed_edge.envoy.stats().get(reloads, 0)
+    tmp = ecds_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ecds))
+    tmp.rename(ecds_path)
+    wait_for(lambda: feed_edge.envoy.stats().get(reloads, 0) > before, 30)
+    for i in (0, 777, 55555, DOMAINS - 1):
+        assert feed_edge.serves(i, domain(i), tries=3)
+    feed_edge.write(999, policy(999, host="after-swap.feed.test"))
+    wait_for(lambda: feed_edge.serves(999, "after-swap.feed.test"), PUSH_LIMIT_S)
+
+
+def test_envoy_restarted_while_the_source_is_down_says_why_then_serves(feed_edge: FeedEdge):
+    feed_edge.stop_feed()
+    feed_edge.envoy.stop()
+    feed_edge.envoy.start()
+    waiting = feed_edge.get(domain(5))
+    assert waiting.status == 503
+    why = waiting.header("x-origin-error") or ""
+    assert why.startswith("origin policies not received yet: "), why
+    wait_for(
+        lambda: "the policy source on cluster `origin_policy_feed`"
+        in (feed_edge.get(domain(5)).header("x-origin-error") or ""),
+        10,
+    )
+    assert waiting.header("retry-after") == "1"
+    feed_edge.start_feed()
+    wait_for(lambda: feed_edge.get(domain(5)).status == 200, PUSH_LIMIT_S)
+    assert feed_edge.serves(5, domain(5))
+    # The last domain of the snapshot: the edge has them all.
+    wait_for(lambda: feed_edge.get(domain(DOMAINS - 1)).status == 200, PUSH_LIMIT_S)
+    assert feed_edge.counter("entry_unavailable") >= 1
+
+
+def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdge, tmp_path):
+    """The singleton validates each policy itself: a source (here a plain
+    HTTP server speaking the feed, in the epoch the edge is in) that sends an
+    invalid policy leaves the domain on its entry, and a document filed under
+    another domain is refused too."""
+    feed_edge.stop_feed()
+    good = json.dumps(policy(7, host="raw-good.feed.test"))
+    bad = json.dumps(policy(7, port="x"))
+    misfiled = json.dumps(policy(8, host="stolen.feed.test"))
+    pages = [f"{domain(7)}\t{good}\n", f"{domain(7)}\t{bad}\n{domain(9)}\t{misfiled}\n"]
+    script = tmp_path / "raw_feed.py"
+    script.write_text(RAW_FEED.replace("PORT", str(FEED_PORT)).replace("PAGES_JSON", json.dumps(pages)))
+    rejected = feed_edge.counter("policy_rejected")
+    raw = subprocess.Popen(["python3", str(script)])
+    try:
+        wait_for(lambda: feed_edge.counter("policy_rejected") >= rejected + 2, 30)
+        assert feed_edge.serves(7, "raw-good.feed.test")
+        assert feed_edge.serves(9, domain(9))
+        log = feed_edge.envoy.log_text()
+        assert "d7.feed.test: /primary/port" in log
+        assert "files this policy under `d9.feed.test`, but it is for `d8.feed.test`" in log
+    finally:
+        raw.terminate()
+        raw.wait(timeout=10)
+    feed_edge.start_feed()
+
+
+# Serves each page once, as the change after the version the edge asks from,
+# in the epoch it asks in; then nothing new.
+RAW_FEED = """
+import json, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import parse_qs, urlparse
+PAGES = json.loads(r'''PAGES_JSON''')
+
+class Feed(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        query = parse_qs(urlparse(self.path).query)
+        since, epoch = int(query["since"][0]), query["epoch"][0]
+        body = PAGES.pop(0).encode() if PAGES else b""
+        if not body:
+            time.sleep(1)
+        self.send_response(200 if body else 204)
+        self.send_header("x-feed-version", str(since + 1 if body else since))
+        self.send_header("x-feed-epoch", epoch)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+HTTPServer(("127.0.0.1", PORT), Feed).serve_forever()
+"""
