@@ -27,7 +27,7 @@ const FEED_ROOT_ID: &str = "origin-policy-feed";
 enum Root {
     Unconfigured,
     Filter(root::OriginPolicyRoot),
-    Feed(feed::FeedRoot),
+    Feed(Box<feed::FeedRoot>),
 }
 
 impl Context for Root {
@@ -42,7 +42,7 @@ impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         if matches!(self, Root::Unconfigured) {
             *self = if root::plugin_root_id() == FEED_ROOT_ID {
-                Root::Feed(feed::FeedRoot::new())
+                Root::Feed(Box::new(feed::FeedRoot::new()))
             } else {
                 Root::Filter(root::OriginPolicyRoot::default())
             };
