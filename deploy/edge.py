@@ -184,6 +184,8 @@ def edge_config() -> dict:
 
 
 FEED_CLUSTER = "origin_policy_feed"
+# `origin-policy feed`'s default address.
+FEED_PORT = 18090
 FEED_ROOT_ID = "origin-policy-feed"
 
 
@@ -285,29 +287,45 @@ def start_mirror(run_dir: Path, certs: Certificates) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def start_feed(run_dir: Path) -> subprocess.Popen:
+    """`origin-policy feed` over policies/: it writes the clusters and the
+    filter's settings into run/, then serves the policies per domain; an edit
+    reaches Envoy as that domain's change."""
+    feed = subprocess.Popen(
+        [str(CLI), "feed", "--wasm", str(WASM), "--out", str(run_dir), "--admin", ADMIN,
+         "--listen", f"127.0.0.1:{FEED_PORT}", str(POLICIES)],
+        cwd=REPO,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (run_dir / ECDS_FILE).exists():
+        if feed.poll() is not None or time.monotonic() > deadline:
+            feed.kill()
+            raise EdgeError("origin-policy feed did not publish policies/ (see its errors above)")
+        time.sleep(0.1)
+    return feed
+
+
 def main() -> int:
     run_dir = REPO / "run"
     certs = prepare_run_dir(run_dir)
-    config = edge_config()
-    try:
-        bundle(run_dir, [POLICIES])
-    except EdgeError as e:
-        print(e, file=sys.stderr)
-        return 1
+    config = with_feed(edge_config(), FEED_PORT)
     envoy = Envoy(run_dir, config)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     mirror_serve = None
+    feed = None
     with DemoOrigins(DEMO_ORIGINS, certs):
         try:
+            feed = start_feed(run_dir)
             mirror_serve = start_mirror(run_dir, certs)
             envoy.start()
             print(f"edge up: http://127.0.0.1:{VIEWER_HTTP_PORT}  https://127.0.0.1:{VIEWER_HTTPS_PORT}")
             print(f"admin: {ADMIN}   log: {envoy.log_path}")
             print("demo origins: " + ", ".join(f"{o.name}:{o.port}" for o in DEMO_ORIGINS))
             print(
-                f"policies: {POLICIES} (edit, then"
-                f" `{CLI} bundle --out {run_dir} --admin {ADMIN}` to swap live)"
+                f"policies: {POLICIES} (edit a file: `origin-policy feed` on :{FEED_PORT}"
+                " sends Envoy that domain's change)"
             )
             print("try:")
             print(
@@ -333,6 +351,9 @@ def main() -> int:
             return 1
         finally:
             envoy.stop()
+            if feed is not None:
+                feed.terminate()
+                feed.wait(timeout=10)
             if mirror_serve is not None:
                 mirror_serve.terminate()
                 mirror_serve.wait(timeout=10)

@@ -61,6 +61,12 @@ fn get(admin: &str, path: &str) -> Result<String, String> {
     }
 }
 
+/// Whether anything accepts connections on the admin address.
+pub fn listening(admin: &str) -> bool {
+    let address = admin.strip_prefix("http://").unwrap_or(admin);
+    TcpStream::connect(address.trim_end_matches('/')).is_ok()
+}
+
 pub fn cds_progress(admin: &str) -> Result<CdsProgress, String> {
     let body = get(admin, STATS_QUERY)?;
     let json: Value = serde_json::from_str(&body).map_err(|e| format!("Envoy admin stats: {e}"))?;

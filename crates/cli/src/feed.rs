@@ -293,14 +293,16 @@ impl Watcher {
         .to_string();
         let cds_path = self.request.out.join("origin-policy.cds.json");
         if std::fs::read(&cds_path).ok().as_deref() != Some(cds.as_bytes()) {
-            let before = self
+            // No Envoy answering yet (the edge starts after its feed): it reads
+            // the file when it starts, so there is nothing to wait for.
+            let admin = self
                 .request
                 .admin
                 .as_deref()
-                .map(admin::cds_progress)
-                .transpose()?;
+                .filter(|a| admin::listening(a));
+            let before = admin.map(admin::cds_progress).transpose()?;
             self.write("origin-policy.cds.json", &cds)?;
-            if let (Some(admin), Some(before)) = (self.request.admin.as_deref(), before) {
+            if let (Some(admin), Some(before)) = (admin, before) {
                 admin::wait_for_clusters(admin, before, CLUSTERS_TAKEN_WITHIN)
                     .map_err(|e| format!("{e}: nothing new was published"))?;
             }
