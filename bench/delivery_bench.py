@@ -1,17 +1,17 @@
-"""Per-domain delivery through proxy-wasm shared data, measured in real Envoy.
+"""Per-domain delivery (`"delivery": "feed"`), measured in real Envoy with the
+shipped filter:
 
-The candidate replacement for the one-document ECDS push (issue: per-domain
-delivery), reduced to the parts whose cost depends on the number of domains,
-with `bench/delivery-probe` (one .wasm, two roots, one `vm_id`):
-
-- a policy source (this script, over HTTP on 127.0.0.1) with a change feed:
-  `GET /changes?since=V` answers the entries after version V, a page of
-  --page entries at a time, and holds the request (long poll) while there is
-  nothing new; `POST /push` adds one domain's change;
-- Envoy (--concurrency 2) with the probe's `source` root as a bootstrap wasm
-  service (`singleton: true`, main thread) that syncs the feed into shared
-  data, one entry per domain (`p/<domain>`), and its `reader` root as the HTTP
-  filter of the viewer listener, reading the request's entry per request.
+- a policy source (this script, over HTTP on 127.0.0.1) speaking the feed
+  protocol (README, "Per-domain delivery"): `GET /changes?since=V&epoch=E`
+  answers the entries after version V, a page of --page entries at a time,
+  and holds the request (long poll) while there is nothing new; `POST /push`
+  adds one domain's change, `POST /reset` starts a new epoch;
+- Envoy (--concurrency 2) with the filter's feed singleton as a bootstrap
+  wasm service (`singleton: true`, main thread) that validates the feed's
+  policies into shared data, one entry per domain, and the filter on the
+  viewer listener in feed delivery, compiling a domain's entry on first use
+  per worker; a second listener carries the same filter with the first
+  1,000 policies in its plugin configuration, the per-request CPU baseline.
 
 For each size N it measures: the initial sync (Envoy start until the last
 domain's entry is served), Envoy's RSS after it, K one-domain pushes under a
@@ -20,8 +20,7 @@ new value; the client's longest request during the pushes against before
 them), RSS after the pushes, the feed bytes per push, a full re-sync while
 serving (`POST /reset`: a new epoch; its duration and the longest request
 during it), and the per-request CPU of the read (wrk on the reader listener
-and on the same filter reading nothing, in the same Envoy). Prints a Markdown
-table.
+and on the inline listener, in the same Envoy). Prints a Markdown table.
 
 Run: .venv/bin/python bench/delivery_bench.py [--domains 1000,100000,1000000] [--pushes 20]
 """
@@ -57,9 +56,13 @@ from scale_bench import (
     get,
     host_for,
     machine,
+    WASM,
     ms,
     open_probes,
+    origin_cluster,
     origin_host,
+    SETTINGS,
+    plugin_config,
     policy,
     rss_mib,
     cpu_seconds,
@@ -71,8 +74,9 @@ from scale_bench import (
     watch_push,
 )
 
-PROBE_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "delivery_probe.wasm"
-ENTRY = "x-delivery-entry"
+DECISION = "x-origin-decision"
+# The inline listener's policies: per-request cost does not depend on their number.
+INLINE_POLICIES = 1000
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
@@ -96,6 +100,9 @@ class Feed:
         self.push_bytes: list[int] = []
         # A new epoch (POST /reset) tells every client to page through it all again.
         self.epoch = 1
+        # Versions a later push replaced: a snapshot lists each domain once.
+        self.superseded: set[int] = set()
+        self.version_of: dict[str, int] = {}
 
     @property
     def latest(self) -> int:
@@ -107,34 +114,40 @@ class Feed:
             return domain(i), policy(i, self.origin_port)
         return self.pushed[version - self.n - 1]
 
-    def changes(self, since: int, epoch: int, hold: float) -> tuple[int, bytes, bool] | str | None:
-        """The page after `since`; "reset" when the client counts in an
-        older epoch; None when nothing came within `hold` s."""
+    def changes(self, since: int, epoch: int, hold: float) -> tuple[int, bytes, bool, bool] | None:
+        """(version, page, more, reset) after `since`: from the start, a
+        snapshot, when the client counts in another epoch; None when nothing
+        came within `hold` s."""
         with self.changed:
-            if since > 0 and epoch != self.epoch:
-                return "reset"
-            if since >= self.latest:
+            if epoch == self.epoch and since >= self.latest:
                 self.changed.wait_for(lambda: since < self.latest or epoch != self.epoch, timeout=hold)
-            if since > 0 and epoch != self.epoch:
-                return "reset"
+            reset = epoch != self.epoch
+            if reset:
+                since = 0
             latest = self.latest
-            if since >= latest:
+            if since >= latest and not reset:
                 return None
             upto = min(latest, since + self.page)
-            lines = [f"{d}\t{p}\n" for d, p in map(self.entry, range(since + 1, upto + 1))]
+            lines = [
+                "%s\t%s\n" % self.entry(v)
+                for v in range(since + 1, upto + 1)
+                if v not in self.superseded
+            ]
         body = "".join(lines).encode()
-        if since >= self.n and self.epoch == 1:  # a push, not the re-sync's last page
+        if since >= self.n and not reset:  # a push
             self.push_bytes.append(len(body))
-        return upto, body, upto < latest
+        return upto, body, upto < latest, reset
 
     def reset(self) -> None:
         with self.changed:
             self.epoch += 1
             self.changed.notify_all()
 
-    def push(self, domain_name: str, policy_text: str) -> None:
+    def push(self, i: int, policy_text: str) -> None:
         with self.changed:
-            self.pushed.append((domain_name, policy_text))
+            self.superseded.add(self.version_of.get(domain(i), i + 1))
+            self.pushed.append((domain(i), policy_text))
+            self.version_of[domain(i)] = self.latest
             self.changed.notify_all()
 
 
@@ -164,13 +177,13 @@ def serve_feed(port: int, n: int, origin_port: int, page: int, hold: float, read
             epoch = int(query.get("epoch", ["0"])[0] or 0)
             got = feed.changes(since, epoch, hold)
             if got is None:
-                return self.answer(204, headers={"x-epoch": str(feed.epoch)})
-            if got == "reset":
-                return self.answer(200, headers={"x-reset": "1", "x-epoch": str(feed.epoch)})
-            version, body, more = got
-            headers = {"x-version": str(version), "x-epoch": str(feed.epoch)}
+                return self.answer(204, headers={"x-feed-version": str(since), "x-feed-epoch": str(feed.epoch)})
+            version, body, more, reset = got
+            headers = {"x-feed-version": str(version), "x-feed-epoch": str(feed.epoch)}
             if more:
-                headers["x-more"] = "1"
+                headers["x-feed-more"] = "1"
+            if reset:
+                headers["x-feed-reset"] = "1"
             self.answer(200, body, headers)
 
         def do_POST(self):
@@ -178,8 +191,8 @@ def serve_feed(port: int, n: int, origin_port: int, page: int, hold: float, read
                 feed.reset()
                 return self.answer(200)
             body = self.rfile.read(int(self.headers["content-length"])).decode()
-            d, p = body.split("\t", 1)
-            feed.push(d, p)
+            i, p = body.split("\t", 1)
+            feed.push(int(i), p)
             self.answer(200)
 
     class Server(ThreadingHTTPServer):
@@ -194,21 +207,24 @@ def serve_feed(port: int, n: int, origin_port: int, page: int, hold: float, read
 # --- Envoy ----------------------------------------------------------------------------
 
 
-def wasm_config(name: str, role: str, wasm: Path) -> dict:
+def wasm_config(root_id: str, configuration: str, wasm: Path) -> dict:
     return {
-        "name": name,
-        "root_id": "delivery",
+        "name": root_id,
+        "root_id": root_id,
         "vm_config": {
-            # One vm_id for the service and the filter: one shared-data store.
-            "vm_id": "delivery",
+            # One vm_id for the singleton and the filter: one shared-data store.
+            "vm_id": "origin-policy",
             "runtime": "envoy.wasm.runtime.v8",
             "code": {"local": {"filename": str(wasm)}},
         },
-        "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": role},
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": configuration,
+        },
     }
 
 
-def listener(name: str, port: int, role: str, wasm: Path) -> dict:
+def listener(name: str, port: int, configuration: str, wasm: Path) -> dict:
     return {
         "name": name,
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
@@ -219,10 +235,13 @@ def listener(name: str, port: int, role: str, wasm: Path) -> dict:
                 "stat_prefix": name,
                 "route_config": {"virtual_hosts": [{
                     "name": "all", "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "origin", "timeout": "60s"}}],
+                    "routes": [{"match": {"prefix": "/"}, "route": {
+                        "cluster_header": "x-origin-cluster", "timeout": "60s",
+                    }}],
                 }]},
                 "http_filters": [
-                    {"name": "probe", "typed_config": {"@type": WASM_TYPE, "config": wasm_config(name, role, wasm)}},
+                    {"name": "origin-policy", "typed_config": {
+                        "@type": WASM_TYPE, "config": wasm_config("origin-policy", configuration, wasm)}},
                     {"name": "envoy.filters.http.router", "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
                         "suppress_envoy_headers": True,
@@ -244,7 +263,9 @@ def static_cluster(name: str, port: int) -> dict:
     }  # fmt: skip
 
 
-def bootstrap(admin: int, reader: int, passthrough: int, origin: int, source: int, wasm: Path) -> dict:
+def bootstrap(admin: int, feed_port: int, inline: int, origin: int, source: int, wasm: Path) -> dict:
+    feed_config = '{"settings":' + SETTINGS + ',"delivery":"feed"}'
+    inline_config = plugin_config([policy(i, origin) for i in range(INLINE_POLICIES)])
     return {
         "node": {"id": "delivery-bench", "cluster": "origin-policy-delivery-bench"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -253,15 +274,15 @@ def bootstrap(admin: int, reader: int, passthrough: int, origin: int, source: in
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
                 "singleton": True,
-                "config": wasm_config("source", "source", wasm),
+                "config": wasm_config("origin-policy-feed", '{"feed_cluster":"policy_source"}', wasm),
             },
         }],
         "static_resources": {
             "listeners": [
-                listener("reader", reader, "reader", wasm),
-                listener("passthrough", passthrough, "passthrough", wasm),
+                listener("feed", feed_port, feed_config, wasm),
+                listener("inline", inline, inline_config, wasm),
             ],
-            "clusters": [static_cluster("origin", origin), static_cluster("policy_source", source)],
+            "clusters": [origin_cluster(origin), static_cluster("policy_source", source)],
         },
     }  # fmt: skip
 
@@ -313,7 +334,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
     envoy = origin = feed = client = None
     stop = None
     try:
-        admin_port, reader_port, pass_port, origin_port, source_port = free_ports(5)
+        admin_port, reader_port, inline_port, origin_port, source_port = free_ports(5)
         origin = subprocess.Popen(
             [sys.executable, __file__, "--serve-origin", str(origin_port)], preexec_fn=die_with_parent
         )
@@ -324,7 +345,7 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         feed.start()
         ready.wait(10)
         wait_for_port(origin_port)
-        config = bootstrap(admin_port, reader_port, pass_port, origin_port, source_port, wasm)
+        config = bootstrap(admin_port, reader_port, inline_port, origin_port, source_port, wasm)
         (run / "envoy.json").write_text(json.dumps(config))
         log_path = run / "envoy.log"
         print(f"[{n:,}] starting Envoy", file=sys.stderr)
@@ -344,8 +365,8 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
                 return res
             conn = http.client.HTTPConnection("127.0.0.1", reader_port, timeout=10)
             try:
-                status, found = get(conn, last, "/load", ENTRY)
-                if status == 200 and found and found.startswith("bytes="):
+                status, found = get(conn, last, "/load", DECISION)
+                if status == 200 and found and found.startswith("domain="):
                     res.sync_s = time.monotonic() - start
                     break
             except (OSError, http.client.HTTPException):
@@ -366,18 +387,18 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         out = multiprocessing.Queue()
         client = multiprocessing.Process(
             target=steady_client,
-            args=(reader_port, [host_for(i) for i in steady], 4, 0.005, stop, out, ENTRY),
+            args=(reader_port, [host_for(i) for i in steady], 4, 0.005, stop, out, DECISION),
         )
         client.start()
         time.sleep(args.baseline)
         pushes_started = time.monotonic()
         for version, i in enumerate(pushed, start=1):
-            body = f"{domain(i)}\t{policy(i, origin_port, version)}".encode()
+            body = f"{i}\t{policy(i, origin_port, version)}".encode()
             req = urllib.request.Request(f"http://127.0.0.1:{source_port}/push", data=body, method="POST")
             with urllib.request.urlopen(req, timeout=10):
                 pass
             t0 = time.monotonic()
-            got = watch_push(probes, host_for(i), f"host={origin_host(i, version)}", t0, 30.0, 0.002, ENTRY)
+            got = watch_push(probes, host_for(i), f"host={origin_host(i, version)}", t0, 30.0, 0.002, DECISION)
             if got.visible_s is None:
                 res.never_visible += 1
             else:
@@ -385,12 +406,12 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
             time.sleep(args.push_gap)
         pushes_ended = time.monotonic()
         # A full re-sync while serving: the source lost its versions.
-        synced = log_path.read_text(errors="replace").count("in sync at version")
+        synced = log_path.read_text(errors="replace").count("in sync")
         req = urllib.request.Request(f"http://127.0.0.1:{source_port}/reset", data=b"", method="POST")
         with urllib.request.urlopen(req, timeout=10):
             pass
         resync_started = time.monotonic()
-        while log_path.read_text(errors="replace").count("in sync at version") == synced:
+        while log_path.read_text(errors="replace").count("in sync") == synced:
             if time.monotonic() - resync_started > args.load_timeout:
                 res.error = "no re-sync"
                 return res
@@ -417,9 +438,9 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         for p in probes:
             p.conn.close()
         for variant, port, host in [
-            ("passthrough", pass_port, host_for(0)),
-            ("reader, exact name", reader_port, host_for(0)),
-            ("reader, wildcard (two reads)", reader_port, host_for(1)),
+            (f"inline ({INLINE_POLICIES:,} policies in the configuration), exact name", inline_port, host_for(0)),
+            ("feed, exact name (one shared-data get)", reader_port, host_for(0)),
+            ("feed, wildcard (two gets)", reader_port, host_for(1)),
         ]:
             res.cpu[variant] = wrk_cpu(envoy.pid, port, host, args.wrk_seconds)
         return res
@@ -459,14 +480,14 @@ def main() -> int:
     parser.add_argument("--probes-per-worker", type=int, default=2)
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--load-timeout", type=float, default=600.0)
-    parser.add_argument("--wasm", type=Path, default=PROBE_WASM)
+    parser.add_argument("--wasm", type=Path, default=WASM)
     parser.add_argument("--serve-origin", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_origin:
         serve_origin(args.serve_origin)
         return 0
     if not args.wasm.exists():
-        raise SystemExit(f"{args.wasm} not found: cargo build --release --target wasm32-wasip1 -p delivery-probe")
+        raise SystemExit(f"{args.wasm} not found: cargo build --release --target wasm32-wasip1 -p origin-policy-filter")
     sizes = [int(s.replace("_", "")) for s in args.domains.split(",") if s]
     results = [run_size(n, args, args.wasm) for n in sizes]
     print(f"\n{datetime.now():%Y-%m-%d %H:%M}, {machine()}; Envoy --concurrency 2; "

@@ -238,13 +238,17 @@ impl FeedRoot {
         }
         if self.sync.in_snapshot() {
             let removed = self.sync.end_snapshot();
-            if !removed.is_empty() {
-                info!(
-                    "policy feed: {} domains removed by the source",
-                    removed.len()
-                );
-            }
+            let count = removed.len();
             self.write(removed);
+            if self.ready {
+                info!(
+                    "policy feed: in sync again at version {}: {} domains, {count} removed by the source",
+                    self.version,
+                    self.sync.domains()
+                );
+            } else if count > 0 {
+                info!("policy feed: {count} domains removed by the source");
+            }
         }
         if !self.ready {
             self.ready = true;
