@@ -134,7 +134,7 @@ class Feed:
                 if v not in self.superseded
             ]
         body = "".join(lines).encode()
-        if since >= self.n and not reset:  # a push
+        if since >= self.n and self.epoch == 1:  # a push, not a page of the re-sync
             self.push_bytes.append(len(body))
         return upto, body, upto < latest, reset
 

@@ -14,7 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::feed::{EPOCH_HEADER, MORE_HEADER, RESET_HEADER, VERSION_HEADER};
-use origin_policy_engine::{fingerprint, parse_json, parse_settings, PolicySet, PolicySource};
+use origin_policy_engine::{fingerprint, parse_json, PolicySet, PolicySource};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -84,6 +84,14 @@ impl FeedLog {
         self.entries
             .insert(domain.to_owned(), (self.version, Arc::from(document)));
         true
+    }
+
+    /// A domain's published document, unless it was removed.
+    pub fn document(&self, domain: &str) -> Option<&str> {
+        self.entries
+            .get(domain)
+            .map(|(_, d)| d.as_ref())
+            .filter(|d| !d.is_empty())
     }
 
     /// The domains with a document.
@@ -258,15 +266,12 @@ impl Watcher {
         {
             let log = shared.log();
             for domain in &found.rejected {
-                let published = log.live().find(|(d, _)| *d == domain);
-                if let Some((d, doc)) = published {
-                    next.insert(d.clone(), doc.to_owned());
+                if let Some(document) = log.document(domain) {
+                    next.insert(domain.clone(), document.to_owned());
                 }
             }
         }
-        let settings_value = found.settings;
-        let settings = parse_settings("settings.json", Some(&settings_value))
-            .map_err(|d| format!("settings rejected: {}", d.len()))?;
+        let (settings_value, settings) = (found.settings_document, found.settings);
         // The clusters of every live policy, and of the previous round's.
         let values: Vec<Value> = next
             .values()

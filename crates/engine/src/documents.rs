@@ -139,7 +139,8 @@ impl PolicyDocuments {
 #[derive(Debug, Clone)]
 pub struct FeedDocuments {
     /// The settings document as written (`{}` when there is none).
-    pub settings: Value,
+    pub settings_document: Value,
+    pub settings: crate::Settings,
     /// Each accepted policy's domain and compact document, host names in
     /// ASCII as [`PolicyDocuments::plugin_config`] writes them.
     pub accepted: Vec<(String, String)>,
@@ -175,7 +176,8 @@ impl PolicyDocuments {
             })
             .collect();
         Ok(FeedDocuments {
-            settings: self.settings.clone().unwrap_or_else(|| json!({})),
+            settings_document: self.settings.clone().unwrap_or_else(|| json!({})),
+            settings: compiled.set.settings.clone(),
             accepted,
             rejected,
             diagnostics,

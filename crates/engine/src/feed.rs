@@ -60,6 +60,18 @@ pub fn waiting_state(why: &str) -> String {
     format!("waiting: {why}")
 }
 
+/// Why a domain without an entry cannot be called unknown yet, from the value
+/// of [`FEED_STATE_KEY`]; `None` once the first sync is complete.
+pub fn not_ready(state: Option<&[u8]>) -> Option<EntryError> {
+    let why = match state.map(std::str::from_utf8) {
+        Some(Ok(READY_STATE)) => return None,
+        Some(Ok(text)) => text.strip_prefix("waiting: ").unwrap_or(text).to_owned(),
+        Some(Err(_)) => "the feed state is unreadable".to_owned(),
+        None => "no policy feed has written to this Envoy (is the feed singleton configured, with the filter's vm_id?)".to_owned(),
+    };
+    Some(EntryError::NotReady { why })
+}
+
 /// Why a request's domain could not be served from its entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryError {
@@ -464,6 +476,15 @@ mod tests {
             .lookup("www.example.com", |k| shared.read(k))
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn the_state_says_why_until_the_first_sync() {
+        assert_eq!(not_ready(Some(READY_STATE.as_bytes())), None);
+        let waiting = waiting_state("the source is down");
+        let why = not_ready(Some(waiting.as_bytes())).unwrap().to_string();
+        assert_eq!(why, "origin policies not received yet: the source is down");
+        assert!(not_ready(None).unwrap().to_string().contains("vm_id"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use crate::metrics::{Counter, Metrics};
 use log::{debug, error};
-use origin_policy_engine::feed::{DomainEntries, EntryError, FEED_STATE_KEY, READY_STATE};
+use origin_policy_engine::feed::{not_ready, DomainEntries, EntryError, EntryRead, FEED_STATE_KEY};
 use origin_policy_engine::host::{normalize_authority, HostError};
 use origin_policy_engine::{
     scheme_from_text, CompiledPolicy, Delivery, DomainMatch, Exchange, FailoverOutcome,
@@ -52,7 +52,7 @@ enum NotFound<'a> {
     Unavailable(EntryError),
 }
 
-fn shared_data(key: &str) -> origin_policy_engine::feed::EntryRead {
+fn shared_data(key: &str) -> EntryRead {
     match hostcalls::get_shared_data(key) {
         Ok((Some(value), Some(cas))) => Some((value, cas)),
         _ => None,
@@ -84,19 +84,15 @@ fn find_policy<'a>(
             viewer_host: host,
         }),
         // An unknown domain, unless the edge has not got its policies yet.
-        None => match shared_data(FEED_STATE_KEY) {
-            Some((state, _)) if state == READY_STATE.as_bytes() => {
-                Err(NotFound::Refused(Refusal::UnknownDomain { viewer_host: host }))
+        None => {
+            let state = shared_data(FEED_STATE_KEY);
+            match not_ready(state.as_ref().map(|(s, _)| s.as_slice())) {
+                Some(why) => Err(NotFound::Unavailable(why)),
+                None => Err(NotFound::Refused(Refusal::UnknownDomain {
+                    viewer_host: host,
+                })),
             }
-            state => Err(NotFound::Unavailable(EntryError::NotReady {
-                why: state
-                    .and_then(|(s, _)| String::from_utf8(s).ok())
-                    .map_or_else(
-                        || "no policy feed has written to this Envoy (is the feed singleton configured, with the same vm_id?)".to_owned(),
-                        |s| s.strip_prefix("waiting: ").unwrap_or(&s).to_owned(),
-                    ),
-            })),
-        },
+        }
     }
 }
 
