@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -143,6 +144,17 @@ def test_every_domain_is_served_from_its_entry(feed_edge: FeedEdge):
     assert unknown.status == 404
     assert unknown.header("x-origin-error") == "no origin policy for host nowhere.feed.test"
     assert feed_edge.counter("entries_written") >= DOMAINS
+
+
+def feed_status() -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{FEED_PORT}/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_the_feed_knows_the_version_each_envoy_applied(feed_edge: FeedEdge):
+    # The singleton's poll from version V acknowledges everything up to V.
+    wait_for(lambda: feed_status()["nodes"].get("edge", {}).get("version") == feed_status()["version"], 10)
+    assert feed_status()["nodes"]["edge"]["refused"] == {}
 
 
 def test_one_domain_change_reaches_every_worker_and_nothing_else(feed_edge: FeedEdge):
@@ -289,7 +301,12 @@ def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdg
     misfiled = json.dumps(policy(8, host="stolen.feed.test"))
     pages = [f"{domain(7)}\t{good}\n", f"{domain(7)}\t{bad}\n{domain(9)}\t{misfiled}\n"]
     script = tmp_path / "raw_feed.py"
-    script.write_text(RAW_FEED.replace("PORT", str(FEED_PORT)).replace("PAGES_JSON", json.dumps(pages)))
+    reports = tmp_path / "reports.txt"
+    script.write_text(
+        RAW_FEED.replace("PORT", str(FEED_PORT))
+        .replace("PAGES_JSON", json.dumps(pages))
+        .replace("REPORTS", str(reports))
+    )
     rejected = feed_edge.counter("policy_rejected")
     raw = subprocess.Popen(["python3", str(script)])
     try:
@@ -299,6 +316,9 @@ def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdg
         log = feed_edge.envoy.log_text()
         assert "d7.feed.test: /primary/port" in log
         assert "files this policy under `d9.feed.test`, but it is for `d8.feed.test`" in log
+        # The next poll names the refused domains to the source (per-domain NACK).
+        wait_for(lambda: "d7.feed.test,d9.feed.test" in reports.read_text(), 10)
+        assert "node=edge" in reports.read_text()
     finally:
         raw.terminate()
         raw.wait(timeout=10)
@@ -319,6 +339,9 @@ class Feed(BaseHTTPRequestHandler):
 
     def do_GET(self):
         query = parse_qs(urlparse(self.path).query)
+        with open("REPORTS", "a") as reports:
+            node = self.headers.get("x-feed-node")
+            reports.write(f"node={node} rejected={self.headers.get('x-feed-rejected')}\n")
         since, epoch = int(query["since"][0]), query["epoch"][0]
         body = PAGES.pop(0).encode() if PAGES else b""
         if not body:

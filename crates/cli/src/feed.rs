@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use origin_policy_engine::documents::PolicyDocuments;
-use origin_policy_engine::feed::{EPOCH_HEADER, MORE_HEADER, RESET_HEADER, VERSION_HEADER};
+use origin_policy_engine::feed::{
+    EPOCH_HEADER, MORE_HEADER, NODE_HEADER, REJECTED_HEADER, RESET_HEADER, VERSION_HEADER,
+};
 use origin_policy_engine::{fingerprint, parse_json, PolicySet, PolicySource};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -152,6 +154,19 @@ pub struct FeedRequest {
 struct Shared {
     log: Mutex<FeedLog>,
     changed: Notify,
+    /// What each Envoy said with its last poll, by node id.
+    nodes: Mutex<BTreeMap<String, NodeReport>>,
+}
+
+/// An Envoy's acknowledgements: a poll from version V says it applied
+/// everything up to V, except the domains it names as refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReport {
+    pub version: u64,
+    pub epoch: Option<u64>,
+    /// Domains it refused, with the version it said so at; a later version of
+    /// the domain clears it.
+    pub refused: BTreeMap<String, u64>,
 }
 
 impl Shared {
@@ -161,6 +176,50 @@ impl Shared {
         self.log
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, NodeReport>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records what a poll says about its Envoy.
+    fn heard(&self, node: &str, since: u64, epoch: Option<u64>, refused: Option<&str>) {
+        let mut nodes = self.nodes();
+        let report = nodes.entry(node.to_owned()).or_default();
+        if report.epoch != epoch {
+            report.refused.clear();
+        }
+        let log = self.log();
+        // A refusal stands until the domain gets a newer document.
+        report
+            .refused
+            .retain(|domain, at| log.entries.get(domain).is_some_and(|(v, _)| v <= at));
+        for domain in refused.into_iter().flat_map(|r| r.split(',')) {
+            if !domain.starts_with('+') && report.refused.insert(domain.to_owned(), since).is_none()
+            {
+                eprintln!("feed: {node} refused the policy of {domain} (its log says why); it keeps its last good one");
+            }
+        }
+        report.version = since;
+        report.epoch = epoch;
+    }
+
+    fn status(&self) -> Value {
+        let (version, epoch) = {
+            let log = self.log();
+            (log.version, log.epoch)
+        };
+        let nodes: serde_json::Map<String, Value> = self
+            .nodes()
+            .iter()
+            .map(|(node, r)| {
+                let report = json!({"version": r.version, "epoch": r.epoch, "refused": r.refused});
+                (node.clone(), report)
+            })
+            .collect();
+        json!({"version": version, "epoch": epoch, "nodes": nodes})
     }
 }
 
@@ -357,6 +416,14 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Ful
         *r.status_mut() = status;
         r
     };
+    if request.uri().path() == "/status" {
+        let mut r = plain(StatusCode::OK, &shared.status().to_string());
+        r.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
     if request.uri().path() != "/changes" {
         return plain(
             StatusCode::NOT_FOUND,
@@ -366,6 +433,10 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Ful
     let query = request.uri().query().unwrap_or_default();
     let since = query_value(query, "since").unwrap_or(0);
     let epoch = query_value(query, "epoch");
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(node) = header(NODE_HEADER) {
+        shared.heard(node, since, epoch, header(REJECTED_HEADER));
+    }
     let deadline = tokio::time::Instant::now() + LONG_POLL;
     loop {
         // Registered before the look, so a change in between is not missed.
@@ -441,6 +512,7 @@ pub fn feed(request: FeedRequest) -> Result<(), String> {
     let shared = Arc::new(Shared {
         log: Mutex::new(FeedLog::new(epoch)),
         changed: Notify::new(),
+        nodes: Mutex::new(BTreeMap::new()),
     });
     let listen = request.listen.clone();
     let mut watcher = Watcher {

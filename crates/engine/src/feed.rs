@@ -41,6 +41,33 @@ pub const EPOCH_HEADER: &str = "x-feed-epoch";
 pub const MORE_HEADER: &str = "x-feed-more";
 pub const RESET_HEADER: &str = "x-feed-reset";
 
+/// Sent by the singleton with each poll: the Envoy's node id, so that a
+/// source can keep per-Envoy versions (a poll from version V acknowledges
+/// everything up to V).
+pub const NODE_HEADER: &str = "x-feed-node";
+/// Sent by the singleton with the poll after a page: the domains whose policy
+/// it refused (the negative acknowledgement, per domain), comma-separated.
+pub const REJECTED_HEADER: &str = "x-feed-rejected";
+/// At most this many domains are named in one report; the rest are counted.
+const MAX_REPORTED: usize = 100;
+
+/// The [`REJECTED_HEADER`] value for `domains`: names a header can carry,
+/// and `+N more` past [`MAX_REPORTED`].
+pub fn rejected_report(domains: &[String]) -> Option<String> {
+    let fits = |d: &&String| !d.is_empty() && d.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+    let mut named: Vec<&str> = domains.iter().filter(fits).map(String::as_str).collect();
+    if named.is_empty() {
+        return None;
+    }
+    let more = named.len().saturating_sub(MAX_REPORTED);
+    named.truncate(MAX_REPORTED);
+    let mut value = named.join(",");
+    if more > 0 {
+        value.push_str(&format!(",+{more} more"));
+    }
+    Some(value)
+}
+
 /// The state value once the first sync is complete.
 pub const READY_STATE: &str = "ready";
 
@@ -476,6 +503,16 @@ mod tests {
             .lookup("www.example.com", |k| shared.read(k))
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn a_rejection_report_names_what_a_header_can_carry() {
+        let mut domains = vec!["a.example".to_owned(), "bad,name".to_owned(), String::new()];
+        assert_eq!(rejected_report(&domains).as_deref(), Some("a.example"));
+        domains.extend((0..150).map(|i| format!("d{i}.example")));
+        let report = rejected_report(&domains).unwrap();
+        assert!(report.ends_with(",+51 more"), "{report}");
+        assert_eq!(rejected_report(&[]), None);
     }
 
     #[test]

@@ -7,8 +7,8 @@
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::{
-    waiting_state, FeedSync, EPOCH_HEADER, FEED_STATE_KEY, MORE_HEADER, READY_STATE, RESET_HEADER,
-    VERSION_HEADER,
+    rejected_report, waiting_state, FeedSync, EPOCH_HEADER, FEED_STATE_KEY, MORE_HEADER,
+    NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, VERSION_HEADER,
 };
 use origin_policy_engine::parse_json;
 use proxy_wasm::traits::{Context, RootContext};
@@ -76,6 +76,10 @@ pub(crate) struct FeedRoot {
     retry: bool,
     last_failure: Option<String>,
     sync_started: Option<SystemTime>,
+    /// Envoy's node id, sent with each poll.
+    node: String,
+    /// Domains refused since the last answer, reported with the next poll.
+    rejected: Vec<String>,
     /// This root's id in [`LEADER_KEY`], and whether it leads.
     id: u64,
     leading: bool,
@@ -93,6 +97,8 @@ impl FeedRoot {
             retry: false,
             last_failure: None,
             sync_started: None,
+            node: String::new(),
+            rejected: Vec::new(),
             id: 0,
             leading: false,
         }
@@ -167,17 +173,19 @@ impl FeedRoot {
             config.path, self.version, self.epoch
         );
         let cluster = config.cluster.clone();
-        let call = self.dispatch_http_call(
-            &cluster,
-            vec![
-                (":method", "GET"),
-                (":path", &path),
-                (":authority", &cluster),
-            ],
-            None,
-            vec![],
-            CALL_TIMEOUT,
-        );
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", path.as_str()),
+            (":authority", cluster.as_str()),
+        ];
+        if !self.node.is_empty() {
+            headers.push((NODE_HEADER, self.node.as_str()));
+        }
+        let report = rejected_report(&self.rejected);
+        if let Some(report) = &report {
+            headers.push((REJECTED_HEADER, report.as_str()));
+        }
+        let call = self.dispatch_http_call(&cluster, headers, None, vec![], CALL_TIMEOUT);
         if let Err(e) = call {
             self.fail(format!(
                 "cannot call the policy source on cluster `{cluster}` ({e:?}): is the cluster defined?"
@@ -225,6 +233,7 @@ impl FeedRoot {
         let outcome = self.sync.apply(&body);
         for finding in &outcome.rejected {
             error!("policy rejected, the domain keeps its last good policy: {finding}");
+            self.rejected.extend(finding.domain.clone());
         }
         for line in &outcome.malformed {
             warn!("policy feed: {line}; skipped");
@@ -278,6 +287,8 @@ impl Context for FeedRoot {
         let cluster = self.cluster();
         match (status.as_deref(), version, epoch) {
             (Some("200"), Some(version), Some(epoch)) => {
+                // The source has the report sent with this poll.
+                self.rejected.clear();
                 self.set_tick_period(RETRY_PERIOD);
                 if self.last_failure.take().is_some() {
                     info!("policy feed: the source answers again");
@@ -292,6 +303,7 @@ impl Context for FeedRoot {
                 self.poll();
             }
             (Some("204"), _, _) => {
+                self.rejected.clear();
                 self.last_failure = None;
                 self.poll();
             }
@@ -324,6 +336,10 @@ impl RootContext for FeedRoot {
             self.metrics = Some(Metrics::define());
             self.sync_started = Some(self.get_current_time());
             self.id = self.take_id();
+            self.node = self
+                .get_property(vec!["node", "id"])
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_default();
             if self.get_shared_data(FEED_STATE_KEY).0.is_none() {
                 let why = waiting_state("the policy source has not answered yet");
                 let _ = self.set_shared_data(FEED_STATE_KEY, Some(why.as_bytes()), None);
