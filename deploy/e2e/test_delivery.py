@@ -305,7 +305,7 @@ def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdg
     script.write_text(
         RAW_FEED.replace("PORT", str(FEED_PORT))
         .replace("PAGES_JSON", json.dumps(pages))
-        .replace("REPORTS", str(reports))
+        .replace("LOGFILE", str(reports))
     )
     rejected = feed_edge.counter("policy_rejected")
     raw = subprocess.Popen(["python3", str(script)])
@@ -339,9 +339,9 @@ class Feed(BaseHTTPRequestHandler):
 
     def do_GET(self):
         query = parse_qs(urlparse(self.path).query)
-        with open("REPORTS", "a") as reports:
+        with open("LOGFILE", "a") as reports:
             node = self.headers.get("x-feed-node")
-            reports.write(f"node={node} rejected={self.headers.get('x-feed-rejected')}\n")
+            reports.write(f"node={node} rejected={self.headers.get('x-feed-rejected')}\\n")
         since, epoch = int(query["since"][0]), query["epoch"][0]
         body = PAGES.pop(0).encode() if PAGES else b""
         if not body:

@@ -134,7 +134,11 @@ impl FeedRoot {
                 )
                 .is_ok();
         if won && !self.leading {
-            info!("policy feed: following cluster `{}`", self.cluster());
+            info!(
+                "policy feed: following cluster `{}` as node `{}`",
+                self.cluster(),
+                self.node
+            );
         }
         self.leading = won;
         won
@@ -336,8 +340,10 @@ impl RootContext for FeedRoot {
             self.metrics = Some(Metrics::define());
             self.sync_started = Some(self.get_current_time());
             self.id = self.take_id();
-            self.node = self
-                .get_property(vec!["node", "id"])
+            // `xds.node` in Envoy 1.40; `node` in older releases.
+            self.node = [vec!["xds", "node", "id"], vec!["node", "id"]]
+                .into_iter()
+                .find_map(|path| self.get_property(path).filter(|b| !b.is_empty()))
                 .and_then(|b| String::from_utf8(b).ok())
                 .unwrap_or_default();
             if self.get_shared_data(FEED_STATE_KEY).0.is_none() {
