@@ -6,7 +6,7 @@
 //! Envoy that one domain.
 
 use crate::admin;
-use crate::files::{read_paths, write_atomically};
+use crate::files::{ecds_resource, read_paths, write_atomically};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -223,33 +223,6 @@ impl Shared {
     }
 }
 
-/// The filter configuration for feed delivery: the settings only.
-fn ecds_resource(settings: &Value, wasm: &str) -> Value {
-    let config = json!({"settings": settings, "delivery": "feed"}).to_string();
-    json!({
-        "resources": [{
-            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": "origin-policy",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "origin-policy",
-                    "root_id": "origin-policy",
-                    "vm_config": {
-                        "vm_id": "origin-policy",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": wasm}}
-                    },
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": config
-                    }
-                }
-            }
-        }]
-    })
-}
-
 /// What the watcher keeps between two looks at the files.
 struct Watcher {
     request: FeedRequest,
@@ -373,7 +346,9 @@ impl Watcher {
         }
         self.clusters = clusters;
         if self.settings.as_ref() != Some(&settings_value) {
-            let ecds = ecds_resource(&settings_value, &self.wasm);
+            // The filter configuration for feed delivery: the settings only.
+            let config = json!({"settings": settings_value, "delivery": "feed"}).to_string();
+            let ecds = ecds_resource(&config, &self.wasm);
             self.write("origin-policy.ecds.json", &format!("{ecds:#}"))?;
             self.settings = Some(settings_value);
         }

@@ -1,5 +1,6 @@
 //! Policy files on disk: reading a directory into [`PolicyDocuments`], and
-//! writing the bundle so that a watcher never sees half a file.
+//! writing the bundle (the ECDS resource among it) so that a watcher never
+//! sees half a file.
 
 use origin_policy_engine::documents::{unreadable, PolicyDocuments};
 use std::fs;
@@ -67,4 +68,31 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         file.sync_all()?;
     }
     fs::rename(&tmp, path)
+}
+
+/// The ECDS file's one resource: the filter (`origin-policy`, the same name,
+/// root id and `vm_id` everywhere) with `plugin_config`, loaded from `wasm`.
+pub fn ecds_resource(plugin_config: &str, wasm: &str) -> serde_json::Value {
+    serde_json::json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": "origin-policy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": "origin-policy",
+                    "root_id": "origin-policy",
+                    "vm_config": {
+                        "vm_id": "origin-policy",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": wasm}}
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": plugin_config
+                    }
+                }
+            }
+        }]
+    })
 }

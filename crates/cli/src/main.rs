@@ -4,7 +4,7 @@
 use origin_policy_cli::admin;
 use origin_policy_cli::explain_text;
 use origin_policy_cli::feed;
-use origin_policy_cli::files::{read_paths, write_atomically};
+use origin_policy_cli::files::{ecds_resource, read_paths, write_atomically};
 use origin_policy_cli::mirror;
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::report::{diagnostic_json, outcome_json, request_from_url};
@@ -220,31 +220,6 @@ fn explain(args: &Args) -> Result<(), CliError> {
         explain_text(&outcome_json(&set, &outcome), &spec.method)
     );
     Ok(())
-}
-
-fn ecds_resource(plugin_config: &str, wasm: &str) -> Value {
-    json!({
-        "resources": [{
-            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": "origin-policy",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "origin-policy",
-                    "root_id": "origin-policy",
-                    "vm_config": {
-                        "vm_id": "origin-policy",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": wasm}}
-                    },
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": plugin_config
-                    }
-                }
-            }
-        }]
-    })
 }
 
 /// The clusters the new policies need, plus those the previous bundle's
