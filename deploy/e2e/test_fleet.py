@@ -201,6 +201,7 @@ def extra_nodes(fleet):
 def test_one_domain_change_reaches_every_envoy(fleet):
     before = fleet.stable()
     assert all_acked(fleet, before, ["fleet-1", "fleet-2", "fleet-3"])
+    sent_before = {k: v["bytes_sent"] for k, v in fleet.nodes_status().items()}
     started = time.monotonic()
     fleet.write_policy(CHANGED, lambda p: p.update(origin_host={"mode": "custom", "value": NEW_HOST}))
     reached: dict[str, float] = {}
@@ -223,6 +224,13 @@ def test_one_domain_change_reaches_every_envoy(fleet):
     version = status["stable"]["version"]
     assert version != before
     wait_for(lambda: all_acked(fleet, version, ["fleet-1", "fleet-2", "fleet-3"]), what="every ACK")
+    # Each Envoy was sent that domain's policy, and nothing over xDS.
+    policy = len((fleet.policies / f"{CHANGED}.json").read_text())
+    nodes = fleet.nodes_status()
+    sent = {k: nodes[k]["bytes_sent"] - sent_before[k] for k in ("fleet-1", "fleet-2", "fleet-3")}
+    print(f"bytes sent per Envoy for the change: {sent} (the policy file: {policy} B)")
+    assert all(0 < b < policy + 200 for b in sent.values()), sent
+    assert all(nodes[k]["feed"]["policies_of"] == version for k in sent)
     # The other domains did not change.
     for node in fleet.nodes:
         assert ask(node, "legacy.example.com") == (200, "legacy-origin.example.net:8150")
@@ -247,6 +255,7 @@ def test_invalid_push_is_refused(fleet):
 
 def test_nack_is_reported_and_the_others_keep_their_version(fleet):
     before = fleet.stable()
+    before_xds = fleet.status()["stable"]["xds_version"]
     original = fleet.wasm.read_bytes()
     write_atomically(fleet.wasm, new_module_build(fleet.wasm, b"next"))
     pushed = fleet.control.push()
@@ -262,7 +271,7 @@ def test_nack_is_reported_and_the_others_keep_their_version(fleet):
     print(f"\nfleet-3 NACKed {new}: {fleet3['nack_error']}")
     assert "Invalid path" in fleet3["nack_error"] and "fleet-3-modules" in fleet3["nack_error"]
     # The filter stays on the earlier version (the clusters, the same in both, are ACKed).
-    assert fleet3["acked_by_type"]["TypedExtensionConfig"] == before
+    assert fleet3["acked_by_type"]["TypedExtensionConfig"] == before_xds
     wait_for(lambda: all_acked(fleet, new, ["fleet-1", "fleet-2"]), what="fleet-1 and fleet-2 on the new version")
     assert "fleet-3" in status_text(fleet.status()) and "Invalid path" in status_text(fleet.status())
     assert ask(fleet.node("fleet-3"), CHANGED) == (200, NEW_HOST)
@@ -420,10 +429,11 @@ def test_bundle_clusters_are_served_over_cds(tmp_path, demo_origins):
             wait_for(lambda: served_by(node, CDS_DOMAIN) == origin, what=f"{CDS_DOMAIN} on {origin}")
             wait_for(lambda: control.status()["nodes"]["fleet-6"]["acked"] == pushed["version"],
                      what="every type ACKed")
-        # The move off 127.0.0.1:18081: that cluster stayed until the filter
-        # stopped sending requests to it (cluster set `NEW+OLD`), then went.
-        events = [e["event"] for e in control.status()["events"]]
-        assert any(f"ACKed Cluster {pushed['version']}+" in e for e in events), events
+        # The move off 127.0.0.1:18081: that cluster stayed until the policies
+        # no longer sent requests to it (cluster set `NEW+OLD`), then went.
+        status = control.status()
+        events = [e["event"] for e in status["events"]]
+        assert any(f"ACKed Cluster {status['stable']['xds_version']}+" in e for e in events), events
     finally:
         prober.stopped.set()
         if prober.is_alive():

@@ -1,11 +1,21 @@
 """The fleet's control plane: serves the bundle of a policy directory to every
-Envoy over one ADS stream each (xDS state of the world, gRPC, 127.0.0.1).
+Envoy: the clusters and the filter (with the settings) over one ADS stream
+each (xDS state of the world, gRPC, 127.0.0.1), the policies per domain over
+the policy feed that each Envoy's feed singleton polls (HTTP, GET /changes on
+the status port; deploy/fleet/feed.py).
 
-- Each push is the directory bundled by `origin-policy bundle` (the engine of
-  `check`): a set with errors is refused, with the findings recorded, and the
-  Envoys keep what they have.
-- Every push is versioned by content; per Envoy the control plane records the
-  version it ACKed and the one it NACKed with Envoy's error message.
+- Each push is the directory bundled by `origin-policy bundle --delivery feed`
+  (the engine of `check`): a set with errors is refused, with the findings
+  recorded, and the Envoys keep what they have.
+- Every push is versioned by content; a push that changes one domain's policy
+  sends that domain only, to each Envoy, and no xDS at all. Per Envoy the
+  control plane records the version it runs (its xDS ACKs and the feed
+  version it polls from), the xDS version it NACKed with Envoy's error
+  message, and the domains its singleton refused.
+- Make before break, per Envoy: the clusters first; once Envoy has ACKed them,
+  the policies (the feed); once it polls from the new feed version, the
+  filter. A new Envoy warms its listeners until then, so its first answer
+  already has every policy.
 - Staged rollout: with canaries, a new version goes to the canary nodes first,
   and to the others only once every canary has ACKed it and their 5xx and
   failover rates (from each canary's admin /stats) stayed within the limits
@@ -30,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -39,6 +50,16 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from feed import (  # noqa: E402
+    EPOCH_HEADER,
+    LONG_POLL_SECONDS,
+    NODE_HEADER,
+    REJECTED_HEADER,
+    VERSION_HEADER,
+    FeedPage,
+    PolicyFeed,
+    parse_rejected,
+)
 from resources import BundleError, Snapshot, load_snapshot, read_bundle, save_snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +67,18 @@ DEFAULT_CLI = REPO / "target" / "debug" / "origin-policy"
 DEFAULT_WASM = REPO / "target" / "wasm32-wasip1" / "release" / "origin_policy.wasm"
 HISTORY = 50  # pushes and events kept for the status page
 KNOWN_VERSIONS = 16  # snapshots kept for nodes still moving off them
+
+
+def feed_epoch(state_dir: Path) -> int:
+    """The feed's epoch, kept with the stable snapshot: a restarted control
+    plane continues every Envoy's feed where it was."""
+    path = state_dir / "feed-epoch"
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        epoch = int.from_bytes(os.urandom(7), "big") or 1
+        path.write_text(str(epoch))
+        return epoch
 
 
 def log(message: str) -> None:
@@ -85,16 +118,27 @@ class Node:
     connections: int = 0
     stream: object | None = None
     types: dict[str, TypeState] = field(default_factory=dict)
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # xDS responses and feed pages
     responses_sent: int = 0
     last_response_bytes: int = 0
+    # The feed: the version its singleton polls from, and what it refused.
+    feed_since: int | None = None
+    feed_polls: int = 0
+    feed_pages: int = 0
+    feed_rejected: list[str] = field(default_factory=list)
+    feed_refusing: list[str] = field(default_factory=list)  # within a paged move
 
-    def acked(self) -> str | None:
-        """The version every subscribed type ACKed, if they agree (each type is
-        ACKed on its own: after a NACK of the filter, the clusters of the same
-        version may well be in place)."""
+    def xds_acked(self) -> str | None:
+        """The xDS version every subscribed type ACKed, if they agree (each type
+        is ACKed on its own: after a NACK of the filter, the clusters of the
+        same version may well be in place)."""
         versions = {t.acked for t in self.types.values()}
         return versions.pop() if len(versions) == 1 else None
+
+    def clusters_acked(self) -> str | None:
+        """The xDS version whose clusters Envoy has (with older ones or not)."""
+        state = self.types.get(CLUSTER_TYPE)
+        return (state.acked or "").split("+")[0] or None if state else None
 
     def acked_by_type(self) -> dict[str, str | None]:
         return {short_type(url): t.acked for url, t in self.types.items()}
@@ -138,6 +182,9 @@ class Fleet:
         self.seq = 0
         # Recent versions by name: a node moving off one still needs its clusters.
         self.known: dict[str, Snapshot] = {self.stable.version: self.stable} if self.stable else {}
+        self.feed = PolicyFeed(feed_epoch(state_dir))
+        # Feed polls wait on it for something new to send.
+        self.feed_changed = threading.Condition(self.lock)
 
     # what each node should run
 
@@ -149,9 +196,72 @@ class Fleet:
     def latest(self) -> Snapshot | None:
         return self.candidate or self.stable
 
+    def running(self, node: Node) -> str | None:
+        """The version a node runs: its xDS ACKs and its feed agree on it."""
+        xds = node.xds_acked()
+        for snapshot in [self.target(node), *reversed(self.known.values())]:
+            if snapshot and snapshot.xds_version == xds and snapshot.feed_version == node.feed_since:
+                return snapshot.version
+        return None
+
+    def by_feed_version(self, feed_version: int | None) -> Snapshot | None:
+        return next((s for s in reversed(self.known.values()) if s.feed_version == feed_version), None)
+
     def wake_streams(self) -> None:
         for stream in list(self.streams):
             stream.wake()
+        self.feed_changed.notify_all()
+
+    # the feed
+
+    def feed_target(self, node: Node) -> Snapshot | None:
+        """Where the node's policies should go now: its target, once Envoy
+        has that target's clusters."""
+        target = self.target(node)
+        if target is None or (CLUSTER_TYPE in node.types and node.clusters_acked() != target.xds_version):
+            return None
+        return target
+
+    def heard_feed(self, node_id: str, since: int, epoch: int | None, rejected: str | None) -> Node:
+        """A poll: the node has the policies of `since` (a version of this
+        epoch), but for the domains it names as refused in the pages that
+        brought it there."""
+        with self.lock:
+            node = self.node(node_id)
+            node.feed_polls += 1
+            report = parse_rejected(rejected) if rejected else []
+            if report:
+                self.event(f"{node_id} refused the policies of {rejected}")
+            if self.feed.is_cursor(since, epoch):
+                node.feed_refusing += report
+                return node
+            # Another epoch: nothing of ours (a new Envoy, or another source's).
+            has = since if epoch == self.feed.epoch else None
+            if report or has != node.feed_since:
+                node.feed_rejected, node.feed_refusing = node.feed_refusing + report, []
+            if has != node.feed_since:
+                node.feed_since = has
+                if node.stream is not None:
+                    node.stream.wake()  # the filter may follow the policies now
+            return node
+
+    def feed_page(self, node: Node, since: int, epoch: int | None, timeout: float) -> FeedPage | None:
+        """The node's next page, waiting up to `timeout` for one."""
+        deadline = time.monotonic() + timeout
+        with self.feed_changed:
+            while True:
+                page = self.feed.next_page(since, epoch, self.known.values(), self.feed_target(node))
+                if page is not None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.feed_changed.wait(left)
+            node.feed_pages += 1
+            node.responses_sent += 1
+            node.bytes_sent += len(page.body)
+            node.last_response_bytes = len(page.body)
+            return page
 
     # pushes
 
@@ -236,17 +346,28 @@ class Fleet:
     def node_status(self, node: Node) -> dict:
         target = self.target(node)
         nack = node.nack()
+        nacked = nack[0] if nack else None
+        if target and nacked == target.xds_version:
+            nacked = target.version
+        feed = self.by_feed_version(node.feed_since)
         return {
             "connected": node.connected,
             "connections": node.connections,
             "canary": node.canary,
             "admin": node.admin,
             "target": target.version if target else None,
-            "acked": node.acked(),
+            "acked": self.running(node),
             "acked_by_type": node.acked_by_type(),
-            "nacked": nack[0] if nack else None,
+            "nacked": nacked,
             "nack_error": nack[1] if nack else None,
             "types": {short_type(url): vars(t).copy() for url, t in node.types.items()},
+            "feed": {
+                "since": node.feed_since,
+                "policies_of": feed.version if feed else None,
+                "polls": node.feed_polls,
+                "pages": node.feed_pages,
+                "refused": node.feed_rejected,
+            },
             "bytes_sent": node.bytes_sent,
             "responses_sent": node.responses_sent,
             "last_response_bytes": node.last_response_bytes,
@@ -296,6 +417,10 @@ class Stream:
         with self.fleet.lock:
             if self.node is None:
                 self.attach(request.node)
+                if not request.version_info:
+                    # A new Envoy process: its entries are empty, whatever the
+                    # node's last one had polled from.
+                    self.node.feed_since = None
             state = self.types.setdefault(request.type_url, TypeState())
             names = list(request.resource_names)
             if names != state.names:
@@ -315,6 +440,7 @@ class Stream:
         else:
             state.acked = request.version_info
             self.fleet.event(f"{self.node.id} ACKed {kind} {request.version_info}")
+            self.fleet.feed_changed.notify_all()  # the policies may follow the clusters now
 
     def attach(self, node_pb) -> None:
         metadata = node_pb.metadata.fields
@@ -331,26 +457,34 @@ class Stream:
     def pending(self):
         """A response for every subscribed type whose target this stream has
         not sent yet (a NACKed one is not sent again), make before break:
-        the clusters first, holding on to any the filter Envoy runs still
-        names; the rest once Envoy has ACKed those clusters; and the clusters
-        alone last, once nothing names the dropped ones any more."""
+        the clusters first, holding on to any that the filter or the
+        policies Envoy runs still name; the rest once Envoy has ACKed those
+        clusters and its feed has the target's policies (Fleet.feed_target);
+        and the clusters alone last, once nothing names the dropped ones any
+        more."""
         with self.fleet.lock:
             target = self.fleet.target(self.node)
             if target is None:
                 return
             states = {url: (s.sent, s.acked, list(s.names)) for url, s in self.types.items()}
-            known = dict(self.fleet.known)
+            by_xds = {s.xds_version: s for s in self.fleet.known.values()}
+            policies_at = self.node.feed_since
+            feed = self.fleet.by_feed_version(policies_at)
         todo = []
         if CLUSTER_TYPE in states:
             sent, acked, names = states.pop(CLUSTER_TYPE)
-            label, clusters = self.cluster_set(target, states, known)
+            older = {v for was_sent, was_acked, _ in states.values() for v in (was_sent, was_acked)}
+            if feed is not None:
+                older.add(feed.xds_version)
+            label, clusters = self.cluster_set(target, older, by_xds)
             if sent != label:
                 todo.append((CLUSTER_TYPE, label, clusters, names))
-            if (acked or "").split("+")[0] != target.version:
-                states = {}  # the rest waits for these clusters
+            clusters_in = (acked or "").split("+")[0] == target.xds_version
+            if not clusters_in or policies_at != target.feed_version:
+                states = {}  # the rest waits for these clusters and the policies
         for url, (sent, _, names) in states.items():
-            if sent != target.version:
-                todo.append((url, target.version, self.resources(target, url), names))
+            if sent != target.xds_version:
+                todo.append((url, target.xds_version, self.resources(target, url), names))
         for url, version, resources, names in todo:
             response = self.response(url, version, resources, names)
             with self.fleet.lock:
@@ -360,16 +494,16 @@ class Stream:
     def resources(self, snapshot: Snapshot, url: str) -> list:
         return snapshot.encoded(self.node.module_dir).get(url, [])
 
-    def cluster_set(self, target: Snapshot, others: dict, known: dict[str, Snapshot]):
-        """The target's clusters plus those of the versions the node's other
-        types run or were sent, labelled `TARGET+OLDER...` while there are any."""
+    def cluster_set(self, target: Snapshot, versions: set, by_xds: dict[str, Snapshot]):
+        """The target's clusters plus those of the xDS versions the node's
+        other types and its policies run or were sent, labelled
+        `TARGET+OLDER...` while there are any."""
         clusters = list(self.resources(target, CLUSTER_TYPE))
         names = {name for name, _ in clusters}
-        label = [target.version]
-        versions = {v for sent, acked, _ in others.values() for v in (sent, acked)}
-        for version in sorted(versions - {None, target.version}):
-            older = [(n, c) for n, c in self.resources(known[version], CLUSTER_TYPE) if n not in names] \
-                if version in known else []
+        label = [target.xds_version]
+        for version in sorted(versions - {None, target.xds_version}):
+            older = [(n, c) for n, c in self.resources(by_xds[version], CLUSTER_TYPE) if n not in names] \
+                if version in by_xds else []
             if older:
                 clusters += older
                 names |= {n for n, _ in older}
@@ -478,9 +612,11 @@ class Rollout(threading.Thread):
                 return
             for node in canaries:
                 nack = node.nack()
-                if nack and nack[0] == candidate.version:
+                if nack and nack[0] == candidate.xds_version:
                     return fleet.hold(f"{node.id} NACKed it: {nack[1]}")
-            acked = {n.id for n in canaries if n.acked() == candidate.version}
+                if node.feed_rejected and node.feed_since == candidate.feed_version:
+                    return fleet.hold(f"{node.id} refused the policies of {', '.join(node.feed_rejected)}")
+            acked = {n.id for n in canaries if fleet.running(n) == candidate.version}
             if not canaries or len(acked) < len(canaries):
                 if time.time() - fleet.stage_since > fleet.rollout.ack_timeout:
                     missing = ", ".join(sorted(fleet.rollout.canaries - acked))
@@ -549,7 +685,7 @@ class Pusher:
         with self.lock, tempfile.TemporaryDirectory(prefix="origin-policy-bundle-") as out:
             started = time.monotonic()
             result = subprocess.run(
-                [str(self.cli), "bundle", "--wasm", str(self.wasm), "--out", out, *map(str, self.policies)],
+                [str(self.cli), "bundle", "--delivery", "feed", "--wasm", str(self.wasm), "--out", out, *map(str, self.policies)],
                 capture_output=True, text=True,
             )
             bundled = time.monotonic()
@@ -617,19 +753,43 @@ def status_text(status: dict) -> str:
 
 def http_handler(fleet: Fleet, pusher: Pusher):
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # the feed singletons' polls keep their connection
+
         def log_message(self, *args):
             pass
 
-        def reply(self, code: int, body: str, kind: str) -> None:
-            data = body.encode()
+        def reply(self, code: int, body: str | bytes, kind: str, headers=()) -> None:
+            data = body.encode() if isinstance(body, str) else body
             self.send_response(code)
-            self.send_header("content-type", kind)
-            self.send_header("content-length", str(len(data)))
+            for name, value in headers:
+                self.send_header(name, value)
+            if code != 204:
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if code != 204:
+                self.wfile.write(data)
+
+        def feed(self):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+
+            def number(name: str) -> int | None:
+                value = query.get(name, [""])[0]
+                return int(value) if value.isdigit() else None
+
+            since, epoch = number("since") or 0, number("epoch")
+            node = fleet.heard_feed(self.headers.get(NODE_HEADER) or "unnamed", since, epoch,
+                                    self.headers.get(REJECTED_HEADER))
+            page = fleet.feed_page(node, since, epoch, LONG_POLL_SECONDS)
+            if page is None:
+                self.reply(204, b"", "", [(VERSION_HEADER, str(since)), (EPOCH_HEADER, str(fleet.feed.epoch))])
+            else:
+                self.reply(200, page.body, "text/plain", page.headers(fleet.feed.epoch))
 
         def do_GET(self):
-            if self.path.startswith("/status"):
+            if self.path.startswith("/changes"):
+                self.feed()
+            elif self.path.startswith("/status"):
                 self.reply(200, json.dumps(fleet.status(), indent=1), "application/json")
             elif self.path == "/":
                 self.reply(200, status_text(fleet.status()), "text/plain")

@@ -106,7 +106,9 @@ def fetch_json(url: str, method: str = "GET", timeout: float = 600) -> dict:
 def make_node(run_root: Path, index: int, certs: Certificates, xds_port: int,
               port_base: int = NODE_PORT_BASE, module_dir: Path | None = None,
               edge: dict | None = None) -> FleetEnvoy:
-    """fleet-INDEX, its working directory run_root/fleet-INDEX with the certificates."""
+    """fleet-INDEX, its working directory run_root/fleet-INDEX with the
+    certificates; its feed is the control plane's HTTP port, the ADS port + 1
+    (as every control plane here is started)."""
     node_id = f"fleet-{index}"
     run_dir = run_root / node_id
     if run_dir.exists():
@@ -114,7 +116,7 @@ def make_node(run_root: Path, index: int, certs: Certificates, xds_port: int,
     run_dir.mkdir(parents=True)
     shutil.copytree(certs.directory, run_dir / "certs")
     ports = NodePorts.numbered(port_base, index)
-    config = node_config(edge or edge_config(), node_id, ports, xds_port, module_dir)
+    config = node_config(edge or edge_config(), node_id, ports, xds_port, xds_port + 1, module_dir)
     return FleetEnvoy(run_dir, config, node_id, ports)
 
 

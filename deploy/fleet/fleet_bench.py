@@ -11,8 +11,8 @@ one domain's policy is changed and pushed, a few times. Prints a table:
 - push → all ACKed: the same from the push request (bundle included);
 - visible on all: until every Envoy's answer for that domain shows the change
   (its workers have the new set);
-- bytes per Envoy: the DiscoveryResponse bytes the control plane sent each
-  Envoy for the push (the whole filter configuration: one ECDS resource);
+- bytes per Envoy: what the control plane sent each Envoy for the push: the
+  feed page with the domain's policy (a policy change sends no xDS);
 - failed requests of the steady load (must be 0).
 
 Run: .venv/bin/python deploy/fleet/fleet_bench.py [--domains 1000,100000] [--pushes 3] [--cli PATH]

@@ -9,13 +9,14 @@ instead of from files.
   request refused with a 500).
 - Clusters come over ADS too (CDS), for the origin clusters a bundle may carry;
   the static clusters of edge.yaml stay.
+- The policies come per domain from the control plane's feed (its HTTP
+  port): the feed singleton, as on a single edge (`with_feed`).
 - The ADS stream reconnects with a short backoff: when the control plane
   stops, Envoy keeps serving what it has, and resubscribes when it returns.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from edge import (  # noqa: E402
     EdgeError,
     Envoy,
     http_get,
+    with_feed,
 )
 
 CONTROL_PLANE_CLUSTER = "fleet_control_plane"
@@ -98,9 +100,9 @@ def hcm_configs(config: dict):
                     yield f["typed_config"]
 
 
-def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int,
+def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int, feed_port: int,
                 module_dir: Path | None = None) -> dict:
-    config = copy.deepcopy(edge)
+    config = with_feed(edge, feed_port)
     metadata = {"admin": f"http://127.0.0.1:{ports.admin}"}
     if module_dir is not None:
         metadata["module_dir"] = str(module_dir)

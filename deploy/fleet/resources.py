@@ -1,6 +1,11 @@
 """What the control plane serves: the files `origin-policy bundle` writes, read
 generically into xDS resources keyed by their type URL.
 
+A bundle written with `--delivery feed` also has `origin-policy.domains.tsv`,
+one `DOMAIN<TAB>DOCUMENT` line per domain: the policies the control plane
+serves per domain over its feed (the filter configuration then carries the
+settings only).
+
 Every `*.ecds.json` and `*.cds.json` in a bundle directory is an object
 `{"version_info"?: str, "resources": [{"@type": URL, ...}, ...]}`. Resources are
 kept as their JSON (so that per-node variants are cheap to make) and turned
@@ -31,6 +36,7 @@ from google.protobuf import any_pb2, descriptor_pool, json_format
 # Bundle files served over xDS, by suffix; anything else the bundle writes
 # (plugin-config.json) is for humans and for file-based Envoys.
 RESOURCE_FILE_SUFFIXES = (".ecds.json", ".cds.json")
+DOMAINS_FILE = "origin-policy.domains.tsv"
 TYPE_PREFIX = "type.googleapis.com/"
 
 
@@ -121,16 +127,29 @@ def publish_module(source: Path, store: Path) -> Path:
 
 @dataclass
 class Snapshot:
-    """One servable version: resources by type URL, as JSON."""
+    """One servable version: resources by type URL, as JSON, and the policies
+    by domain. `version` names the whole; `xds_version` the resources alone
+    (what ADS sends, so that a policy change sends no xDS), and
+    `feed_version` the policies alone (what the feed calls it: a number)."""
 
-    version: str
     resources: dict[str, list[dict]]
+    documents: dict[str, str] = field(default_factory=dict)
     modules: list[str] = field(default_factory=list)  # sha256 of each Wasm module
+    version: str = ""
+    xds_version: str = ""
+    feed_version: int = 0
     _encoded: dict[str | None, dict[str, list[tuple[str, any_pb2.Any]]]] = field(
         default_factory=dict, repr=False
     )
     # Streams woken together by a promotion all want the same encoding: once.
     _encoding: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.xds_version = content_version(self.resources)
+        documents = content_version(self.documents)
+        self.version = content_version({"xds": self.xds_version, "documents": documents})
+        # 60 bits of the content hash: the feed's versions are unsigned 64-bit.
+        self.feed_version = int(documents[:15], 16) or 1
 
     @property
     def type_urls(self) -> list[str]:
@@ -150,6 +169,9 @@ class Snapshot:
     def summary(self) -> dict:
         return {
             "version": self.version,
+            "xds_version": self.xds_version,
+            "feed_version": self.feed_version,
+            "domains": len(self.documents),
             "resources": {url.rsplit(".", 1)[-1]: len(r) for url, r in self.resources.items()},
             "modules": [m[:12] for m in self.modules],
         }
@@ -164,13 +186,28 @@ def for_node(resource: dict, module_dir: str | None) -> dict:
     return variant
 
 
+def read_documents(path: Path) -> dict[str, str]:
+    documents = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        domain, tab, document = line.partition("\t")
+        if not tab or not domain or not document:
+            raise BundleError(f"{path.name}:{number}: not DOMAIN<TAB>DOCUMENT")
+        documents[domain] = document
+    return documents
+
+
 def read_bundle(directory: Path, module_store: Path) -> Snapshot:
     """The resources of every `*.ecds.json` / `*.cds.json` in `directory`,
-    grouped by type URL, modules published to `module_store`, checked against
-    the Envoy API, and versioned by content."""
+    grouped by type URL, and the policies of its domains file, modules
+    published to `module_store`, checked against the Envoy API, and versioned
+    by content."""
     resources: dict[str, list[dict]] = {}
     modules = []
+    documents = {}
     for path in sorted(directory.iterdir()):
+        if path.name == DOMAINS_FILE:
+            documents = read_documents(path)
+            continue
         if not path.name.endswith(RESOURCE_FILE_SUFFIXES):
             continue
         try:
@@ -185,21 +222,21 @@ def read_bundle(directory: Path, module_store: Path) -> Snapshot:
             resources.setdefault(resource["@type"], []).append(resource)
     if not resources:
         raise BundleError(f"{directory}: no *.ecds.json or *.cds.json resources")
-    snapshot = Snapshot(content_version(resources), resources, sorted(set(modules)))
+    snapshot = Snapshot(resources, documents, sorted(set(modules)))
     snapshot.encoded()  # every resource parses, or the bundle is refused here
     return snapshot
 
 
-def content_version(resources: dict[str, list[dict]]) -> str:
+def content_version(content: dict) -> str:
     """The same content always gets the same version, so a restarted control
     plane hands Envoys the version they already run, and they change nothing."""
-    canonical = json.dumps(resources, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def save_snapshot(snapshot: Snapshot, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": snapshot.version, "resources": snapshot.resources,
+    tmp.write_text(json.dumps({"resources": snapshot.resources, "documents": snapshot.documents,
                                "modules": snapshot.modules}))
     tmp.rename(path)
 
@@ -211,7 +248,7 @@ def load_snapshot(path: Path) -> Snapshot | None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    snapshot = Snapshot(saved["version"], saved["resources"], saved.get("modules", []))
+    snapshot = Snapshot(saved["resources"], saved.get("documents", {}), saved.get("modules", []))
     if not all(Path(m["filename"]).exists()
                for items in snapshot.resources.values()
                for r in items for m in local_modules(r)):

@@ -21,14 +21,18 @@ usage:
       --json also lists the Envoy clusters derived from the policies.
   origin-policy explain [--json] [--policies PATH] [--method M] [--x-forwarded-proto P] URL
       Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
-  origin-policy bundle [--wasm FILE] [--out DIR] [--admin ADDRESS] [PATH...]
+  origin-policy bundle [--wasm FILE] [--out DIR] [--admin ADDRESS] [--delivery feed] [PATH...]
       Write DIR/origin-policy.cds.json (the origin clusters), DIR/plugin-config.json
       and DIR/origin-policy.ecds.json (default DIR: run/), each replaced atomically so
       that Envoy's file watch sees whole files only; clusters first. With --admin
       (Envoy's admin address, e.g. 127.0.0.1:9901), the filter configuration is
       written only once that Envoy has taken the clusters, so that a new policy
       never names a cluster Envoy does not have yet; nothing more is written if
-      Envoy rejects them.
+      Envoy rejects them. With --delivery feed (for a policy source such as the
+      fleet's control plane), the filter configuration carries the settings only
+      and DIR/origin-policy.domains.tsv the policies, one `DOMAIN<TAB>DOCUMENT`
+      line per domain, as a feed serves them; the clusters are those of these
+      policies only (the source keeps the previous ones while Envoys need them).
   origin-policy feed [--wasm FILE] [--out DIR] [--admin ADDRESS] [--listen ADDRESS] [PATH...]
       Serve the policies per domain to Envoys whose filter has `\"delivery\": \"feed\"`
       (default listen 127.0.0.1:18090, GET /changes). Watches PATH (default
@@ -247,6 +251,15 @@ fn cds_resources(set: &PolicySet, config: &str, previous: &std::path::Path) -> V
 }
 
 fn bundle(args: &Args) -> Result<(), CliError> {
+    let feed_delivery = match args.value("delivery") {
+        None | Some("inline") => false,
+        Some("feed") => true,
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--delivery is `inline` or `feed`, not `{other}`"
+            )))
+        }
+    };
     let dir = load(&args.paths())?;
     let (compiled, diagnostics) = dir.compile();
     for d in diagnostics.warnings() {
@@ -270,7 +283,20 @@ fn bundle(args: &Args) -> Result<(), CliError> {
             "{wasm}: {e} (build it with cargo build --release --target wasm32-wasip1)"
         ))
     })?;
-    let config = dir.plugin_config().to_string();
+    // Feed delivery: the policies one line per domain, the settings in the
+    // filter configuration.
+    let (config, domains) = if feed_delivery {
+        let found = dir.feed_documents().map_err(CliError::Invalid)?;
+        let lines: String = found
+            .accepted
+            .iter()
+            .map(|(domain, document)| format!("{domain}\t{document}\n"))
+            .collect();
+        let config = json!({"settings": found.settings_document, "delivery": "feed"});
+        (config.to_string(), Some(lines))
+    } else {
+        (dir.plugin_config().to_string(), None)
+    };
     let ecds = ecds_resource(&config, &wasm_abs.to_string_lossy());
     // The set just checked is the one bundled: no second compile of it.
     let cds = cds_resources(&compiled.set, &config, &out.join("plugin-config.json"));
@@ -296,6 +322,9 @@ fn bundle(args: &Args) -> Result<(), CliError> {
                 CliError::Io(format!("{e}: the filter configuration was not written"))
             })?;
         }
+    }
+    if let Some(lines) = domains {
+        write("origin-policy.domains.tsv", lines)?;
     }
     write("plugin-config.json", config)?;
     write("origin-policy.ecds.json", format!("{ecds:#}"))?;
@@ -392,7 +421,9 @@ fn main() -> ExitCode {
         "check" => Args::parse(rest, &[]).and_then(|a| check(&a)),
         "explain" => Args::parse(rest, &["policies", "method", "x-forwarded-proto"])
             .and_then(|a| explain(&a)),
-        "bundle" => Args::parse(rest, &["wasm", "out", "admin"]).and_then(|a| bundle(&a)),
+        "bundle" => {
+            Args::parse(rest, &["wasm", "out", "admin", "delivery"]).and_then(|a| bundle(&a))
+        }
         "feed" => Args::parse(rest, &["wasm", "out", "admin", "listen"]).and_then(|a| feed(&a)),
         "mirror" => Args::parse(rest, &MIRROR_FLAGS).and_then(|a| mirror(&a)),
         "mirror-serve" => Args::parse(rest, &["root", "listen"]).and_then(|a| mirror_serve(&a)),
