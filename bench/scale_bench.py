@@ -1,6 +1,14 @@
 """What one-domain policy pushes cost at scale, in real Envoy.
 
-For each size N (1,000 / 100,000 / 1,000,000 domains by default) the script
+`--delivery feed` (the default) measures per-domain delivery, the shipped
+path: it runs bench/delivery_bench.py with the same sizes, pushes, baseline,
+gap, settle time, probes and `.wasm` (its docstring says what it measures:
+initial sync, RSS after it and after the pushes, push-to-visible on every
+worker, the longest request against the baseline, feed bytes per push, a full
+re-sync, per-request CPU). `--delivery inline` measures the whole policy set
+as one plugin configuration, as below.
+
+For the inline path: for each size N (1,000 / 100,000 / 1,000,000 domains by default) the script
 writes a synthetic plugin configuration of N policies, every one routed to one
 static cluster (an HTTP origin this script starts on 127.0.0.1, answering 200
 at once), and starts Envoy (--concurrency 2) with the filter served through ECDS
@@ -861,11 +869,22 @@ def main() -> int:
                         help="Envoy --component-log-level (the log timeline comes from it)")
     parser.add_argument("--wasm", type=Path, default=WASM)
     parser.add_argument("--keep", action="store_true", help="keep each size's run directory")
+    parser.add_argument("--delivery", choices=("feed", "inline"), default="feed",
+                        help="feed: per-domain delivery (bench/delivery_bench.py); inline: one document")
     parser.add_argument("--serve-origin", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_origin:
         serve_origin(args.serve_origin)
         return 0
+    if args.delivery == "feed":
+        delivery = Path(__file__).resolve().parent / "delivery_bench.py"
+        # The options given on the command line; the rest keep that benchmark's defaults.
+        shared = ["domains", "pushes", "baseline", "push_gap", "settle", "probes_per_worker",
+                  "load_timeout", "wasm"]
+        given = [(name, getattr(args, name)) for name in shared
+                 if getattr(args, name) != parser.get_default(name)]
+        forwarded = [x for name, value in given for x in (f"--{name.replace('_', '-')}", str(value))]
+        os.execv(sys.executable, [sys.executable, str(delivery), *forwarded])
     sizes = [int(s.replace("_", "").replace(",", "")) for s in args.domains.split(",") if s]
     if not ENVOY.exists():
         raise SystemExit(f"{ENVOY} not found: run WITH_ENVOY=1 scripts/setup")
