@@ -16,7 +16,14 @@ as 100,000 rarely used origins would time theirs out):
   host added to the cache and the cluster, a new connection) and to a known
   one, at that N.
 
-Run: .venv/bin/python bench/dfp_bench.py [--hosts 1000,10000,100000]
+With --shards K (K > 1) the hosts are spread over K DFP clusters, each with
+a DNS cache of its own and its own DFP filter, disabled on the listener and
+enabled by the one route of its shard (a request's `x-origin-shard` header,
+which the client sets here and the origin-policy filter would set from the
+origin's name): Envoy rebuilds a DFP cluster's host set on every host added,
+so a shard only pays for its own hosts.
+
+Run: .venv/bin/python bench/dfp_bench.py [--hosts 1000,10000,100000] [--shards 1,64]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,36 +52,70 @@ ADMIN = "http://127.0.0.1:9912"
 MIB = 1024 * 1024
 
 
-def config() -> dict:
-    cache = {
-        "name": "origins",
-        "dns_lookup_family": "V4_ONLY",
-        "max_hosts": 1_000_000,
-        "typed_dns_resolver_config": {
-            "name": "envoy.network.dns_resolver.cares",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
-                "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": DNS_PORT}}],
-                "dns_resolver_options": {"no_default_search_domain": True},
+SHARD_HEADER = "x-origin-shard"
+
+
+def config(shards: int) -> dict:
+    def cache(k: int) -> dict:
+        return {
+            "name": f"origins-{k}",
+            "dns_lookup_family": "V4_ONLY",
+            "max_hosts": 1_000_000,
+            "typed_dns_resolver_config": {
+                "name": "envoy.network.dns_resolver.cares",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                    "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": DNS_PORT}}],
+                    "dns_resolver_options": {"no_default_search_domain": True},
+                },
             },
-        },
-    }
+        }
+
+    def dfp_filter(k: int) -> dict:
+        return {
+            "name": f"dfp-{k}",
+            # One shard: always on; more: on only in the shard's route.
+            "disabled": shards > 1,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                "dns_cache_config": cache(k),
+            },
+        }
+
+    def route(k: int) -> dict:
+        r = {"match": {"prefix": "/"}, "route": {"cluster": f"origins-{k}"}}
+        if shards > 1:
+            r["match"]["headers"] = [{"name": SHARD_HEADER, "string_match": {"exact": str(k)}}]
+            r["typed_per_filter_config"] = {
+                f"dfp-{k}": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.PerRouteConfig"}}
+            }
+        return r
+
+    def cluster(k: int) -> dict:
+        return {
+            "name": f"origins-{k}",
+            "connect_timeout": "2s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.dynamic_forward_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                    "dns_cache_config": cache(k),
+                },
+            },
+        }
+
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "dfp",
         "route_config": {
             "virtual_hosts": [
-                {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "origins"}}]}
+                {"name": "all", "domains": ["*"], "routes": [route(k) for k in range(shards)]}
             ]
         },
         "http_filters": [
-            {
-                "name": "envoy.filters.http.dynamic_forward_proxy",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
-                    "dns_cache_config": cache,
-                },
-            },
+            *(dfp_filter(k) for k in range(shards)),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -93,20 +135,7 @@ def config() -> dict:
                     ],
                 }
             ],
-            "clusters": [
-                {
-                    "name": "origins",
-                    "connect_timeout": "2s",
-                    "lb_policy": "CLUSTER_PROVIDED",
-                    "cluster_type": {
-                        "name": "envoy.clusters.dynamic_forward_proxy",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
-                            "dns_cache_config": cache,
-                        },
-                    },
-                }
-            ],
+            "clusters": [cluster(k) for k in range(shards)],
         },
     }
 
@@ -135,13 +164,14 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def fetch(host: str) -> float:
-    """One GET through Envoy for `host`, on a connection of its own; its
-    latency in ms."""
+def fetch(host: str, shards: int) -> float:
+    """One GET through Envoy for `host` (in its shard), on a connection of
+    its own; its latency in ms."""
     conn = http.client.HTTPConnection("127.0.0.1", LISTEN_PORT, timeout=30)
+    headers = {"host": host, SHARD_HEADER: str(zlib.crc32(host.encode()) % shards)}
     try:
         started = time.perf_counter()
-        conn.request("GET", "/", headers={"host": host})
+        conn.request("GET", "/", headers=headers)
         r = conn.getresponse()
         r.read()
         if r.status != 200:
@@ -155,12 +185,16 @@ def name(i: int) -> str:
     return f"o{i}.origins.test:{ORIGIN_PORT}"
 
 
-def run(n: int, limit_s: float) -> dict:
+def run(n: int, shards: int, limit_s: float) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="dfp-bench-"))
-    envoy = Envoy(run_dir, config(), concurrency=2, admin=ADMIN)
+    envoy = Envoy(run_dir, config(shards), concurrency=2, admin=ADMIN)
     envoy.start()
+
+    def get(host: str) -> float:
+        return fetch(host, shards)
+
     try:
-        fetch(name(0))
+        get(name(0))
         before = rss_mib(envoy.process.pid)
         started = time.monotonic()
         added, new = 0, []
@@ -169,13 +203,18 @@ def run(n: int, limit_s: float) -> dict:
         with ThreadPoolExecutor(8) as pool:
             while added < n and time.monotonic() - started < limit_s:
                 batch = range(added + 1, min(n, added + 1000) + 1)
-                new = list(pool.map(fetch, (name(i) for i in batch)))
+                new = list(pool.map(get, (name(i) for i in batch)))
                 added = batch[-1]
         took = time.monotonic() - started
         after = rss_mib(envoy.process.pid)
-        known = [fetch(name(1 + i % added)) for i in range(1000)]
+        known = [get(name(1 + i % added)) for i in range(1000)]
+        stats = envoy.stats()
+        members = [stats.get(f"cluster.origins-{k}.membership_total", 0) for k in range(shards)]
         return {
             "n": n,
+            "shards": shards,
+            # Each shard's cluster holds only its own hosts.
+            "largest_shard": max(members),
             "added": added,
             "took": took,
             "before": before,
@@ -192,6 +231,7 @@ def run(n: int, limit_s: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", default="1000,10000,100000")
+    parser.add_argument("--shards", default="1", help="comma-separated DFP shard counts to compare")
     parser.add_argument(
         "--limit-s", type=float, default=600, help="stop adding hosts after this long"
     )
@@ -202,17 +242,18 @@ def main() -> int:
     rows = []
     with NameServer(DNS_PORT, every_name_is="127.0.0.1"):
         for n in (int(x) for x in args.hosts.split(",")):
-            rows.append(run(n, args.limit_s))
-            print(f"{n} hosts done", file=sys.stderr)
+            for shards in (int(x) for x in args.shards.split(",")):
+                rows.append(run(n, shards, args.limit_s))
+                print(f"{n} hosts, {shards} shards done", file=sys.stderr)
     origin.shutdown()
     print(f"Machine: 2-core {cpu_model()}, Envoy {envoy_version()}, --concurrency 2; one origin on 127.0.0.1, names from a local DNS server; 8 requests at a time.")
     print()
-    print("| origin hosts asked | added (time limit {:g} s) | time to add them | Envoy RSS before → after | per host | new host p50 / p99 (last 1,000) | known host p50 |".format(args.limit_s))
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| origin hosts asked | DFP shards | added (time limit {:g} s) | time to add them | Envoy RSS before → after | per host | new host p50 / p99 (last 1,000) | known host p50 | hosts in the largest shard |".format(args.limit_s))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['n']:,} | {r['added']:,} | {r['took']:.1f} s | {r['before']:.0f} → {r['after']:.0f} MiB | {r['per_host_kib']:.1f} KiB"
-            f" | {r['new_p50']:.1f} / {r['new_p99']:.1f} ms | {r['known_p50']:.1f} ms |"
+            f"| {r['n']:,} | {r['shards']} | {r['added']:,} | {r['took']:.1f} s | {r['before']:.0f} → {r['after']:.0f} MiB | {r['per_host_kib']:.1f} KiB"
+            f" | {r['new_p50']:.1f} / {r['new_p99']:.1f} ms | {r['known_p50']:.1f} ms | {r['largest_shard']:,} |"
         )
     return 0
 
