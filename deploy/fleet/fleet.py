@@ -1,7 +1,7 @@
 """A local fleet in one command: the demo origins, the control plane watching
 a policy directory, and N Envoys (the edge's configuration, `--concurrency 1`
-each) fed over ADS. Also the library the fleet's end-to-end test and benchmark
-use.
+each) fed over ADS and the policy feed. Also the library the fleet's
+end-to-end test and benchmark use.
 
   fleet.py up [--envoys 3] [--canary fleet-1] [--bake-seconds 10]   (scripts/fleet)
   fleet.py status [--json]    the control plane's view of every Envoy

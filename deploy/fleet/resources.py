@@ -243,12 +243,14 @@ def save_snapshot(snapshot: Snapshot, path: Path) -> None:
 
 def load_snapshot(path: Path) -> Snapshot | None:
     """The last promoted snapshot a previous run saved, if its modules are
-    still in the store."""
+    still in the store and it has its policies."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    snapshot = Snapshot(saved["resources"], saved.get("documents", {}), saved.get("modules", []))
+    if "documents" not in saved:
+        return None  # saved before per-domain delivery: the start's push replaces it
+    snapshot = Snapshot(saved["resources"], saved["documents"], saved.get("modules", []))
     if not all(Path(m["filename"]).exists()
                for items in snapshot.resources.values()
                for r in items for m in local_modules(r)):
