@@ -61,8 +61,16 @@ class Response:
 
 
 class Edge:
-    def __init__(self, run_dir: Path, envoy: Envoy, log: RequestLog, certs: Certificates):
+    def __init__(
+        self,
+        run_dir: Path,
+        envoy: Envoy,
+        log: RequestLog,
+        certs: Certificates,
+        ports: tuple[int, int] = (VIEWER_HTTP_PORT, VIEWER_HTTPS_PORT),
+    ):
         self.run_dir = run_dir
+        self.http_port, self.https_port = ports
         self.envoy = envoy
         self.origin_log = log
         self.certs = certs
@@ -101,10 +109,10 @@ class Edge:
     ) -> Response:
         if scheme == "https":
             conn = http.client.HTTPSConnection(
-                "127.0.0.1", VIEWER_HTTPS_PORT, timeout=20, context=self._tls
+                "127.0.0.1", self.https_port, timeout=20, context=self._tls
             )
         else:
-            conn = http.client.HTTPConnection("127.0.0.1", VIEWER_HTTP_PORT, timeout=20)
+            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=20)
         try:
             conn.request(method, path, body=body, headers={"host": host, **(headers or {})})
             r = conn.getresponse()

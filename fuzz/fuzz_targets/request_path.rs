@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         panic!("an exchange always has a decision");
     };
     assert!(header_safe(decision.route_cluster));
-    if let Some(host) = exchange.authority_rewrite(authority) {
+    if let Some(host) = exchange.authority_rewrite(&decision, authority) {
         assert!(header_safe(host));
     }
     for (name, value) in decision.route_headers() {

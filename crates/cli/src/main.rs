@@ -235,13 +235,7 @@ fn cds_resources(set: &PolicySet, config: &str, previous: &std::path::Path) -> V
         .ok()
         .and_then(|b| PolicySet::from_plugin_config(&b, None).ok());
     if let Some(old) = old {
-        let old = old.set.derived_clusters();
-        for (name, endpoint) in old.origins {
-            derived.origins.entry(name).or_insert(endpoint);
-        }
-        for (name, members) in old.chains {
-            derived.chains.entry(name).or_insert(members);
-        }
+        derived.keep(old.set.derived_clusters());
     }
     let resources = derived.envoy_resources(&set.settings);
     json!({

@@ -3,11 +3,12 @@
 //! way, and so is its health), and one aggregate per failover chain.
 
 use crate::compiled::{CompiledPolicy, OriginEndpoint, TlsName};
+use crate::direct::{shard_clusters, DirectClass, DirectOrigins};
 use crate::host::is_ip_literal;
 use crate::policy::Scheme;
 use crate::settings::Settings;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Endpoint metadata namespace naming the origin cluster an answer came from.
@@ -19,35 +20,69 @@ pub struct DerivedClusters {
     pub origins: BTreeMap<String, OriginEndpoint>,
     /// Chain cluster name -> its origin clusters, in the order they are tried.
     pub chains: BTreeMap<String, Vec<String>>,
+    /// With `direct_origins`: the forward-proxy clusters that the origins of
+    /// requests without a chain go through, and how many shards each has.
+    pub direct: Option<(DirectOrigins, BTreeSet<DirectClass>)>,
 }
 
 impl DerivedClusters {
-    pub fn of<'a>(policies: impl IntoIterator<Item = &'a CompiledPolicy>) -> Self {
-        let mut out = DerivedClusters::default();
+    /// `direct`: the `direct_origins` setting. With it, an origin gets a
+    /// cluster of its own only as a member of a failover chain.
+    pub fn of<'a>(
+        policies: impl IntoIterator<Item = &'a CompiledPolicy>,
+        direct: Option<DirectOrigins>,
+    ) -> Self {
+        let mut out = DerivedClusters {
+            direct: direct.map(|d| (d, BTreeSet::new())),
+            ..DerivedClusters::default()
+        };
         for policy in policies {
             for routes in policy.all_routes() {
-                for origin in &routes.origins {
-                    out.origins
-                        .entry(origin.cluster.clone())
-                        .or_insert_with(|| origin.endpoint.clone());
-                }
                 for start in &routes.starts {
+                    let members = std::iter::once(start.origin)
+                        .chain(start.chain.iter().copied())
+                        .filter_map(|i| routes.origins.get(i));
                     if start.chain.is_empty() {
-                        continue;
+                        if let (Some((_, classes)), Some(origin)) =
+                            (out.direct.as_mut(), routes.origins.get(start.origin))
+                        {
+                            classes.insert(DirectClass {
+                                scheme: origin.endpoint.scheme,
+                                connect_timeout_ms: origin.endpoint.connect_timeout_ms,
+                            });
+                            continue;
+                        }
                     }
-                    out.chains
-                        .entry(start.route_cluster.clone())
-                        .or_insert_with(|| {
-                            std::iter::once(start.origin)
-                                .chain(start.chain.iter().copied())
-                                .filter_map(|i| routes.origins.get(i))
-                                .map(|o| o.cluster.clone())
-                                .collect()
-                        });
+                    for origin in members.clone() {
+                        out.origins
+                            .entry(origin.cluster.clone())
+                            .or_insert_with(|| origin.endpoint.clone());
+                    }
+                    if !start.chain.is_empty() {
+                        out.chains
+                            .entry(start.route_cluster.clone())
+                            .or_insert_with(|| members.map(|o| o.cluster.clone()).collect());
+                    }
                 }
             }
         }
         out
+    }
+
+    /// Adds the clusters `older` has and these do not: requests still running
+    /// on an older configuration keep theirs until a later push drops them.
+    pub fn keep(&mut self, older: DerivedClusters) {
+        for (name, endpoint) in older.origins {
+            self.origins.entry(name).or_insert(endpoint);
+        }
+        for (name, members) in older.chains {
+            self.chains.entry(name).or_insert(members);
+        }
+        match (&mut self.direct, older.direct) {
+            (Some((d, classes)), Some((od, older))) if *d == od => classes.extend(older),
+            (None, Some(older)) => self.direct = Some(older),
+            _ => {}
+        }
     }
 
     /// The clusters as Envoy CDS resources (`envoy.config.cluster.v3.Cluster`).
@@ -56,6 +91,11 @@ impl DerivedClusters {
             .origins
             .iter()
             .map(|(name, e)| origin_cluster(name, e, settings));
+        let direct = self.direct.iter().flat_map(|(d, classes)| {
+            classes
+                .iter()
+                .flat_map(move |c| shard_clusters(*c, *d, settings))
+        });
         let chains = self.chains.iter().map(|(name, members)| {
             let mut chain = json!({
                 "@type": CLUSTER_TYPE_URL,
@@ -85,7 +125,7 @@ impl DerivedClusters {
             }
             chain
         });
-        origins.chain(chains).collect()
+        origins.chain(direct).chain(chains).collect()
     }
 }
 
@@ -100,7 +140,7 @@ fn tls_name_from_host() -> Value {
     })
 }
 
-fn duration_ms(ms: u32) -> String {
+pub(crate) fn duration_ms(ms: u32) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)
 }
 
@@ -115,7 +155,6 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
         // The route's auto_host_rewrite sends this as Host, attempt by attempt.
         endpoint["hostname"] = json!(host);
     }
-    let h = &settings.origin_health;
     let mut cluster = json!({
         "@type": CLUSTER_TYPE_URL,
         "name": name,
@@ -128,23 +167,7 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
                 "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"cluster": name}}},
             }]}],
         },
-        // Sticky origin health: an origin that keeps failing is skipped for a
-        // cool-down that grows each time, and a chain moves to its next origin.
-        // Connect failures and timeouts count with the 5xx answers: kept
-        // apart (split_external_local_origin_errors), a hanging origin is
-        // never marked down.
-        "outlier_detection": {
-            "consecutive_5xx": h.consecutive_failures,
-            "consecutive_gateway_failure": h.consecutive_failures,
-            "enforcing_consecutive_5xx": 100,
-            "enforcing_consecutive_gateway_failure": 100,
-            "enforcing_success_rate": 0,
-            "enforcing_local_origin_success_rate": 0,
-            "interval": "1s",
-            "base_ejection_time": duration_ms(h.cooldown_ms),
-            "max_ejection_time": duration_ms(h.max_cooldown_ms),
-            "max_ejection_percent": 100,
-        },
+        "outlier_detection": outlier_detection(settings),
     });
     if !by_address {
         // One DNS query per origin per minute, not Envoy's default of every 5 s:
@@ -152,20 +175,8 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
         cluster["dns_lookup_family"] = json!("V4_PREFERRED");
         cluster["dns_refresh_rate"] = json!("60s");
         cluster["respect_dns_ttl"] = json!(true);
-        if !settings.dns_resolvers.is_empty() {
-            let resolvers: Vec<Value> = settings
-                .dns_resolvers
-                .iter()
-                .map(|a| json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}))
-                .collect();
-            cluster["typed_dns_resolver_config"] = json!({
-                "name": "envoy.network.dns_resolver.cares",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
-                    "resolvers": resolvers,
-                    "dns_resolver_options": {"no_default_search_domain": true},
-                },
-            });
+        if let Some(resolver) = dns_resolver_config(settings) {
+            cluster["typed_dns_resolver_config"] = resolver;
         }
     }
     if e.scheme == Scheme::Https {
@@ -190,4 +201,44 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
             json!({"name": "envoy.transport_sockets.tls", "typed_config": tls});
     }
     cluster
+}
+
+/// Sticky origin health: an origin that keeps failing is skipped for a
+/// cool-down that grows each time, and a chain moves to its next origin.
+/// Connect failures and timeouts count with the 5xx answers: kept apart
+/// (split_external_local_origin_errors), a hanging origin is never marked down.
+pub(crate) fn outlier_detection(settings: &Settings) -> Value {
+    let h = &settings.origin_health;
+    json!({
+        "consecutive_5xx": h.consecutive_failures,
+        "consecutive_gateway_failure": h.consecutive_failures,
+        "enforcing_consecutive_5xx": 100,
+        "enforcing_consecutive_gateway_failure": 100,
+        "enforcing_success_rate": 0,
+        "enforcing_local_origin_success_rate": 0,
+        "interval": "1s",
+        "base_ejection_time": duration_ms(h.cooldown_ms),
+        "max_ejection_time": duration_ms(h.max_cooldown_ms),
+        "max_ejection_percent": 100,
+    })
+}
+
+/// The DNS servers of `settings.dns_resolvers`; `None`: the system's.
+pub(crate) fn dns_resolver_config(settings: &Settings) -> Option<Value> {
+    if settings.dns_resolvers.is_empty() {
+        return None;
+    }
+    let resolvers: Vec<Value> = settings
+        .dns_resolvers
+        .iter()
+        .map(|a| json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}))
+        .collect();
+    Some(json!({
+        "name": "envoy.network.dns_resolver.cares",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+            "resolvers": resolvers,
+            "dns_resolver_options": {"no_default_search_domain": true},
+        },
+    }))
 }

@@ -35,7 +35,7 @@ pub struct OriginEndpoint {
 
 /// FNV-1a: cluster names must not change between releases, or a push would
 /// replace every cluster and forget every origin's health.
-fn stable_hash(text: &str) -> u64 {
+pub(crate) fn stable_hash(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

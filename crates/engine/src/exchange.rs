@@ -10,6 +10,7 @@
 use crate::compiled::{CacheControl, CompiledPolicy};
 use crate::decision::ViewerRequest;
 use crate::decision::{Choice, DomainMatch, Failover, OriginDecision, OriginTarget, Refusal};
+use crate::direct::{DirectOrigins, DirectRoute};
 use crate::fetch::FetchFailure;
 use crate::host::is_ip_literal;
 use crate::origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
@@ -93,6 +94,9 @@ pub struct Exchange {
     /// all, the cause is a name that never resolved, not a marked-down origin
     /// (an origin with an address is tried even when marked down, in panic).
     all_by_dns: bool,
+    /// Set when the request goes through a forward-proxy shard: no chain,
+    /// and the edge reaches such origins directly (`direct_origins`).
+    direct: Option<DirectOrigins>,
 }
 
 impl Exchange {
@@ -123,6 +127,7 @@ impl Exchange {
             decision_header: settings.decision_header,
             has_chain,
             all_by_dns,
+            direct: settings.direct_origins.filter(|_| !has_chain),
         })
     }
 
@@ -140,14 +145,29 @@ impl Exchange {
     /// The `:authority` to write, when it differs from what the viewer
     /// `sent`: the policy's custom Host, or the viewer's host as matched (case,
     /// trailing dot and port normalised). An origin's own name (`origin_domain`)
-    /// travels with its cluster, and Envoy writes it attempt by attempt.
-    pub fn authority_rewrite(&self, sent: &str) -> Option<&str> {
-        let host = match &self.policy.policy.origin_host {
-            OriginHost::AccelerationDomain => self.viewer_host.as_str(),
-            OriginHost::Custom(h) => h.as_str(),
-            OriginHost::OriginDomain => return None,
-        };
+    /// travels with its cluster, and Envoy writes it attempt by attempt; a
+    /// direct origin has no cluster of its own, so the filter writes it.
+    pub fn authority_rewrite<'d>(
+        &self,
+        decision: &'d OriginDecision<'_>,
+        sent: &str,
+    ) -> Option<&'d str> {
+        if self.direct.is_none() && self.policy.policy.origin_host == OriginHost::OriginDomain {
+            return None;
+        }
+        let host: &'d str = &decision.target.authority;
         (sent != host).then_some(host)
+    }
+
+    /// How the request reaches its origin when it goes through a
+    /// forward-proxy shard rather than a cluster of the origin's own.
+    pub fn direct_route<'d>(
+        &self,
+        decision: &'d OriginDecision<'_>,
+        settings: &'d Settings,
+    ) -> Option<DirectRoute<'d>> {
+        self.direct
+            .map(|d| DirectRoute::of(&decision.target, d, settings))
     }
 
     /// Whether the answer may have come from another origin than the first,
@@ -158,7 +178,11 @@ impl Exchange {
 
     /// Classifies the answer and says what to write into it.
     pub fn on_response(&self, mut report: UpstreamReport<'_>) -> ResponseVerdict {
-        if self.all_by_dns && report.failure == Some(FetchFailure::NoHealthyOrigin) {
+        // A forward-proxy shard tells a name that never resolved apart itself.
+        if self.all_by_dns
+            && self.direct.is_none()
+            && report.failure == Some(FetchFailure::NoHealthyOrigin)
+        {
             report.failure = Some(FetchFailure::Unresolved);
         }
         let Some(decision) = self.decision() else {

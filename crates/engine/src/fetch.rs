@@ -40,6 +40,15 @@ impl<'a> FetchFailure<'a> {
         if details == "no_healthy_upstream" {
             return Some(FetchFailure::NoHealthyOrigin);
         }
+        // A forward-proxy shard says why it chose no host: its origin's name
+        // did not resolve (`dns_resolution_failure{cares_norecords:...}`), or
+        // it did and the origin is marked down (the resolver's own success).
+        if details.starts_with("dns_resolution_failure") {
+            return Some(FetchFailure::Unresolved);
+        }
+        if details.starts_with("cares_success") {
+            return Some(FetchFailure::NoHealthyOrigin);
+        }
         // e.g. upstream_reset_before_response_started{connection_failure,delayed_connect_error:_Connection_refused}
         let inner = details
             .strip_prefix("upstream_reset_before_response_started{")?
@@ -127,6 +136,14 @@ mod tests {
             (
                 "upstream_reset_before_response_started{remote_reset}",
                 Some(FetchFailure::Reset("remote_reset")),
+            ),
+            (
+                "dns_resolution_failure{cares_norecords:Domain_name_not_found}",
+                Some(FetchFailure::Unresolved),
+            ),
+            (
+                "cares_success:Successful_completion",
+                Some(FetchFailure::NoHealthyOrigin),
             ),
         ];
         for (details, expected) in cases {

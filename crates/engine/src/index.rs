@@ -387,7 +387,10 @@ impl Builder {
 impl PolicySet {
     /// The Envoy clusters the policies need, derived from their origins.
     pub fn derived_clusters(&self) -> crate::clusters::DerivedClusters {
-        crate::clusters::DerivedClusters::of(self.index.policies().map(|p| p.as_ref()))
+        crate::clusters::DerivedClusters::of(
+            self.index.policies().map(|p| p.as_ref()),
+            self.settings.direct_origins,
+        )
     }
 
     /// Compiles policies one domain at a time. A rejected policy never takes its

@@ -12,6 +12,7 @@ pub mod clusters;
 mod compiled;
 mod decision;
 mod diagnostic;
+pub mod direct;
 pub mod documents;
 mod exchange;
 pub mod feed;

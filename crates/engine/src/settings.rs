@@ -1,6 +1,7 @@
 //! Edge-wide settings that travel with the policies in the plugin configuration.
 
 use crate::diagnostic::PolicyDiagnostic;
+use crate::direct::{DirectOrigins, DEFAULT_SHARDS, MAX_SHARDS};
 use crate::host::is_ip_literal;
 use crate::reader::{header_safe, host_name, integer_in, string, FieldReader, Findings};
 use serde_json::Value;
@@ -67,6 +68,9 @@ pub struct Settings {
     /// empty: the system's (`/etc/resolv.conf`).
     pub dns_resolvers: Vec<std::net::SocketAddr>,
     pub origin_health: OriginHealth,
+    /// Origins of requests without a failover chain go through a few
+    /// forward-proxy clusters instead of one cluster each (`None`: one each).
+    pub direct_origins: Option<DirectOrigins>,
 }
 
 impl Default for Settings {
@@ -81,6 +85,7 @@ impl Default for Settings {
             resolve: BTreeMap::new(),
             dns_resolvers: Vec::new(),
             origin_health: OriginHealth::default(),
+            direct_origins: None,
         }
     }
 }
@@ -193,6 +198,9 @@ pub fn parse_settings(
         if let Some((v, p)) = r.field("origin_health") {
             settings.origin_health = origin_health(&mut f, v, &p);
         }
+        if let Some((v, p)) = r.field("direct_origins") {
+            settings.direct_origins = direct_origins(&mut f, v, &p);
+        }
         for gone in ["dynamic_forward_proxy", "max_secondary_response_bytes"] {
             if let Some((_, p)) = r.field(gone) {
                 f.error(
@@ -295,4 +303,19 @@ fn origin_health(f: &mut Findings, value: &Value, path: &str) -> OriginHealth {
         );
     }
     health
+}
+
+/// `{"shards": N}`; `{}` takes the default number of shards.
+fn direct_origins(f: &mut Findings, value: &Value, path: &str) -> Option<DirectOrigins> {
+    let mut r = FieldReader::open(f, value, path)?;
+    let mut direct = DirectOrigins {
+        shards: DEFAULT_SHARDS,
+    };
+    if let Some((v, p)) = r.field("shards") {
+        if let Some(n) = integer_in(f, v, &p, 1, u64::from(MAX_SHARDS), "shards") {
+            direct.shards = u16::try_from(n).unwrap_or(DEFAULT_SHARDS);
+        }
+    }
+    r.finish(f);
+    Some(direct)
 }

@@ -296,7 +296,7 @@ fn weighted_primaries_share_requests_and_each_starts_its_own_chain() {
         }
     }
     assert_eq!(from_a, 300, "30:10 by weight");
-    let derived = DerivedClusters::of(set.index.policies().map(|p| p.as_ref()));
+    let derived = DerivedClusters::of(set.index.policies().map(|p| p.as_ref()), None);
     assert_eq!(derived.origins.len(), 3);
     assert_eq!(derived.chains.len(), 2, "one chain per primary");
 }

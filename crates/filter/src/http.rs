@@ -3,6 +3,7 @@
 //! fetching, the failover and the streaming; this context names the origin
 //! and reads what came back.
 
+use crate::foreign;
 use crate::metrics::{Counter, Metrics};
 use log::{debug, error};
 use origin_policy_engine::feed::{not_ready, DomainEntries, EntryError, EntryRead, FEED_STATE_KEY};
@@ -374,12 +375,22 @@ impl OriginFetch {
                 set_request_header(name, None)?;
             }
         }
-        set_request_header(&settings.cluster_header, Some(decision.route_cluster))?;
-        if let Some(host) = exchange.authority_rewrite(request.authority) {
+        let direct = exchange.direct_route(&decision, settings);
+        let cluster = direct
+            .as_ref()
+            .map_or(decision.route_cluster, |d| &d.cluster);
+        set_request_header(&settings.cluster_header, Some(cluster))?;
+        if let Some(host) = exchange.authority_rewrite(&decision, request.authority) {
             set_request_header(":authority", Some(host))?;
         }
         for (name, value) in decision.route_headers() {
             set_request_header(name, Some(&value))?;
+        }
+        if let Some(direct) = &direct {
+            for (name, value) in direct.filter_state() {
+                foreign::set_filter_state(name, &value)?;
+            }
+            foreign::clear_route_cache()?;
         }
         debug!("{}: {}", decision.policy.name, decision.header_value());
         self.exchange = Some(exchange);

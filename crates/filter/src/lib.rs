@@ -11,6 +11,7 @@
 #![cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 
 mod feed;
+mod foreign;
 mod http;
 mod metrics;
 mod root;
