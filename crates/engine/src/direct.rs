@@ -22,7 +22,6 @@ use serde_json::{json, Value};
 pub const DIRECT_CLUSTER_PREFIX: &str = "origin-policy.direct.";
 /// The filter-state objects Envoy's forward proxy and TLS read, by name.
 pub const DYNAMIC_HOST_STATE: &str = "envoy.upstream.dynamic_host";
-pub const DYNAMIC_PORT_STATE: &str = "envoy.upstream.dynamic_port";
 pub const SERVER_NAME_STATE: &str = "envoy.network.upstream_server_name";
 pub const SUBJECT_ALT_NAMES_STATE: &str = "envoy.network.upstream_subject_alt_names";
 
@@ -92,13 +91,16 @@ impl<'a> DirectRoute<'a> {
         }
     }
 
-    /// The filter-state objects to set, by name, in the order Envoy needs
-    /// none of them before the router.
+    /// The filter-state objects to set, by name. The port travels with the
+    /// host (`host:port`, as the forward proxy keys its hosts): one host call
+    /// less than `envoy.upstream.dynamic_port`.
     pub fn filter_state(&self) -> Vec<(&'static str, String)> {
-        let mut out = vec![
-            (DYNAMIC_HOST_STATE, self.host.to_owned()),
-            (DYNAMIC_PORT_STATE, self.port.to_string()),
-        ];
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let mut out = vec![(DYNAMIC_HOST_STATE, host)];
         if let Some(name) = self.tls_name {
             out.push((SERVER_NAME_STATE, name.to_owned()));
             out.push((SUBJECT_ALT_NAMES_STATE, name.to_owned()));
@@ -211,8 +213,7 @@ mod tests {
         assert_eq!(
             route.filter_state(),
             vec![
-                (DYNAMIC_HOST_STATE, "origin.example.net".to_owned()),
-                (DYNAMIC_PORT_STATE, "8443".to_owned()),
+                (DYNAMIC_HOST_STATE, "origin.example.net:8443".to_owned()),
                 (SERVER_NAME_STATE, "cdn.example.net".to_owned()),
                 (SUBJECT_ALT_NAMES_STATE, "cdn.example.net".to_owned()),
             ]
@@ -226,7 +227,16 @@ mod tests {
         let route = DirectRoute::of(&t, direct, &settings);
         assert_eq!(route.host, "192.0.2.7");
         assert_eq!(route.tls_name, None);
-        assert_eq!(route.filter_state().len(), 2);
+        assert_eq!(
+            route.filter_state(),
+            vec![(DYNAMIC_HOST_STATE, "192.0.2.7:8443".to_owned())]
+        );
+        // An IPv6 address is bracketed before its port.
+        settings
+            .resolve
+            .insert("origin.example.net".to_owned(), "2001:db8::7".to_owned());
+        let route = DirectRoute::of(&t, direct, &settings);
+        assert_eq!(route.filter_state()[0].1, "[2001:db8::7]:8443");
     }
 
     #[test]

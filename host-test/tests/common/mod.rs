@@ -21,6 +21,18 @@ pub fn example_vm() -> Vm {
     Filter::shared().unwrap().start(&example_config()).unwrap()
 }
 
+/// `policies/` with `settings.direct_origins`: origins without a chain go
+/// through forward-proxy shards.
+pub fn direct_config() -> String {
+    let mut config: serde_json::Value = serde_json::from_str(&example_config()).unwrap();
+    config["settings"]["direct_origins"] = serde_json::json!({"shards": 64});
+    config.to_string()
+}
+
+pub fn direct_vm() -> Vm {
+    Filter::shared().unwrap().start(&direct_config()).unwrap()
+}
+
 /// Request headers of a plain `GET /` for `host` over `scheme`.
 pub const fn get<'a>(host: &'a str, scheme: &'a str) -> [(&'static str, &'a str); 4] {
     [
