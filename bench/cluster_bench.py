@@ -1,21 +1,34 @@
-"""What the derived origin clusters cost Envoy, by policy-set size and shape.
+"""What reaching the origins costs Envoy, by policy-set size, shape and the
+way origins are reached.
 
-For each size N and shape, the script writes N synthetic policies, runs
+For each size N, shape and way, the script writes N synthetic policies, runs
 `origin-policy bundle` (clusters + filter), starts the shipped edge
 (deploy/envoy/edge.yaml, --concurrency 2) on them and measures:
 
 - the clusters the bundle derived and the size of the CDS file;
 - load time: Envoy's start until it is ready with every cluster active;
 - Envoy's RSS after the load (VmRSS);
+- with `--warm`, Envoy's RSS once one request per domain has gone through
+  (a direct origin is learnt by its shard on its first request; the
+  synthetic origins refuse connections, so every answer is a quick 502);
 - a one-domain push (its origin moved to another port): bundle time, then the
   time until a request for that domain names the new port in
-  `x-origin-decision`, and the clusters Envoy added, modified and removed.
+  `x-origin-decision`, and the clusters Envoy added, modified and removed;
+- a new domain with a new origin (a real origin on 127.0.0.1): bundle time,
+  then the time until its first request is answered by that origin.
 
 Shapes: `distinct` gives every domain an origin of its own (the worst case:
-one cluster per domain); `shared` spreads the domains over 100 origins (many
-customer domains on one storage or origin service), so the clusters are few.
+one cluster per domain); `secondary` is `distinct` with a secondary origin
+(another address) for every tenth domain, so those fail over along a chain;
+`shared` spreads the domains over 100 origins (many customer domains on one
+storage or origin service), so the clusters are few.
 
-Run: .venv/bin/python bench/cluster_bench.py [--domains 1000,100000] [--shapes distinct,shared]
+Ways (`--reach`): `clusters`, one cluster per origin; `direct`,
+`settings.direct_origins` (64 forward-proxy shards per scheme and connect
+timeout; only chain members get clusters).
+
+Run: .venv/bin/python bench/cluster_bench.py [--domains 1000,100000]
+     [--shapes distinct,secondary,shared] [--reach clusters,direct] [--warm]
 """
 
 from __future__ import annotations
@@ -27,7 +40,10 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -50,21 +66,84 @@ MIB = 1024 * 1024
 SHARED_ORIGINS = 100
 
 
+# The new domain's origin: a real one, on an address and port no other uses.
+NEW_ORIGIN_PORT = 18690
+
+
+def address_of(j: int) -> str:
+    return f"127.{1 + j // 62500}.{(j // 250) % 250}.{1 + j % 250}"
+
+
 def origin_of(i: int, shape: str) -> tuple[str, int]:
     """Policy i's origin: an address of its own on 127.0.0.0/8, or one of 100."""
-    j = i if shape == "distinct" else i % SHARED_ORIGINS
-    return f"127.{1 + j // 62500}.{(j // 250) % 250}.{1 + j % 250}", 80
+    j = i % SHARED_ORIGINS if shape == "shared" else i
+    return address_of(j), 80
 
 
-def write_policies(directory: Path, n: int, shape: str) -> None:
+def document(i: int, shape: str) -> dict:
+    address, port = origin_of(i, shape)
+    doc = {"domain": f"d{i}.example.com", "primary": {"address": address, "port": port}}
+    if shape == "secondary" and i % 10 == 0:
+        # Addresses above the primaries' (at most 1,000,000 of them).
+        doc["secondary"] = {"address": address_of(1_000_000 + i), "port": 80}
+    return doc
+
+
+def write_policies(directory: Path, n: int, shape: str, reach: str) -> None:
     directory.mkdir(parents=True)
-    (directory / "settings.json").write_text(json.dumps({"decision_header": True}))
+    settings = {"decision_header": True}
+    if reach == "direct":
+        settings["direct_origins"] = {}
+    (directory / "settings.json").write_text(json.dumps(settings))
     for i in range(n):
-        address, port = origin_of(i, shape)
-        (directory / f"d{i}.json").write_text(json.dumps({
-            "domain": f"d{i}.example.com",
-            "primary": {"address": address, "port": port},
-        }))
+        (directory / f"d{i}.json").write_text(json.dumps(document(i, shape)))
+
+
+class _NewOrigin(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+def warm(n: int, threads: int = 8) -> None:
+    """One request per domain, `threads` at a time, on kept-alive connections."""
+    local = threading.local()
+
+    def one(i: int) -> None:
+        for _ in range(2):
+            conn = getattr(local, "conn", None) or http.client.HTTPConnection(
+                "127.0.0.1", VIEWER_HTTP_PORT, timeout=60)
+            local.conn = conn
+            try:
+                conn.request("GET", "/warm", headers={"host": f"d{i}.example.com"})
+                conn.getresponse().read()
+                return
+            except OSError:
+                conn.close()
+                local.conn = None
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(n), chunksize=256))
+
+
+def status_of(host: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", VIEWER_HTTP_PORT, timeout=30)
+    try:
+        conn.request("GET", f"/new/{time.monotonic_ns()}", headers={"host": host})
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
 
 
 def rss_mib(pid: int) -> float:
@@ -96,12 +175,14 @@ def decision_of(host: str) -> str:
         conn.close()
 
 
-def measure(n: int, shape: str) -> dict:
-    run = Path(tempfile.mkdtemp(prefix=f"origin-policy-clusters-{shape}-{n}-"))
+def measure(n: int, shape: str, reach: str, warm_up: bool) -> dict:
+    run = Path(tempfile.mkdtemp(prefix=f"origin-policy-clusters-{shape}-{reach}-{n}-"))
+    new_origin = ThreadingHTTPServer(("127.0.0.1", NEW_ORIGIN_PORT), _NewOrigin)
+    threading.Thread(target=new_origin.serve_forever, daemon=True).start()
     try:
         Certificates(run / "certs")
         policies = run / "policies"
-        write_policies(policies, n, shape)
+        write_policies(policies, n, shape, reach)
         started = time.monotonic()
         bundle(run, [policies])
         bundle_s = time.monotonic() - started
@@ -115,59 +196,91 @@ def measure(n: int, shape: str) -> dict:
             time.sleep(0.2)
         load_s = time.monotonic() - started
         rss = rss_mib(envoy.process.pid)
+        warm_s, rss_warm = None, None
+        if warm_up:
+            started = time.monotonic()
+            warm(n)
+            warm_s, rss_warm = time.monotonic() - started, rss_mib(envoy.process.pid)
         # One domain's origin moves to another port.
         last = n - 1
-        address, _ = origin_of(last, shape)
-        (policies / f"d{last}.json").write_text(json.dumps({
-            "domain": f"d{last}.example.com",
-            "primary": {"address": address, "port": 81},
-        }))
+        moved = document(last, shape)
+        moved["primary"]["port"] = 81
+        (policies / f"d{last}.json").write_text(json.dumps(moved))
         before = {k: stat(envoy, f"cluster_manager.cluster_{k}") for k in ("added", "modified", "removed")}
         started = time.monotonic()
-        bundle(run, [policies])
+        bundle(run, [policies], admin=ADMIN)
         bundled = time.monotonic()
         while "port=81" not in decision_of(f"d{last}.example.com"):
             if time.monotonic() - bundled > 300:
                 raise EdgeError("the push was not visible within 300 s")
             time.sleep(0.01)
         visible_s = time.monotonic() - bundled
+        push_bundle_s = bundled - started
         after = {k: stat(envoy, f"cluster_manager.cluster_{k}") for k in before}
+        # A new domain with a new origin.
+        (policies / "new.json").write_text(json.dumps({
+            "domain": "new.example.com",
+            "primary": {"address": "127.0.0.1", "port": NEW_ORIGIN_PORT},
+        }))  # fmt: skip
+        started = time.monotonic()
+        bundle(run, [policies], admin=ADMIN)
+        new_bundled = time.monotonic()
+        while status_of("new.example.com") != 200:
+            if time.monotonic() - new_bundled > 300:
+                raise EdgeError("the new domain was not served within 300 s")
+            time.sleep(0.01)
+        new_served_s = time.monotonic() - new_bundled
         rss_after = rss_mib(envoy.process.pid)
         envoy.stop()
         return {
-            "domains": n, "shape": shape, "clusters": clusters, "cds_mib": cds_mib,
-            "bundle_s": bundle_s, "load_s": load_s, "rss": rss,
-            "push_bundle_s": bundled - started, "push_visible_s": visible_s,
-            "changed": {k: after[k] - before[k] for k in after}, "rss_after": rss_after,
+            "domains": n, "shape": shape, "reach": reach, "clusters": clusters,
+            "cds_mib": cds_mib, "bundle_s": bundle_s, "load_s": load_s, "rss": rss,
+            "warm_s": warm_s, "rss_warm": rss_warm,
+            "push_bundle_s": push_bundle_s, "push_visible_s": visible_s,
+            "changed": {k: after[k] - before[k] for k in after},
+            "new_bundle_s": new_bundled - started, "new_served_s": new_served_s,
+            "rss_after": rss_after,
         }
     finally:
+        new_origin.shutdown()
+        new_origin.server_close()
         shutil.rmtree(run, ignore_errors=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", default="1000,100000")
-    parser.add_argument("--shapes", default="distinct,shared")
+    parser.add_argument("--shapes", default="distinct,secondary,shared")
+    parser.add_argument("--reach", default="clusters,direct")
+    parser.add_argument("--warm", action="store_true",
+                        help="one request per domain before the pushes (RSS with every origin in use)")
     args = parser.parse_args()
     print(f"Envoy {envoy_version()}, --concurrency 2; {cpu_model()}, {platform.machine()}; "
           f"admin {ADMIN}")
     print()
-    print("| domains | origins | clusters derived | CDS file | bundle | Envoy load | Envoy RSS | "
-          "one-domain push: bundle / visible | clusters added / modified / removed | RSS after |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("| domains | origins | reached by | clusters derived | CDS file | bundle | Envoy load | "
+          "Envoy RSS | every domain requested: time / RSS | one-domain push: bundle / visible | "
+          "clusters added / modified / removed | new domain, new origin: bundle / served | RSS after |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for n in (int(x) for x in args.domains.split(",")):
         for shape in args.shapes.split(","):
-            print(f"measuring {n} domains, {shape} origins ...", file=sys.stderr, flush=True)
-            print_row(measure(n, shape))
+            for reach in args.reach.split(","):
+                print(f"measuring {n} domains, {shape} origins, {reach} ...",
+                      file=sys.stderr, flush=True)
+                print_row(measure(n, shape, reach, args.warm))
     return 0
 
 
 def print_row(r: dict) -> None:
     c = r["changed"]
-    print(f"| {r['domains']:,} | {r['shape']} | {r['clusters']:,} | {r['cds_mib']:.1f} MiB | "
-          f"{r['bundle_s']:.1f} s | {r['load_s']:.1f} s | {r['rss']:,.0f} MiB | "
+    warmed = (f"{r['warm_s']:.1f} s / {r['rss_warm']:,.0f} MiB" if r["warm_s"] is not None
+              else "not measured")
+    print(f"| {r['domains']:,} | {r['shape']} | {r['reach']} | {r['clusters']:,} | "
+          f"{r['cds_mib']:.1f} MiB | {r['bundle_s']:.1f} s | {r['load_s']:.1f} s | "
+          f"{r['rss']:,.0f} MiB | {warmed} | "
           f"{r['push_bundle_s']:.2f} s / {r['push_visible_s']:.2f} s | "
-          f"{c['added']} / {c['modified']} / {c['removed']} | {r['rss_after']:,.0f} MiB |",
+          f"{c['added']} / {c['modified']} / {c['removed']} | "
+          f"{r['new_bundle_s']:.2f} s / {r['new_served_s']:.3f} s | {r['rss_after']:,.0f} MiB |",
           flush=True)
 
 

@@ -23,12 +23,15 @@ pub struct CdsProgress {
 /// One GET over plain HTTP/1.1 on the admin address (`127.0.0.1:9901` or
 /// `http://127.0.0.1:9901`): the admin listener is local and unencrypted, and
 /// this is its only use here, so no HTTP client library is brought in.
-fn get(admin: &str, path: &str) -> Result<String, String> {
+/// `patience`: how long Envoy may take to answer; its main thread answers
+/// admin requests between config updates, and a large clusters file keeps it
+/// busy for seconds.
+fn get(admin: &str, path: &str, patience: Duration) -> Result<String, String> {
     let address = admin.strip_prefix("http://").unwrap_or(admin);
     let address = address.trim_end_matches('/');
     let failed = |e: std::io::Error| format!("Envoy admin at {address}: {e}");
     let mut stream = TcpStream::connect(address).map_err(failed)?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_read_timeout(Some(patience.max(Duration::from_secs(1))));
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
@@ -67,8 +70,8 @@ pub fn listening(admin: &str) -> bool {
     TcpStream::connect(address.trim_end_matches('/')).is_ok()
 }
 
-pub fn cds_progress(admin: &str) -> Result<CdsProgress, String> {
-    let body = get(admin, STATS_QUERY)?;
+pub fn cds_progress(admin: &str, patience: Duration) -> Result<CdsProgress, String> {
+    let body = get(admin, STATS_QUERY, patience)?;
     let json: Value = serde_json::from_str(&body).map_err(|e| format!("Envoy admin stats: {e}"))?;
     let mut progress = CdsProgress::default();
     let mut reads_cds = false;
@@ -98,7 +101,7 @@ pub fn cds_progress(admin: &str) -> Result<CdsProgress, String> {
 pub fn wait_for_clusters(admin: &str, before: CdsProgress, limit: Duration) -> Result<(), String> {
     let started = Instant::now();
     loop {
-        let now = cds_progress(admin)?;
+        let now = cds_progress(admin, limit.saturating_sub(started.elapsed()))?;
         if now.rejected > before.rejected {
             return Err(
                 "Envoy rejected the clusters file (cluster_manager.cds.update_rejected; its log says why)"

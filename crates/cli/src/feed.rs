@@ -337,7 +337,9 @@ impl Watcher {
                 .admin
                 .as_deref()
                 .filter(|a| admin::listening(a));
-            let before = admin.map(admin::cds_progress).transpose()?;
+            let before = admin
+                .map(|a| admin::cds_progress(a, CLUSTERS_TAKEN_WITHIN))
+                .transpose()?;
             self.write("origin-policy.cds.json", &cds)?;
             if let (Some(admin), Some(before)) = (admin, before) {
                 admin::wait_for_clusters(admin, before, CLUSTERS_TAKEN_WITHIN)

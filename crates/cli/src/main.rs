@@ -307,7 +307,7 @@ fn bundle(args: &Args) -> Result<(), CliError> {
     if std::fs::read(&cds_path).ok().as_deref() != Some(cds.as_bytes()) {
         let admin = args.value("admin");
         let before = admin
-            .map(admin::cds_progress)
+            .map(|a| admin::cds_progress(a, CLUSTERS_TAKEN_WITHIN))
             .transpose()
             .map_err(CliError::Io)?;
         write("origin-policy.cds.json", cds)?;
