@@ -287,17 +287,20 @@ def start_mirror(run_dir: Path, certs: Certificates) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def start_feed(run_dir: Path) -> subprocess.Popen:
-    """`origin-policy feed` over policies/: it writes the clusters and the
+def start_feed(
+    run_dir: Path, policies: Path = POLICIES, timeout: float = 60, output=None
+) -> subprocess.Popen:
+    """`origin-policy feed` over `policies`: it writes the clusters and the
     filter's settings into run/, then serves the policies per domain; an edit
     reaches Envoy as that domain's change."""
     feed = subprocess.Popen(
         [str(CLI), "feed", "--wasm", str(WASM), "--out", str(run_dir), "--admin", ADMIN,
-         "--listen", f"127.0.0.1:{FEED_PORT}", str(POLICIES)],
+         "--listen", f"127.0.0.1:{FEED_PORT}", str(policies)],
         cwd=REPO,
+        stdout=output,
         start_new_session=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while not (run_dir / ECDS_FILE).exists():
         if feed.poll() is not None or time.monotonic() > deadline:
             feed.kill()
