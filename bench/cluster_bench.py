@@ -35,7 +35,7 @@ timeout; only chain members get clusters).
 
 Run: .venv/bin/python bench/cluster_bench.py [--domains 1000,100000]
      [--shapes distinct,secondary,shared] [--reach clusters,direct] [--warm]
-     [--delivery feed|inline]
+     [--delivery feed|inline] [--deferred-stats off,on]
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def decision_of(host: str) -> str:
         conn.close()
 
 
-def measure(n: int, shape: str, reach: str, warm_up: bool, delivery: str) -> dict:
+def measure(n: int, shape: str, reach: str, warm_up: bool, delivery: str, deferred: bool) -> dict:
     run = Path(tempfile.mkdtemp(prefix=f"origin-policy-clusters-{shape}-{reach}-{n}-"))
     new_origin = ThreadingHTTPServer(("127.0.0.1", NEW_ORIGIN_PORT), _NewOrigin)
     threading.Thread(target=new_origin.serve_forever, daemon=True).start()
@@ -232,6 +232,8 @@ def measure(n: int, shape: str, reach: str, warm_up: bool, delivery: str) -> dic
         cds = json.loads((run / "origin-policy.cds.json").read_text())
         clusters = len(cds["resources"])
         cds_mib = (run / "origin-policy.cds.json").stat().st_size / MIB
+        if deferred:
+            config["deferred_stat_options"] = {"enable_deferred_creation_stats": True}
         envoy = Envoy(run, config, concurrency=2)
         started = time.monotonic()
         envoy.start(timeout=900)
@@ -295,22 +297,28 @@ def main() -> int:
     parser.add_argument("--reach", default="clusters,direct")
     parser.add_argument("--delivery", default="feed", choices=["feed", "inline"],
                         help="policies per domain from `origin-policy feed`, or the one-document bundle")
+    parser.add_argument("--deferred-stats", default="off",
+                        help="off, on or off,on: deferred_stat_options.enable_deferred_creation_stats "
+                             "(a cluster's traffic stats made on its first use)")
     parser.add_argument("--warm", action="store_true",
                         help="one request per domain before the pushes (RSS with every origin in use)")
     args = parser.parse_args()
     print(f"Envoy {envoy_version()}, --concurrency 2; {cpu_model()}, {platform.machine()}; "
           f"admin {ADMIN}; {args.delivery} delivery")
     print()
-    print("| domains | origins | reached by | clusters derived | CDS file | bundle | Envoy load | "
+    print("| domains | origins | reached by | deferred stats | clusters derived | CDS file | bundle | Envoy load | "
           "Envoy RSS | every domain requested: time / RSS | one-domain push: accepted / visible | "
           "clusters added / modified / removed | new domain, new origin: accepted / served | RSS after |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for n in (int(x) for x in args.domains.split(",")):
         for shape in args.shapes.split(","):
             for reach in args.reach.split(","):
-                print(f"measuring {n} domains, {shape} origins, {reach} ...",
-                      file=sys.stderr, flush=True)
-                print_row(measure(n, shape, reach, args.warm, args.delivery))
+                for deferred in args.deferred_stats.split(","):
+                    print(f"measuring {n} domains, {shape} origins, {reach}, deferred stats "
+                          f"{deferred} ...", file=sys.stderr, flush=True)
+                    r = measure(n, shape, reach, args.warm, args.delivery, deferred == "on")
+                    r["deferred"] = deferred
+                    print_row(r)
     return 0
 
 
@@ -318,7 +326,7 @@ def print_row(r: dict) -> None:
     c = r["changed"]
     warmed = (f"{r['warm_s']:.1f} s / {r['rss_warm']:,.0f} MiB" if r["warm_s"] is not None
               else "not measured")
-    print(f"| {r['domains']:,} | {r['shape']} | {r['reach']} | {r['clusters']:,} | "
+    print(f"| {r['domains']:,} | {r['shape']} | {r['reach']} | {r['deferred']} | {r['clusters']:,} | "
           f"{r['cds_mib']:.1f} MiB | {r['bundle_s']:.1f} s | {r['load_s']:.1f} s | "
           f"{r['rss']:,.0f} MiB | {warmed} | "
           f"{r['push_bundle_s']:.2f} s / {r['push_visible_s'] * 1000:.0f} ms | "
