@@ -1,6 +1,8 @@
 //! The Envoy clusters a policy set needs, derived from its origins: one per
 //! way of reaching an origin (shared by every domain that reaches it the same
-//! way, and so is its health), and one aggregate per failover chain.
+//! way, and so is its health), and one aggregate per failover chain. With
+//! `direct_origins`, only chains keep origin clusters; every other origin is
+//! reached through the forward-proxy shards of [`crate::direct`].
 
 use crate::compiled::{CompiledPolicy, OriginEndpoint, TlsName};
 use crate::direct::{shard_clusters, DirectClass, DirectOrigins};
