@@ -1,6 +1,7 @@
 """Origins reached through forward-proxy shards (`settings.direct_origins`):
 a domain without a failover chain gets no cluster of its own; Envoy learns
-its origin's address, port, SNI and the name to check from the request.
+its origin's address, port, SNI and the name to check from the request. A
+chain is one cluster, its origins at successive priorities.
 
 Its own Envoy (edge.yaml on ports 10580/10543, admin :9941) with 4 shards,
 and its own origins on 127.0.0.5: an HTTPS origin whose certificate names
@@ -224,7 +225,11 @@ def test_each_origin_keeps_its_response_and_connect_timeouts(edge, origins, path
     assert any(c.startswith("origin-policy.direct.http.1700.") for c in shard_hosts(edge))
 
 
-def test_a_domain_with_a_secondary_still_fails_over_through_its_chain(edge, origins, path):
+def chain_clusters(edge: Edge) -> list[dict]:
+    return [c for c in clusters_file(edge) if c["name"].startswith("chain:")]
+
+
+def test_a_domain_with_a_secondary_fails_over_through_one_chain_cluster(edge, origins, path):
     domain = push(
         edge,
         {"address": ADDRESS, "port": FAILING_PORT},
@@ -235,9 +240,50 @@ def test_a_domain_with_a_secondary_still_fails_over_through_its_chain(edge, orig
     assert r.status == 200, (r.status, r.header("x-origin-error"))
     assert [s.origin for s in origins.log.matching(path)] == ["direct-failing", "direct-plain"]
     assert r.header("x-origin-error") == "orig failed; failover=secondary"
-    names = [c["name"] for c in clusters_file(edge)]
-    assert any(n.startswith("chain:") for n in names)
-    assert sum(n.startswith(f"origin:http:{ADDRESS}:") for n in names) == 2
+    assert "origin=secondary" in r.header("x-origin-decision")
+    # One cluster per chain, its origins at priorities 0 and 1; none of their own.
+    assert not any(c["name"].startswith("origin:") for c in clusters_file(edge))
+    ports = [
+        [e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"], e["priority"]]
+        for c in chain_clusters(edge)
+        for e in c["load_assignment"]["endpoints"]
+    ]
+    assert [FAILING_PORT, 0] in ports and [PLAIN_PORT, 1] in ports
+
+
+REFUSING = "127.0.0.6"
+
+
+@pytest.mark.parametrize("matches", [True, False], ids=["name-matches", "name-differs"])
+@pytest.mark.parametrize("position", ["primary", "secondary"])
+@pytest.mark.parametrize("rule", ["origin_domain", "custom_sni"])
+def test_an_https_origin_in_a_chain_cluster_sends_its_sni_and_checks_it(
+    edge, origins, path, rule, position, matches
+):
+    fields, address, _, sni = TLS_RULES[rule]("ok" if matches else "bad")
+    tls = {"address": address, "port": TLS_PORT}
+    down = {"address": REFUSING, "port": TLS_PORT}
+    primary, secondary = (tls, down) if position == "primary" else (down, tls)
+    domain = push(
+        edge, primary, secondary, protocol={"policy": "https", "https_port": TLS_PORT}, **fields
+    )
+    r = edge.request(domain, path)
+    reached = origins.log.matching(path)
+    if matches:
+        assert r.status == 200, (r.status, r.header("x-origin-error"))
+        assert [s.sni for s in reached] == [sni]
+        assert f"origin={position}" in r.header("x-origin-decision")
+    else:
+        assert reached == []
+        assert r.status == 502, r.status
+        error = r.header("x-origin-error")
+        if position == "secondary":
+            assert error == (
+                "orig failed; failover=secondary; "
+                "secondary TLS handshake failed (CERTIFICATE_VERIFY_FAILED)"
+            ), error
+        else:
+            assert error.startswith("orig failed; failover=secondary; secondary connect failed"), error
 
 
 def test_an_origin_marked_down_is_skipped_for_every_domain_that_uses_it(edge, origins, path):

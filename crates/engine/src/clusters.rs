@@ -1,8 +1,9 @@
 //! The Envoy clusters a policy set needs, derived from its origins: one per
 //! way of reaching an origin (shared by every domain that reaches it the same
 //! way, and so is its health), and one aggregate per failover chain. With
-//! `direct_origins`, only chains keep origin clusters; every other origin is
-//! reached through the forward-proxy shards of [`crate::direct`].
+//! `direct_origins`, an origin without a chain is reached through the
+//! forward-proxy shards of [`crate::direct`], and a chain is one cluster with
+//! its origins at successive priorities.
 
 use crate::compiled::{CompiledPolicy, OriginEndpoint, TlsName};
 use crate::direct::{shard_clusters, DirectClass, DirectOrigins};
@@ -18,7 +19,8 @@ pub const METADATA_NAMESPACE: &str = "origin_policy";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DerivedClusters {
-    /// Origin cluster name -> how it reaches its origin.
+    /// Origin cluster name -> how it reaches its origin. With `direct`, only
+    /// chain members, rendered as endpoints of their chain's cluster.
     pub origins: BTreeMap<String, OriginEndpoint>,
     /// Chain cluster name -> its origin clusters, in the order they are tried.
     pub chains: BTreeMap<String, Vec<String>>,
@@ -89,15 +91,25 @@ impl DerivedClusters {
 
     /// The clusters as Envoy CDS resources (`envoy.config.cluster.v3.Cluster`).
     pub fn envoy_resources(&self, settings: &Settings) -> Vec<Value> {
+        let Some((direct, classes)) = &self.direct else {
+            return self.clusters_and_aggregates(settings);
+        };
+        let shards = classes
+            .iter()
+            .flat_map(|c| shard_clusters(*c, *direct, settings));
+        let chains = self
+            .chains
+            .iter()
+            .map(|(name, members)| priority_chain(name, members, &self.origins, settings));
+        shards.chain(chains).collect()
+    }
+
+    /// A cluster per origin, and an aggregate of them per chain.
+    fn clusters_and_aggregates(&self, settings: &Settings) -> Vec<Value> {
         let origins = self
             .origins
             .iter()
             .map(|(name, e)| origin_cluster(name, e, settings));
-        let direct = self.direct.iter().flat_map(|(d, classes)| {
-            classes
-                .iter()
-                .flat_map(move |c| shard_clusters(*c, *d, settings))
-        });
         let chains = self.chains.iter().map(|(name, members)| {
             let mut chain = json!({
                 "@type": CLUSTER_TYPE_URL,
@@ -127,7 +139,7 @@ impl DerivedClusters {
             }
             chain
         });
-        origins.chain(direct).chain(chains).collect()
+        origins.chain(chains).collect()
     }
 }
 
@@ -146,7 +158,16 @@ pub(crate) fn duration_ms(ms: u32) -> String {
     format!("{}.{:03}s", ms / 1000, ms % 1000)
 }
 
-fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value {
+/// One origin as a load-balancing endpoint of `cluster`: its address, the
+/// Host it is sent, and the metadata naming its origin cluster (the answer
+/// says which origin answered). `by_address`: no DNS lookup needed.
+/// `in_chain`: the endpoint picks its own TLS settings in a chain cluster.
+fn origin_endpoint(
+    cluster: &str,
+    e: &OriginEndpoint,
+    in_chain: bool,
+    settings: &Settings,
+) -> (Value, bool) {
     let bare = e.address.trim_start_matches('[').trim_end_matches(']');
     let fixed = settings.resolve.get(&e.address).map(String::as_str);
     let by_address = fixed.is_some() || is_ip_literal(&e.address);
@@ -157,18 +178,49 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
         // The route's auto_host_rewrite sends this as Host, attempt by attempt.
         endpoint["hostname"] = json!(host);
     }
+    let mut metadata = json!({METADATA_NAMESPACE: {"cluster": cluster}});
+    if in_chain {
+        metadata["envoy.transport_socket_match"] = json!({"origin": cluster});
+    }
+    let lb_endpoint = json!({"endpoint": endpoint, "metadata": {"filter_metadata": metadata}});
+    (lb_endpoint, by_address)
+}
+
+/// Over HTTPS, the TLS the origin is reached with: the CA bundle, and the
+/// SNI and certificate name when the policy fixes them (a name taken from
+/// the Host is Envoy's `auto_sni`, set on the cluster the route picks).
+fn origin_tls(e: &OriginEndpoint, settings: &Settings) -> Option<Value> {
+    if e.scheme != Scheme::Https {
+        return None;
+    }
+    let mut validation = json!({"trusted_ca": {"filename": settings.origin_ca_file}});
+    let mut tls = json!({
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+    });
+    if let TlsName::Fixed(sni) = &e.tls_name {
+        tls["sni"] = json!(sni);
+        validation["match_typed_subject_alt_names"] =
+            json!([{"san_type": "DNS", "matcher": {"exact": sni}}]);
+    }
+    tls["common_tls_context"] = json!({"validation_context": validation});
+    Some(json!({"name": "envoy.transport_sockets.tls", "typed_config": tls}))
+}
+
+/// A cluster of `endpoints` (priority by priority), with origin health and,
+/// when an origin is named by DNS, the edge's DNS settings.
+fn cluster_of(
+    name: &str,
+    connect_timeout_ms: u32,
+    endpoints: Vec<Value>,
+    by_address: bool,
+    settings: &Settings,
+) -> Value {
     let mut cluster = json!({
         "@type": CLUSTER_TYPE_URL,
         "name": name,
         "type": if by_address { "STATIC" } else { "STRICT_DNS" },
-        "connect_timeout": duration_ms(e.connect_timeout_ms),
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{
-                "endpoint": endpoint,
-                "metadata": {"filter_metadata": {METADATA_NAMESPACE: {"cluster": name}}},
-            }]}],
-        },
+        "connect_timeout": duration_ms(connect_timeout_ms),
+        "load_assignment": {"cluster_name": name, "endpoints": endpoints},
         "outlier_detection": outlier_detection(settings),
     });
     if !by_address {
@@ -181,26 +233,72 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
             cluster["typed_dns_resolver_config"] = resolver;
         }
     }
-    if e.scheme == Scheme::Https {
-        let mut validation = json!({"trusted_ca": {"filename": settings.origin_ca_file}});
-        let mut tls = json!({});
-        match &e.tls_name {
-            TlsName::Fixed(sni) => {
-                tls["sni"] = json!(sni);
-                validation["match_typed_subject_alt_names"] =
-                    json!([{"san_type": "DNS", "matcher": {"exact": sni}}]);
-            }
-            TlsName::FromHost => {
-                cluster["typed_extension_protocol_options"] = tls_name_from_host();
-            }
-            TlsName::None => {}
+    cluster
+}
+
+fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value {
+    let (endpoint, by_address) = origin_endpoint(name, e, false, settings);
+    let endpoints = vec![json!({"lb_endpoints": [endpoint]})];
+    let mut cluster = cluster_of(name, e.connect_timeout_ms, endpoints, by_address, settings);
+    if let Some(tls) = origin_tls(e, settings) {
+        cluster["transport_socket"] = tls;
+    }
+    if e.scheme == Scheme::Https && e.tls_name == TlsName::FromHost {
+        cluster["typed_extension_protocol_options"] = tls_name_from_host();
+    }
+    cluster
+}
+
+/// With `direct_origins`: a failover chain as one cluster, its origins at
+/// priorities 0, 1, ... in the order they are tried, each endpoint with its
+/// own Host and TLS (`transport_socket_matches`), instead of an aggregate of
+/// one cluster per origin: a third of the clusters. Envoy's retry
+/// (`previous_priorities`) and outlier detection move from one priority to the
+/// next as they do between an aggregate's clusters. The chain takes the
+/// longest connect timeout of its origins.
+fn priority_chain(
+    name: &str,
+    members: &[String],
+    origins: &BTreeMap<String, OriginEndpoint>,
+    settings: &Settings,
+) -> Value {
+    let members: Vec<(&String, &OriginEndpoint)> = members
+        .iter()
+        .filter_map(|m| origins.get(m).map(|e| (m, e)))
+        .collect();
+    let mut all_by_address = true;
+    let mut endpoints = Vec::new();
+    let mut matches = Vec::new();
+    for (priority, (member, e)) in members.iter().enumerate() {
+        let (endpoint, by_address) = origin_endpoint(member, e, true, settings);
+        all_by_address &= by_address;
+        endpoints.push(json!({"priority": priority, "lb_endpoints": [endpoint]}));
+        if let Some(tls) = origin_tls(e, settings) {
+            matches.push(
+                json!({"name": member, "match": {"origin": member}, "transport_socket": tls}),
+            );
         }
-        tls["common_tls_context"] = json!({"validation_context": validation});
-        tls["@type"] = json!(
-            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-        );
-        cluster["transport_socket"] =
-            json!({"name": "envoy.transport_sockets.tls", "typed_config": tls});
+    }
+    let connect_timeout_ms = members
+        .iter()
+        .map(|(_, e)| e.connect_timeout_ms)
+        .max()
+        .unwrap_or(crate::policy::DEFAULT_CONNECT_TIMEOUT_MS);
+    let mut cluster = cluster_of(
+        name,
+        connect_timeout_ms,
+        endpoints,
+        all_by_address,
+        settings,
+    );
+    if !matches.is_empty() {
+        cluster["transport_socket_matches"] = json!(matches);
+    }
+    if members
+        .iter()
+        .any(|(_, e)| e.scheme == Scheme::Https && e.tls_name == TlsName::FromHost)
+    {
+        cluster["typed_extension_protocol_options"] = tls_name_from_host();
     }
     cluster
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use origin_policy_engine::clusters::DerivedClusters;
+use origin_policy_engine::direct::DirectOrigins;
 use origin_policy_engine::{
     CacheControl, Exchange, FetchFailure, PolicySet, Scheme, UpstreamReport, ViewerRequest,
     PER_TRY_TIMEOUT_HEADER, RETRIABLE_STATUSES_HEADER, RETRY_ON_HEADER, TIMEOUT_HEADER,
@@ -314,4 +315,63 @@ fn domains_reaching_an_origin_the_same_way_share_its_cluster() {
     let derived = set.derived_clusters();
     assert_eq!(derived.origins.len(), 2);
     assert!(derived.chains.is_empty());
+}
+
+#[test]
+fn with_direct_origins_a_chain_is_one_cluster_and_a_lone_origin_a_shard() {
+    let mut set = compile(json!([
+        {"domain": "lone.example.com", "primary": {"address": "lone.example.net"}},
+        {"domain": "www.example.com",
+         "primary": {"address": "a.example.net", "connect_timeout_ms": 2000},
+         "secondary": {"address": "192.0.2.9", "connect_timeout_ms": 3000},
+         "protocol": {"policy": "https"},
+         "origin_host": {"mode": "custom", "value": "cdn.example.net"},
+         "origin_sni": {"mode": "custom", "value": "cdn.example.net"}}
+    ]));
+    set.settings.direct_origins = Some(DirectOrigins { shards: 2 });
+    let resources = set.derived_clusters().envoy_resources(&set.settings);
+    let names: Vec<&str> = resources
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("origin-policy.direct.http.10000."))
+            .count(),
+        2,
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with("origin:")), "{names:?}");
+    let chain = resources
+        .iter()
+        .find(|c| c["name"].as_str().is_some_and(|n| n.starts_with("chain:")))
+        .unwrap();
+    // A name to look up: DNS; the longest connect timeout of the two.
+    assert_eq!(chain["type"], "STRICT_DNS");
+    assert_eq!(chain["connect_timeout"], "3.000s");
+    let endpoints = chain["load_assignment"]["endpoints"].as_array().unwrap();
+    let at = |i: usize| &endpoints[i]["lb_endpoints"][0];
+    assert_eq!(endpoints[0]["priority"], 0);
+    assert_eq!(
+        at(0)["endpoint"]["address"]["socket_address"]["address"],
+        "a.example.net"
+    );
+    assert_eq!(endpoints[1]["priority"], 1);
+    assert_eq!(
+        at(1)["endpoint"]["address"]["socket_address"]["address"],
+        "192.0.2.9"
+    );
+    // Each origin's TLS, picked by its endpoint's metadata.
+    let matches = chain["transport_socket_matches"].as_array().unwrap();
+    assert_eq!(matches.len(), 2);
+    for (i, m) in matches.iter().enumerate() {
+        let origin =
+            &at(i)["metadata"]["filter_metadata"]["envoy.transport_socket_match"]["origin"];
+        assert_eq!(&m["match"]["origin"], origin);
+        assert_eq!(
+            m["transport_socket"]["typed_config"]["sni"],
+            "cdn.example.net"
+        );
+    }
 }
