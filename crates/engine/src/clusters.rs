@@ -129,12 +129,7 @@ impl DerivedClusters {
             // never from the origin cluster the attempt then goes to. The
             // origin/SNI rules are per policy, so the HTTPS origins of one
             // chain either all take their name from the Host or none does.
-            let from_host = members.iter().any(|m| {
-                self.origins
-                    .get(m)
-                    .is_some_and(|e| e.tls_name == TlsName::FromHost)
-            });
-            if from_host {
+            if any_name_from_host(members.iter().filter_map(|m| self.origins.get(m))) {
                 chain["typed_extension_protocol_options"] = tls_name_from_host();
             }
             chain
@@ -186,24 +181,35 @@ fn origin_endpoint(
     (lb_endpoint, by_address)
 }
 
-/// Over HTTPS, the TLS the origin is reached with: the CA bundle, and the
-/// SNI and certificate name when the policy fixes them (a name taken from
-/// the Host is Envoy's `auto_sni`, set on the cluster the route picks).
+/// Over HTTPS, the TLS the origin is reached with (a name taken from the
+/// Host is Envoy's `auto_sni`, set on the cluster the route picks).
 fn origin_tls(e: &OriginEndpoint, settings: &Settings) -> Option<Value> {
-    if e.scheme != Scheme::Https {
-        return None;
-    }
+    let name = match &e.tls_name {
+        TlsName::Fixed(sni) => Some(sni.as_str()),
+        _ => None,
+    };
+    (e.scheme == Scheme::Https).then(|| upstream_tls(settings, name))
+}
+
+/// Envoy's upstream TLS: the certificate checked against the CA bundle and,
+/// with `name`, that name sent as SNI and required in the certificate.
+pub(crate) fn upstream_tls(settings: &Settings, name: Option<&str>) -> Value {
     let mut validation = json!({"trusted_ca": {"filename": settings.origin_ca_file}});
     let mut tls = json!({
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     });
-    if let TlsName::Fixed(sni) = &e.tls_name {
+    if let Some(sni) = name {
         tls["sni"] = json!(sni);
         validation["match_typed_subject_alt_names"] =
             json!([{"san_type": "DNS", "matcher": {"exact": sni}}]);
     }
     tls["common_tls_context"] = json!({"validation_context": validation});
-    Some(json!({"name": "envoy.transport_sockets.tls", "typed_config": tls}))
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": tls})
+}
+
+/// Whether any of `origins` takes its TLS name from the request's Host.
+fn any_name_from_host<'e>(origins: impl IntoIterator<Item = &'e OriginEndpoint>) -> bool {
+    origins.into_iter().any(|e| e.tls_name == TlsName::FromHost)
 }
 
 /// A cluster of `endpoints` (priority by priority), with origin health and,
@@ -243,7 +249,7 @@ fn origin_cluster(name: &str, e: &OriginEndpoint, settings: &Settings) -> Value 
     if let Some(tls) = origin_tls(e, settings) {
         cluster["transport_socket"] = tls;
     }
-    if e.scheme == Scheme::Https && e.tls_name == TlsName::FromHost {
+    if any_name_from_host([e]) {
         cluster["typed_extension_protocol_options"] = tls_name_from_host();
     }
     cluster
@@ -294,10 +300,7 @@ fn priority_chain(
     if !matches.is_empty() {
         cluster["transport_socket_matches"] = json!(matches);
     }
-    if members
-        .iter()
-        .any(|(_, e)| e.scheme == Scheme::Https && e.tls_name == TlsName::FromHost)
-    {
+    if any_name_from_host(members.iter().map(|(_, e)| *e)) {
         cluster["typed_extension_protocol_options"] = tls_name_from_host();
     }
     cluster

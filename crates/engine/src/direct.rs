@@ -10,15 +10,17 @@
 //! one connect timeout and one TLS setting per cluster, so each scheme and
 //! connect timeout the policies use gets its own set of shards.
 
-use crate::clusters::{dns_resolver_config, duration_ms, outlier_detection, CLUSTER_TYPE_URL};
+use crate::clusters::{
+    dns_resolver_config, duration_ms, outlier_detection, upstream_tls, CLUSTER_TYPE_URL,
+};
 use crate::compiled::stable_hash;
 use crate::decision::OriginTarget;
 use crate::policy::Scheme;
 use crate::settings::Settings;
 use serde_json::{json, Value};
 
-/// Every direct cluster's name starts with this; the edge's direct route
-/// matches it.
+/// Every direct cluster's name starts with this (the edge's direct route
+/// matches on the filter state instead, which no viewer can set).
 pub const DIRECT_CLUSTER_PREFIX: &str = "origin-policy.direct.";
 /// The filter-state objects Envoy's forward proxy and TLS read, by name.
 pub const DYNAMIC_HOST_STATE: &str = "envoy.upstream.dynamic_host";
@@ -166,15 +168,8 @@ fn shard_cluster(name: &str, class: DirectClass, settings: &Settings) -> Value {
         "outlier_detection": outlier_detection(settings),
     });
     if class.scheme == Scheme::Https {
-        cluster["transport_socket"] = json!({
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "common_tls_context": {"validation_context": {
-                    "trusted_ca": {"filename": settings.origin_ca_file},
-                }},
-            },
-        });
+        // The name to check comes with each request (filter state).
+        cluster["transport_socket"] = upstream_tls(settings, None);
     }
     cluster
 }
