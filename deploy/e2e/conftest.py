@@ -47,6 +47,30 @@ TEST_ORIGIN_NAMES = {
 }
 
 
+# The tests' origins listen on loopback addresses (127.0.0.1-3) on ports of
+# their own; the edge's own ports stay refused (the demo settings' `edge`).
+TEST_ORIGIN_NETWORK = {"network": "127.0.0.0/8", "ports": ["1024-65535"]}
+
+
+def allow_test_origins(settings: dict) -> dict:
+    """`settings` with the tests' origins allowed besides the demo's."""
+    networks = settings.setdefault("origin_networks", {})
+    allow = networks.setdefault("allow", [])
+    if TEST_ORIGIN_NETWORK not in allow:
+        allow.append(TEST_ORIGIN_NETWORK)
+    return settings
+
+
+def policies_for_tests(directory: Path) -> Path:
+    """The example policies in `directory`/policies, under settings that also
+    allow the tests' origins (deploy/e2e/policies)."""
+    policies = directory / "policies"
+    shutil.copytree(POLICIES, policies)
+    settings = json.loads((policies / "settings.json").read_text())
+    (policies / "settings.json").write_text(json.dumps(allow_test_origins(settings)))
+    return policies
+
+
 @dataclass
 class Response:
     status: int
@@ -193,6 +217,7 @@ def edge(tmp_path_factory, demo_origins, name_server):
     settings["resolve"].update(TEST_ORIGIN_NAMES)
     # Origins named by DNS are looked up on this machine only.
     settings["dns_resolvers"] = [name_server.address]
+    allow_test_origins(settings)
     settings_path.write_text(json.dumps(settings))
     bundle(run_dir, [run_dir / "policies", E2E_POLICIES])
     envoy = Envoy(run_dir, edge_config())

@@ -5,7 +5,7 @@ import json
 import subprocess
 
 import yaml
-from conftest import E2E_POLICIES
+from conftest import E2E_POLICIES, policies_for_tests
 
 from edge import ENVOY, POLICIES, bundle, cli, edge_config
 from origins import Certificates
@@ -13,7 +13,7 @@ from origins import Certificates
 
 def validate(config: dict, tmp_path) -> subprocess.CompletedProcess:
     Certificates(tmp_path / "certs")  # validate mode loads them
-    bundle(tmp_path, [POLICIES, E2E_POLICIES])  # and needs the CDS and ECDS files
+    bundle(tmp_path, [policies_for_tests(tmp_path), E2E_POLICIES])  # and needs the CDS and ECDS files
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
     return subprocess.run(
@@ -40,8 +40,9 @@ def test_the_edge_configuration_names_no_origin():
 
 
 def test_the_bundle_defines_every_cluster_a_policy_can_name(tmp_path):
-    bundle(tmp_path, [POLICIES, E2E_POLICIES])
-    report = json.loads(cli("check", "--json", str(POLICIES), str(E2E_POLICIES)).stdout)
+    policies = policies_for_tests(tmp_path)
+    bundle(tmp_path, [policies, E2E_POLICIES])
+    report = json.loads(cli("check", "--json", str(policies), str(E2E_POLICIES)).stdout)
     cds = json.loads((tmp_path / "origin-policy.cds.json").read_text())
     defined = {c["name"] for c in cds["resources"]}
     assert report["clusters"] and set(report["clusters"]) <= defined
@@ -52,7 +53,7 @@ def test_the_bundle_defines_every_cluster_a_policy_can_name(tmp_path):
 
 
 def test_domains_that_reach_an_origin_the_same_way_share_its_cluster(tmp_path):
-    bundle(tmp_path, [POLICIES, E2E_POLICIES])
+    bundle(tmp_path, [policies_for_tests(tmp_path), E2E_POLICIES])
     cds = json.loads((tmp_path / "origin-policy.cds.json").read_text())
     backup = [
         c["name"] for c in cds["resources"]

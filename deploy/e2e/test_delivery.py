@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Response
+from conftest import Response, allow_test_origins
 from edge import CLI, WASM, Envoy, edge_config, with_feed
 
 DOMAINS = 100_000
@@ -128,7 +128,7 @@ def feed_edge(tmp_path_factory, demo_origins):
     policies = run_dir / "policies"
     policies.mkdir()
     settings = {"decision_header": True, "unknown_domain": {"action": "local_reply", "status": 404}}
-    (policies / "settings.json").write_text(json.dumps(settings))
+    (policies / "settings.json").write_text(json.dumps(allow_test_origins(settings)))
     for i in range(DOMAINS):
         (policies / f"{domain(i)}.json").write_text(json.dumps(policy(i)))
     edge = FeedEdge(run_dir)

@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from conftest import COOLDOWN_MS, Edge, copy_certs
+from conftest import COOLDOWN_MS, Edge, allow_test_origins, copy_certs
 from edge import Envoy, bundle, edge_config, http_get
 from origins import DemoOrigins, OriginSpec
 
@@ -75,7 +75,7 @@ def edge(tmp_path_factory, demo_origins, name_server, origins):
         "origin_health": {"cooldown_ms": COOLDOWN_MS},
         "direct_origins": {"shards": SHARDS},
     }
-    (policies / "settings.json").write_text(json.dumps(settings))
+    (policies / "settings.json").write_text(json.dumps(allow_test_origins(settings)))
     # A domain is needed to start with: the plain origin, on its own port.
     (policies / "start.direct.test.json").write_text(json.dumps({
         "domain": "start.direct.test",

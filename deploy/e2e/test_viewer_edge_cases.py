@@ -48,7 +48,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import E2E_POLICIES, Response, copy_certs
+from conftest import E2E_POLICIES, Response, allow_test_origins, copy_certs
 
 from edge import ECDS_FILE, POLICIES, Envoy, bundle, edge_config
 
@@ -99,7 +99,7 @@ def write_policies(directory: Path) -> None:
         decision_header=True,
         origin_health={"consecutive_failures": 100},
     )
-    (directory / "settings.json").write_text(json.dumps(settings, indent=2))
+    (directory / "settings.json").write_text(json.dumps(allow_test_origins(settings), indent=2))
     for name in ("media.example.com.json", "www.example.com.json"):
         shutil.copy(POLICIES / name, directory / name)
     shutil.copy(E2E_POLICIES / "both-refused.test.json", directory)

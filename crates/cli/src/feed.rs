@@ -6,7 +6,7 @@
 //! Envoy that one domain.
 
 use crate::admin;
-use crate::files::{ecds_resource, read_paths, write_atomically};
+use crate::files::{ecds_resource, read_paths, write_atomically, NETWORKS_FILE};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -328,6 +328,12 @@ impl Watcher {
             "resources": all,
         })
         .to_string();
+        // The networks first: an origin they newly allow may be in the clusters.
+        let networks = format!("{:#}", settings.origin_networks.ecds_resource());
+        let networks_path = self.request.out.join(NETWORKS_FILE);
+        if std::fs::read(&networks_path).ok().as_deref() != Some(networks.as_bytes()) {
+            self.write(NETWORKS_FILE, &networks)?;
+        }
         let cds_path = self.request.out.join("origin-policy.cds.json");
         if std::fs::read(&cds_path).ok().as_deref() != Some(cds.as_bytes()) {
             // No Envoy answering yet (the edge starts after its feed): it reads

@@ -70,6 +70,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// The upstream RBAC filter's ECDS file (`settings.origin_networks`), which
+/// `deploy/envoy/edge.yaml` reads beside the filter's.
+pub const NETWORKS_FILE: &str = "origin-policy.networks.ecds.json";
+
 /// The ECDS file's one resource: the filter (`origin-policy`, the same name,
 /// root id and `vm_id` everywhere) with `plugin_config`, loaded from `wasm`.
 pub fn ecds_resource(plugin_config: &str, wasm: &str) -> serde_json::Value {

@@ -4,7 +4,7 @@
 use origin_policy_cli::admin;
 use origin_policy_cli::explain_text;
 use origin_policy_cli::feed;
-use origin_policy_cli::files::{ecds_resource, read_paths, write_atomically};
+use origin_policy_cli::files::{ecds_resource, read_paths, write_atomically, NETWORKS_FILE};
 use origin_policy_cli::mirror;
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::report::{diagnostic_json, outcome_json, request_from_url};
@@ -22,7 +22,8 @@ usage:
   origin-policy explain [--json] [--policies PATH] [--method M] [--x-forwarded-proto P] URL
       Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
   origin-policy bundle [--wasm FILE] [--out DIR] [--admin ADDRESS] [--delivery feed] [PATH...]
-      Write DIR/origin-policy.cds.json (the origin clusters), DIR/plugin-config.json
+      Write DIR/origin-policy.networks.ecds.json (the origin networks, an upstream
+      RBAC filter), DIR/origin-policy.cds.json (the origin clusters), DIR/plugin-config.json
       and DIR/origin-policy.ecds.json (default DIR: run/), each replaced atomically so
       that Envoy's file watch sees whole files only; clusters first. With --admin
       (Envoy's admin address, e.g. 127.0.0.1:9901), the filter configuration is
@@ -36,7 +37,8 @@ usage:
   origin-policy feed [--wasm FILE] [--out DIR] [--admin ADDRESS] [--listen ADDRESS] [PATH...]
       Serve the policies per domain to Envoys whose filter has `\"delivery\": \"feed\"`
       (default listen 127.0.0.1:18090, GET /changes). Watches PATH (default
-      policies/); on a change, validates, writes DIR/origin-policy.cds.json (with
+      policies/); on a change, validates, writes DIR/origin-policy.networks.ecds.json,
+      DIR/origin-policy.cds.json (with
       --admin: and waits until Envoy has the clusters) and DIR/origin-policy.ecds.json
       (the settings), then publishes the domains that changed. A rejected policy
       keeps its domain's last published one. Runs until Ctrl-C or SIGTERM.
@@ -302,6 +304,9 @@ fn bundle(args: &Args) -> Result<(), CliError> {
         Ok::<(), CliError>(())
     };
     // Compact: at 100,000 origins Envoy parses every byte of it on each push.
+    // The networks first: an origin they newly allow may be in the clusters.
+    let networks = compiled.set.settings.origin_networks.ecds_resource();
+    write(NETWORKS_FILE, format!("{networks:#}"))?;
     let cds = cds.to_string();
     let cds_path = out.join("origin-policy.cds.json");
     if std::fs::read(&cds_path).ok().as_deref() != Some(cds.as_bytes()) {

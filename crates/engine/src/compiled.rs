@@ -156,7 +156,7 @@ pub struct CompiledPolicy {
 }
 
 /// The port and scheme the protocol policy gives an origin.
-fn port_for(policy: &Policy, origin: &Origin, scheme: Scheme) -> u16 {
+pub(crate) fn port_for(policy: &Policy, origin: &Origin, scheme: Scheme) -> u16 {
     match policy.protocol {
         ProtocolPolicy::Off => origin.port,
         _ => match scheme {

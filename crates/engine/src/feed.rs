@@ -20,8 +20,10 @@ use crate::compiled::CompiledPolicy;
 use crate::decision::MatchKind;
 use crate::diagnostic::{PolicyDiagnostic, Severity};
 use crate::json::{document_fingerprint, parse_json};
+use crate::networks::check_policy_origins;
 use crate::parse::parse_policy;
 use crate::policy::Policy;
+use crate::settings::Settings;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
@@ -66,6 +68,19 @@ pub fn rejected_report(domains: &[String]) -> Option<String> {
         value.push_str(&format!(",+{more} more"));
     }
     Some(value)
+}
+
+/// Where the filter publishes its configuration (`{"settings": ...,
+/// "delivery": "feed"}`) for the singleton, which admits each policy under
+/// the edge's `origin_networks` and `resolve` as the workers will: a source
+/// that skips validation gets nothing past them.
+pub const SETTINGS_KEY: &str = "origin-policy.settings";
+
+/// The settings in a configuration published at [`SETTINGS_KEY`].
+pub fn published_settings(value: &[u8]) -> Result<Settings, String> {
+    let document = parse_json(value).map_err(|e| format!("not valid JSON: {e}"))?;
+    crate::settings::parse_settings("filter configuration", document.get("settings"))
+        .map_err(|d| crate::Diagnostics(d).to_string())
 }
 
 /// The state value once the first sync is complete.
@@ -142,16 +157,17 @@ impl DomainEntries {
     pub fn lookup(
         &mut self,
         host: &str,
+        settings: &Settings,
         mut read: impl FnMut(&str) -> EntryRead,
     ) -> Result<Option<(Arc<CompiledPolicy>, MatchKind)>, EntryError> {
-        if let Some(p) = self.entry(entry_key(host), &mut read)? {
+        if let Some(p) = self.entry(entry_key(host), settings, &mut read)? {
             return Ok(Some((p, MatchKind::Exact)));
         }
         let mut rest = host;
         while let Some(dot) = rest.find('.') {
             rest = &rest[dot + 1..];
             let key = format!("{ENTRY_KEY_PREFIX}*.{rest}");
-            if let Some(p) = self.entry(key, &mut read)? {
+            if let Some(p) = self.entry(key, settings, &mut read)? {
                 return Ok(Some((p, MatchKind::Wildcard)));
             }
         }
@@ -167,9 +183,16 @@ impl DomainEntries {
         self.compiled.is_empty()
     }
 
+    /// Forgets every compiled policy: the settings they were admitted under
+    /// changed.
+    pub fn clear(&mut self) {
+        self.compiled.clear();
+    }
+
     fn entry(
         &mut self,
         key: String,
+        settings: &Settings,
         read: &mut impl FnMut(&str) -> EntryRead,
     ) -> Result<Option<Arc<CompiledPolicy>>, EntryError> {
         let Some((value, cas)) = read(&key) else {
@@ -186,7 +209,7 @@ impl DomainEntries {
             }
         }
         let domain = &key[ENTRY_KEY_PREFIX.len()..];
-        let policy = validate_entry(domain, &value).map_err(|d| EntryError::Invalid {
+        let policy = validate_entry(domain, &value, settings).map_err(|d| EntryError::Invalid {
             domain: domain.to_owned(),
             why: d.to_string(),
         })?;
@@ -204,7 +227,11 @@ impl DomainEntries {
 
 /// A document as the feed names it: valid, and for the domain it is filed
 /// under. The first error is the one reported.
-fn validate_entry(domain: &str, document: &[u8]) -> Result<Policy, Box<PolicyDiagnostic>> {
+fn validate_entry(
+    domain: &str,
+    document: &[u8],
+    settings: &Settings,
+) -> Result<Policy, Box<PolicyDiagnostic>> {
     let source = "feed";
     let finding = |path: &str, message: String| {
         Box::new(PolicyDiagnostic {
@@ -231,6 +258,12 @@ fn validate_entry(domain: &str, document: &[u8]) -> Result<Policy, Box<PolicyDia
             "/domain",
             format!("the feed files this policy under `{domain}`, but it is for `{named}`"),
         ));
+    }
+    if let Some(refused) = check_policy_origins(&policy, settings, source)
+        .into_iter()
+        .next()
+    {
+        return Err(Box::new(refused));
     }
     Ok(policy)
 }
@@ -271,6 +304,9 @@ pub struct FeedSync {
     written: HashMap<String, u128, foldhash::fast::RandomState>,
     /// During a snapshot: the domains it listed so far.
     listed: Option<HashSet<String, foldhash::fast::RandomState>>,
+    /// Validate every document again, changed or not (the settings changed),
+    /// until the next snapshot ends.
+    revalidate: bool,
 }
 
 impl FeedSync {
@@ -278,6 +314,12 @@ impl FeedSync {
     /// the pages that follow list every domain it has.
     pub fn begin_snapshot(&mut self) {
         self.listed = Some(HashSet::default());
+    }
+
+    /// The settings policies are admitted under changed: the next snapshot
+    /// validates and writes every domain again.
+    pub fn revalidate(&mut self) {
+        self.revalidate = true;
     }
 
     pub fn in_snapshot(&self) -> bool {
@@ -290,7 +332,7 @@ impl FeedSync {
     }
 
     /// Validates one page's changes and says what to write.
-    pub fn apply(&mut self, page: &[u8]) -> PageOutcome {
+    pub fn apply(&mut self, page: &[u8], settings: &Settings) -> PageOutcome {
         let mut out = PageOutcome::default();
         for (i, line) in page.split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
@@ -315,11 +357,11 @@ impl FeedSync {
                 continue;
             }
             let fingerprint = document_fingerprint(document);
-            if self.written.get(domain) == Some(&fingerprint) {
+            if !self.revalidate && self.written.get(domain) == Some(&fingerprint) {
                 out.unchanged += 1;
                 continue;
             }
-            match validate_entry(domain, document) {
+            match validate_entry(domain, document, settings) {
                 Ok(_) => {
                     self.written.insert(domain.to_owned(), fingerprint);
                     out.writes.push((entry_key(domain), document.to_vec()));
@@ -336,6 +378,7 @@ impl FeedSync {
         let Some(listed) = self.listed.take() else {
             return Vec::new();
         };
+        self.revalidate = false;
         let gone: Vec<String> = self
             .written
             .keys()
@@ -391,22 +434,31 @@ mod tests {
     fn an_entry_is_compiled_once_and_again_when_rewritten() {
         let mut shared = FakeSharedData::default();
         let mut sync = FeedSync::default();
-        shared.write(sync.apply(&page(&[("www.example.com", WWW)])).writes);
+        shared.write(
+            sync.apply(&page(&[("www.example.com", WWW)]), &Settings::default())
+                .writes,
+        );
         let mut entries = DomainEntries::default();
         let (p, kind) = entries
-            .lookup("www.example.com", |k| shared.read(k))
+            .lookup("www.example.com", &Settings::default(), |k| shared.read(k))
             .unwrap()
             .unwrap();
         assert_eq!((origin_of(&p), kind), ("a.example.net", MatchKind::Exact));
         let (again, _) = entries
-            .lookup("www.example.com", |k| shared.read(k))
+            .lookup("www.example.com", &Settings::default(), |k| shared.read(k))
             .unwrap()
             .unwrap();
         assert!(Arc::ptr_eq(&p, &again), "unchanged entry recompiled");
         let changed = WWW.replace("a.example.net", "c.example.net");
-        shared.write(sync.apply(&page(&[("www.example.com", &changed)])).writes);
+        shared.write(
+            sync.apply(
+                &page(&[("www.example.com", &changed)]),
+                &Settings::default(),
+            )
+            .writes,
+        );
         let (now, _) = entries
-            .lookup("www.example.com", |k| shared.read(k))
+            .lookup("www.example.com", &Settings::default(), |k| shared.read(k))
             .unwrap()
             .unwrap();
         assert_eq!(origin_of(&now), "c.example.net");
@@ -418,14 +470,17 @@ mod tests {
     fn wildcards_cover_subdomains_not_the_parent() {
         let mut shared = FakeSharedData::default();
         let mut sync = FeedSync::default();
-        shared.write(sync.apply(&page(&[("*.example.org", WILD)])).writes);
+        shared.write(
+            sync.apply(&page(&[("*.example.org", WILD)]), &Settings::default())
+                .writes,
+        );
         let mut entries = DomainEntries::default();
         let found = entries
-            .lookup("x.y.example.org", |k| shared.read(k))
+            .lookup("x.y.example.org", &Settings::default(), |k| shared.read(k))
             .unwrap();
         assert_eq!(found.map(|(_, k)| k), Some(MatchKind::Wildcard));
         assert!(entries
-            .lookup("example.org", |k| shared.read(k))
+            .lookup("example.org", &Settings::default(), |k| shared.read(k))
             .unwrap()
             .is_none());
     }
@@ -434,9 +489,12 @@ mod tests {
     fn an_invalid_change_keeps_the_last_good_entry() {
         let mut shared = FakeSharedData::default();
         let mut sync = FeedSync::default();
-        shared.write(sync.apply(&page(&[("www.example.com", WWW)])).writes);
+        shared.write(
+            sync.apply(&page(&[("www.example.com", WWW)]), &Settings::default())
+                .writes,
+        );
         let bad = WWW.replace("\"a.example.net\"", "\"a.example.net\",\"port\":\"x\"");
-        let out = sync.apply(&page(&[("www.example.com", &bad)]));
+        let out = sync.apply(&page(&[("www.example.com", &bad)]), &Settings::default());
         assert!(out.writes.is_empty());
         assert_eq!(out.rejected.len(), 1);
         let finding = out.rejected[0].to_string();
@@ -445,12 +503,12 @@ mod tests {
             "{finding}"
         );
         // Filed under another domain than its own: refused too.
-        let out = sync.apply(&page(&[("other.example.com", WWW)]));
+        let out = sync.apply(&page(&[("other.example.com", WWW)]), &Settings::default());
         assert!(out.writes.is_empty());
         assert!(out.rejected[0].to_string().contains("/domain"));
         let mut entries = DomainEntries::default();
         let (p, _) = entries
-            .lookup("www.example.com", |k| shared.read(k))
+            .lookup("www.example.com", &Settings::default(), |k| shared.read(k))
             .unwrap()
             .unwrap();
         assert_eq!(origin_of(&p), "a.example.net");
@@ -463,15 +521,15 @@ mod tests {
         sync.begin_snapshot();
         let other = WWW.replace("www.example.com", "old.example.com");
         shared.write(
-            sync.apply(&page(&[
-                ("www.example.com", WWW),
-                ("old.example.com", &other),
-            ]))
+            sync.apply(
+                &page(&[("www.example.com", WWW), ("old.example.com", &other)]),
+                &Settings::default(),
+            )
             .writes,
         );
         assert!(sync.end_snapshot().is_empty());
         sync.begin_snapshot();
-        let out = sync.apply(&page(&[("www.example.com", WWW)]));
+        let out = sync.apply(&page(&[("www.example.com", WWW)]), &Settings::default());
         assert_eq!((out.writes.len(), out.unchanged), (0, 1));
         let removed = sync.end_snapshot();
         assert_eq!(
@@ -481,7 +539,7 @@ mod tests {
         shared.write(removed);
         let mut entries = DomainEntries::default();
         assert!(entries
-            .lookup("old.example.com", |k| shared.read(k))
+            .lookup("old.example.com", &Settings::default(), |k| shared.read(k))
             .unwrap()
             .is_none());
         assert_eq!(sync.domains(), 1);
@@ -491,8 +549,14 @@ mod tests {
     fn a_removal_and_malformed_lines() {
         let mut shared = FakeSharedData::default();
         let mut sync = FeedSync::default();
-        shared.write(sync.apply(&page(&[("www.example.com", WWW)])).writes);
-        let out = sync.apply(b"www.example.com\t\nno tab here\n\tdoc\n");
+        shared.write(
+            sync.apply(&page(&[("www.example.com", WWW)]), &Settings::default())
+                .writes,
+        );
+        let out = sync.apply(
+            b"www.example.com\t\nno tab here\n\tdoc\n",
+            &Settings::default(),
+        );
         assert_eq!(
             out.malformed,
             vec![MalformedLine { line: 2 }, MalformedLine { line: 3 }]
@@ -500,7 +564,7 @@ mod tests {
         shared.write(out.writes);
         let mut entries = DomainEntries::default();
         assert!(entries
-            .lookup("www.example.com", |k| shared.read(k))
+            .lookup("www.example.com", &Settings::default(), |k| shared.read(k))
             .unwrap()
             .is_none());
     }
@@ -532,7 +596,7 @@ mod tests {
             b"{\"domain\":".to_vec(),
         )]);
         let err = DomainEntries::default()
-            .lookup("www.example.com", |k| shared.read(k))
+            .lookup("www.example.com", &Settings::default(), |k| shared.read(k))
             .unwrap_err();
         assert!(err.to_string().starts_with("www.example.com: "), "{err}");
     }

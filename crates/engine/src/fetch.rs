@@ -1,6 +1,7 @@
 //! Telling an origin's own 5xx from one the proxy made up because the origin
 //! never answered (refused connection, failed TLS handshake, timeout).
 
+use crate::networks::NetworkPolicy;
 use crate::origin_error::header_text;
 use std::fmt;
 
@@ -25,12 +26,20 @@ pub enum FetchFailure<'a> {
     /// No origin had an address: the name of each was never resolved
     /// (Envoy's `no_healthy_upstream` for a DNS cluster with no host).
     Unresolved,
+    /// The origin's name resolved to an address `settings.origin_networks`
+    /// refuses: the edge's upstream RBAC stopped the request before it
+    /// connected. The text is the RBAC policy that matched.
+    AddressNotAllowed(NetworkPolicy),
 }
 
 impl<'a> FetchFailure<'a> {
     /// Reads Envoy's `response.code_details`. `None` means the origin answered
     /// (`via_upstream`) or the reply is not about reaching the origin.
     pub fn from_code_details(details: &'a str) -> Option<Self> {
+        if let Some(policy) = details.strip_prefix("rbac_access_denied_matched_policy[") {
+            let name = policy.strip_suffix(']').unwrap_or(policy);
+            return NetworkPolicy::from_name(name).map(FetchFailure::AddressNotAllowed);
+        }
         if matches!(
             details,
             "response_timeout" | "upstream_per_try_timeout" | "upstream_per_try_idle_timeout"
@@ -95,6 +104,9 @@ impl fmt::Display for FetchFailure<'_> {
             FetchFailure::Unresolved => {
                 f.write_str("orig dns failed (the origin's name has no address)")
             }
+            FetchFailure::AddressNotAllowed(policy) => {
+                write!(f, "origin address not allowed ({})", policy.describe())
+            }
         }
     }
 }
@@ -145,6 +157,16 @@ mod tests {
                 "cares_success:Successful_completion",
                 Some(FetchFailure::NoHealthyOrigin),
             ),
+            (
+                "rbac_access_denied_matched_policy[origin-networks-edge]",
+                Some(FetchFailure::AddressNotAllowed(NetworkPolicy::Edge)),
+            ),
+            (
+                "rbac_access_denied_matched_policy[origin-networks-special-purpose]",
+                Some(FetchFailure::AddressNotAllowed(NetworkPolicy::SpecialPurpose)),
+            ),
+            // Another RBAC filter's denial is not about the origin's address.
+            ("rbac_access_denied_matched_policy[admins-only]", None),
         ];
         for (details, expected) in cases {
             assert_eq!(

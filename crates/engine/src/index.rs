@@ -6,6 +6,7 @@ use crate::decision::{DomainMatch, MatchKind, Outcome, Refusal, ViewerRequest};
 use crate::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
 use crate::host::normalize_authority;
 use crate::json::{document_fingerprint, parse_json, scan_envelope};
+use crate::networks::check_policy_origins;
 use crate::parse::{domain_of, parse_policy};
 use crate::policy::DomainPattern;
 use crate::settings::{parse_settings, Settings};
@@ -234,11 +235,13 @@ struct Builder {
     rejected_domains: Vec<Option<DomainPattern>>,
     documents: DocumentMap,
     compiled: usize,
+    settings: Settings,
 }
 
 impl Builder {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, settings: Settings) -> Self {
         Builder {
+            settings,
             diagnostics: Vec::new(),
             accepted: Vec::with_capacity(capacity),
             rejected_domains: Vec::new(),
@@ -251,7 +254,14 @@ impl Builder {
     /// next push.
     fn compile(&mut self, slot: usize, source: &str, document: &Value, fingerprint: Option<u128>) {
         self.compiled += 1;
-        let (policy, found) = parse_policy(source, document);
+        let (policy, mut found) = parse_policy(source, document);
+        // The edge's networks: checked here, where every policy enters.
+        let policy = policy.filter(|p| {
+            let refused = check_policy_origins(p, &self.settings, source);
+            let admitted = refused.is_empty();
+            found.extend(refused);
+            admitted
+        });
         match policy {
             Some(p) => {
                 let policy = Arc::new(CompiledPolicy::compile(p));
@@ -286,7 +296,6 @@ impl Builder {
 
     fn finish(
         self,
-        settings: Settings,
         settings_fingerprint: Option<u128>,
         source_of: impl Fn(usize) -> String,
         previous: Option<&PolicySet>,
@@ -297,6 +306,7 @@ impl Builder {
             mut rejected_domains,
             documents,
             compiled,
+            settings,
         } = self;
         // Each domain's first slot, and the later slots that repeat a domain,
         // grouped under that first slot (in order, for stable diagnostics).
@@ -400,11 +410,11 @@ impl PolicySet {
         sources: &[PolicySource<'_>],
         previous: Option<&PolicySet>,
     ) -> CompiledSet {
-        let mut builder = Builder::new(sources.len());
+        let mut builder = Builder::new(sources.len(), settings);
         for (i, src) in sources.iter().enumerate() {
             builder.compile(i, &src.source, src.document, None);
         }
-        builder.finish(settings, None, |i| sources[i].source.clone(), previous)
+        builder.finish(None, |i| sources[i].source.clone(), previous)
     }
 
     /// Parses a plugin configuration: `{"settings": {...}, "policies": [...]}`.
@@ -453,7 +463,7 @@ impl PolicySet {
         let reusable = previous
             .filter(|p| p.settings_fingerprint == settings_fingerprint)
             .map(|p| &p.documents);
-        let mut builder = Builder::new(policies.len());
+        let mut builder = Builder::new(policies.len(), settings);
         for (slot, raw) in policies.iter().enumerate() {
             let text = raw.get().as_bytes();
             let fingerprint = document_fingerprint(text);
@@ -465,7 +475,7 @@ impl PolicySet {
                 }
             }
         }
-        let mut compiled = builder.finish(settings, settings_fingerprint, slot_name, previous);
+        let mut compiled = builder.finish(settings_fingerprint, slot_name, previous);
         compiled.set.delivery = delivery;
         Ok(compiled)
     }

@@ -21,6 +21,7 @@ pub mod host;
 mod index;
 mod json;
 pub mod last_good;
+pub mod networks;
 mod origin_error;
 mod parse;
 pub mod policy;
@@ -45,6 +46,7 @@ pub use index::{
     CompiledSet, ConfigError, Delivery, DomainIndex, PolicySet, PolicySource, MAX_POLICIES,
 };
 pub use json::{fingerprint, parse_json, JsonError, MAX_JSON_BYTES};
+pub use networks::{check_policy_origins, OriginNetworks};
 pub use origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
 pub use parse::parse_policy;
 pub use policy::{

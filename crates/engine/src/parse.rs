@@ -129,6 +129,7 @@ fn origin(f: &mut Findings, value: &Value, path: &str, tier: Option<Tier>) -> Op
     }
     r.finish(f);
     Some(Origin {
+        path: path.to_owned(),
         address: address?,
         port: port_value?,
         tier: tier?,

@@ -103,6 +103,8 @@ impl Tier {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
+    /// JSON pointer of the origin object in its policy (`/primary`, `/origins/2`).
+    pub path: String,
     /// Normalised domain or IP literal (IPv6 in brackets).
     pub address: String,
     /// The origin's own port; decides the scheme when the protocol policy is `off`.

@@ -3,6 +3,7 @@
 use crate::diagnostic::PolicyDiagnostic;
 use crate::direct::{DirectOrigins, DEFAULT_SHARDS, MAX_SHARDS};
 use crate::host::is_ip_literal;
+use crate::networks::{parse_origin_networks, OriginNetworks};
 use crate::reader::{header_safe, host_name, integer_in, string, FieldReader, Findings};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -71,6 +72,8 @@ pub struct Settings {
     /// Origins of requests without a failover chain go through a few
     /// forward-proxy clusters instead of one cluster each (`None`: one each).
     pub direct_origins: Option<DirectOrigins>,
+    /// The networks origins may be in: the edge's, never a policy's.
+    pub origin_networks: OriginNetworks,
 }
 
 impl Default for Settings {
@@ -86,6 +89,7 @@ impl Default for Settings {
             dns_resolvers: Vec::new(),
             origin_health: OriginHealth::default(),
             direct_origins: None,
+            origin_networks: OriginNetworks::default(),
         }
     }
 }
@@ -200,6 +204,22 @@ pub fn parse_settings(
         }
         if let Some((v, p)) = r.field("direct_origins") {
             settings.direct_origins = direct_origins(&mut f, v, &p);
+        }
+        if let Some((v, p)) = r.field("origin_networks") {
+            settings.origin_networks = parse_origin_networks(&mut f, v, &p);
+        }
+        // A fixed address is held to the networks as a policy's own is.
+        for (name, ip) in &settings.resolve {
+            let refused = ip
+                .parse()
+                .is_ok_and(|ip| !settings.origin_networks.allows_some_port(ip));
+            if refused {
+                f.error_with_fix(
+                    &format!("/settings/resolve/{}", crate::diagnostic::pointer_segment(name)),
+                    format!("`{name}` resolves to {ip}, which `origin_networks` refuses on every port"),
+                    "list the network (and the origin's ports) in `origin_networks.allow`, or remove the name",
+                );
+            }
         }
         for gone in ["dynamic_forward_proxy", "max_secondary_response_bytes"] {
             if let Some((_, p)) = r.field(gone) {

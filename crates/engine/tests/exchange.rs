@@ -13,7 +13,11 @@ use serde_json::{json, Value};
 
 fn compile(policies: Value) -> PolicySet {
     let config = json!({
-        "settings": {"max_replay_body_bytes": 1000, "decision_header": true},
+        "settings": {
+            "max_replay_body_bytes": 1000,
+            "decision_header": true,
+            "origin_networks": {"allow": ["192.0.2.0/24"]}
+        },
         "policies": policies,
     });
     let compiled = PolicySet::from_plugin_value(&config, None).unwrap();
@@ -231,7 +235,10 @@ fn no_host_at_all_is_a_name_never_resolved_when_every_origin_is_looked_up_by_dns
     // An origin with a fixed address always has its host: then every origin
     // of the request was marked down.
     let config = json!({
-        "settings": {"resolve": {"primary.example.net": "192.0.2.1"}},
+        "settings": {
+            "resolve": {"primary.example.net": "192.0.2.1"},
+            "origin_networks": {"allow": ["192.0.2.0/24"]}
+        },
         "policies": [{
             "domain": "www.example.com",
             "primary": {"address": "primary.example.net"},

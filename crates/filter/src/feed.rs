@@ -7,10 +7,11 @@
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::{
-    rejected_report, waiting_state, FeedSync, EPOCH_HEADER, FEED_STATE_KEY, MORE_HEADER,
-    NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, VERSION_HEADER,
+    published_settings, rejected_report, waiting_state, FeedSync, EPOCH_HEADER, FEED_STATE_KEY,
+    MORE_HEADER, NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, SETTINGS_KEY,
+    VERSION_HEADER,
 };
-use origin_policy_engine::parse_json;
+use origin_policy_engine::{parse_json, Settings};
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::BufferType;
 use serde_json::Value;
@@ -83,6 +84,9 @@ pub(crate) struct FeedRoot {
     /// This root's id in [`LEADER_KEY`], and whether it leads.
     id: u64,
     leading: bool,
+    /// The filter's settings (and their shared-data CAS) policies are
+    /// admitted under.
+    settings: Option<(u32, Settings)>,
 }
 
 impl FeedRoot {
@@ -101,6 +105,7 @@ impl FeedRoot {
             rejected: Vec::new(),
             id: 0,
             leading: false,
+            settings: None,
         }
     }
 
@@ -170,7 +175,35 @@ impl FeedRoot {
             .map_or_else(String::new, |c| c.cluster.clone())
     }
 
+    /// Reads the filter's settings as its configuration published them. A
+    /// change of what admits an origin starts a re-sync that validates every
+    /// domain again. `Err` while the filter has published none.
+    fn refresh_settings(&mut self) -> Result<(), String> {
+        let (Some(value), Some(cas)) = self.get_shared_data(SETTINGS_KEY) else {
+            return Err("waiting for the filter's configuration: its settings decide which origins a policy may name".to_owned());
+        };
+        if self.settings.as_ref().is_some_and(|(seen, _)| *seen == cas) {
+            return Ok(());
+        }
+        let settings = published_settings(&value)
+            .map_err(|e| format!("the filter's published settings are unusable: {e}"))?;
+        let changed = self.settings.as_ref().is_some_and(|(_, old)| {
+            old.origin_networks != settings.origin_networks || old.resolve != settings.resolve
+        });
+        self.settings = Some((cas, settings));
+        if changed {
+            info!("policy feed: the origin networks changed; every domain is validated again");
+            self.sync.revalidate();
+            self.version = 0;
+            self.epoch.clear();
+        }
+        Ok(())
+    }
+
     fn poll(&mut self) {
+        if let Err(why) = self.refresh_settings() {
+            return self.fail(why);
+        }
         let Some(config) = &self.config else { return };
         let path = format!(
             "{}?since={}&epoch={}",
@@ -234,7 +267,10 @@ impl FeedRoot {
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
-        let outcome = self.sync.apply(&body);
+        let Some((_, settings)) = &self.settings else {
+            return;
+        };
+        let outcome = self.sync.apply(&body, settings);
         for finding in &outcome.rejected {
             error!("policy rejected, the domain keeps its last good policy: {finding}");
             self.rejected.extend(finding.domain.clone());

@@ -28,6 +28,12 @@ thread_local! {
     static ENTRIES: RefCell<DomainEntries> = RefCell::default();
 }
 
+/// Forgets this worker's compiled entries: they were admitted under
+/// settings that changed.
+pub(crate) fn forget_entries() {
+    ENTRIES.with(|entries| entries.borrow_mut().clear());
+}
+
 /// The policy a request's host found, owned: from the configuration's index,
 /// or compiled from the domain's feed entry.
 struct FoundPolicy<'a> {
@@ -76,7 +82,11 @@ fn find_policy<'a>(
     let host =
         normalize_authority(authority).map_err(|e| NotFound::Refused(Refusal::BadHost(e)))?;
     let found = ENTRIES
-        .with(|entries| entries.borrow_mut().lookup(&host, shared_data))
+        .with(|entries| {
+            entries
+                .borrow_mut()
+                .lookup(&host, &policies.settings, shared_data)
+        })
         .map_err(NotFound::Unavailable)?;
     match found {
         Some((policy, matched)) => Ok(FoundPolicy {
@@ -490,9 +500,10 @@ impl HttpContext for OriginFetch {
         else {
             return Action::Continue;
         };
-        // Only a 5xx can be the proxy's stand-in for an origin that never
+        // Only a 5xx (or the 403 of the edge's upstream RBAC on origin
+        // networks) can be the proxy's stand-in for an origin that never
         // answered; asking costs a host call, so only then.
-        let details = (status >= 500)
+        let details = (status >= 500 || status == 403)
             .then(|| property(vec!["response", "code_details"]))
             .flatten()
             .and_then(|b| String::from_utf8(b).ok());
@@ -501,9 +512,13 @@ impl HttpContext for OriginFetch {
         let metadata = chain
             .then(|| property(vec!["xds", "upstream_host_metadata"]))
             .flatten();
+        let failure = details.as_deref().and_then(FetchFailure::from_code_details);
+        if matches!(failure, Some(FetchFailure::AddressNotAllowed(_))) {
+            self.metrics.bump(Counter::OriginAddressRefused);
+        }
         let verdict = exchange.on_response(UpstreamReport {
             status,
-            failure: details.as_deref().and_then(FetchFailure::from_code_details),
+            failure,
             attempts: if chain { attempt_count() } else { 1 },
             host_metadata: metadata.as_deref(),
         });

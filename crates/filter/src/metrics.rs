@@ -11,6 +11,8 @@ pub enum Counter {
     BadHost,
     Origin5xx,
     OriginUnreachable,
+    /// An origin's resolved address was refused by `settings.origin_networks`.
+    OriginAddressRefused,
     RedirectUncacheable,
     CacheOverridden,
     /// The first origin failed and Envoy retried on the next.
@@ -32,12 +34,13 @@ pub enum Counter {
     EntryUnavailable,
 }
 
-const NAMES: [&str; 18] = [
+const NAMES: [&str; 19] = [
     "origin_policy.decisions",
     "origin_policy.unknown_domain",
     "origin_policy.bad_host",
     "origin_policy.origin_5xx",
     "origin_policy.origin_unreachable",
+    "origin_policy.origin_address_refused",
     "origin_policy.redirects_uncacheable",
     "origin_policy.cache_overridden",
     "origin_policy.failover.retried",

@@ -2,9 +2,10 @@
 //! rejected domain on its last good policy, and hands every stream the policy
 //! set that was current when it started.
 
-use crate::http::OriginFetch;
+use crate::http::{forget_entries, OriginFetch};
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
+use origin_policy_engine::feed::SETTINGS_KEY;
 use origin_policy_engine::last_good::{no_kept_documents, LastGood};
 use origin_policy_engine::{
     fingerprint, CompiledSet, Delivery, JsonError, PolicySet, MAX_JSON_BYTES,
@@ -158,6 +159,19 @@ impl OriginPolicyRoot {
     }
 }
 
+/// Gives the feed singleton the settings it admits policies under; written
+/// only when they changed, so that its re-sync follows real changes.
+fn publish_settings(configuration: &[u8]) {
+    let published = hostcalls::get_shared_data(SETTINGS_KEY)
+        .ok()
+        .and_then(|(v, _)| v);
+    if published.as_deref() != Some(configuration) {
+        if let Err(e) = hostcalls::set_shared_data(SETTINGS_KEY, Some(configuration), None) {
+            error!("cannot publish the settings to the policy feed: {e:?}");
+        }
+    }
+}
+
 impl Context for OriginPolicyRoot {}
 
 impl RootContext for OriginPolicyRoot {
@@ -225,6 +239,12 @@ impl RootContext for OriginPolicyRoot {
                 ),
                 Delivery::Feed => info!("settings loaded; the policies come from the feed"),
             }
+        }
+        if compiled.set.delivery == Delivery::Feed {
+            publish_settings(&bytes);
+        }
+        if previous.as_ref().map(|p| &p.settings) != Some(&compiled.set.settings) {
+            forget_entries();
         }
         let set = Rc::new(compiled.set);
         LAST_GOOD.with(|m| m.borrow_mut().insert(plugin, Rc::clone(&set)));

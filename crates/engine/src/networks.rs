@@ -1,0 +1,921 @@
+//! Which networks an origin may be in. A policy is a tenant's; the networks
+//! are the edge's (`settings.origin_networks`), so that no policy can make the
+//! edge fetch from itself, its hosts' private networks or a metadata service.
+//!
+//! An address is refused when it, or an IPv4 address it carries
+//! (`::ffff:127.0.0.1`, NAT64, 6to4, Teredo), is: one of the edge's own
+//! sockets (`edge`, whatever else is listed), in a `deny` entry, or in a
+//! special-purpose network ([`SPECIAL_PURPOSE`]) that no `allow` entry covers.
+
+use crate::compiled::port_for;
+use crate::diagnostic::PolicyDiagnostic;
+use crate::policy::Policy;
+use crate::reader::{kind, port, FieldReader, Findings};
+use crate::settings::Settings;
+use serde_json::{json, Value};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// An IPv4 or IPv6 network. The families never match each other: an IPv4
+/// address written inside IPv6 is checked as the IPv6 address it is and
+/// again as the IPv4 address it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpNetwork {
+    V4 { base: u32, prefix: u8 },
+    V6 { base: u128, prefix: u8 },
+}
+
+const fn v4(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> IpNetwork {
+    IpNetwork::V4 {
+        base: u32::from_be_bytes([a, b, c, d]),
+        prefix,
+    }
+}
+
+const fn v6(segments: [u16; 8], prefix: u8) -> IpNetwork {
+    let [a, b, c, d, e, f, g, h] = segments;
+    IpNetwork::V6 {
+        base: Ipv6Addr::new(a, b, c, d, e, f, g, h).to_bits(),
+        prefix,
+    }
+}
+
+fn mask32(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+}
+
+fn mask128(prefix: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+}
+
+impl IpNetwork {
+    /// `a.b.c.d/n`, `x::y/n`, or a bare address (one host).
+    pub fn parse(text: &str) -> Result<IpNetwork, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("prefix length `{p}` is not 0-{max}"))?,
+        };
+        let network = match addr {
+            IpAddr::V4(ip) => IpNetwork::V4 {
+                base: ip.to_bits() & mask32(prefix),
+                prefix,
+            },
+            IpAddr::V6(ip) => IpNetwork::V6 {
+                base: ip.to_bits() & mask128(prefix),
+                prefix,
+            },
+        };
+        if network.base_address() != addr {
+            return Err(format!(
+                "`{text}` has host bits set: the network is `{network}`"
+            ));
+        }
+        Ok(network)
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (IpNetwork::V4 { base, prefix }, IpAddr::V4(ip)) => {
+                ip.to_bits() & mask32(*prefix) == *base
+            }
+            (IpNetwork::V6 { base, prefix }, IpAddr::V6(ip)) => {
+                ip.to_bits() & mask128(*prefix) == *base
+            }
+            _ => false,
+        }
+    }
+
+    fn base_address(&self) -> IpAddr {
+        match self {
+            IpNetwork::V4 { base, .. } => IpAddr::V4(Ipv4Addr::from_bits(*base)),
+            IpNetwork::V6 { base, .. } => IpAddr::V6(Ipv6Addr::from_bits(*base)),
+        }
+    }
+}
+
+impl fmt::Display for IpNetwork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let prefix = match self {
+            IpNetwork::V4 { prefix, .. } | IpNetwork::V6 { prefix, .. } => prefix,
+        };
+        write!(f, "{}/{prefix}", self.base_address())
+    }
+}
+
+/// The networks no origin is in unless an `allow` entry says so, most
+/// specific first (the first that matches names the refusal): IANA's
+/// special-purpose registries, less what the public internet routes.
+pub const SPECIAL_PURPOSE: &[(IpNetwork, &str)] = &[
+    (v4(0, 0, 0, 0, 8), "\"this network\", unspecified"),
+    (v4(10, 0, 0, 0, 8), "private"),
+    (v4(100, 64, 0, 0, 10), "shared address space"),
+    (v4(127, 0, 0, 0, 8), "loopback"),
+    (
+        v4(169, 254, 0, 0, 16),
+        "link-local, cloud metadata services",
+    ),
+    (v4(172, 16, 0, 0, 12), "private"),
+    (v4(192, 0, 0, 0, 24), "IETF protocol assignments"),
+    (v4(192, 0, 2, 0, 24), "documentation"),
+    (v4(192, 88, 99, 0, 24), "6to4 relay anycast"),
+    (v4(192, 168, 0, 0, 16), "private"),
+    (v4(198, 18, 0, 0, 15), "benchmarking"),
+    (v4(198, 51, 100, 0, 24), "documentation"),
+    (v4(203, 0, 113, 0, 24), "documentation"),
+    (v4(224, 0, 0, 0, 4), "multicast"),
+    (v4(255, 255, 255, 255, 32), "broadcast"),
+    (v4(240, 0, 0, 0, 4), "reserved"),
+    (v6([0, 0, 0, 0, 0, 0, 0, 0], 128), "unspecified"),
+    (v6([0, 0, 0, 0, 0, 0, 0, 1], 128), "loopback"),
+    (v6([0, 0, 0, 0, 0, 0xffff, 0, 0], 96), "IPv4-mapped"),
+    (v6([0, 0, 0, 0, 0, 0, 0, 0], 96), "IPv4-compatible"),
+    (v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96), "NAT64"),
+    (v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), "local-use NAT64"),
+    (v6([0x100, 0, 0, 0, 0, 0, 0, 0], 64), "discard-only"),
+    (v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 32), "Teredo"),
+    (v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32), "documentation"),
+    (
+        v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23),
+        "IETF protocol assignments",
+    ),
+    (v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16), "6to4"),
+    (v6([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20), "documentation"),
+    (v6([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16), "segment routing"),
+    (v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), "unique local"),
+    (v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), "link-local"),
+    (v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), "site-local"),
+    (v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), "multicast"),
+];
+
+/// The IPv4 addresses an IPv6 address carries, each of which reaches (or
+/// is translated to) that IPv4 host.
+fn embedded_ipv4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let bits = ip.to_bits();
+    let low = Ipv4Addr::from_bits(bits as u32);
+    let mut out = Vec::new();
+    let in_net = |net: IpNetwork| net.contains(IpAddr::V6(ip));
+    if in_net(v6([0, 0, 0, 0, 0, 0xffff, 0, 0], 96))
+        || in_net(v6([0, 0, 0, 0, 0, 0, 0, 0], 96))
+        || in_net(v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96))
+        || in_net(v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48))
+    {
+        out.push(low);
+    }
+    if in_net(v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16)) {
+        out.push(Ipv4Addr::from_bits((bits >> 80) as u32));
+    }
+    if in_net(v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 32)) {
+        // Teredo: the server, then the client (stored inverted).
+        out.push(Ipv4Addr::from_bits((bits >> 64) as u32));
+        out.push(Ipv4Addr::from_bits(!(bits as u32)));
+    }
+    out
+}
+
+/// Ports as written: inclusive ranges; none means every port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRule {
+    pub network: IpNetwork,
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl NetworkRule {
+    fn matches(&self, ip: IpAddr, port: u16) -> bool {
+        self.network.contains(ip)
+            && (self.ports.is_empty() || self.ports.iter().any(|(a, b)| (*a..=*b).contains(&port)))
+    }
+}
+
+impl fmt::Display for NetworkRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.network)?;
+        for (i, (a, b)) in self.ports.iter().enumerate() {
+            f.write_str(if i == 0 { " port " } else { "," })?;
+            if a == b {
+                write!(f, "{a}")?;
+            } else {
+                write!(f, "{a}-{b}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `settings.origin_networks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginNetworks {
+    /// Special-purpose networks (and ports) origins may be in all the same.
+    pub allow: Vec<NetworkRule>,
+    /// Networks no origin may be in, besides the special-purpose ones.
+    pub deny: Vec<NetworkRule>,
+    /// The edge's own sockets (admin, listeners, the policy source): never
+    /// an origin, whatever `allow` says.
+    pub edge: Vec<NetworkRule>,
+}
+
+/// Why an origin address is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressRefusal {
+    /// The address checked: the origin's, or the IPv4 address it carries.
+    pub address: IpAddr,
+    pub reason: RefusalReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalReason {
+    Edge(NetworkRule),
+    Denied(NetworkRule),
+    SpecialPurpose(IpNetwork, &'static str),
+}
+
+impl fmt::Display for AddressRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let address = self.address;
+        match &self.reason {
+            RefusalReason::Edge(rule) => write!(
+                f,
+                "{address} is the edge itself (`settings.origin_networks.edge`: {rule})"
+            ),
+            RefusalReason::Denied(rule) => write!(
+                f,
+                "{address} is in a denied network (`settings.origin_networks.deny`: {rule})"
+            ),
+            RefusalReason::SpecialPurpose(net, name) => {
+                write!(f, "{address} is in {net} ({name})")
+            }
+        }
+    }
+}
+
+impl OriginNetworks {
+    /// Whether the edge may connect to `ip` on `port`.
+    pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), AddressRefusal> {
+        self.verdict(ip, port)?;
+        if let IpAddr::V6(v6) = ip {
+            for carried in embedded_ipv4(v6) {
+                self.verdict(IpAddr::V4(carried), port)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn verdict(&self, address: IpAddr, port: u16) -> Result<(), AddressRefusal> {
+        let refuse = |reason| Err(AddressRefusal { address, reason });
+        if let Some(rule) = self.edge.iter().find(|r| r.matches(address, port)) {
+            return refuse(RefusalReason::Edge(rule.clone()));
+        }
+        if let Some(rule) = self.deny.iter().find(|r| r.matches(address, port)) {
+            return refuse(RefusalReason::Denied(rule.clone()));
+        }
+        if self.allow.iter().any(|r| r.matches(address, port)) {
+            return Ok(());
+        }
+        match SPECIAL_PURPOSE
+            .iter()
+            .find(|(net, _)| net.contains(address))
+        {
+            Some((net, name)) => refuse(RefusalReason::SpecialPurpose(*net, name)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether any port of `ip` may be an origin (for a `resolve` target).
+    pub fn allows_some_port(&self, ip: IpAddr) -> bool {
+        self.check(ip, 0).is_ok()
+            || self
+                .allow
+                .iter()
+                .flat_map(|r| r.ports.iter().map(|(a, _)| *a))
+                .any(|port| self.check(ip, port).is_ok())
+    }
+}
+
+/// Parses `settings.origin_networks`: `{"allow": [...], "deny": [...],
+/// "edge": [...]}`, each entry `"CIDR"` or `{"network": "CIDR", "ports":
+/// [80, "8000-8999"]}`.
+pub(crate) fn parse_origin_networks(f: &mut Findings, value: &Value, path: &str) -> OriginNetworks {
+    let mut networks = OriginNetworks::default();
+    let Some(mut r) = FieldReader::open(f, value, path) else {
+        return networks;
+    };
+    for (key, slot) in [
+        ("allow", &mut networks.allow),
+        ("deny", &mut networks.deny),
+        ("edge", &mut networks.edge),
+    ] {
+        if let Some((v, p)) = r.field(key) {
+            *slot = rules(f, v, &p);
+        }
+    }
+    r.finish(f);
+    networks
+}
+
+fn rules(f: &mut Findings, value: &Value, path: &str) -> Vec<NetworkRule> {
+    let Value::Array(items) = value else {
+        f.error(
+            path,
+            "expected a list of networks (`\"10.1.0.0/16\"` or `{\"network\": \"10.1.0.0/16\", \"ports\": [443]}`)",
+        );
+        return Vec::new();
+    };
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| rule(f, item, &format!("{path}/{i}")))
+        .collect()
+}
+
+fn rule(f: &mut Findings, value: &Value, path: &str) -> Option<NetworkRule> {
+    let network = |f: &mut Findings, v: &Value, p: &str| match v {
+        Value::String(text) => IpNetwork::parse(text)
+            .map_err(|e| f.error(p, format!("{e} (expected a network such as `10.1.0.0/16`)")))
+            .ok(),
+        other => {
+            f.error(
+                p,
+                format!(
+                    "expected a network such as `10.1.0.0/16`, found {}",
+                    kind(other)
+                ),
+            );
+            None
+        }
+    };
+    if !value.is_object() {
+        return network(f, value, path).map(|network| NetworkRule {
+            network,
+            ports: Vec::new(),
+        });
+    }
+    let mut r = FieldReader::open(f, value, path)?;
+    let net = match r.field("network") {
+        Some((v, p)) => network(f, v, &p),
+        None => {
+            f.error(path, "missing field `network`");
+            None
+        }
+    };
+    let ports = match r.field("ports") {
+        Some((v, p)) => port_ranges(f, v, &p),
+        None => Some(Vec::new()),
+    };
+    r.finish(f);
+    Some(NetworkRule {
+        network: net?,
+        ports: ports?,
+    })
+}
+
+fn port_ranges(f: &mut Findings, value: &Value, path: &str) -> Option<Vec<(u16, u16)>> {
+    let items = match value {
+        Value::Array(items) if !items.is_empty() => items,
+        _ => {
+            f.error(
+                path,
+                "expected a non-empty list of ports (`443`) or ranges (`\"8000-8999\"`)",
+            );
+            return None;
+        }
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let p = format!("{path}/{i}");
+        let range = match item {
+            Value::String(text) => {
+                let parsed = text.split_once('-').and_then(|(a, b)| {
+                    let (a, b) = (a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?);
+                    (a >= 1 && a <= b).then_some((a, b))
+                });
+                if parsed.is_none() {
+                    f.error(
+                        &p,
+                        format!(
+                            "`{}` is not a port range such as `8000-8999`",
+                            text.escape_debug()
+                        ),
+                    );
+                }
+                parsed
+            }
+            other => port(f, other, &p).map(|n| (n, n)),
+        };
+        match range {
+            Some(r) => out.push(r),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// The name of the edge's upstream RBAC filter (an ECDS resource) that
+/// applies `settings.origin_networks` to the address Envoy connects to.
+pub const NETWORKS_FILTER_NAME: &str = "origin-networks";
+const RBAC_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+const UPSTREAM_IP_PORT_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.rbac.matchers.upstream_ip_port.v3.UpstreamIpPortMatcher";
+
+/// The upstream RBAC's policies, one per reason an address is refused; the
+/// name Envoy reports (`rbac_access_denied_matched_policy[NAME]`) says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkPolicy {
+    Edge,
+    Denied,
+    SpecialPurpose,
+}
+
+impl NetworkPolicy {
+    const ALL: [NetworkPolicy; 3] = [
+        NetworkPolicy::Edge,
+        NetworkPolicy::Denied,
+        NetworkPolicy::SpecialPurpose,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkPolicy::Edge => "origin-networks-edge",
+            NetworkPolicy::Denied => "origin-networks-denied",
+            NetworkPolicy::SpecialPurpose => "origin-networks-special-purpose",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<NetworkPolicy> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// What the viewer's `x-origin-error` says.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NetworkPolicy::Edge => "the edge itself",
+            NetworkPolicy::Denied => "a denied network",
+            NetworkPolicy::SpecialPurpose => "a special-purpose network",
+        }
+    }
+}
+
+/// Envoy's `upstream_ip_port` matchers for one rule: one per port range,
+/// and for an IPv4 network also its IPv4-mapped IPv6 form, the address a
+/// dual-stack resolver may give for the same host.
+fn rule_matchers(rule: &NetworkRule) -> Vec<Value> {
+    let mut networks = vec![rule.network];
+    if let IpNetwork::V4 { base, prefix } = rule.network {
+        networks.push(IpNetwork::V6 {
+            base: Ipv4Addr::from_bits(base).to_ipv6_mapped().to_bits(),
+            prefix: prefix + 96,
+        });
+    }
+    let ports: Vec<Option<(u16, u16)>> = if rule.ports.is_empty() {
+        vec![None]
+    } else {
+        rule.ports.iter().copied().map(Some).collect()
+    };
+    let mut out = Vec::new();
+    for network in networks {
+        let (address, prefix) = match network {
+            IpNetwork::V4 { prefix, .. } | IpNetwork::V6 { prefix, .. } => {
+                (network.base_address().to_string(), prefix)
+            }
+        };
+        for range in &ports {
+            let mut matcher = json!({
+                "@type": UPSTREAM_IP_PORT_TYPE,
+                "upstream_ip": {"address_prefix": address, "prefix_len": prefix},
+            });
+            // Envoy's matcher takes both ends as inclusive.
+            if let Some((start, end)) = range {
+                matcher["upstream_port_range"] = json!({"start": start, "end": end});
+            }
+            out.push(json!({"matcher": {
+                "name": "envoy.rbac.matchers.upstream_ip_port",
+                "typed_config": matcher,
+            }}));
+        }
+    }
+    out
+}
+
+fn any_of(rules: &[NetworkRule]) -> Option<Value> {
+    let matchers: Vec<Value> = rules.iter().flat_map(rule_matchers).collect();
+    (!matchers.is_empty()).then(|| json!({"or_rules": {"rules": matchers}}))
+}
+
+impl OriginNetworks {
+    /// The edge's upstream RBAC filter configuration (Envoy's
+    /// `envoy.extensions.filters.http.rbac.v3.RBAC`): the same verdict as
+    /// [`OriginNetworks::check`], on the address Envoy is about to connect
+    /// to, whatever the cluster type or how the name resolved.
+    pub fn upstream_rbac(&self) -> Value {
+        let special: Vec<NetworkRule> = SPECIAL_PURPOSE
+            .iter()
+            .map(|(network, _)| NetworkRule {
+                network: *network,
+                ports: Vec::new(),
+            })
+            .collect();
+        let mut policies = serde_json::Map::new();
+        for policy in NetworkPolicy::ALL {
+            let permission = match policy {
+                NetworkPolicy::Edge => any_of(&self.edge),
+                NetworkPolicy::Denied => any_of(&self.deny),
+                NetworkPolicy::SpecialPurpose => {
+                    let special = any_of(&special);
+                    match (special, any_of(&self.allow)) {
+                        (Some(s), Some(allowed)) => {
+                            Some(json!({"and_rules": {"rules": [s, {"not_rule": allowed}]}}))
+                        }
+                        (s, None) => s,
+                        (None, Some(_)) => None,
+                    }
+                }
+            };
+            if let Some(permission) = permission {
+                policies.insert(
+                    policy.name().to_owned(),
+                    json!({"permissions": [permission], "principals": [{"any": true}]}),
+                );
+            }
+        }
+        json!({
+            "@type": RBAC_TYPE,
+            "rules": {"action": "DENY", "policies": policies},
+            "rules_stat_prefix": "origin_networks.",
+        })
+    }
+
+    /// The ECDS file of the upstream RBAC filter.
+    pub fn ecds_resource(&self) -> Value {
+        json!({
+            "resources": [{
+                "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+                "name": NETWORKS_FILTER_NAME,
+                "typed_config": self.upstream_rbac(),
+            }]
+        })
+    }
+}
+
+/// Refuses every origin of `policy` the edge may not connect to on a port
+/// the policy uses: an IP address as written, or the address
+/// `settings.resolve` gives its name. Names looked up by DNS are checked
+/// when Envoy resolves them (see the README, "Origin networks").
+pub fn check_policy_origins(
+    policy: &Policy,
+    settings: &Settings,
+    source: &str,
+) -> Vec<PolicyDiagnostic> {
+    let mut f = Findings::new(source);
+    f.set_domain(&policy.domain.display_name());
+    for origin in &policy.origins {
+        let resolved = settings.resolve.get(&origin.address);
+        let Some(ip) = literal_ip(resolved.unwrap_or(&origin.address)) else {
+            continue;
+        };
+        let refusal = policy.schemes_for(origin).into_iter().find_map(|scheme| {
+            let port = port_for(policy, origin, scheme);
+            settings
+                .origin_networks
+                .check(ip, port)
+                .err()
+                .map(|why| (scheme, port, why))
+        });
+        if let Some((scheme, port, why)) = refusal {
+            let by = match resolved {
+                Some(ip) => format!(" (`{ip}` by `settings.resolve`)"),
+                None => String::new(),
+            };
+            let fix = match why.reason {
+                RefusalReason::Edge(_) => "an origin is never the edge itself: name the origin server's own address",
+                _ => "name the origin's public address; an edge that must fetch from this network lists it in `settings.origin_networks.allow`",
+            };
+            f.error_with_fix(
+                &format!("{}/address", origin.path),
+                format!(
+                    "origin `{}`{by} on port {port} ({}) is not an address the edge fetches from: {why}",
+                    origin.address,
+                    scheme.as_str()
+                ),
+                fix,
+            );
+        }
+    }
+    f.into_list()
+}
+
+/// An origin address or `resolve` target as an IP address (IPv6 may be bracketed).
+fn literal_ip(text: &str) -> Option<IpAddr> {
+    text.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    fn rule(net: &str, ports: &[(u16, u16)]) -> NetworkRule {
+        NetworkRule {
+            network: IpNetwork::parse(net).unwrap_or(v4(0, 0, 0, 0, 0)),
+            ports: ports.to_vec(),
+        }
+    }
+
+    #[test]
+    fn by_default_every_special_purpose_network_is_refused_and_public_ones_are_not() {
+        let networks = OriginNetworks::default();
+        let refused = [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "192.0.2.7",
+            "198.18.0.1",
+            "::",
+            "::1",
+            "fe80::1",
+            "fc00::1",
+            "fd00:ec2::254",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:8.8.8.8",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            "2002:7f00:1::",
+            "2001:db8::1",
+        ];
+        for text in refused {
+            assert!(
+                networks.check(ip(text), 80).is_err(),
+                "{text} should be refused"
+            );
+        }
+        for text in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "100.128.0.1",
+        ] {
+            assert_eq!(networks.check(ip(text), 80), Ok(()), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_names_the_network_and_what_it_is() {
+        let networks = OriginNetworks::default();
+        let why = networks
+            .check(ip("169.254.169.254"), 80)
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            why.as_deref(),
+            Some("169.254.169.254 is in 169.254.0.0/16 (link-local, cloud metadata services)")
+        );
+        let why = networks
+            .check(ip("::ffff:127.0.0.1"), 80)
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            why.as_deref(),
+            Some("::ffff:127.0.0.1 is in ::ffff:0.0.0.0/96 (IPv4-mapped)")
+        );
+    }
+
+    #[test]
+    fn allow_opens_a_special_network_by_port_but_never_the_edge_or_a_denied_one() {
+        let networks = OriginNetworks {
+            allow: vec![
+                rule("127.0.0.1", &[(18080, 18090)]),
+                rule("::ffff:0:0/96", &[]),
+                rule("10.0.0.0/8", &[]),
+            ],
+            deny: vec![rule("10.9.0.0/16", &[])],
+            edge: vec![rule("127.0.0.0/8", &[(18085, 18085)])],
+        };
+        assert_eq!(networks.check(ip("127.0.0.1"), 18080), Ok(()));
+        assert!(networks.check(ip("127.0.0.1"), 9901).is_err());
+        assert!(networks.check(ip("127.0.0.2"), 18080).is_err());
+        let edge = networks.check(ip("127.0.0.1"), 18085).err();
+        assert!(matches!(
+            edge.map(|e| e.reason),
+            Some(RefusalReason::Edge(_))
+        ));
+        // The IPv6 form is allowed, but the IPv4 address it carries is
+        // checked too: the edge's own port stays refused.
+        assert_eq!(networks.check(ip("::ffff:127.0.0.1"), 18080), Ok(()));
+        let carried = networks.check(ip("::ffff:127.0.0.1"), 18085).err();
+        assert_eq!(carried.map(|e| e.address), Some(ip("127.0.0.1")));
+        assert_eq!(networks.check(ip("10.1.0.1"), 443), Ok(()));
+        let denied = networks.check(ip("10.9.0.1"), 443).err();
+        assert!(matches!(
+            denied.map(|e| e.reason),
+            Some(RefusalReason::Denied(_))
+        ));
+    }
+
+    #[test]
+    fn teredo_and_6to4_carry_the_ipv4_they_reach() {
+        let teredo: Ipv6Addr = "2001:0:4136:e378:8000:63bf:80ff:fffe"
+            .parse()
+            .unwrap_or(Ipv6Addr::UNSPECIFIED);
+        assert_eq!(
+            embedded_ipv4(teredo),
+            vec![Ipv4Addr::new(65, 54, 227, 120), Ipv4Addr::new(127, 0, 0, 1)]
+        );
+        let six_to_four: Ipv6Addr = "2002:a00:1::1".parse().unwrap_or(Ipv6Addr::UNSPECIFIED);
+        assert_eq!(embedded_ipv4(six_to_four), vec![Ipv4Addr::new(10, 0, 0, 1)]);
+    }
+
+    #[test]
+    fn networks_parse_strictly() {
+        assert_eq!(IpNetwork::parse("10.0.0.0/8"), Ok(v4(10, 0, 0, 0, 8)));
+        assert_eq!(IpNetwork::parse("127.0.0.1"), Ok(v4(127, 0, 0, 1, 32)));
+        assert_eq!(
+            IpNetwork::parse("fe80::/10"),
+            Ok(v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10))
+        );
+        assert!(IpNetwork::parse("10.0.0.1/8").is_err_and(|e| e.contains("`10.0.0.0/8`")));
+        assert!(IpNetwork::parse("10.0.0.0/33").is_err());
+        assert!(IpNetwork::parse("example.net").is_err());
+        assert_eq!(v4(0, 0, 0, 0, 0).to_string(), "0.0.0.0/0");
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::parse::parse_policy;
+    use crate::settings::parse_settings;
+    use serde_json::json;
+
+    fn findings(settings: Value, policy: Value) -> Vec<String> {
+        let settings = parse_settings("settings.json", Some(&settings));
+        assert!(settings.is_ok(), "{settings:?}");
+        let settings = settings.unwrap_or_default();
+        let (policy, _) = parse_policy("a.json", &policy);
+        let Some(policy) = policy else {
+            return vec!["the policy did not parse".to_owned()];
+        };
+        check_policy_origins(&policy, &settings, "a.json")
+            .iter()
+            .map(|d| format!("{} {}", d.path, d.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_policy_naming_the_edge_a_private_network_or_metadata_is_refused_where_it_names_them() {
+        let settings = json!({
+            "resolve": {"inside.example.net": "10.0.0.5"},
+            "origin_networks": {
+                "allow": [
+                    {"network": "127.0.0.1", "ports": ["18080-18099"]},
+                    {"network": "10.0.0.0/8", "ports": [8443]}
+                ],
+                "edge": [{"network": "127.0.0.0/8", "ports": [9901, 18090]}]
+            }
+        });
+        let policy = json!({
+            "domain": "evil.example.com",
+            "origins": [
+                {"address": "127.0.0.1", "port": 9901},
+                {"address": "169.254.169.254"},
+                {"address": "inside.example.net", "priority": "secondary"},
+                {"address": "::ffff:127.0.0.1", "port": 18085},
+                {"address": "127.0.0.1", "port": 18090},
+                {"address": "127.0.0.1", "port": 18085},
+                {"address": "origin.example.net"}
+            ]
+        });
+        let found = findings(settings, policy);
+        assert_eq!(found.len(), 5, "{found:#?}");
+        assert!(found[0].starts_with("/origins/0/address origin `127.0.0.1` on port 9901 (http)"));
+        assert!(found[0].ends_with("127.0.0.1 is the edge itself (`settings.origin_networks.edge`: 127.0.0.0/8 port 9901,18090)"));
+        assert!(found[1].contains("169.254.0.0/16 (link-local, cloud metadata services)"));
+        assert!(found[2].starts_with(
+            "/origins/2/address origin `inside.example.net` (`10.0.0.5` by `settings.resolve`)"
+        ));
+        assert!(found[3].contains("::ffff:0.0.0.0/96 (IPv4-mapped)"));
+        assert!(found[4].contains("the edge itself"));
+    }
+
+    #[test]
+    fn every_port_a_policy_may_use_is_checked() {
+        let settings =
+            json!({"origin_networks": {"allow": [{"network": "127.0.0.1", "ports": [18080]}]}});
+        let follow = json!({
+            "domain": "a.example.com",
+            "primary": {"address": "127.0.0.1"},
+            "protocol": {"policy": "follow", "http_port": 18080, "https_port": 18443}
+        });
+        let found = findings(settings, follow);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("on port 18443 (https)"), "{found:?}");
+    }
+
+    #[test]
+    fn a_resolve_target_no_port_may_reach_is_a_settings_error() {
+        let bad = json!({"resolve": {"origin.example.net": "169.254.169.254"}});
+        let errors = parse_settings("settings.json", Some(&bad))
+            .err()
+            .unwrap_or_default();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path, "/settings/resolve/origin.example.net");
+        let allowed = json!({
+            "resolve": {"origin.example.net": "10.1.2.3"},
+            "origin_networks": {"allow": [{"network": "10.1.0.0/16", "ports": [8080]}]}
+        });
+        assert!(parse_settings("settings.json", Some(&allowed)).is_ok());
+    }
+
+    #[test]
+    fn bad_networks_are_reported_with_their_pointer() {
+        let bad = json!({"origin_networks": {
+            "allow": ["10.0.0.1/8", {"network": "::1", "ports": ["9-1", 70000]}, 7],
+            "edge": "127.0.0.1",
+            "other": []
+        }});
+        let errors = parse_settings("settings.json", Some(&bad))
+            .err()
+            .unwrap_or_default();
+        let paths: Vec<&str> = errors.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/settings/origin_networks/allow/0",
+                "/settings/origin_networks/allow/1/ports/0",
+                "/settings/origin_networks/allow/1/ports/1",
+                "/settings/origin_networks/allow/2",
+                "/settings/origin_networks/edge",
+                "/settings/origin_networks/other",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_upstream_rbac_denies_in_the_order_check_does() {
+        let networks = OriginNetworks {
+            allow: vec![NetworkRule {
+                network: v4(127, 0, 0, 1, 32),
+                ports: vec![(18080, 18089)],
+            }],
+            deny: Vec::new(),
+            edge: vec![NetworkRule {
+                network: v4(127, 0, 0, 0, 8),
+                ports: vec![(9901, 9901)],
+            }],
+        };
+        let rbac = networks.upstream_rbac();
+        let policies = &rbac["rules"]["policies"];
+        assert_eq!(rbac["rules"]["action"], "DENY");
+        // No deny list: no policy for it (Envoy refuses an empty rule set).
+        assert!(policies.get("origin-networks-denied").is_none());
+        let edge = &policies["origin-networks-edge"]["permissions"][0]["or_rules"]["rules"];
+        // The IPv4 network and its IPv4-mapped form.
+        assert_eq!(edge.as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            edge[1]["matcher"]["typed_config"]["upstream_ip"],
+            json!({"address_prefix": "::ffff:127.0.0.0", "prefix_len": 104})
+        );
+        assert_eq!(
+            edge[0]["matcher"]["typed_config"]["upstream_port_range"],
+            json!({"start": 9901, "end": 9901})
+        );
+        let special =
+            &policies["origin-networks-special-purpose"]["permissions"][0]["and_rules"]["rules"];
+        let listed = special[0]["or_rules"]["rules"].as_array().map(Vec::len);
+        let v4_count = SPECIAL_PURPOSE
+            .iter()
+            .filter(|(n, _)| matches!(n, IpNetwork::V4 { .. }))
+            .count();
+        assert_eq!(listed, Some(SPECIAL_PURPOSE.len() + v4_count));
+        assert!(special[1]["not_rule"]["or_rules"].is_object());
+    }
+}
