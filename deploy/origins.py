@@ -425,14 +425,16 @@ class NameServer:
     """A DNS server on 127.0.0.1 (UDP). By default it knows no name: every
     query is answered NXDOMAIN. The edge's origins named by DNS are looked up
     here (`settings.dns_resolvers`), so no query leaves the machine and a name
-    that never resolves fails at once. Given `every_name_is`, it answers every
-    A query with that IPv4 address instead (a benchmark's many origin names)."""
+    that never resolves fails at once. A name in `names` has that IPv4 address
+    (a one-second TTL, so a test can re-bind it); given `every_name_is`, every
+    other name has that one (a benchmark's many origin names)."""
 
     def __init__(self, port: int, every_name_is: str | None = None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", port))
         self.address = f"127.0.0.1:{port}"
         self.answer = socket.inet_aton(every_name_is) if every_name_is else None
+        self.names: dict[str, str] = {}
         self.queries: list[str] = []
         self.thread = threading.Thread(target=self._serve, name="dns", daemon=True)
 
@@ -456,18 +458,21 @@ class NameServer:
                 continue
             self.queries.append(name)
             qtype = question[-4:-2]
-            if self.answer is not None and qtype == b"\x00\x01":
+            known = self.names.get(name.lower())
+            answer = socket.inet_aton(known) if known else self.answer
+            if answer is not None and qtype == b"\x00\x01":
                 # Same id; a response, recursion desired and available, no
                 # error; one question, one answer: the question's name (a
-                # pointer to it), A, IN, an hour, the address.
+                # pointer to it), A, IN, a TTL (a second or an hour), the address.
+                ttl = b"\x00\x00\x00\x01" if known else b"\x00\x00\x0e\x10"
                 header = query[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00"
-                record = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x0e\x10\x00\x04" + self.answer
+                record = b"\xc0\x0c\x00\x01\x00\x01" + ttl + b"\x00\x04" + answer
                 self.sock.sendto(header + question + record, peer)
                 continue
             # Same id; a response, recursion desired and available, NXDOMAIN
             # (no error, no record, for another type of a known name); one
             # question, no records.
-            rcode = b"\x81\x80" if self.answer is not None else b"\x81\x83"
+            rcode = b"\x81\x80" if answer is not None else b"\x81\x83"
             header = query[:2] + rcode + b"\x00\x01" + b"\x00\x00" * 3
             self.sock.sendto(header + question, peer)
 

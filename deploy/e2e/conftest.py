@@ -50,6 +50,8 @@ TEST_ORIGIN_NAMES = {
 # The tests' origins listen on loopback addresses (127.0.0.1-3) on ports of
 # their own; the edge's own ports stay refused (the demo settings' `edge`).
 TEST_ORIGIN_NETWORK = {"network": "127.0.0.0/8", "ports": ["1024-65535"]}
+# A loopback address the tests' settings deny: what a name is re-bound to.
+DENIED_TEST_ADDRESS = "127.0.0.9"
 
 
 def allow_test_origins(settings: dict) -> dict:
@@ -58,6 +60,7 @@ def allow_test_origins(settings: dict) -> dict:
     allow = networks.setdefault("allow", [])
     if TEST_ORIGIN_NETWORK not in allow:
         allow.append(TEST_ORIGIN_NETWORK)
+    networks["deny"] = [DENIED_TEST_ADDRESS]
     return settings
 
 

@@ -7,7 +7,7 @@ import subprocess
 import yaml
 from conftest import E2E_POLICIES, policies_for_tests
 
-from edge import ENVOY, POLICIES, bundle, cli, edge_config
+from edge import ENVOY, bundle, cli, edge_config
 from origins import Certificates
 
 
