@@ -127,7 +127,14 @@ def feed_edge(tmp_path_factory, demo_origins):
     run_dir = tmp_path_factory.mktemp("feed-edge")
     policies = run_dir / "policies"
     policies.mkdir()
-    settings = {"decision_header": True, "unknown_domain": {"action": "local_reply", "status": 404}}
+    settings = {
+        "decision_header": True,
+        "unknown_domain": {"action": "local_reply", "status": 404},
+        # This edge's own sockets: never an origin.
+        "origin_networks": {
+            "edge": [{"network": "127.0.0.0/8", "ports": [ADMIN_PORT, VIEWER_PORT, FEED_PORT]}]
+        },
+    }
     (policies / "settings.json").write_text(json.dumps(allow_test_origins(settings)))
     for i in range(DOMAINS):
         (policies / f"{domain(i)}.json").write_text(json.dumps(policy(i)))
@@ -187,6 +194,17 @@ def test_an_invalid_change_keeps_the_last_good_policy(feed_edge: FeedEdge):
     assert "/primary/port" in feed_edge.feed_log_text()
     assert feed_edge.serves(12345, "good.feed.test")
     assert feed_edge.counter("entries_written") == written
+
+
+def test_an_origin_on_the_edge_itself_is_refused_by_the_feed(feed_edge: FeedEdge):
+    feed_edge.write(12346, policy(12346, host="kept.feed.test"))
+    wait_for(lambda: feed_edge.serves(12346, "kept.feed.test", tries=3), PUSH_LIMIT_S)
+    feed_edge.write(12346, policy(12346, port=ADMIN_PORT))
+    wait_for(lambda: f"{domain(12346)}: rejected" in feed_edge.feed_log_text(), PUSH_LIMIT_S)
+    log = feed_edge.feed_log_text()
+    assert f"{domain(12346)}: /primary/address: origin `127.0.0.1` on port {ADMIN_PORT}" in log
+    assert "127.0.0.1 is the edge itself" in log
+    assert feed_edge.serves(12346, "kept.feed.test")
 
 
 def test_a_removed_domain_is_no_longer_served(feed_edge: FeedEdge):
@@ -307,7 +325,12 @@ def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdg
     good = json.dumps(policy(7, host="raw-good.feed.test"))
     bad = json.dumps(policy(7, port="x"))
     misfiled = json.dumps(policy(8, host="stolen.feed.test"))
-    pages = [f"{domain(7)}\t{good}\n", f"{domain(7)}\t{bad}\n{domain(9)}\t{misfiled}\n"]
+    # The edge's admin interface as an origin: refused under the filter's settings.
+    admin = json.dumps(policy(10, port=ADMIN_PORT))
+    pages = [
+        f"{domain(7)}\t{good}\n",
+        f"{domain(7)}\t{bad}\n{domain(9)}\t{misfiled}\n{domain(10)}\t{admin}\n",
+    ]
     script = tmp_path / "raw_feed.py"
     reports = tmp_path / "reports.txt"
     script.write_text(
@@ -318,14 +341,16 @@ def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdg
     rejected = feed_edge.counter("policy_rejected")
     raw = subprocess.Popen(["python3", str(script)])
     try:
-        wait_for(lambda: feed_edge.counter("policy_rejected") >= rejected + 2, 30)
+        wait_for(lambda: feed_edge.counter("policy_rejected") >= rejected + 3, 30)
         assert feed_edge.serves(7, "raw-good.feed.test")
         assert feed_edge.serves(9, domain(9))
+        assert feed_edge.serves(10, domain(10))
         log = feed_edge.envoy.log_text()
         assert "d7.feed.test: /primary/port" in log
         assert "files this policy under `d9.feed.test`, but it is for `d8.feed.test`" in log
+        assert f"d10.feed.test: /primary/address: origin `127.0.0.1` on port {ADMIN_PORT}" in log
         # The next poll names the refused domains to the source (per-domain NACK).
-        wait_for(lambda: "d7.feed.test,d9.feed.test" in reports.read_text(), 10)
+        wait_for(lambda: "d7.feed.test,d9.feed.test,d10.feed.test" in reports.read_text(), 10)
         assert "node=edge" in reports.read_text()
     finally:
         raw.terminate()

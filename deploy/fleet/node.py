@@ -2,7 +2,8 @@
 a node identity, and every late-bound resource from the control plane over ADS
 instead of from files.
 
-- Every `config_discovery` filter (the origin-policy filter) reads its
+- Every `config_discovery` filter (the origin-policy filter, and the origin
+  networks' upstream RBAC filter of the router) reads its
   configuration over ADS with no initial fetch timeout: a new Envoy warms its
   listeners until it has the filter, so it never answers a request without it
   (Envoy's default after a timeout would be the filter disabled and every
@@ -117,8 +118,11 @@ def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int, feed_
     # dict; deepcopy keeps that, which is harmless here.
     for hcm in hcm_configs(config):
         for f in hcm.get("http_filters", []):
-            if "config_discovery" in f:
-                f["config_discovery"]["config_source"] = ads_source()
+            # The router's upstream filters too: the origin networks' RBAC.
+            upstream = f.get("typed_config", {}).get("upstream_http_filters", [])
+            for g in [f, *upstream]:
+                if "config_discovery" in g:
+                    g["config_discovery"]["config_source"] = ads_source()
     config["static_resources"]["clusters"].append(control_plane_cluster(xds_port))
     config["dynamic_resources"] = dynamic_resources()
     return config

@@ -224,3 +224,37 @@ fn an_origin_that_never_answered_gets_502_or_504_with_the_cause() {
     vm.tick().unwrap();
     assert_eq!(vm.metric("origin_policy.origin_unreachable"), Some(2));
 }
+
+/// The edge's upstream RBAC (`settings.origin_networks`) refused the address
+/// an origin's name resolved to: Envoy's 403 becomes 502 with the reason,
+/// and only that RBAC's denials count; an origin's own 403 is its answer.
+#[test]
+fn an_origin_address_the_networks_refuse_gets_502_and_is_counted() {
+    let mut vm = common::example_vm();
+    let plain = common::get("plain.example.com", "http");
+    let id = vm.open_stream().unwrap();
+    vm.request_headers(id, &plain, true).unwrap();
+    vm.set_stream_property(
+        id,
+        "response.code_details",
+        "rbac_access_denied_matched_policy[origin-networks-edge]",
+    )
+    .unwrap();
+    vm.response_headers(id, &[(":status", "403")], false)
+        .unwrap();
+    assert_eq!(vm.response_header(id, ":status").as_deref(), Some("502"));
+    assert_eq!(
+        vm.response_header(id, "x-origin-error").as_deref(),
+        Some("origin address not allowed (the edge itself)")
+    );
+    let own = vm.open_stream().unwrap();
+    vm.request_headers(own, &plain, true).unwrap();
+    vm.set_stream_property(own, "response.code_details", "via_upstream")
+        .unwrap();
+    vm.response_headers(own, &[(":status", "403")], false)
+        .unwrap();
+    assert_eq!(vm.response_header(own, ":status").as_deref(), Some("403"));
+    assert_eq!(vm.response_header(own, "x-origin-error"), None);
+    vm.tick().unwrap();
+    assert_eq!(vm.metric("origin_policy.origin_address_refused"), Some(1));
+}
