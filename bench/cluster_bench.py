@@ -103,7 +103,8 @@ def document(i: int, shape: str) -> dict:
 
 def write_policies(directory: Path, n: int, shape: str, reach: str) -> None:
     directory.mkdir(parents=True)
-    settings = {"decision_header": True}
+    # The benchmark's origins are on loopback, which the edge refuses by default.
+    settings = {"decision_header": True, "origin_networks": {"allow": ["127.0.0.0/8"]}}
     if reach == "direct":
         settings["direct_origins"] = {}
     (directory / "settings.json").write_text(json.dumps(settings))

@@ -124,8 +124,10 @@ def origin_cluster(origin_port: int) -> dict:
     return cluster
 
 
+# The benchmark's origin is on loopback, which the edge refuses by default.
 SETTINGS = (
-    '{"decision_header":true,"unknown_domain":{"action":"local_reply","status":404}}'
+    '{"decision_header":true,"unknown_domain":{"action":"local_reply","status":404},'
+    '"origin_networks":{"allow":["127.0.0.0/8"]}}'
 )
 
 

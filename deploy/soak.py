@@ -97,7 +97,12 @@ def write_policies(directory: Path, version: int) -> None:
     """Two domains: one failing over from the flapping primary, one steady
     whose cache rule changes with every push."""
     directory.mkdir(exist_ok=True)
-    shutil.copy(POLICIES / "settings.json", directory / "settings.json")
+    settings = json.loads((POLICIES / "settings.json").read_text())
+    # The soak's own origins, on loopback beside the demo's.
+    settings["origin_networks"]["allow"].append(
+        {"network": "127.0.0.1/32", "ports": [PRIMARY_PORT, SECONDARY_PORT]}
+    )
+    (directory / "settings.json").write_text(json.dumps(settings))
     soak = {
         "domain": "soak.example.com",
         "primary": {"address": "127.0.0.1", "port": PRIMARY_PORT, "response_timeout_ms": 3000},

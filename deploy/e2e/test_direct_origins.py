@@ -74,6 +74,10 @@ def edge(tmp_path_factory, demo_origins, name_server, origins):
         "dns_resolvers": [name_server.address],
         "origin_health": {"cooldown_ms": COOLDOWN_MS},
         "direct_origins": {"shards": SHARDS},
+        # This edge's own sockets: never an origin.
+        "origin_networks": {
+            "edge": [{"network": "127.0.0.0/8", "ports": [HTTP_PORT, HTTPS_PORT, 9941]}]
+        },
     }
     (policies / "settings.json").write_text(json.dumps(allow_test_origins(settings)))
     # A domain is needed to start with: the plain origin, on its own port.
@@ -316,6 +320,19 @@ def test_an_origin_name_that_does_not_resolve_says_so(edge, path):
     r = edge.request(domain, path)
     assert r.status == 502, r.status
     assert r.header("x-origin-error") == "orig dns failed (the origin's name has no address)"
+
+
+def test_a_name_resolving_to_a_refused_address_is_never_reached_through_a_shard(
+    edge, name_server, path
+):
+    # The edge's admin port, and plain loopback on a port the tests do not allow.
+    name_server.names["edge.direct.test"] = "127.0.0.1"
+    for port, why in ((int(ADMIN.rsplit(":", 1)[1]), "the edge itself"), (999, "a special-purpose network")):
+        domain = push(edge, {"address": "edge.direct.test", "port": port})
+        r = edge.request(domain, path)
+        assert r.status == 502, (r.status, r.body[:200])
+        assert r.header("x-origin-error") == f"origin address not allowed ({why})"
+        assert b"command_line" not in r.body
 
 
 def test_a_new_origin_serves_without_a_cluster_push(edge, origins, path):

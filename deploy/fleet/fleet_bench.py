@@ -49,7 +49,12 @@ XDS_PORT = 18620
 STATUS_PORT = 18621
 PORT_BASE = 12200
 ORIGIN_PORT = 18081  # the plain demo origin (deploy/origins.py)
-SETTINGS = {"decision_header": True, "unknown_domain": {"action": "local_reply", "status": 404}}
+SETTINGS = {
+    "decision_header": True,
+    "unknown_domain": {"action": "local_reply", "status": 404},
+    # The benchmark's origin is on loopback, which the edge refuses by default.
+    "origin_networks": {"allow": ["127.0.0.1/32"]},
+}
 
 
 def write_policy(directory: Path, i: int, version: int = 0) -> None:

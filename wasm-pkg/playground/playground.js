@@ -86,7 +86,9 @@ function run() {
     const doc = JSON.parse(policy);
     // Messages are per policy document, as the CLI reports them per file.
     const docs = Array.isArray(doc) ? doc : doc.policies ?? [doc];
-    diagnostics = docs.flatMap((p, i) => validate(JSON.stringify(p), `policy[${i}]`));
+    // A bundled `{settings, policies}` brings the edge's origin networks.
+    const settings = doc.settings ? JSON.stringify(doc.settings) : undefined;
+    diagnostics = docs.flatMap((p, i) => validate(JSON.stringify(p), `policy[${i}]`, settings));
   } catch {
     diagnostics = validate(policy, "policy");
   }

@@ -92,11 +92,24 @@ fn to_js(value: &Value) -> Result<JsValue, JsError> {
 
 /// Validates one policy document. Returns every error and warning at once;
 /// an empty array means the policy is valid. `source` names it in the results
-/// (default `policy.json`).
+/// (default `policy.json`); `settings_json` is the edge's `settings.json`
+/// (default: none, so the default origin networks: no special-purpose
+/// address, such as loopback or a private network, is an origin).
 #[wasm_bindgen(unchecked_return_type = "Diagnostic[]")]
-pub fn validate(policy_json: &str, source: Option<String>) -> Result<JsValue, JsError> {
+pub fn validate(
+    policy_json: &str,
+    source: Option<String>,
+    settings_json: Option<String>,
+) -> Result<JsValue, JsError> {
     let source = source.unwrap_or_else(|| "policy.json".to_owned());
     let mut documents = PolicyDocuments::default();
+    if let Some(settings) = settings_json {
+        let name = origin_policy_engine::documents::SETTINGS_FILE.to_owned();
+        match origin_policy_engine::documents::parse_document(&name, settings.as_bytes()) {
+            Ok(value) => documents.add(DocumentKind::Settings, name, value),
+            Err(unreadable) => documents.unreadable.push(*unreadable),
+        }
+    }
     match origin_policy_engine::documents::parse_document(&source, policy_json.as_bytes()) {
         Ok(policy) => documents.add(DocumentKind::Policy, source, policy),
         Err(unreadable) => documents.unreadable.push(*unreadable),

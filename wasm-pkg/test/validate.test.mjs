@@ -35,11 +35,20 @@ test("warnings carry the fix in words", () => {
   assert.match(found[0].fix, /certificate/);
 });
 
-test("valid examples have no errors", () => {
+test("valid examples have no errors under the edge's settings", () => {
+  const settings = readFileSync(`${policiesDir}settings.json`, "utf8");
   for (const f of readdirSync(policiesDir).filter((f) => f.endsWith(".example.com.json"))) {
-    const errors = validate(readFileSync(policiesDir + f, "utf8"), f).filter((d) => d.severity === "error");
+    const errors = validate(readFileSync(policiesDir + f, "utf8"), f, settings).filter((d) => d.severity === "error");
     assert.deepEqual(errors, [], f);
   }
+});
+
+test("without settings an origin on loopback is refused, as the edge's default refuses it", () => {
+  const policy = readFileSync(`${policiesDir}static.example.com.json`, "utf8");
+  const errors = validate(policy, "static.example.com.json").filter((d) => d.severity === "error");
+  assert.deepEqual(errors.map((d) => d.path), ["/primary/address", "/secondary/address"]);
+  assert.match(errors[0].message, /127\.0\.0\.0\/8 \(loopback\)/);
+  assert.match(errors[0].fix, /origin_networks\.allow/);
 });
 
 test("text that is not JSON is one error, not a throw", () => {
