@@ -49,12 +49,14 @@ VARIANTS = {
     "native": 10102,
     "noop_wasm": 10103,
     "origin_policy": 10104,
+    "origin_networks": 10110,
 }
 LABELS = {
     "no_filter": "(a) no filter",
     "native": "(b) native rewrite",
     "noop_wasm": "(c) no-op wasm",
     "origin_policy": "(d) origin-policy",
+    "origin_networks": "(d) with the origin networks' upstream RBAC",
 }
 # The calibration variants: the no-op filter's plugin configuration names the
 # one host call it makes per request (bench/noop-filter/src/lib.rs).
