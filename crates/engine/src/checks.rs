@@ -16,6 +16,17 @@ impl Policy {
     }
 }
 
+/// The port and scheme the protocol policy gives an origin.
+pub(crate) fn port_for(policy: &Policy, origin: &Origin, scheme: Scheme) -> u16 {
+    match policy.protocol {
+        ProtocolPolicy::Off => origin.port,
+        _ => match scheme {
+            Scheme::Http => policy.http_port,
+            Scheme::Https => policy.https_port,
+        },
+    }
+}
+
 /// Known misconfigurations from the CDN FAQ: legal, but likely to fail.
 pub(crate) fn lint(f: &mut Findings, policy: Option<&Policy>) {
     let Some(p) = policy else { return };

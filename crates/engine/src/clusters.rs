@@ -8,6 +8,7 @@
 use crate::compiled::{CompiledPolicy, OriginEndpoint, TlsName};
 use crate::direct::{shard_clusters, DirectClass, DirectOrigins};
 use crate::host::is_ip_literal;
+use crate::index::PolicySet;
 use crate::policy::Scheme;
 use crate::settings::Settings;
 use serde_json::{json, Value};
@@ -345,3 +346,14 @@ pub(crate) fn dns_resolver_config(settings: &Settings) -> Option<Value> {
         },
     }))
 }
+
+impl PolicySet {
+    /// The Envoy clusters the policies need, derived from their origins.
+    pub fn derived_clusters(&self) -> DerivedClusters {
+        DerivedClusters::of(
+            self.index.policies().map(|p| p.as_ref()),
+            self.settings.direct_origins,
+        )
+    }
+}
+

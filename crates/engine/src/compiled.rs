@@ -1,6 +1,7 @@
 //! A policy compiled for lookups: every way to each origin, worked out once
 //! when the policy is loaded, so that a request only picks among them.
 
+use crate::checks::port_for;
 use crate::host::{is_ip_literal, strip_port};
 use crate::policy::{Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Scheme, Tier};
 use std::fmt;
@@ -153,17 +154,6 @@ pub struct CompiledPolicy {
     pub(crate) http: Option<SchemeRoutes>,
     pub(crate) https: Option<SchemeRoutes>,
     cache: Vec<CacheOverride>,
-}
-
-/// The port and scheme the protocol policy gives an origin.
-pub(crate) fn port_for(policy: &Policy, origin: &Origin, scheme: Scheme) -> u16 {
-    match policy.protocol {
-        ProtocolPolicy::Off => origin.port,
-        _ => match scheme {
-            Scheme::Http => policy.http_port,
-            Scheme::Https => policy.https_port,
-        },
-    }
 }
 
 fn endpoint(policy: &Policy, origin: &Origin, scheme: Scheme) -> OriginEndpoint {

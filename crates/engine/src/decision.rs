@@ -2,7 +2,8 @@
 //! a compiled policy.
 
 use crate::compiled::{CompiledPolicy, OriginRoute, Start, TlsName};
-use crate::host::{is_ip_literal, strip_port, HostError};
+use crate::host::{is_ip_literal, normalize_authority, strip_port, HostError};
+use crate::index::{MatchKind, PolicySet};
 use crate::policy::{FailoverRule, OriginHost, ProtocolPolicy, Scheme, Tier};
 use crate::settings::Settings;
 use std::borrow::Cow;
@@ -49,12 +50,6 @@ impl OwnedViewerRequest {
             spread: self.spread,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatchKind {
-    Exact,
-    Wildcard,
 }
 
 /// Where the viewer scheme came from, for `follow`.
@@ -423,6 +418,32 @@ impl OriginDecision<'_> {
     /// The compact `x-origin-decision` header value for the first origin.
     pub fn header_value(&self) -> String {
         self.target.header_value(&self.policy.name)
+    }
+}
+
+impl PolicySet {
+    /// The policy that covers a viewer's Host.
+    pub fn lookup<'a>(&'a self, authority: &'a str) -> Result<DomainMatch<'a>, Refusal<'a>> {
+        let host = normalize_authority(authority).map_err(Refusal::BadHost)?;
+        match self.index.lookup(&host) {
+            Some((policy, matched)) => Ok(DomainMatch {
+                policy,
+                matched,
+                viewer_host: host,
+            }),
+            None => Err(Refusal::UnknownDomain { viewer_host: host }),
+        }
+    }
+
+    /// Decides where a request goes.
+    pub fn decide<'a>(&'a self, request: &ViewerRequest<'a>) -> Outcome<'a> {
+        match self
+            .lookup(request.authority)
+            .and_then(|found| found.decide(request, &self.settings))
+        {
+            Ok(d) => Outcome::Origin(d),
+            Err(r) => Outcome::Refused(r),
+        }
     }
 }
 

@@ -10,7 +10,8 @@
 use crate::compiled::{CacheControl, CompiledPolicy};
 use crate::decision::ViewerRequest;
 use crate::decision::{Choice, DomainMatch, Failover, OriginDecision, OriginTarget, Refusal};
-use crate::direct::{DirectOrigins, DirectRoute};
+use crate::direct_route::DirectRoute;
+use crate::settings::DirectOrigins;
 use crate::fetch::FetchFailure;
 use crate::host::is_ip_literal;
 use crate::origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};

@@ -17,7 +17,7 @@
 //! source's long-poll wait.
 
 use crate::compiled::CompiledPolicy;
-use crate::decision::MatchKind;
+use crate::index::MatchKind;
 use crate::diagnostic::{PolicyDiagnostic, Severity};
 use crate::json::{document_fingerprint, parse_json};
 use crate::networks::check_policy_origins;

@@ -1,12 +1,11 @@
 //! Telling an origin's own 5xx from one the proxy made up because the origin
 //! never answered (refused connection, failed TLS handshake, timeout).
 
-use crate::networks::NetworkPolicy;
+use crate::networks_rbac::NetworkPolicy;
 use crate::origin_error::header_text;
+#[cfg(test)]
+use crate::origin_error::MAX_CAUSE_LEN;
 use std::fmt;
-
-/// The longest proxy-supplied cause copied into `x-origin-error`.
-pub const MAX_CAUSE_LEN: usize = 120;
 
 /// Why the primary fetch produced no origin response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,9 +2,7 @@
 //! O(labels) wildcard lookups, independent of how many domains are loaded.
 
 use crate::compiled::CompiledPolicy;
-use crate::decision::{DomainMatch, MatchKind, Outcome, Refusal, ViewerRequest};
 use crate::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
-use crate::host::normalize_authority;
 use crate::json::{document_fingerprint, parse_json, scan_envelope};
 use crate::networks::check_policy_origins;
 use crate::parse::{domain_of, parse_policy};
@@ -19,6 +17,13 @@ use std::sync::Arc;
 /// The most policies one plugin configuration may carry: loading is linear
 /// (about 0.8 s for 100,000 in wasmtime), and a bound keeps a mistaken push
 /// from stalling every worker.
+/// How a host found its policy: by its exact name, or a wildcard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchKind {
+    Exact,
+    Wildcard,
+}
+
 pub const MAX_POLICIES: usize = 200_000;
 
 /// Keys are policy names, chosen by the operator, so a fixed seed cannot be
@@ -395,14 +400,6 @@ impl Builder {
 }
 
 impl PolicySet {
-    /// The Envoy clusters the policies need, derived from their origins.
-    pub fn derived_clusters(&self) -> crate::clusters::DerivedClusters {
-        crate::clusters::DerivedClusters::of(
-            self.index.policies().map(|p| p.as_ref()),
-            self.settings.direct_origins,
-        )
-    }
-
     /// Compiles policies one domain at a time. A rejected policy never takes its
     /// domain down: when `previous` served that domain, its last good policy stays.
     pub fn compile(
@@ -530,27 +527,4 @@ impl PolicySet {
         Ok(compiled)
     }
 
-    /// The policy that covers a viewer's Host.
-    pub fn lookup<'a>(&'a self, authority: &'a str) -> Result<DomainMatch<'a>, Refusal<'a>> {
-        let host = normalize_authority(authority).map_err(Refusal::BadHost)?;
-        match self.index.lookup(&host) {
-            Some((policy, matched)) => Ok(DomainMatch {
-                policy,
-                matched,
-                viewer_host: host,
-            }),
-            None => Err(Refusal::UnknownDomain { viewer_host: host }),
-        }
-    }
-
-    /// Decides where a request goes.
-    pub fn decide<'a>(&'a self, request: &ViewerRequest<'a>) -> Outcome<'a> {
-        match self
-            .lookup(request.authority)
-            .and_then(|found| found.decide(request, &self.settings))
-        {
-            Ok(d) => Outcome::Origin(d),
-            Err(r) => Outcome::Refused(r),
-        }
-    }
 }

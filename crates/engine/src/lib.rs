@@ -13,6 +13,7 @@ mod compiled;
 mod decision;
 mod diagnostic;
 pub mod direct;
+mod direct_route;
 pub mod documents;
 mod exchange;
 pub mod feed;
@@ -22,6 +23,7 @@ mod index;
 mod json;
 pub mod last_good;
 pub mod networks;
+mod networks_rbac;
 mod origin_error;
 mod parse;
 pub mod policy;
@@ -31,7 +33,7 @@ mod settings;
 
 pub use compiled::{CacheControl, CacheOverride, CompiledPolicy, OriginEndpoint, TlsName};
 pub use decision::{
-    scheme_from_text, viewer_scheme, DomainMatch, Failover, FailoverPlan, FailoverSkip, MatchKind,
+    scheme_from_text, viewer_scheme, DomainMatch, Failover, FailoverPlan, FailoverSkip,
     OriginDecision, OriginTarget, Outcome, OwnedViewerRequest, Refusal, ViewerRequest,
     ViewerSchemeSource,
 };
@@ -43,7 +45,8 @@ pub use exchange::{
 };
 pub use fetch::FetchFailure;
 pub use index::{
-    CompiledSet, ConfigError, Delivery, DomainIndex, PolicySet, PolicySource, MAX_POLICIES,
+    CompiledSet, ConfigError, Delivery, DomainIndex, MatchKind, PolicySet, PolicySource,
+    MAX_POLICIES,
 };
 pub use json::{fingerprint, parse_json, JsonError, MAX_JSON_BYTES};
 pub use networks::{check_policy_origins, OriginNetworks};

@@ -5,11 +5,14 @@ use crate::decision::FailoverSkip;
 use crate::policy::Tier;
 use std::fmt;
 
+/// The longest proxy-supplied cause copied into `x-origin-error`.
+pub const MAX_CAUSE_LEN: usize = 120;
+
 /// Text from a request or the proxy, made fit for a response header: printable
-/// ASCII only (anything else becomes `?`), at most [`crate::fetch::MAX_CAUSE_LEN`] characters.
+/// ASCII only (anything else becomes `?`), at most [`MAX_CAUSE_LEN`] characters.
 pub(crate) fn header_text(text: &str) -> String {
     text.chars()
-        .take(crate::fetch::MAX_CAUSE_LEN)
+        .take(MAX_CAUSE_LEN)
         .map(|c| if matches!(c, ' '..='~') { c } else { '?' })
         .collect()
 }

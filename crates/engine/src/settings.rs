@@ -1,7 +1,6 @@
 //! Edge-wide settings that travel with the policies in the plugin configuration.
 
 use crate::diagnostic::PolicyDiagnostic;
-use crate::direct::{DirectOrigins, DEFAULT_SHARDS, MAX_SHARDS};
 use crate::host::is_ip_literal;
 use crate::networks::{parse_origin_networks, OriginNetworks};
 use crate::reader::{header_safe, host_name, integer_in, string, FieldReader, Findings};
@@ -15,6 +14,15 @@ pub const DEFAULT_MAX_REPLAY_BODY_BYTES: u32 = 1024 * 1024;
 pub const MAX_REPLAY_BODY_BYTES: u32 = 64 * 1024 * 1024;
 /// The system's CA bundle (Debian, Ubuntu, Alpine).
 pub const DEFAULT_ORIGIN_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+pub const DEFAULT_SHARDS: u16 = 64;
+pub const MAX_SHARDS: u16 = 1024;
+
+/// The `direct_origins` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectOrigins {
+    pub shards: u16,
+}
 
 /// When an origin is marked down and for how long: Envoy's outlier detection
 /// on every derived origin cluster.
