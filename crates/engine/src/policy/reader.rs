@@ -2,8 +2,8 @@
 //! source, the domain and the JSON pointer it concerns. Derive-based parsing
 //! stops at the first error; operators want the whole list.
 
-use crate::diagnostic::{pointer_segment, PolicyDiagnostic, Severity};
-use crate::host::normalize_host;
+use crate::policy::diagnostic::{pointer_segment, PolicyDiagnostic, Severity};
+use crate::policy::host::normalize_host;
 use serde_json::{Map, Value};
 
 /// Collects findings for one policy document.

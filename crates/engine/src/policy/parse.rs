@@ -1,10 +1,10 @@
 //! Parsing one policy document into the model, field by field.
 
-use crate::checks::lint;
-use crate::diagnostic::{pointer_segment, PolicyDiagnostic};
-use crate::host::{is_ip_literal, origin_address, strip_port};
+use crate::policy::checks::lint;
+use crate::policy::diagnostic::{pointer_segment, PolicyDiagnostic};
+use crate::policy::host::{is_ip_literal, origin_address, strip_port};
+use crate::policy::reader::*;
 use crate::policy::*;
-use crate::reader::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 

@@ -7,16 +7,20 @@
 //! of origins Envoy fails over along), the retry headers allow one failover,
 //! and the answer streams through. The exchange only reads what came back.
 
-use crate::compiled::{CacheControl, CompiledPolicy};
-use crate::decision::ViewerRequest;
-use crate::decision::{Choice, DomainMatch, Failover, OriginDecision, OriginTarget, Refusal};
-use crate::direct_route::DirectRoute;
-use crate::settings::DirectOrigins;
-use crate::fetch::FetchFailure;
-use crate::host::is_ip_literal;
-use crate::origin_error::{FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure};
+use crate::compile::compiled::{CacheControl, CompiledPolicy};
+use crate::policy::host::is_ip_literal;
+use crate::policy::settings::DirectOrigins;
+use crate::policy::settings::Settings;
 use crate::policy::{OriginHost, DEFAULT_RESPONSE_TIMEOUT_MS};
-use crate::settings::Settings;
+use crate::request::decision::ViewerRequest;
+use crate::request::decision::{
+    Choice, DomainMatch, Failover, OriginDecision, OriginTarget, Refusal,
+};
+use crate::request::direct_route::DirectRoute;
+use crate::request::fetch::FetchFailure;
+use crate::request::origin_error::{
+    FailoverOutcome, OriginError, PrimaryFailure, SecondaryFailure,
+};
 use std::borrow::Cow;
 use std::sync::Arc;
 

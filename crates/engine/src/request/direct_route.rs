@@ -2,12 +2,12 @@
 //! (`settings.direct_origins`): the shard's cluster and the filter state
 //! Envoy's forward proxy and TLS read.
 
-use crate::decision::OriginTarget;
-use crate::direct::{
+use crate::envoy::direct::{
     shard_of, DirectClass, DYNAMIC_HOST_STATE, SERVER_NAME_STATE, SUBJECT_ALT_NAMES_STATE,
 };
+use crate::policy::settings::{DirectOrigins, Settings};
 use crate::policy::Scheme;
-use crate::settings::{DirectOrigins, Settings};
+use crate::request::decision::OriginTarget;
 
 /// How one request reaches its origin without a cluster of its own: the
 /// shard cluster the route goes to, and the filter-state values the forward

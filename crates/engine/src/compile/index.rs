@@ -1,13 +1,13 @@
 //! The compiled policy set: a domain index with O(1) exact lookups and
 //! O(labels) wildcard lookups, independent of how many domains are loaded.
 
-use crate::compiled::CompiledPolicy;
-use crate::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
-use crate::json::{document_fingerprint, parse_json, scan_envelope};
-use crate::networks::check_policy_origins;
-use crate::parse::{domain_of, parse_policy};
+use crate::compile::compiled::CompiledPolicy;
+use crate::policy::admission::check_policy_origins;
+use crate::policy::diagnostic::{Diagnostics, PolicyDiagnostic, Severity};
+use crate::policy::json::{document_fingerprint, parse_json, scan_envelope};
+use crate::policy::parse::{domain_of, parse_policy};
+use crate::policy::settings::{parse_settings, Settings};
 use crate::policy::DomainPattern;
-use crate::settings::{parse_settings, Settings};
 use serde_json::Value;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -128,7 +128,7 @@ pub enum Delivery {
     #[default]
     Inline,
     /// One domain at a time, from the change feed's entries in shared data
-    /// (`"delivery": "feed"`, see [`crate::feed`]); the configuration carries
+    /// (`"delivery": "feed"`, see the `feed` module); the configuration carries
     /// the settings only.
     Feed,
 }
@@ -526,5 +526,4 @@ impl PolicySet {
         compiled.set.delivery = delivery;
         Ok(compiled)
     }
-
 }

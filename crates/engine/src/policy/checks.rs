@@ -1,8 +1,8 @@
 //! Checks across fields: known misconfigurations from the CDN FAQ are warned about.
 
-use crate::host::{is_ip_literal, strip_port};
+use crate::policy::host::{is_ip_literal, strip_port};
+use crate::policy::reader::Findings;
 use crate::policy::*;
-use crate::reader::Findings;
 
 impl Policy {
     /// Schemes this policy can use towards `origin`, for any viewer.

@@ -2,9 +2,9 @@
 //! on the origin-fetch router, checking the address Envoy is about to
 //! connect to, whatever the cluster type or how the name resolved.
 
-use crate::networks::{IpNetwork, NetworkRule, OriginNetworks, SPECIAL_PURPOSE};
 #[cfg(test)]
-use crate::networks::v4;
+use crate::policy::networks::v4;
+use crate::policy::networks::{IpNetwork, NetworkRule, OriginNetworks, SPECIAL_PURPOSE};
 use serde_json::{json, Value};
 use std::net::Ipv4Addr;
 

@@ -1,11 +1,11 @@
 //! Turning a viewer request into an origin decision: the per-request half of
 //! a compiled policy.
 
-use crate::compiled::{CompiledPolicy, OriginRoute, Start, TlsName};
-use crate::host::{is_ip_literal, normalize_authority, strip_port, HostError};
-use crate::index::{MatchKind, PolicySet};
+use crate::compile::compiled::{CompiledPolicy, OriginRoute, Start, TlsName};
+use crate::compile::index::{MatchKind, PolicySet};
+use crate::policy::host::{is_ip_literal, normalize_authority, strip_port, HostError};
+use crate::policy::settings::Settings;
 use crate::policy::{FailoverRule, OriginHost, ProtocolPolicy, Scheme, Tier};
-use crate::settings::Settings;
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;

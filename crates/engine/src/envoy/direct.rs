@@ -10,13 +10,13 @@
 //! one connect timeout and one TLS setting per cluster, so each scheme and
 //! connect timeout the policies use gets its own set of shards.
 
-use crate::clusters::{
+use crate::compile::compiled::stable_hash;
+use crate::envoy::cluster_parts::{
     dns_resolver_config, duration_ms, outlier_detection, upstream_tls, CLUSTER_TYPE_URL,
 };
-use crate::compiled::stable_hash;
+use crate::policy::settings::Settings;
+pub use crate::policy::settings::{DirectOrigins, DEFAULT_SHARDS, MAX_SHARDS};
 use crate::policy::Scheme;
-pub use crate::settings::{DirectOrigins, DEFAULT_SHARDS, MAX_SHARDS};
-use crate::settings::Settings;
 use serde_json::{json, Value};
 
 /// Every direct cluster's name starts with this (the edge's direct route

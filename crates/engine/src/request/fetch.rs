@@ -1,10 +1,10 @@
 //! Telling an origin's own 5xx from one the proxy made up because the origin
 //! never answered (refused connection, failed TLS handshake, timeout).
 
-use crate::networks_rbac::NetworkPolicy;
-use crate::origin_error::header_text;
+use crate::envoy::networks::NetworkPolicy;
+use crate::request::origin_error::header_text;
 #[cfg(test)]
-use crate::origin_error::MAX_CAUSE_LEN;
+use crate::request::origin_error::MAX_CAUSE_LEN;
 use std::fmt;
 
 /// Why the primary fetch produced no origin response.

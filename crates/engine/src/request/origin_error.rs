@@ -1,8 +1,8 @@
 //! The `x-origin-error` header as a typed value: what happened to the primary,
 //! what failover did, and what the secondary did. Its `Display` is the header.
 
-use crate::decision::FailoverSkip;
 use crate::policy::Tier;
+use crate::request::decision::FailoverSkip;
 use std::fmt;
 
 /// The longest proxy-supplied cause copied into `x-origin-error`.

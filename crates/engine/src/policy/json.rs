@@ -3,7 +3,7 @@
 //! an error naming its JSON pointer (serde_json would silently keep the last,
 //! so a policy could say two things and mean one), and the input size is capped.
 
-use crate::diagnostic::pointer_segment;
+use crate::policy::diagnostic::pointer_segment;
 use serde_core::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};

@@ -1,8 +1,8 @@
 //! A policy compiled for lookups: every way to each origin, worked out once
 //! when the policy is loaded, so that a request only picks among them.
 
-use crate::checks::port_for;
-use crate::host::{is_ip_literal, strip_port};
+use crate::policy::checks::port_for;
+use crate::policy::host::{is_ip_literal, strip_port};
 use crate::policy::{Origin, OriginHost, OriginSni, Policy, ProtocolPolicy, Scheme, Tier};
 use std::fmt;
 

@@ -1,9 +1,9 @@
 //! Edge-wide settings that travel with the policies in the plugin configuration.
 
-use crate::diagnostic::PolicyDiagnostic;
-use crate::host::is_ip_literal;
-use crate::networks::{parse_origin_networks, OriginNetworks};
-use crate::reader::{header_safe, host_name, integer_in, string, FieldReader, Findings};
+use crate::policy::diagnostic::PolicyDiagnostic;
+use crate::policy::host::is_ip_literal;
+use crate::policy::networks::{parse_origin_networks, OriginNetworks};
+use crate::policy::reader::{header_safe, host_name, integer_in, string, FieldReader, Findings};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -223,7 +223,7 @@ pub fn parse_settings(
                 .is_ok_and(|ip| !settings.origin_networks.allows_some_port(ip));
             if refused {
                 f.error_with_fix(
-                    &format!("/settings/resolve/{}", crate::diagnostic::pointer_segment(name)),
+                    &format!("/settings/resolve/{}", crate::policy::diagnostic::pointer_segment(name)),
                     format!("`{name}` resolves to {ip}, which `origin_networks` refuses on every port"),
                     "list the network (and the origin's ports) in `origin_networks.allow`, or remove the name",
                 );
@@ -254,7 +254,10 @@ fn resolve(f: &mut Findings, value: &Value, path: &str) -> BTreeMap<String, Stri
         return out;
     };
     for (name, ip) in map {
-        let p = format!("{path}/{}", crate::diagnostic::pointer_segment(name));
+        let p = format!(
+            "{path}/{}",
+            crate::policy::diagnostic::pointer_segment(name)
+        );
         let Some(name) = host_name(f, name, &p, "origin name") else {
             continue;
         };

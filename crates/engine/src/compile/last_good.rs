@@ -10,10 +10,10 @@
 //! an older policy (those the configuration holds in a rejected form). Nothing
 //! compiled is stored: a VM compiles only the documents it needs from it.
 
-use crate::compiled::CompiledPolicy;
-use crate::index::MAX_POLICIES;
-use crate::json::{domain_text, fingerprint, parse_json, scan_envelope};
-use crate::parse::{domain_of, parse_policy};
+use crate::compile::compiled::CompiledPolicy;
+use crate::compile::index::MAX_POLICIES;
+use crate::policy::json::{domain_text, fingerprint, parse_json, scan_envelope};
+use crate::policy::parse::{domain_of, parse_policy};
 use crate::policy::DomainPattern;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};

@@ -2,19 +2,22 @@
 //! way of reaching an origin (shared by every domain that reaches it the same
 //! way, and so is its health), and one aggregate per failover chain. With
 //! `direct_origins`, an origin without a chain is reached through the
-//! forward-proxy shards of [`crate::direct`], and a chain is one cluster with
+//! forward-proxy shards of [`crate::envoy::direct`], and a chain is one cluster with
 //! its origins at successive priorities.
 
-use crate::compiled::{CompiledPolicy, OriginEndpoint, TlsName};
-use crate::direct::{shard_clusters, DirectClass, DirectOrigins};
-use crate::host::is_ip_literal;
-use crate::index::PolicySet;
+use crate::compile::compiled::{CompiledPolicy, OriginEndpoint, TlsName};
+use crate::compile::index::PolicySet;
+pub use crate::envoy::cluster_parts::CLUSTER_TYPE_URL;
+use crate::envoy::cluster_parts::{
+    dns_resolver_config, duration_ms, outlier_detection, upstream_tls,
+};
+use crate::envoy::direct::{shard_clusters, DirectClass, DirectOrigins};
+use crate::policy::host::is_ip_literal;
+use crate::policy::settings::Settings;
 use crate::policy::Scheme;
-use crate::settings::Settings;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
-pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Endpoint metadata namespace naming the origin cluster an answer came from.
 pub const METADATA_NAMESPACE: &str = "origin_policy";
 
@@ -150,10 +153,6 @@ fn tls_name_from_host() -> Value {
     })
 }
 
-pub(crate) fn duration_ms(ms: u32) -> String {
-    format!("{}.{:03}s", ms / 1000, ms % 1000)
-}
-
 /// One origin as a load-balancing endpoint of `cluster`: its address, the
 /// Host it is sent, and the metadata naming its origin cluster (the answer
 /// says which origin answered). `by_address`: no DNS lookup needed.
@@ -190,22 +189,6 @@ fn origin_tls(e: &OriginEndpoint, settings: &Settings) -> Option<Value> {
         _ => None,
     };
     (e.scheme == Scheme::Https).then(|| upstream_tls(settings, name))
-}
-
-/// Envoy's upstream TLS: the certificate checked against the CA bundle and,
-/// with `name`, that name sent as SNI and required in the certificate.
-pub(crate) fn upstream_tls(settings: &Settings, name: Option<&str>) -> Value {
-    let mut validation = json!({"trusted_ca": {"filename": settings.origin_ca_file}});
-    let mut tls = json!({
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-    });
-    if let Some(sni) = name {
-        tls["sni"] = json!(sni);
-        validation["match_typed_subject_alt_names"] =
-            json!([{"san_type": "DNS", "matcher": {"exact": sni}}]);
-    }
-    tls["common_tls_context"] = json!({"validation_context": validation});
-    json!({"name": "envoy.transport_sockets.tls", "typed_config": tls})
 }
 
 /// Whether any of `origins` takes its TLS name from the request's Host.
@@ -307,46 +290,6 @@ fn priority_chain(
     cluster
 }
 
-/// Sticky origin health: an origin that keeps failing is skipped for a
-/// cool-down that grows each time, and a chain moves to its next origin.
-/// Connect failures and timeouts count with the 5xx answers: kept apart
-/// (split_external_local_origin_errors), a hanging origin is never marked down.
-pub(crate) fn outlier_detection(settings: &Settings) -> Value {
-    let h = &settings.origin_health;
-    json!({
-        "consecutive_5xx": h.consecutive_failures,
-        "consecutive_gateway_failure": h.consecutive_failures,
-        "enforcing_consecutive_5xx": 100,
-        "enforcing_consecutive_gateway_failure": 100,
-        "enforcing_success_rate": 0,
-        "enforcing_local_origin_success_rate": 0,
-        "interval": "1s",
-        "base_ejection_time": duration_ms(h.cooldown_ms),
-        "max_ejection_time": duration_ms(h.max_cooldown_ms),
-        "max_ejection_percent": 100,
-    })
-}
-
-/// The DNS servers of `settings.dns_resolvers`; `None`: the system's.
-pub(crate) fn dns_resolver_config(settings: &Settings) -> Option<Value> {
-    if settings.dns_resolvers.is_empty() {
-        return None;
-    }
-    let resolvers: Vec<Value> = settings
-        .dns_resolvers
-        .iter()
-        .map(|a| json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}))
-        .collect();
-    Some(json!({
-        "name": "envoy.network.dns_resolver.cares",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
-            "resolvers": resolvers,
-            "dns_resolver_options": {"no_default_search_domain": true},
-        },
-    }))
-}
-
 impl PolicySet {
     /// The Envoy clusters the policies need, derived from their origins.
     pub fn derived_clusters(&self) -> DerivedClusters {
@@ -356,4 +299,3 @@ impl PolicySet {
         )
     }
 }
-

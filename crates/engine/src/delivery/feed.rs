@@ -16,14 +16,14 @@
 //! before the last page is removed). `204` says nothing changed within the
 //! source's long-poll wait.
 
-use crate::compiled::CompiledPolicy;
-use crate::index::MatchKind;
-use crate::diagnostic::{PolicyDiagnostic, Severity};
-use crate::json::{document_fingerprint, parse_json};
-use crate::networks::check_policy_origins;
-use crate::parse::parse_policy;
+use crate::compile::compiled::CompiledPolicy;
+use crate::compile::index::MatchKind;
+use crate::policy::admission::check_policy_origins;
+use crate::policy::diagnostic::{PolicyDiagnostic, Severity};
+use crate::policy::json::{document_fingerprint, parse_json};
+use crate::policy::parse::parse_policy;
+use crate::policy::settings::Settings;
 use crate::policy::Policy;
-use crate::settings::Settings;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ pub const SETTINGS_KEY: &str = "origin-policy.settings";
 /// The settings in a configuration published at [`SETTINGS_KEY`].
 pub fn published_settings(value: &[u8]) -> Result<Settings, String> {
     let document = parse_json(value).map_err(|e| format!("not valid JSON: {e}"))?;
-    crate::settings::parse_settings("filter configuration", document.get("settings"))
+    crate::policy::settings::parse_settings("filter configuration", document.get("settings"))
         .map_err(|d| crate::Diagnostics(d).to_string())
 }
 
