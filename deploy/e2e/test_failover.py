@@ -16,7 +16,7 @@ from conftest import COOLDOWN_MS, PRIMARY_TIMEOUT_S
 
 from origins import DemoOrigins, OriginSpec
 
-FLAKY_PORT = 18090
+FLAKY_PORT = 18092
 DOWN_PORTS = (18099, 18098)  # nothing listens there
 
 

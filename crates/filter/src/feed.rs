@@ -11,7 +11,7 @@ use origin_policy_engine::feed::{
     MORE_HEADER, NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, SETTINGS_KEY,
     VERSION_HEADER,
 };
-use origin_policy_engine::{parse_json, Settings};
+use origin_policy_engine::{parse_json, OriginNetworks, Settings};
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::BufferType;
 use serde_json::Value;
@@ -85,7 +85,11 @@ pub(crate) struct FeedRoot {
     id: u64,
     leading: bool,
     /// The filter's settings (and their shared-data CAS) policies are
-    /// admitted under.
+    /// admitted under. `None` until the filter publishes them (a fleet's
+    /// control plane sends the filter only once the feed is polled): then
+    /// every origin network is admitted, and the workers, which always have
+    /// the settings, refuse what they must. When they arrive or change, the
+    /// entries written are checked again and those refused reported.
     settings: Option<(u32, Settings)>,
 }
 
@@ -175,35 +179,48 @@ impl FeedRoot {
             .map_or_else(String::new, |c| c.cluster.clone())
     }
 
-    /// Reads the filter's settings as its configuration published them. A
-    /// change of what admits an origin starts a re-sync that validates every
-    /// domain again. `Err` while the filter has published none.
-    fn refresh_settings(&mut self) -> Result<(), String> {
+    /// Reads the filter's settings as its configuration published them. On
+    /// their arrival, or a change of what admits an origin, the entries
+    /// written are checked again: one refused now is reported to the source
+    /// with the next poll (the workers do not use it).
+    fn refresh_settings(&mut self) {
         let (Some(value), Some(cas)) = self.get_shared_data(SETTINGS_KEY) else {
-            return Err("waiting for the filter's configuration: its settings decide which origins a policy may name".to_owned());
+            return;
         };
         if self.settings.as_ref().is_some_and(|(seen, _)| *seen == cas) {
-            return Ok(());
+            return;
         }
-        let settings = published_settings(&value)
-            .map_err(|e| format!("the filter's published settings are unusable: {e}"))?;
-        let changed = self.settings.as_ref().is_some_and(|(_, old)| {
+        let settings = match published_settings(&value) {
+            Ok(s) => s,
+            Err(e) => {
+                // The filter refused them too: it serves its previous ones.
+                warn!("policy feed: the filter's published settings are unusable: {e}");
+                return;
+            }
+        };
+        let changed = self.settings.as_ref().is_none_or(|(_, old)| {
             old.origin_networks != settings.origin_networks || old.resolve != settings.resolve
         });
-        self.settings = Some((cas, settings));
         if changed {
-            info!("policy feed: the origin networks changed; every domain is validated again");
-            self.sync.revalidate();
-            self.version = 0;
-            self.epoch.clear();
+            let refused =
+                self.sync
+                    .refused_under(&settings, |key| match self.get_shared_data(key) {
+                        (Some(value), Some(cas)) => Some((value, cas)),
+                        _ => None,
+                    });
+            for finding in &refused {
+                error!("policy rejected under the filter's settings, the workers do not use it: {finding}");
+                self.rejected.extend(finding.domain.clone());
+            }
+            if let Some(metrics) = &self.metrics {
+                metrics.add(Counter::FeedPolicyRejected, refused.len() as u64);
+            }
         }
-        Ok(())
+        self.settings = Some((cas, settings));
     }
 
     fn poll(&mut self) {
-        if let Err(why) = self.refresh_settings() {
-            return self.fail(why);
-        }
+        self.refresh_settings();
         let Some(config) = &self.config else { return };
         let path = format!(
             "{}?since={}&epoch={}",
@@ -267,9 +284,11 @@ impl FeedRoot {
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
-        let Some((_, settings)) = &self.settings else {
-            return;
+        let provisional = Settings {
+            origin_networks: OriginNetworks::unchecked(),
+            ..Settings::default()
         };
+        let settings = self.settings.as_ref().map_or(&provisional, |(_, s)| s);
         let outcome = self.sync.apply(&body, settings);
         for finding in &outcome.rejected {
             error!("policy rejected, the domain keeps its last good policy: {finding}");

@@ -304,9 +304,6 @@ pub struct FeedSync {
     written: HashMap<String, u128, foldhash::fast::RandomState>,
     /// During a snapshot: the domains it listed so far.
     listed: Option<HashSet<String, foldhash::fast::RandomState>>,
-    /// Validate every document again, changed or not (the settings changed),
-    /// until the next snapshot ends.
-    revalidate: bool,
 }
 
 impl FeedSync {
@@ -316,10 +313,25 @@ impl FeedSync {
         self.listed = Some(HashSet::default());
     }
 
-    /// The settings policies are admitted under changed: the next snapshot
-    /// validates and writes every domain again.
-    pub fn revalidate(&mut self) {
-        self.revalidate = true;
+    /// The entries written that `settings` refuse (they came in under other
+    /// settings), each with why; `read` reads one shared-data key. The
+    /// workers refuse them by themselves; this names them to the source.
+    pub fn refused_under(
+        &self,
+        settings: &Settings,
+        mut read: impl FnMut(&str) -> EntryRead,
+    ) -> Vec<PolicyDiagnostic> {
+        let mut domains: Vec<&String> = self.written.keys().collect();
+        domains.sort();
+        domains
+            .into_iter()
+            .filter_map(|domain| {
+                let (document, _) = read(&entry_key(domain))?;
+                validate_entry(domain, &document, settings)
+                    .err()
+                    .map(|d| *d)
+            })
+            .collect()
     }
 
     pub fn in_snapshot(&self) -> bool {
@@ -357,7 +369,7 @@ impl FeedSync {
                 continue;
             }
             let fingerprint = document_fingerprint(document);
-            if !self.revalidate && self.written.get(domain) == Some(&fingerprint) {
+            if self.written.get(domain) == Some(&fingerprint) {
                 out.unchanged += 1;
                 continue;
             }
@@ -378,7 +390,6 @@ impl FeedSync {
         let Some(listed) = self.listed.take() else {
             return Vec::new();
         };
-        self.revalidate = false;
         let gone: Vec<String> = self
             .written
             .keys()
@@ -428,6 +439,31 @@ mod tests {
 
     fn origin_of(p: &CompiledPolicy) -> &str {
         &p.policy.origins[0].address
+    }
+
+    #[test]
+    fn entries_written_before_the_settings_are_checked_again_under_them() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        let admin =
+            r#"{"domain":"admin.example.com","primary":{"address":"127.0.0.1","port":9901}}"#;
+        let unchecked = Settings {
+            origin_networks: crate::OriginNetworks::unchecked(),
+            ..Settings::default()
+        };
+        let page = page(&[("www.example.com", WWW), ("admin.example.com", admin)]);
+        shared.write(sync.apply(&page, &unchecked).writes);
+        assert_eq!(sync.domains(), 2);
+        let refused = sync.refused_under(&Settings::default(), |k| shared.read(k));
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].domain.as_deref(), Some("admin.example.com"));
+        assert_eq!(refused[0].path, "/primary/address");
+        // And a worker, which has the settings, does not use it.
+        let mut entries = DomainEntries::default();
+        let used = entries.lookup("admin.example.com", &Settings::default(), |k| {
+            shared.read(k)
+        });
+        assert!(matches!(used, Err(EntryError::Invalid { .. })), "{used:?}");
     }
 
     #[test]

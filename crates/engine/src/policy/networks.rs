@@ -258,6 +258,19 @@ impl fmt::Display for AddressRefusal {
 }
 
 impl OriginNetworks {
+    /// Every address allowed: for a check made again, under the real
+    /// networks, before anything connects.
+    pub fn unchecked() -> OriginNetworks {
+        let every = |network| NetworkRule {
+            network,
+            ports: Vec::new(),
+        };
+        OriginNetworks {
+            allow: vec![every(v4(0, 0, 0, 0, 0)), every(v6([0; 8], 0))],
+            ..OriginNetworks::default()
+        }
+    }
+
     /// Whether the edge may connect to `ip` on `port`.
     pub fn check(&self, ip: IpAddr, port: u16) -> Result<(), AddressRefusal> {
         self.verdict(ip, port)?;
@@ -534,6 +547,20 @@ mod tests {
             denied.map(|e| e.reason),
             Some(RefusalReason::Denied(_))
         ));
+    }
+
+    #[test]
+    fn unchecked_allows_every_address_and_port() {
+        let any = OriginNetworks::unchecked();
+        for text in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "::1",
+            "::ffff:10.0.0.1",
+            "8.8.8.8",
+        ] {
+            assert_eq!(any.check(ip(text), 9901), Ok(()), "{text}");
+        }
     }
 
     #[test]
