@@ -279,7 +279,8 @@ def test_an_unreachable_origin_is_an_error_naming_it(edge: Edge, tmp_path: Path)
     shutil.copy(edge.policies / "settings.json", policies)
     (policies / "down.json").write_text(json.dumps({
         "domain": "down.mirror.test",
-        "primary": {"address": "127.0.0.1", "port": 9, "connect_timeout_ms": 500},
+        # Nothing listens there (and the tests' settings allow it).
+        "primary": {"address": "127.0.0.1", "port": 18099, "connect_timeout_ms": 500},
     }))
     listed = tmp_path / "paths.txt"
     listed.write_text("/a\n")
