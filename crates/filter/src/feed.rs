@@ -4,6 +4,7 @@
 //! HTTP filter's VMs share its `vm_id`, so they read what it writes without
 //! being reconfigured.
 
+use crate::http::shared_data;
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::{
@@ -84,13 +85,14 @@ pub(crate) struct FeedRoot {
     /// This root's id in [`LEADER_KEY`], and whether it leads.
     id: u64,
     leading: bool,
-    /// The filter's settings (and their shared-data CAS) policies are
-    /// admitted under. `None` until the filter publishes them (a fleet's
-    /// control plane sends the filter only once the feed is polled): then
+    /// The filter's settings policies are admitted under, and the CAS of the
+    /// shared data they were read from. Until the filter publishes them (a
+    /// fleet's control plane sends the filter only once the feed is polled)
     /// every origin network is admitted, and the workers, which always have
     /// the settings, refuse what they must. When they arrive or change, the
     /// entries written are checked again and those refused reported.
-    settings: Option<(u32, Settings)>,
+    settings: Settings,
+    settings_cas: Option<u32>,
 }
 
 impl FeedRoot {
@@ -109,7 +111,11 @@ impl FeedRoot {
             rejected: Vec::new(),
             id: 0,
             leading: false,
-            settings: None,
+            settings: Settings {
+                origin_networks: OriginNetworks::unchecked(),
+                ..Settings::default()
+            },
+            settings_cas: None,
         }
     }
 
@@ -187,7 +193,7 @@ impl FeedRoot {
         let (Some(value), Some(cas)) = self.get_shared_data(SETTINGS_KEY) else {
             return;
         };
-        if self.settings.as_ref().is_some_and(|(seen, _)| *seen == cas) {
+        if self.settings_cas == Some(cas) {
             return;
         }
         let settings = match published_settings(&value) {
@@ -198,16 +204,10 @@ impl FeedRoot {
                 return;
             }
         };
-        let changed = self.settings.as_ref().is_none_or(|(_, old)| {
-            old.origin_networks != settings.origin_networks || old.resolve != settings.resolve
-        });
+        let changed = self.settings.origin_networks != settings.origin_networks
+            || self.settings.resolve != settings.resolve;
         if changed {
-            let refused =
-                self.sync
-                    .refused_under(&settings, |key| match self.get_shared_data(key) {
-                        (Some(value), Some(cas)) => Some((value, cas)),
-                        _ => None,
-                    });
+            let refused = self.sync.refused_under(&settings, shared_data);
             for finding in &refused {
                 error!("policy rejected under the filter's settings, the workers do not use it: {finding}");
                 self.rejected.extend(finding.domain.clone());
@@ -216,7 +216,8 @@ impl FeedRoot {
                 metrics.add(Counter::FeedPolicyRejected, refused.len() as u64);
             }
         }
-        self.settings = Some((cas, settings));
+        self.settings = settings;
+        self.settings_cas = Some(cas);
     }
 
     fn poll(&mut self) {
@@ -284,12 +285,7 @@ impl FeedRoot {
         let body = self
             .get_http_call_response_body(0, body_size)
             .unwrap_or_default();
-        let provisional = Settings {
-            origin_networks: OriginNetworks::unchecked(),
-            ..Settings::default()
-        };
-        let settings = self.settings.as_ref().map_or(&provisional, |(_, s)| s);
-        let outcome = self.sync.apply(&body, settings);
+        let outcome = self.sync.apply(&body, &self.settings);
         for finding in &outcome.rejected {
             error!("policy rejected, the domain keeps its last good policy: {finding}");
             self.rejected.extend(finding.domain.clone());

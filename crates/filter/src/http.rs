@@ -59,7 +59,8 @@ enum NotFound<'a> {
     Unavailable(EntryError),
 }
 
-fn shared_data(key: &str) -> EntryRead {
+/// One shared-data key's value and CAS, if it has one.
+pub(crate) fn shared_data(key: &str) -> EntryRead {
     match hostcalls::get_shared_data(key) {
         Ok((Some(value), Some(cas))) => Some((value, cas)),
         _ => None,

@@ -160,7 +160,7 @@ impl OriginPolicyRoot {
 }
 
 /// Gives the feed singleton the settings it admits policies under; written
-/// only when they changed, so that its re-sync follows real changes.
+/// only when they changed, so that it checks its entries again only then.
 fn publish_settings(configuration: &[u8]) {
     let published = hostcalls::get_shared_data(SETTINGS_KEY)
         .ok()
