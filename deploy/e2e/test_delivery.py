@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -316,31 +317,65 @@ def test_envoy_restarted_while_the_source_is_down_says_why_then_serves(feed_edge
     assert feed_edge.counter("entry_unavailable") >= 1
 
 
+class RawFeed:
+    """A policy source that is only a plain HTTP server speaking the feed, in
+    the epoch the edge is in (the edge's own source stopped meanwhile). It
+    answers each poll with the next of `pages`, each a dict: `body`, and
+    optionally `more`, `reset`, `advance` (default true: the version after
+    the one asked for) and `repeat` (answer with it for ever); then 204s. It
+    records every poll's query and report headers, one JSON object a line."""
+
+    def __init__(self, feed_edge: FeedEdge, tmp_path: Path, pages: list[dict]):
+        self.feed_edge = feed_edge
+        self.polls_file = tmp_path / "polls.jsonl"
+        self.args = [sys.executable, str(Path(__file__).with_name("raw_feed.py")),
+                     str(FEED_PORT), json.dumps(pages), str(self.polls_file)]  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    def polls(self) -> list[dict]:
+        if not self.polls_file.exists():
+            return []
+        return [json.loads(line) for line in self.polls_file.read_text().splitlines()]
+
+    def __enter__(self) -> "RawFeed":
+        self.feed_edge.stop_feed()
+        self.process = subprocess.Popen(self.args)
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.feed_edge.start_feed()
+        # The edge has polled the real source again (its reports went there).
+        wait_for(source_heard_the_edge, PUSH_LIMIT_S)
+        wait_for(self.feed_edge.in_sync, PUSH_LIMIT_S)
+
+
+def source_heard_the_edge() -> bool:
+    try:
+        status = feed_status()
+    except OSError:
+        return False
+    heard = status["nodes"].get("edge", {})
+    return (heard.get("version"), heard.get("epoch")) == (status["version"], status["epoch"])
+
+
 def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdge, tmp_path):
-    """The singleton validates each policy itself: a source (here a plain
-    HTTP server speaking the feed, in the epoch the edge is in) that sends an
+    """The singleton validates each policy itself: a source that sends an
     invalid policy leaves the domain on its entry, and a document filed under
     another domain is refused too."""
-    feed_edge.stop_feed()
     good = json.dumps(policy(7, host="raw-good.feed.test"))
     bad = json.dumps(policy(7, port="x"))
     misfiled = json.dumps(policy(8, host="stolen.feed.test"))
     # The edge's admin interface as an origin: refused under the filter's settings.
     admin = json.dumps(policy(10, port=ADMIN_PORT))
     pages = [
-        f"{domain(7)}\t{good}\n",
-        f"{domain(7)}\t{bad}\n{domain(9)}\t{misfiled}\n{domain(10)}\t{admin}\n",
+        {"body": f"{domain(7)}\t{good}\n"},
+        {"body": f"{domain(7)}\t{bad}\n{domain(9)}\t{misfiled}\n{domain(10)}\t{admin}\n"},
     ]
-    script = tmp_path / "raw_feed.py"
-    reports = tmp_path / "reports.txt"
-    script.write_text(
-        RAW_FEED.replace("PORT", str(FEED_PORT))
-        .replace("PAGES_JSON", json.dumps(pages))
-        .replace("LOGFILE", str(reports))
-    )
     rejected = feed_edge.counter("policy_rejected")
-    raw = subprocess.Popen(["python3", str(script)])
-    try:
+    with RawFeed(feed_edge, tmp_path, pages) as raw:
         wait_for(lambda: feed_edge.counter("policy_rejected") >= rejected + 3, 30)
         assert feed_edge.serves(7, "raw-good.feed.test")
         assert feed_edge.serves(9, domain(9))
@@ -350,41 +385,63 @@ def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdg
         assert "files this policy under `d9.feed.test`, but it is for `d8.feed.test`" in log
         assert f"d10.feed.test: /primary/address: origin `127.0.0.1` on port {ADMIN_PORT}" in log
         # The next poll names the refused domains to the source (per-domain NACK).
-        wait_for(lambda: "d7.feed.test,d9.feed.test,d10.feed.test" in reports.read_text(), 10)
-        assert "node=edge" in reports.read_text()
-    finally:
-        raw.terminate()
-        raw.wait(timeout=10)
-    feed_edge.start_feed()
+        expected = "d7.feed.test,d9.feed.test,d10.feed.test"
+        wait_for(lambda: any(p["rejected"] == expected for p in raw.polls()), 10)
+        assert {p["node"] for p in raw.polls()} == {"edge"}
 
 
-# Serves each page once, as the change after the version the edge asks from,
-# in the epoch it asks in; then nothing new.
-RAW_FEED = """
-import json, time
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from urllib.parse import parse_qs, urlparse
-PAGES = json.loads(r'''PAGES_JSON''')
+def test_a_non_ascii_domain_and_malformed_lines_are_named_back(feed_edge: FeedEdge, tmp_path):
+    """Every line the singleton does not take is named to the source: a
+    refused domain that is not ASCII (percent-encoded), and the numbers of
+    the lines it could not read, which are counted too."""
+    raw_utf8 = "bücher2.feed.test"
+    document = json.dumps(
+        {"domain": raw_utf8, "primary": {"address": "127.0.0.1", "port": ORIGIN_PORT}}
+    )
+    good = json.dumps(policy(11, host="raw-eleven.feed.test"))
+    body = f"{raw_utf8}\t{document}\nno tab on this line\n\t{good}\n{domain(11)}\t{good}\n"
+    rejected = feed_edge.counter("policy_rejected")
+    malformed = feed_edge.counter("line_malformed")
+    with RawFeed(feed_edge, tmp_path, [{"body": body}]) as raw:
+        wait_for(lambda: feed_edge.counter("line_malformed") >= malformed + 2, 30)
+        assert feed_edge.counter("policy_rejected") == rejected + 1
+        assert feed_edge.serves(11, "raw-eleven.feed.test")
+        named = "b%C3%BCcher2.feed.test"
+        wait_for(lambda: any(p["rejected"] == named for p in raw.polls()), 10)
+        report = next(p for p in raw.polls() if p["rejected"] == named)
+        assert report["malformed"] == "2,3", report
+        log = feed_edge.envoy.log_text()
+        assert "feed page line 2: expected `DOMAIN<TAB>DOCUMENT`, found no tab" in log
+        assert "line 3: expected `DOMAIN<TAB>DOCUMENT`, found no domain before the tab" in log
 
-class Feed(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
-    def do_GET(self):
-        query = parse_qs(urlparse(self.path).query)
-        with open("LOGFILE", "a") as reports:
-            node = self.headers.get("x-feed-node")
-            reports.write(f"node={node} rejected={self.headers.get('x-feed-rejected')}\\n")
-        since, epoch = int(query["since"][0]), query["epoch"][0]
-        body = PAGES.pop(0).encode() if PAGES else b""
-        if not body:
-            time.sleep(1)
-        self.send_response(200 if body else 204)
-        self.send_header("x-feed-version", str(since + 1 if body else since))
-        self.send_header("x-feed-epoch", epoch)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def test_a_source_paging_for_ever_is_asked_once_a_second(feed_edge: FeedEdge, tmp_path):
+    """`x-feed-more` on a page that brings nothing new, again and again: the
+    singleton waits a second between polls instead of spinning, and says why."""
+    endless = {"body": f"{domain(12)}\t{json.dumps(policy(12))}\n", "more": True,
+               "advance": False, "repeat": True}  # fmt: skip
+    with RawFeed(feed_edge, tmp_path, [endless]) as raw:
+        wait_for(lambda: len(raw.polls()) >= 2, 30)
+        first = len(raw.polls())
+        time.sleep(4)
+        asked = len(raw.polls()) - first
+        assert 1 <= asked <= 8, asked
+        assert "on a page that brings nothing new" in feed_edge.envoy.log_text()
+        assert feed_edge.serves(12, domain(12))
 
-HTTPServer(("127.0.0.1", PORT), Feed).serve_forever()
-"""
+
+def test_a_snapshot_that_would_remove_most_domains_is_refused(feed_edge: FeedEdge, tmp_path):
+    """A source that lost its data answers with a snapshot of one domain: the
+    edge keeps all 100,000 (past `max_snapshot_removal_percent`, 50 by
+    default), counts it, logs why and tells the source."""
+    snapshot = {"body": f"{domain(13)}\t{json.dumps(policy(13))}\n", "reset": True}
+    refused = feed_edge.counter("snapshot_refused")
+    with RawFeed(feed_edge, tmp_path, [snapshot]) as raw:
+        wait_for(lambda: feed_edge.counter("snapshot_refused") == refused + 1, 30)
+        for i in (0, 13, 777, DOMAINS - 1):
+            assert feed_edge.get(domain(i)).status == 200, i
+        removed = f"the source's snapshot would remove {DOMAINS - 1} of the {DOMAINS} domains"
+        assert removed in feed_edge.envoy.log_text()
+        wait_for(lambda: any(p["snapshot_refused"] for p in raw.polls()), 10)
+        report = next(p for p in raw.polls() if p["snapshot_refused"])
+        assert report["snapshot_refused"] == f"{DOMAINS - 1}/{DOMAINS}"

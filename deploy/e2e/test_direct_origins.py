@@ -10,16 +10,20 @@ only the `*-ok` names below, a plain one, and one that answers 503.
 
 import json
 import shutil
+import socket
 import time
 import uuid
 
 import pytest
 from conftest import COOLDOWN_MS, Edge, allow_test_origins, copy_certs
-from edge import Envoy, bundle, edge_config, http_get
+from edge import Envoy, bundle, cli, edge_config, http_get
 from origins import DemoOrigins, OriginSpec
 
 ADDRESS = "127.0.0.5"
 TLS_PORT, PLAIN_PORT, FAILING_PORT, SECOND_PLAIN_PORT = 18543, 18581, 18582, 18583
+# A listener whose accept queue is full: the kernel drops new SYNs, so a
+# connection to it never completes (a connect timeout on loopback).
+STALLED_PORT = 18584
 HTTP_PORT, HTTPS_PORT, ADMIN = 10580, 10543, "http://127.0.0.1:9941"
 SHARDS = 4
 CERT_NAMES = (
@@ -227,6 +231,40 @@ def test_each_origin_keeps_its_response_and_connect_timeouts(edge, origins, path
     }
     assert len(timeouts) == SHARDS and set(timeouts.values()) == {"1.700s"}
     assert any(c.startswith("origin-policy.direct.http.1700.") for c in shard_hosts(edge))
+
+
+@pytest.fixture
+def stalled_origin():
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((ADDRESS, STALLED_PORT))
+    listener.listen(0)
+    # The queue's one place, taken and never accepted.
+    queued = socket.create_connection((ADDRESS, STALLED_PORT), timeout=5)
+    try:
+        yield
+    finally:
+        queued.close()
+        listener.close()
+
+
+def test_a_connect_timeout_says_so_and_explain_names_the_shard_envoy_used(
+    edge, stalled_origin, path
+):
+    domain = push(edge, {"address": ADDRESS, "port": STALLED_PORT, "connect_timeout_ms": 400})
+    r = edge.request(domain, path)
+    assert r.status == 504, (r.status, r.header("x-origin-error"))
+    assert r.header("x-origin-error") == "orig connect timeout"
+    explained = cli("explain", "--json", "--policies", str(edge.policies), f"http://{domain}{path}")
+    assert explained.returncode == 0, explained.stderr
+    view = json.loads(explained.stdout)
+    cluster = view["route_cluster"]
+    assert cluster.startswith("origin-policy.direct.http.400."), cluster
+    assert view["origin"]["cluster"] == cluster and view["origin"]["direct"] is True
+    # The shard explain names is the one Envoy sent the request to.
+    assert f"{ADDRESS}:{STALLED_PORT}" in shard_hosts(edge).get(cluster, set()), shard_hosts(edge)
+    text = cli("explain", "--policies", str(edge.policies), f"http://{domain}{path}").stdout
+    assert cluster in text, text
 
 
 def chain_clusters(edge: Edge) -> list[dict]:

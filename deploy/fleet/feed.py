@@ -18,6 +18,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
+from urllib.parse import unquote
 
 from resources import Snapshot
 
@@ -104,6 +105,6 @@ class PolicyFeed:
 
 
 def parse_rejected(header: str) -> list[str]:
-    """`x-feed-rejected`: comma-separated domains, the last item possibly
-    `+N more`."""
-    return [d.strip() for d in header.split(",") if d.strip()]
+    """`x-feed-rejected`: comma-separated domains, each percent-encoded past
+    printable ASCII, the last item possibly `+N more` (not a domain)."""
+    return [unquote(d.strip()) for d in header.split(",") if d.strip() and not d.strip().startswith("+")]

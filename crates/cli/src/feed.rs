@@ -14,7 +14,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::feed::{
-    EPOCH_HEADER, MORE_HEADER, NODE_HEADER, REJECTED_HEADER, RESET_HEADER, VERSION_HEADER,
+    parse_report, EPOCH_HEADER, MORE_HEADER, NODE_HEADER, REJECTED_HEADER, RESET_HEADER,
+    SNAPSHOT_REFUSED_HEADER, VERSION_HEADER,
 };
 use origin_policy_engine::{fingerprint, parse_json, PolicySet, PolicySource};
 use serde_json::{json, Value};
@@ -167,6 +168,10 @@ pub struct NodeReport {
     /// Domains it refused, with the version it said so at; a later version of
     /// the domain clears it.
     pub refused: BTreeMap<String, u64>,
+    /// `REMOVED/DOMAINS` when it kept every domain rather than apply a
+    /// snapshot's removals (`max_snapshot_removal_percent`), until its next
+    /// snapshot.
+    pub snapshot_refused: Option<String>,
 }
 
 impl Shared {
@@ -185,20 +190,31 @@ impl Shared {
     }
 
     /// Records what a poll says about its Envoy.
-    fn heard(&self, node: &str, since: u64, epoch: Option<u64>, refused: Option<&str>) {
+    fn heard(
+        &self,
+        node: &str,
+        since: u64,
+        epoch: Option<u64>,
+        refused: Option<&str>,
+        snapshot_refused: Option<&str>,
+    ) {
         let mut nodes = self.nodes();
         let report = nodes.entry(node.to_owned()).or_default();
         if report.epoch != epoch {
             report.refused.clear();
+            report.snapshot_refused = None;
+        }
+        if let Some(removals) = snapshot_refused {
+            eprintln!("feed: {node} kept every domain rather than remove {removals} of them (max_snapshot_removal_percent)");
+            report.snapshot_refused = Some(removals.to_owned());
         }
         let log = self.log();
         // A refusal stands until the domain gets a newer document.
         report
             .refused
             .retain(|domain, at| log.entries.get(domain).is_some_and(|(v, _)| v <= at));
-        for domain in refused.into_iter().flat_map(|r| r.split(',')) {
-            if !domain.starts_with('+') && report.refused.insert(domain.to_owned(), since).is_none()
-            {
+        for domain in refused.into_iter().flat_map(parse_report) {
+            if report.refused.insert(domain.clone(), since).is_none() {
                 eprintln!("feed: {node} refused the policy of {domain} (its log says why); it keeps its last good one");
             }
         }
@@ -215,7 +231,7 @@ impl Shared {
             .nodes()
             .iter()
             .map(|(node, r)| {
-                let report = json!({"version": r.version, "epoch": r.epoch, "refused": r.refused});
+                let report = json!({"version": r.version, "epoch": r.epoch, "refused": r.refused, "snapshot_refused": r.snapshot_refused});
                 (node.clone(), report)
             })
             .collect();
@@ -418,7 +434,8 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Ful
     let epoch = query_value(query, "epoch");
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
     if let Some(node) = header(NODE_HEADER) {
-        shared.heard(node, since, epoch, header(REJECTED_HEADER));
+        let reports = (header(REJECTED_HEADER), header(SNAPSHOT_REFUSED_HEADER));
+        shared.heard(node, since, epoch, reports.0, reports.1);
     }
     let deadline = tokio::time::Instant::now() + LONG_POLL;
     loop {

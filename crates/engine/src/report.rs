@@ -1,16 +1,30 @@
 //! JSON views of decisions and diagnostics, shared by the CLI, the golden
 //! cases and the JavaScript package so that all of them speak the same shape.
 
+use crate::request::direct_route::DirectRoute;
+use crate::Settings;
 use crate::{
     scheme_from_text, Failover, FailoverSkip, OriginDecision, OriginTarget, Outcome,
     OwnedViewerRequest, PolicyDiagnostic, PolicySet, Refusal,
 };
 use serde_json::{json, Map, Value};
 
-fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
+/// The cluster a target's request goes to: its own, or under
+/// `direct_origins` (without a chain) the forward-proxy shard the filter
+/// names, as Envoy's access log shows it.
+fn target_json(t: &OriginTarget<'_>, direct: Option<&Settings>) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("tier".into(), t.tier.as_str().into());
-    m.insert("cluster".into(), t.cluster.into());
+    let route = direct.and_then(|s| Some(DirectRoute::of(t, s.direct_origins?, s)));
+    match &route {
+        Some(route) => {
+            m.insert("cluster".into(), route.cluster.clone().into());
+            m.insert("direct".into(), true.into());
+        }
+        None => {
+            m.insert("cluster".into(), t.cluster.into());
+        }
+    }
     m.insert("address".into(), t.address.into());
     m.insert("scheme".into(), t.scheme.as_str().into());
     m.insert("port".into(), t.port.into());
@@ -24,7 +38,9 @@ fn target_json(t: &OriginTarget<'_>) -> Map<String, Value> {
     m
 }
 
-fn decision_json(d: &OriginDecision<'_>) -> Value {
+fn decision_json(d: &OriginDecision<'_>, settings: &Settings) -> Value {
+    // The filter sends a request with a chain to the first origin's cluster.
+    let direct = d.chain.is_empty().then_some(settings);
     let failover = match &d.failover {
         Failover::NotConfigured => Value::Null,
         Failover::Skipped(_, FailoverSkip::Method(_)) => json!({
@@ -36,7 +52,7 @@ fn decision_json(d: &OriginDecision<'_>) -> Value {
             "reason": format!("request body over {limit} bytes"),
         }),
         Failover::Plan(plan) => {
-            let mut m = target_json(&plan.target);
+            let mut m = target_json(&plan.target, direct);
             m.insert("eligible".into(), true.into());
             m.insert("statuses".into(), plan.rule.statuses.as_slice().into());
             m.insert(
@@ -60,16 +76,17 @@ fn decision_json(d: &OriginDecision<'_>) -> Value {
     let chain: Vec<Value> = d
         .chain
         .iter()
-        .map(|t| Value::Object(target_json(t)))
+        .map(|t| Value::Object(target_json(t, None)))
         .collect();
+    let origin = target_json(&d.target, direct);
     json!({
         "outcome": "origin",
         "domain": d.policy.name,
         "match": match d.matched { crate::MatchKind::Exact => "exact", crate::MatchKind::Wildcard => "wildcard" },
         "viewer_host": d.viewer_host,
         "viewer_scheme": d.viewer_scheme.as_str(),
-        "route_cluster": d.route_cluster,
-        "origin": Value::Object(target_json(&d.target)),
+        "route_cluster": origin["cluster"].clone(),
+        "origin": Value::Object(origin),
         "chain": chain,
         "failover": failover,
         "cache": cache,
@@ -81,7 +98,7 @@ fn decision_json(d: &OriginDecision<'_>) -> Value {
 /// `bad_host` or `no_route`).
 pub fn outcome_json(set: &PolicySet, outcome: &Outcome<'_>) -> Value {
     match outcome {
-        Outcome::Origin(d) => decision_json(d),
+        Outcome::Origin(d) => decision_json(d, &set.settings),
         Outcome::Refused(Refusal::UnknownDomain { viewer_host }) => json!({
             "outcome": "unknown_domain",
             "viewer_host": viewer_host,

@@ -8,8 +8,9 @@ use crate::http::shared_data;
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::{
-    published_settings, rejected_report, waiting_state, FeedSync, EPOCH_HEADER, FEED_STATE_KEY,
-    MORE_HEADER, NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, SETTINGS_KEY,
+    malformed_report, published_settings, rejected_report, waiting_state, FeedSync, MalformedLine,
+    RemovalLimit, SnapshotRefused, EPOCH_HEADER, FEED_STATE_KEY, MALFORMED_HEADER, MORE_HEADER,
+    NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, SETTINGS_KEY, SNAPSHOT_REFUSED_HEADER,
     VERSION_HEADER,
 };
 use origin_policy_engine::{parse_json, OriginNetworks, Settings};
@@ -20,8 +21,13 @@ use std::time::{Duration, SystemTime};
 
 /// The source holds a long poll for about 20 s; this only bounds a lost one.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How soon a failed poll is tried again.
+/// How soon a failed poll is tried again, and how long the singleton waits
+/// before asking a source that answers at once with nothing new.
 const RETRY_PERIOD: Duration = Duration::from_secs(1);
+/// Pages followed back to back with `x-feed-more`; past this the singleton
+/// waits [`RETRY_PERIOD`] between pages (a source paging for ever). A
+/// snapshot of 1,000,000 domains is about 1,000 pages.
+const MAX_PAGES_IN_A_ROW: u32 = 10_000;
 const DEFAULT_PATH: &str = "/changes";
 /// Envoy configures the singleton's root in two VMs (the base VM it checks
 /// the module with, which gets no ticks, and the one it runs): the first root
@@ -34,11 +40,13 @@ const FIRST_RETRY: Duration = Duration::from_millis(200);
 const IDS_KEY: &str = "origin-policy.feed.ids";
 
 /// The singleton's plugin configuration: `{"feed_cluster": NAME}`, and
-/// optionally `"feed_path"` (default `/changes`).
+/// optionally `"feed_path"` (default `/changes`) and
+/// `"max_snapshot_removal_percent"` (default 50).
 #[derive(Debug)]
 struct FeedConfig {
     cluster: String,
     path: String,
+    removal_limit: RemovalLimit,
 }
 
 impl FeedConfig {
@@ -52,16 +60,28 @@ impl FeedConfig {
             Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
             Some(_) => Err(format!("/{name}: must be a non-empty string")),
         };
-        if let Some(unknown) = map
-            .keys()
-            .find(|k| !matches!(k.as_str(), "feed_cluster" | "feed_path"))
-        {
+        if let Some(unknown) = map.keys().find(|k| {
+            !matches!(
+                k.as_str(),
+                "feed_cluster" | "feed_path" | "max_snapshot_removal_percent"
+            )
+        }) {
             return Err(format!("/{unknown}: unknown field"));
         }
+        let removal_limit = match map.get("max_snapshot_removal_percent") {
+            None => RemovalLimit::default(),
+            Some(v) => v
+                .as_u64()
+                .and_then(|p| u8::try_from(p).ok())
+                .filter(|p| *p <= 100)
+                .map(|percent| RemovalLimit { percent })
+                .ok_or("/max_snapshot_removal_percent: must be an integer from 0 to 100")?,
+        };
         Ok(FeedConfig {
             cluster: text("feed_cluster")?
                 .ok_or("/feed_cluster: missing (the cluster of the policy source)")?,
             path: text("feed_path")?.unwrap_or_else(|| DEFAULT_PATH.to_owned()),
+            removal_limit,
         })
     }
 }
@@ -80,8 +100,16 @@ pub(crate) struct FeedRoot {
     sync_started: Option<SystemTime>,
     /// Envoy's node id, sent with each poll.
     node: String,
-    /// Domains refused since the last answer, reported with the next poll.
+    /// Domains refused since the last answer, the last page's unreadable
+    /// lines and a snapshot's refused removals: reported with the next poll.
     rejected: Vec<String>,
+    malformed: Vec<MalformedLine>,
+    snapshot_refused: Option<SnapshotRefused>,
+    /// When the last poll went out, the pages followed in a row, and why the
+    /// next poll waits for a tick (logged once per reason).
+    polled_at: Option<SystemTime>,
+    pages_in_a_row: u32,
+    paused: Option<&'static str>,
     /// This root's id in [`LEADER_KEY`], and whether it leads.
     id: u64,
     leading: bool,
@@ -109,6 +137,11 @@ impl FeedRoot {
             sync_started: None,
             node: String::new(),
             rejected: Vec::new(),
+            malformed: Vec::new(),
+            snapshot_refused: None,
+            polled_at: None,
+            pages_in_a_row: 0,
+            paused: None,
             id: 0,
             leading: false,
             settings: Settings {
@@ -236,10 +269,19 @@ impl FeedRoot {
         if !self.node.is_empty() {
             headers.push((NODE_HEADER, self.node.as_str()));
         }
-        let report = rejected_report(&self.rejected);
-        if let Some(report) = &report {
+        let rejected = rejected_report(&self.rejected);
+        if let Some(report) = &rejected {
             headers.push((REJECTED_HEADER, report.as_str()));
         }
+        let malformed = malformed_report(&self.malformed);
+        if let Some(report) = &malformed {
+            headers.push((MALFORMED_HEADER, report.as_str()));
+        }
+        let refused = self.snapshot_refused.as_ref().map(SnapshotRefused::report);
+        if let Some(report) = &refused {
+            headers.push((SNAPSHOT_REFUSED_HEADER, report.as_str()));
+        }
+        self.polled_at = Some(self.get_current_time());
         let call = self.dispatch_http_call(&cluster, headers, None, vec![], CALL_TIMEOUT);
         if let Err(e) = call {
             self.fail(format!(
@@ -281,6 +323,46 @@ impl FeedRoot {
         }
     }
 
+    fn clear_reports(&mut self) {
+        self.rejected.clear();
+        self.malformed.clear();
+        self.snapshot_refused = None;
+    }
+
+    /// Asks for the next page at once, unless the source is not keeping to
+    /// the feed: it answered at once with nothing new (it does not hold its
+    /// long poll), sent `x-feed-more` on a page that brings nothing, or has
+    /// paged for too long. Then the next poll waits for a tick.
+    fn follow(&mut self, progressed: bool, more: bool) {
+        self.pages_in_a_row = if more { self.pages_in_a_row + 1 } else { 0 };
+        let quick = self
+            .polled_at
+            .and_then(|t| self.get_current_time().duration_since(t).ok())
+            .is_some_and(|took| took < RETRY_PERIOD);
+        let why = if more && !progressed {
+            Some("the source sent `x-feed-more` on a page that brings nothing new (same version and epoch)")
+        } else if !progressed && quick {
+            Some("the source answered at once with nothing new (it does not hold the long poll)")
+        } else if self.pages_in_a_row > MAX_PAGES_IN_A_ROW {
+            Some("the source has sent more than 10000 pages in a row")
+        } else {
+            None
+        };
+        match why {
+            None => {
+                self.paused = None;
+                self.poll();
+            }
+            Some(why) => {
+                if self.paused != Some(why) {
+                    warn!("policy feed: {why}; asking again every second");
+                }
+                self.paused = Some(why);
+                self.retry = true;
+            }
+        }
+    }
+
     fn apply_page(&mut self, body_size: usize, more: bool) {
         let body = self
             .get_http_call_response_body(0, body_size)
@@ -295,13 +377,29 @@ impl FeedRoot {
         }
         if let Some(metrics) = &self.metrics {
             metrics.add(Counter::FeedPolicyRejected, outcome.rejected.len() as u64);
+            metrics.add(Counter::FeedLineMalformed, outcome.malformed.len() as u64);
         }
+        self.malformed = outcome.malformed;
         self.write(outcome.writes);
         if more {
             return;
         }
         if self.sync.in_snapshot() {
-            let removed = self.sync.end_snapshot();
+            let limit = self
+                .config
+                .as_ref()
+                .map_or_else(RemovalLimit::default, |c| c.removal_limit);
+            let removed = match self.sync.end_snapshot(limit) {
+                Ok(removed) => removed,
+                Err(refused) => {
+                    error!("policy feed: {refused}");
+                    if let Some(metrics) = &self.metrics {
+                        metrics.add(Counter::FeedSnapshotRefused, 1);
+                    }
+                    self.snapshot_refused = Some(refused);
+                    Vec::new()
+                }
+            };
             let count = removed.len();
             self.write(removed);
             if self.ready {
@@ -342,8 +440,9 @@ impl Context for FeedRoot {
         let cluster = self.cluster();
         match (status.as_deref(), version, epoch) {
             (Some("200"), Some(version), Some(epoch)) => {
-                // The source has the report sent with this poll.
-                self.rejected.clear();
+                let progressed = reset || version != self.version || epoch != self.epoch;
+                // The source has the reports sent with this poll.
+                self.clear_reports();
                 self.set_tick_period(RETRY_PERIOD);
                 if self.last_failure.take().is_some() {
                     info!("policy feed: the source answers again");
@@ -355,12 +454,12 @@ impl Context for FeedRoot {
                 self.epoch = epoch;
                 self.version = version;
                 self.apply_page(body_size, more);
-                self.poll();
+                self.follow(progressed, more);
             }
             (Some("204"), _, _) => {
-                self.rejected.clear();
+                self.clear_reports();
                 self.last_failure = None;
-                self.poll();
+                self.follow(false, false);
             }
             (Some(status), _, _) => self.fail(format!(
                 "no feed page from the policy source on cluster `{cluster}` (status {status})"

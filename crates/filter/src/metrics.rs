@@ -29,12 +29,16 @@ pub enum Counter {
     FeedEntriesWritten,
     /// Policies from the feed refused; their domains keep their entry.
     FeedPolicyRejected,
+    /// Feed lines that are not `DOMAIN<TAB>DOCUMENT`, skipped.
+    FeedLineMalformed,
+    /// Snapshots whose removals passed `max_snapshot_removal_percent`.
+    FeedSnapshotRefused,
     /// Requests answered 503 because the first sync is not complete, or
     /// whose domain's entry could not be used.
     EntryUnavailable,
 }
 
-const NAMES: [&str; 19] = [
+const NAMES: [&str; 21] = [
     "origin_policy.decisions",
     "origin_policy.unknown_domain",
     "origin_policy.bad_host",
@@ -53,6 +57,8 @@ const NAMES: [&str; 19] = [
     "origin_policy.policy.rejected",
     "origin_policy.feed.entries_written",
     "origin_policy.feed.policy_rejected",
+    "origin_policy.feed.line_malformed",
+    "origin_policy.feed.snapshot_refused",
     "origin_policy.feed.entry_unavailable",
 ];
 

@@ -48,16 +48,39 @@ pub const RESET_HEADER: &str = "x-feed-reset";
 /// everything up to V).
 pub const NODE_HEADER: &str = "x-feed-node";
 /// Sent by the singleton with the poll after a page: the domains whose policy
-/// it refused (the negative acknowledgement, per domain), comma-separated.
+/// it refused (the negative acknowledgement, per domain), comma-separated,
+/// each as [`report_item`] writes it.
 pub const REJECTED_HEADER: &str = "x-feed-rejected";
-/// At most this many domains are named in one report; the rest are counted.
+/// Sent with the poll after a page that had lines the singleton could not
+/// read: their line numbers in that page (the page that answered the poll
+/// whose `since` this one repeats), comma-separated.
+pub const MALFORMED_HEADER: &str = "x-feed-malformed";
+/// Sent with the poll after a snapshot whose removals the singleton refused
+/// ([`RemovalLimit`]): `REMOVED/DOMAINS`, what the snapshot would have
+/// removed out of the domains the edge had.
+pub const SNAPSHOT_REFUSED_HEADER: &str = "x-feed-snapshot-refused";
+/// At most this many items are named in one report; the rest are counted.
 const MAX_REPORTED: usize = 100;
 
-/// The [`REJECTED_HEADER`] value for `domains`: names a header can carry,
-/// and `+N more` past [`MAX_REPORTED`].
-pub fn rejected_report(domains: &[String]) -> Option<String> {
-    let fits = |d: &&String| !d.is_empty() && d.bytes().all(|b| b.is_ascii_graphic() && b != b',');
-    let mut named: Vec<&str> = domains.iter().filter(fits).map(String::as_str).collect();
+/// A domain as a report names it: printable ASCII as is, every other byte
+/// (and `%`, `,`, space) as `%XX`, so that a name the singleton refused for
+/// not being ASCII is named back too.
+pub fn report_item(domain: &str) -> String {
+    let mut out = String::with_capacity(domain.len());
+    for b in domain.bytes() {
+        if b.is_ascii_graphic() && b != b'%' && b != b',' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A report's value for `items`: at most [`MAX_REPORTED`] named, then
+/// `+N more`.
+fn report(items: impl Iterator<Item = String>) -> Option<String> {
+    let mut named: Vec<String> = items.filter(|i| !i.is_empty()).collect();
     if named.is_empty() {
         return None;
     }
@@ -68,6 +91,95 @@ pub fn rejected_report(domains: &[String]) -> Option<String> {
         value.push_str(&format!(",+{more} more"));
     }
     Some(value)
+}
+
+/// The [`REJECTED_HEADER`] value for `domains`.
+pub fn rejected_report(domains: &[String]) -> Option<String> {
+    report(domains.iter().map(|d| report_item(d)))
+}
+
+/// The [`MALFORMED_HEADER`] value for a page's unreadable lines.
+pub fn malformed_report(lines: &[MalformedLine]) -> Option<String> {
+    report(lines.iter().map(|l| l.line.to_string()))
+}
+
+/// The items of a [`REJECTED_HEADER`] or [`MALFORMED_HEADER`] value, decoded;
+/// the `+N more` count is not an item.
+pub fn parse_report(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty() && !i.starts_with('+'))
+        .map(percent_decoded)
+        .collect()
+}
+
+fn percent_decoded(item: &str) -> String {
+    let bytes = item.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How much of the edge a snapshot may remove. A snapshot removes every
+/// domain it does not list, so a source that lost its data (or answers with
+/// an empty set) would remove them all at once; past this share the
+/// singleton keeps every domain, logs why and tells the source. A source
+/// removes domains deliberately with empty documents, which are not limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemovalLimit {
+    /// The most a snapshot may remove, in percent of the domains the edge
+    /// has; 100 turns the guard off.
+    pub percent: u8,
+}
+
+impl Default for RemovalLimit {
+    fn default() -> Self {
+        RemovalLimit { percent: 50 }
+    }
+}
+
+/// A snapshot's removals refused by the [`RemovalLimit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRefused {
+    pub removed: usize,
+    pub domains: usize,
+    pub limit: RemovalLimit,
+}
+
+impl SnapshotRefused {
+    /// The [`SNAPSHOT_REFUSED_HEADER`] value.
+    pub fn report(&self) -> String {
+        format!("{}/{}", self.removed, self.domains)
+    }
+}
+
+impl fmt::Display for SnapshotRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the source's snapshot would remove {} of the {} domains, more than \
+             `max_snapshot_removal_percent` ({}%) allows: every domain is kept. \
+             Remove domains with empty documents, or raise the limit",
+            self.removed, self.domains, self.limit.percent
+        )
+    }
 }
 
 /// Where the filter publishes its configuration (`{"settings": ...,
@@ -271,15 +383,17 @@ fn validate_entry(
 /// One line of a feed page that is not `DOMAIN \t DOCUMENT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MalformedLine {
+    /// Its number in the page, from 1.
     pub line: usize,
+    pub why: &'static str,
 }
 
 impl fmt::Display for MalformedLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "feed page line {}: expected `DOMAIN<TAB>DOCUMENT`",
-            self.line
+            "feed page line {}: expected `DOMAIN<TAB>DOCUMENT`, {}",
+            self.line, self.why
         )
     }
 }
@@ -350,14 +464,19 @@ impl FeedSync {
             if line.is_empty() {
                 continue;
             }
-            let parsed = line
-                .iter()
-                .position(|b| *b == b'\t')
-                .and_then(|tab| Some((std::str::from_utf8(&line[..tab]).ok()?, &line[tab + 1..])))
-                .filter(|(domain, _)| !domain.is_empty());
-            let Some((domain, document)) = parsed else {
-                out.malformed.push(MalformedLine { line: i + 1 });
-                continue;
+            let parsed = match line.iter().position(|b| *b == b'\t') {
+                None => Err("found no tab"),
+                Some(0) => Err("found no domain before the tab"),
+                Some(tab) => std::str::from_utf8(&line[..tab])
+                    .map(|domain| (domain, &line[tab + 1..]))
+                    .map_err(|_| "the domain is not UTF-8"),
+            };
+            let (domain, document) = match parsed {
+                Ok(found) => found,
+                Err(why) => {
+                    out.malformed.push(MalformedLine { line: i + 1, why });
+                    continue;
+                }
             };
             if let Some(listed) = &mut self.listed {
                 listed.insert(domain.to_owned());
@@ -385,10 +504,13 @@ impl FeedSync {
     }
 
     /// The snapshot's last page was applied: the entries of every domain it
-    /// did not list are removed.
-    pub fn end_snapshot(&mut self) -> Vec<(String, Vec<u8>)> {
+    /// did not list are removed, unless that is more than `limit` allows.
+    pub fn end_snapshot(
+        &mut self,
+        limit: RemovalLimit,
+    ) -> Result<Vec<(String, Vec<u8>)>, SnapshotRefused> {
         let Some(listed) = self.listed.take() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let gone: Vec<String> = self
             .written
@@ -396,12 +518,21 @@ impl FeedSync {
             .filter(|d| !listed.contains(*d))
             .cloned()
             .collect();
-        gone.into_iter()
+        let domains = self.written.len();
+        if gone.len() * 100 > domains * usize::from(limit.percent) {
+            return Err(SnapshotRefused {
+                removed: gone.len(),
+                domains,
+                limit,
+            });
+        }
+        Ok(gone
+            .into_iter()
             .map(|domain| {
                 self.written.remove(&domain);
                 (entry_key(&domain), REMOVED_ENTRY.to_vec())
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -563,11 +694,14 @@ mod tests {
             )
             .writes,
         );
-        assert!(sync.end_snapshot().is_empty());
+        assert!(sync
+            .end_snapshot(RemovalLimit::default())
+            .unwrap()
+            .is_empty());
         sync.begin_snapshot();
         let out = sync.apply(&page(&[("www.example.com", WWW)]), &Settings::default());
         assert_eq!((out.writes.len(), out.unchanged), (0, 1));
-        let removed = sync.end_snapshot();
+        let removed = sync.end_snapshot(RemovalLimit::default()).unwrap();
         assert_eq!(
             removed,
             vec![(entry_key("old.example.com"), REMOVED_ENTRY.to_vec())]
@@ -595,8 +729,20 @@ mod tests {
         );
         assert_eq!(
             out.malformed,
-            vec![MalformedLine { line: 2 }, MalformedLine { line: 3 }]
+            vec![
+                MalformedLine {
+                    line: 2,
+                    why: "found no tab"
+                },
+                MalformedLine {
+                    line: 3,
+                    why: "found no domain before the tab"
+                }
+            ]
         );
+        assert_eq!(malformed_report(&out.malformed).as_deref(), Some("2,3"));
+        let not_utf8 = sync.apply(b"b\xfccher.example\t{}\n", &Settings::default());
+        assert_eq!(not_utf8.malformed[0].why, "the domain is not UTF-8");
         shared.write(out.writes);
         let mut entries = DomainEntries::default();
         assert!(entries
@@ -606,13 +752,59 @@ mod tests {
     }
 
     #[test]
-    fn a_rejection_report_names_what_a_header_can_carry() {
-        let mut domains = vec!["a.example".to_owned(), "bad,name".to_owned(), String::new()];
-        assert_eq!(rejected_report(&domains).as_deref(), Some("a.example"));
+    fn a_rejection_report_names_every_domain_a_header_can_carry_encoded() {
+        let mut domains = vec![
+            "a.example".to_owned(),
+            "bad,name".to_owned(),
+            "bücher.example".to_owned(),
+            String::new(),
+        ];
+        let report = rejected_report(&domains).unwrap();
+        assert_eq!(report, "a.example,bad%2Cname,b%C3%BCcher.example");
+        assert_eq!(parse_report(&report), &domains[..3]);
         domains.extend((0..150).map(|i| format!("d{i}.example")));
         let report = rejected_report(&domains).unwrap();
-        assert!(report.ends_with(",+51 more"), "{report}");
+        assert!(report.ends_with(",+53 more"), "{report}");
+        assert_eq!(parse_report(&report).len(), 100);
         assert_eq!(rejected_report(&[]), None);
+        // A stray `%` that is not an escape stays as it is.
+        assert_eq!(parse_report("50%off,%zz"), ["50%off", "%zz"]);
+    }
+
+    #[test]
+    fn a_snapshot_that_would_remove_too_much_keeps_every_domain() {
+        let mut sync = FeedSync::default();
+        let names: Vec<String> = (0..10).map(|i| format!("d{i}.example.com")).collect();
+        let docs: Vec<String> = names
+            .iter()
+            .map(|n| WWW.replace("www.example.com", n))
+            .collect();
+        let lines: Vec<(&str, &str)> = names
+            .iter()
+            .map(String::as_str)
+            .zip(docs.iter().map(String::as_str))
+            .collect();
+        sync.apply(&page(&lines), &Settings::default());
+        // An empty snapshot: every domain would go.
+        sync.begin_snapshot();
+        let refused = sync.end_snapshot(RemovalLimit::default()).unwrap_err();
+        assert_eq!(
+            (refused.removed, refused.domains, refused.report().as_str()),
+            (10, 10, "10/10")
+        );
+        assert!(
+            refused.to_string().contains("max_snapshot_removal_percent"),
+            "{refused}"
+        );
+        assert_eq!(sync.domains(), 10);
+        // Half of them: at the limit, removed.
+        sync.begin_snapshot();
+        sync.apply(&page(&lines[..5]), &Settings::default());
+        assert_eq!(sync.end_snapshot(RemovalLimit::default()).unwrap().len(), 5);
+        // The guard off.
+        sync.begin_snapshot();
+        let all = sync.end_snapshot(RemovalLimit { percent: 100 }).unwrap();
+        assert_eq!((all.len(), sync.domains()), (5, 0));
     }
 
     #[test]

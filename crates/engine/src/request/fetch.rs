@@ -18,6 +18,9 @@ pub enum FetchFailure<'a> {
     Tls(&'a str),
     /// No response headers within the route timeout.
     Timeout,
+    /// The connection was not established within the origin's connect
+    /// timeout (Envoy's `connection_timeout` reset reason): nothing was sent.
+    ConnectTimeout,
     /// The connection was reset before response headers arrived.
     Reset(&'a str),
     /// Every origin the request could go to is marked down.
@@ -70,6 +73,12 @@ impl<'a> FetchFailure<'a> {
                 .unwrap_or("TLS_error");
             return Some(FetchFailure::Tls(reason));
         }
+        if inner
+            .split(',')
+            .any(|reason| reason == "connection_timeout")
+        {
+            return Some(FetchFailure::ConnectTimeout);
+        }
         let cause = inner.rsplit(":_").next().unwrap_or(inner);
         if inner.starts_with("connection_failure") || inner.starts_with("remote_connection_failure")
         {
@@ -82,7 +91,7 @@ impl<'a> FetchFailure<'a> {
     /// The status the viewer gets: 504 for a timeout, 502 for the rest.
     pub fn status(&self) -> u16 {
         match self {
-            FetchFailure::Timeout => 504,
+            FetchFailure::Timeout | FetchFailure::ConnectTimeout => 504,
             _ => 502,
         }
     }
@@ -98,6 +107,7 @@ impl fmt::Display for FetchFailure<'_> {
             FetchFailure::Connect(c) => write!(f, "orig connect failed ({})", words(c)),
             FetchFailure::Tls(r) => write!(f, "orig TLS handshake failed ({})", header_text(r)),
             FetchFailure::Timeout => f.write_str("orig response timeout"),
+            FetchFailure::ConnectTimeout => f.write_str("orig connect timeout"),
             FetchFailure::Reset(c) => write!(f, "orig connection reset ({})", words(c)),
             FetchFailure::NoHealthyOrigin => f.write_str("orig marked down, no origin left"),
             FetchFailure::Unresolved => {
@@ -143,6 +153,10 @@ mod tests {
             (
                 "upstream_reset_before_response_started{connection_failure,TLS_error:_268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:TLS_error_end}",
                 Some(FetchFailure::Tls("CERTIFICATE_VERIFY_FAILED")),
+            ),
+            (
+                "upstream_reset_before_response_started{connection_timeout}",
+                Some(FetchFailure::ConnectTimeout),
             ),
             (
                 "upstream_reset_before_response_started{remote_reset}",
