@@ -1,6 +1,6 @@
 """The control plane's policy feed: each Envoy's feed singleton long-polls
-`GET /changes?since=VERSION&epoch=EPOCH` (the contract in the README's
-"Per-domain delivery") and gets the domains whose policy differs between the
+`GET /changes?since=VERSION&epoch=EPOCH` (the contract in
+docs/feed.md) and gets the domains whose policy differs between the
 snapshot it has and the one it should run, one `DOMAIN<TAB>DOCUMENT` line
 each (an empty document removes the domain).
 

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 /// Refuses every origin of `policy` the edge may not connect to on a port
 /// the policy uses: an IP address as written, or the address
 /// `settings.resolve` gives its name. Names looked up by DNS are checked
-/// when Envoy resolves them (see the README, "Origin networks").
+/// when Envoy resolves them (see docs/policies.md, "Origin networks").
 pub fn check_policy_origins(
     policy: &Policy,
     settings: &Settings,
