@@ -2,6 +2,7 @@
 //! Everything about what a policy means lives in `origin_policy_engine`.
 
 pub mod admin;
+pub mod args;
 pub mod feed;
 pub mod files;
 pub mod mirror;

@@ -14,51 +14,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage:
-  origin-policy check [--json] [PATH...]
-      Validate policy files (default PATH: policies/). Exit 1 on any error.
-      --json also lists the Envoy clusters derived from the policies.
-  origin-policy explain [--json] [--policies PATH] [--method M] [--x-forwarded-proto P] URL
-      Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
-  origin-policy bundle [--wasm FILE] [--out DIR] [--admin ADDRESS] [--delivery feed] [PATH...]
-      Write DIR/origin-policy.networks.ecds.json (the origin networks, an upstream
-      RBAC filter), DIR/origin-policy.cds.json (the origin clusters), DIR/plugin-config.json
-      and DIR/origin-policy.ecds.json (default DIR: run/), each replaced atomically so
-      that Envoy's file watch sees whole files only; clusters first. With --admin
-      (Envoy's admin address, e.g. 127.0.0.1:9901), the filter configuration is
-      written only once that Envoy has taken the clusters, so that a new policy
-      never names a cluster Envoy does not have yet; nothing more is written if
-      Envoy rejects them. With --delivery feed (for a policy source such as the
-      fleet's control plane), the filter configuration carries the settings only
-      and DIR/origin-policy.domains.tsv the policies, one `DOMAIN<TAB>DOCUMENT`
-      line per domain, as a feed serves them; the clusters are those of these
-      policies only (the source keeps the previous ones while Envoys need them).
-  origin-policy feed [--wasm FILE] [--out DIR] [--admin ADDRESS] [--listen ADDRESS] [PATH...]
-      Serve the policies per domain to Envoys whose filter has `\"delivery\": \"feed\"`
-      (default listen 127.0.0.1:18090, GET /changes). Watches PATH (default
-      policies/); on a change, validates, writes DIR/origin-policy.networks.ecds.json,
-      DIR/origin-policy.cds.json (with
-      --admin: and waits until Envoy has the clusters) and DIR/origin-policy.ecds.json
-      (the settings), then publishes the domains that changed. A rejected policy
-      keeps its domain's last published one. Runs until Ctrl-C or SIGTERM.
-  origin-policy mirror DOMAIN [--paths FILE]... [--sitemap PATH]... [--store DIR|s3://BUCKET/PREFIX]
-                       [--policies DIR] [--origin-ca-file FILE] [--every INTERVAL]
-                       [--metrics FILE] [--json] [limits]
-      Copy DOMAIN's resources from its primary origin, fetched as the edge fetches
-      them (address, port, scheme, Host, SNI and certificate name, timeouts), into
-      the store (default run/mirror/DOMAIN): the domain's secondary origin. Paths
-      come from list files (one per line) and sitemaps on the origin (e.g.
-      /sitemap.xml). Unchanged resources are not fetched again (If-None-Match,
-      If-Modified-Since); a path gone from the lists or answering 404 is removed
-      after the grace period. Exit 1 if anything failed; --metrics writes the run's
-      counters for node_exporter's textfile collector.
-      limits (defaults): --concurrency 4, --rate 20M (bytes/s, 0: none),
-      --max-object-bytes 1G, --max-store-bytes 10G, --object-timeout 10m,
-      --max-redirects 5, --grace 7d, --viewer-scheme https (for `follow` policies)
-  origin-policy mirror-serve [--root DIR] [--listen ADDRESS]
-      Serve local mirrors (default root run/mirror, listen 127.0.0.1:18089): the
-      Host picks DIR/<host>/, answers carry the stored status and headers.";
+use clap::{CommandFactory, Parser};
+use origin_policy_cli::args::{Cli, Command, Delivery, MirrorArgs, OutputArgs};
 
 /// Envoy applies a 100,000-cluster file in about a minute (BENCHMARKS.md).
 const CLUSTERS_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(180);
@@ -78,7 +35,7 @@ enum CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Usage(why) => write!(f, "{why}\n\n{USAGE}"),
+            CliError::Usage(why) => f.write_str(why),
             CliError::Io(why) => f.write_str(why),
             CliError::Invalid(d) => write!(f, "{d}\npolicies rejected"),
             CliError::Rejected => f.write_str("policies rejected"),
@@ -87,95 +44,15 @@ impl fmt::Display for CliError {
     }
 }
 
-const BOOLEAN_FLAGS: [&str; 1] = ["json"];
-
-const MIRROR_FLAGS: [&str; 15] = [
-    "origin-ca-file",
-    "paths",
-    "sitemap",
-    "store",
-    "policies",
-    "every",
-    "metrics",
-    "viewer-scheme",
-    "concurrency",
-    "rate",
-    "max-object-bytes",
-    "max-store-bytes",
-    "object-timeout",
-    "max-redirects",
-    "grace",
-];
-
-struct Args {
-    flags: Vec<(String, Option<String>)>,
-    positional: Vec<String>,
-}
-
-impl Args {
-    fn parse(raw: &[String], with_value: &[&str]) -> Result<Args, CliError> {
-        let mut args = Args {
-            flags: Vec::new(),
-            positional: Vec::new(),
-        };
-        let mut it = raw.iter();
-        while let Some(a) = it.next() {
-            if let Some(name) = a.strip_prefix("--") {
-                if with_value.contains(&name) {
-                    let v = it
-                        .next()
-                        .ok_or_else(|| CliError::Usage(format!("--{name} needs a value")))?;
-                    args.flags.push((name.to_owned(), Some(v.clone())));
-                } else if BOOLEAN_FLAGS.contains(&name) {
-                    args.flags.push((name.to_owned(), None));
-                } else {
-                    return Err(CliError::Usage(format!("unknown option --{name}")));
-                }
-            } else {
-                args.positional.push(a.clone());
-            }
-        }
-        Ok(args)
-    }
-
-    fn value(&self, name: &str) -> Option<&str> {
-        self.flags
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-
-    fn values(&self, name: &str) -> Vec<String> {
-        self.flags
-            .iter()
-            .filter(|(n, _)| n == name)
-            .filter_map(|(_, v)| v.clone())
-            .collect()
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.flags.iter().any(|(n, _)| n == name)
-    }
-
-    fn paths(&self) -> Vec<PathBuf> {
-        if self.positional.is_empty() {
-            vec![PathBuf::from("policies")]
-        } else {
-            self.positional.iter().map(PathBuf::from).collect()
-        }
-    }
-}
-
 fn load(paths: &[PathBuf]) -> Result<PolicyDocuments, CliError> {
     read_paths(paths).map_err(CliError::Io)
 }
 
-fn check(args: &Args) -> Result<(), CliError> {
-    let dir = load(&args.paths())?;
+fn check(json: bool, paths: &[PathBuf]) -> Result<(), CliError> {
+    let dir = load(paths)?;
     let (compiled, diagnostics) = dir.compile();
     let domains = compiled.as_ref().map_or(0, |c| c.set.index.len());
-    if args.has("json") {
+    if json {
         let list: Vec<Value> = diagnostics.0.iter().map(diagnostic_json).collect();
         let derived = compiled
             .as_ref()
@@ -209,15 +86,17 @@ fn check(args: &Args) -> Result<(), CliError> {
     Ok(())
 }
 
-fn explain(args: &Args) -> Result<(), CliError> {
-    let [url] = args.positional.as_slice() else {
-        return Err(CliError::Usage("explain takes exactly one URL".to_owned()));
-    };
-    let set = compiled_set(args.value("policies").unwrap_or("policies"))?;
-    let spec = request_from_url(url, args.value("method"), args.value("x-forwarded-proto"))
-        .map_err(CliError::Usage)?;
+fn explain(
+    json: bool,
+    policies: &str,
+    method: Option<&str>,
+    x_forwarded_proto: Option<&str>,
+    url: &str,
+) -> Result<(), CliError> {
+    let set = compiled_set(policies)?;
+    let spec = request_from_url(url, method, x_forwarded_proto).map_err(CliError::Usage)?;
     let outcome = set.decide(&spec.as_request());
-    if args.has("json") {
+    if json {
         println!("{}", outcome_json(&set, &outcome));
         return Ok(());
     }
@@ -246,17 +125,9 @@ fn cds_resources(set: &PolicySet, config: &str, previous: &std::path::Path) -> V
     })
 }
 
-fn bundle(args: &Args) -> Result<(), CliError> {
-    let feed_delivery = match args.value("delivery") {
-        None | Some("inline") => false,
-        Some("feed") => true,
-        Some(other) => {
-            return Err(CliError::Usage(format!(
-                "--delivery is `inline` or `feed`, not `{other}`"
-            )))
-        }
-    };
-    let dir = load(&args.paths())?;
+fn bundle(output: &OutputArgs, delivery: Delivery, paths: &[PathBuf]) -> Result<(), CliError> {
+    let feed_delivery = delivery == Delivery::Feed;
+    let dir = load(paths)?;
     let (compiled, diagnostics) = dir.compile();
     for d in diagnostics.warnings() {
         eprintln!("{d}");
@@ -269,14 +140,13 @@ fn bundle(args: &Args) -> Result<(), CliError> {
             )))
         }
     };
-    let out = PathBuf::from(args.value("out").unwrap_or("run"));
-    std::fs::create_dir_all(&out).map_err(|e| CliError::Io(format!("{}: {e}", out.display())))?;
-    let wasm = args
-        .value("wasm")
-        .unwrap_or("target/wasm32-wasip1/release/origin_policy.wasm");
+    let out = &output.out;
+    std::fs::create_dir_all(out).map_err(|e| CliError::Io(format!("{}: {e}", out.display())))?;
+    let wasm = &output.wasm;
     let wasm_abs = std::fs::canonicalize(wasm).map_err(|e| {
         CliError::Io(format!(
-            "{wasm}: {e} (build it with cargo build --release --target wasm32-wasip1)"
+            "{}: {e} (build it with cargo build --release --target wasm32-wasip1)",
+            wasm.display()
         ))
     })?;
     // Feed delivery: the policies one line per domain, the settings in the
@@ -310,7 +180,7 @@ fn bundle(args: &Args) -> Result<(), CliError> {
     let cds = cds.to_string();
     let cds_path = out.join("origin-policy.cds.json");
     if std::fs::read(&cds_path).ok().as_deref() != Some(cds.as_bytes()) {
-        let admin = args.value("admin");
+        let admin = output.admin.as_deref();
         let before = admin
             .map(|a| admin::cds_progress(a, CLUSTERS_TAKEN_WITHIN))
             .transpose()
@@ -340,20 +210,16 @@ fn compiled_set(dir: &str) -> Result<PolicySet, CliError> {
     Ok(compiled.ok_or(CliError::Invalid(diagnostics))?.set)
 }
 
-fn mirror(args: &Args) -> Result<(), CliError> {
-    let [domain] = args.positional.as_slice() else {
-        return Err(CliError::Usage(
-            "mirror takes exactly one DOMAIN".to_owned(),
-        ));
-    };
-    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-    let mut set = compiled_set(args.value("policies").unwrap_or("policies"))?;
+fn mirror(args: &MirrorArgs) -> Result<(), CliError> {
+    let domain = args.domain.trim_end_matches('.').to_ascii_lowercase();
+    let mut set = compiled_set(&args.policies)?;
     // settings.origin_ca_file is relative to Envoy's working directory.
-    if let Some(ca) = args.value("origin-ca-file") {
-        set.settings.origin_ca_file = ca.to_owned();
+    if let Some(ca) = &args.origin_ca_file {
+        set.settings.origin_ca_file = ca.clone();
     }
     let every = args
-        .value("every")
+        .every
+        .as_deref()
         .map(|v| {
             origin_policy_mirror::parse_duration(v)
                 .ok()
@@ -363,21 +229,18 @@ fn mirror(args: &Args) -> Result<(), CliError> {
         .transpose()?;
     let request = mirror::MirrorRequest {
         store: args
-            .value("store")
-            .map_or_else(|| format!("run/mirror/{domain}"), str::to_owned),
+            .store
+            .clone()
+            .unwrap_or_else(|| format!("run/mirror/{domain}")),
         domain,
         set,
-        viewer_scheme: args.value("viewer-scheme").unwrap_or("https").to_owned(),
-        path_files: args
-            .values("paths")
-            .into_iter()
-            .map(PathBuf::from)
-            .collect(),
-        sitemaps: args.values("sitemap"),
-        limits: mirror::limits(|n| args.value(n).map(str::to_owned)).map_err(CliError::Usage)?,
+        viewer_scheme: args.viewer_scheme.clone(),
+        path_files: args.path_files.clone(),
+        sitemaps: args.sitemaps.clone(),
+        limits: mirror::limits(|n| args.limit(n)).map_err(CliError::Usage)?,
         every,
-        metrics: args.value("metrics").map(PathBuf::from),
-        json: args.has("json"),
+        metrics: args.metrics.clone(),
+        json: args.json,
     };
     match mirror::mirror(request) {
         Ok(true) => Ok(()),
@@ -386,51 +249,53 @@ fn mirror(args: &Args) -> Result<(), CliError> {
     }
 }
 
-fn feed(args: &Args) -> Result<(), CliError> {
-    feed::feed(feed::FeedRequest {
-        paths: args.paths(),
-        out: PathBuf::from(args.value("out").unwrap_or("run")),
-        wasm: PathBuf::from(
-            args.value("wasm")
-                .unwrap_or("target/wasm32-wasip1/release/origin_policy.wasm"),
-        ),
-        admin: args.value("admin").map(str::to_owned),
-        listen: args.value("listen").unwrap_or("127.0.0.1:18090").to_owned(),
-    })
-    .map_err(CliError::Io)
-}
-
-fn mirror_serve(args: &Args) -> Result<(), CliError> {
-    if !args.positional.is_empty() {
-        return Err(CliError::Usage(
-            "mirror-serve takes no arguments".to_owned(),
-        ));
-    }
-    let root = PathBuf::from(args.value("root").unwrap_or("run/mirror"));
-    mirror::serve(root, args.value("listen").unwrap_or("127.0.0.1:18089")).map_err(CliError::Io)
-}
-
 fn main() -> ExitCode {
-    let raw: Vec<String> = std::env::args().skip(1).collect();
-    let Some((command, rest)) = raw.split_first() else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let result = match command.as_str() {
-        "check" => Args::parse(rest, &[]).and_then(|a| check(&a)),
-        "explain" => Args::parse(rest, &["policies", "method", "x-forwarded-proto"])
-            .and_then(|a| explain(&a)),
-        "bundle" => {
-            Args::parse(rest, &["wasm", "out", "admin", "delivery"]).and_then(|a| bundle(&a))
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check { json, paths } => check(*json, paths),
+        Command::Explain {
+            json,
+            policies,
+            method,
+            x_forwarded_proto,
+            url,
+        } => explain(
+            *json,
+            policies,
+            method.as_deref(),
+            x_forwarded_proto.as_deref(),
+            url,
+        ),
+        Command::Bundle {
+            output,
+            delivery,
+            paths,
+        } => bundle(output, *delivery, paths),
+        Command::Feed {
+            output,
+            listen,
+            paths,
+        } => feed::feed(feed::FeedRequest {
+            paths: paths.clone(),
+            out: output.out.clone(),
+            wasm: output.wasm.clone(),
+            admin: output.admin.clone(),
+            listen: listen.clone(),
+        })
+        .map_err(CliError::Io),
+        Command::Mirror(args) => mirror(args),
+        Command::MirrorServe { root, listen } => {
+            mirror::serve(root.clone(), listen).map_err(CliError::Io)
         }
-        "feed" => Args::parse(rest, &["wasm", "out", "admin", "listen"]).and_then(|a| feed(&a)),
-        "mirror" => Args::parse(rest, &MIRROR_FLAGS).and_then(|a| mirror(&a)),
-        "mirror-serve" => Args::parse(rest, &["root", "listen"]).and_then(|a| mirror_serve(&a)),
-        "help" | "--help" | "-h" => {
-            println!("{USAGE}");
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "origin-policy",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
-        other => Err(CliError::Usage(format!("unknown command `{other}`"))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,206 @@
+//! The `origin-policy` command line, declared: its subcommands, options and
+//! help texts (clap derive). `main.rs` runs them; the tests read them to
+//! check that every subcommand's help is in docs/cli.md.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Validate, explain and bundle CDN origin policies for Envoy; serve them per
+/// domain; mirror a domain's primary origin into its secondary.
+///
+/// Exit codes: 0 success; 1 policies rejected or a mirror run with errors
+/// (the findings are printed); 2 a usage, file or network error.
+#[derive(Debug, Parser)]
+#[command(name = "origin-policy", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate policy files; exit 1 on any error.
+    Check {
+        /// Also list the Envoy clusters derived from the policies, as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Policy files or directories.
+        #[arg(value_name = "PATH", default_value = "policies")]
+        paths: Vec<PathBuf>,
+    },
+    /// Show the origin decision for a viewer request, e.g. https://media.example.com/a.png
+    Explain {
+        /// The decision as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The policy directory.
+        #[arg(long, value_name = "DIR", default_value = "policies")]
+        policies: String,
+        /// The viewer's method.
+        #[arg(long, value_name = "M")]
+        method: Option<String>,
+        /// The `x-forwarded-proto` the viewer's request carries.
+        #[arg(long, value_name = "P")]
+        x_forwarded_proto: Option<String>,
+        /// The viewer's URL.
+        url: String,
+    },
+    /// Write the origin networks, the origin clusters and the filter for Envoy.
+    ///
+    /// Writes DIR/origin-policy.networks.ecds.json (the origin networks, an
+    /// upstream RBAC filter), DIR/origin-policy.cds.json (the origin clusters),
+    /// DIR/plugin-config.json and DIR/origin-policy.ecds.json, each replaced
+    /// atomically so that Envoy's file watch sees whole files only; clusters
+    /// before the filter.
+    Bundle {
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Policies per domain for a feed (`feed`): the filter configuration
+        /// carries the settings only and DIR/origin-policy.domains.tsv the
+        /// policies, one `DOMAIN<TAB>DOCUMENT` line per domain; the clusters
+        /// are those of these policies only.
+        #[arg(long, value_enum, default_value_t = Delivery::Inline)]
+        delivery: Delivery,
+        /// Policy files or directories.
+        #[arg(value_name = "PATH", default_value = "policies")]
+        paths: Vec<PathBuf>,
+    },
+    /// Serve the policies per domain to Envoys whose filter has `"delivery": "feed"`.
+    ///
+    /// Watches PATH; on a change, validates, writes the origin networks, the
+    /// clusters (with --admin: and waits until Envoy has them) and the filter
+    /// with the settings into DIR, then publishes the domains that changed on
+    /// GET /changes (the feed contract: docs/feed.md). A rejected policy keeps
+    /// its domain's last published one. Runs until Ctrl-C or SIGTERM.
+    Feed {
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Where the feed listens.
+        #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1:18090")]
+        listen: String,
+        /// Policy files or directories.
+        #[arg(value_name = "PATH", default_value = "policies")]
+        paths: Vec<PathBuf>,
+    },
+    /// Copy a domain's resources from its primary origin into its secondary.
+    ///
+    /// Resources are fetched as the edge fetches them (address, port, scheme,
+    /// Host, SNI and certificate name, timeouts) into the store: the domain's
+    /// secondary origin. Paths come from list files (one per line) and sitemaps
+    /// on the origin (e.g. /sitemap.xml). Unchanged resources are not fetched
+    /// again (If-None-Match, If-Modified-Since); a path gone from the lists or
+    /// answering 404 is removed after the grace period. Exit 1 if anything
+    /// failed.
+    Mirror(Box<MirrorArgs>),
+    /// Serve local mirrors: the Host picks ROOT/<host>/; answers carry the stored status and headers.
+    MirrorServe {
+        /// The directory of the local stores.
+        #[arg(long, value_name = "DIR", default_value = "run/mirror")]
+        root: PathBuf,
+        /// Where it listens.
+        #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1:18089")]
+        listen: String,
+    },
+    /// Print a completion script for a shell, e.g. `origin-policy completions bash > /etc/bash_completion.d/origin-policy`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Delivery {
+    /// The policies inside the filter's configuration.
+    Inline,
+    /// The settings only; the policies come from a feed.
+    Feed,
+}
+
+/// Where `bundle` and `feed` write, and the Envoy they wait for.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// The filter module the configuration names.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_WASM)]
+    pub wasm: PathBuf,
+    /// The directory Envoy watches.
+    #[arg(long, value_name = "DIR", default_value = "run")]
+    pub out: PathBuf,
+    /// Envoy's admin address (e.g. 127.0.0.1:9901): the filter configuration
+    /// is written only once that Envoy has taken the clusters, so that a new
+    /// policy never names a cluster Envoy does not have yet.
+    #[arg(long, value_name = "ADDRESS")]
+    pub admin: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MirrorArgs {
+    /// The accelerated domain whose primary is copied.
+    pub domain: String,
+    /// A file listing paths, one per line (repeatable).
+    #[arg(long = "paths", value_name = "FILE")]
+    pub path_files: Vec<PathBuf>,
+    /// A sitemap's path on the origin, e.g. /sitemap.xml (repeatable).
+    #[arg(long = "sitemap", value_name = "PATH")]
+    pub sitemaps: Vec<String>,
+    /// A directory, or s3://BUCKET/PREFIX [default: run/mirror/DOMAIN].
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
+    /// The policy directory naming the primary.
+    #[arg(long, value_name = "DIR", default_value = "policies")]
+    pub policies: String,
+    /// The CA bundle origin certificates are checked against, instead of
+    /// `settings.origin_ca_file` (relative to Envoy's working directory).
+    #[arg(long, value_name = "FILE")]
+    pub origin_ca_file: Option<String>,
+    /// Run again at this interval (e.g. 1h) until Ctrl-C.
+    #[arg(long, value_name = "INTERVAL")]
+    pub every: Option<String>,
+    /// Write the run's counters for node_exporter's textfile collector.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+    /// The summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The viewer scheme a `follow` policy is fetched for (http or https).
+    #[arg(long, value_name = "SCHEME", default_value = "https")]
+    pub viewer_scheme: String,
+    /// Fetches at once (1-256) [default: 4].
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<String>,
+    /// Bytes per second read from the origin, 0 for no limit [default: 20M].
+    #[arg(long, value_name = "BYTES")]
+    pub rate: Option<String>,
+    /// The largest object [default: 1G].
+    #[arg(long, value_name = "BYTES")]
+    pub max_object_bytes: Option<String>,
+    /// The most the store may hold [default: 10G].
+    #[arg(long, value_name = "BYTES")]
+    pub max_store_bytes: Option<String>,
+    /// The longest one object's fetch may take [default: 10m].
+    #[arg(long, value_name = "DURATION")]
+    pub object_timeout: Option<String>,
+    /// Redirects followed within the domain (0-20) [default: 5].
+    #[arg(long, value_name = "N")]
+    pub max_redirects: Option<String>,
+    /// How long a path gone from the lists is kept [default: 7d].
+    #[arg(long, value_name = "DURATION")]
+    pub grace: Option<String>,
+}
+
+impl MirrorArgs {
+    /// A limit as given, by its option's name.
+    pub fn limit(&self, name: &str) -> Option<String> {
+        match name {
+            "concurrency" => self.concurrency.clone(),
+            "rate" => self.rate.clone(),
+            "max-object-bytes" => self.max_object_bytes.clone(),
+            "max-store-bytes" => self.max_store_bytes.clone(),
+            "object-timeout" => self.object_timeout.clone(),
+            "max-redirects" => self.max_redirects.clone(),
+            "grace" => self.grace.clone(),
+            _ => None,
+        }
+    }
+}
+
+pub const DEFAULT_WASM: &str = "target/wasm32-wasip1/release/origin_policy.wasm";
