@@ -86,11 +86,13 @@ pub enum Command {
     ///
     /// Resources are fetched as the edge fetches them (address, port, scheme,
     /// Host, SNI and certificate name, timeouts) into the store: the domain's
-    /// secondary origin. Paths come from list files (one per line) and sitemaps
-    /// on the origin (e.g. /sitemap.xml). Unchanged resources are not fetched
-    /// again (If-None-Match, If-Modified-Since); a path gone from the lists or
+    /// secondary origin. Paths come from list files (one per line; a line with
+    /// a query string is skipped, with why) and sitemaps on the origin (e.g.
+    /// /sitemap.xml). Unchanged resources are not fetched again
+    /// (If-None-Match, If-Modified-Since); a path gone from the lists or
     /// answering 404 is removed after the grace period. Exit 1 if anything
-    /// failed.
+    /// failed or the run stopped early (the summary says what was done and
+    /// why); 2 if the store or the origin cannot be used as given.
     Mirror(Box<MirrorArgs>),
     /// Serve local mirrors: the Host picks ROOT/<host>/; answers carry the stored status and headers.
     MirrorServe {
@@ -145,6 +147,11 @@ pub struct MirrorArgs {
     /// A directory, or s3://BUCKET/PREFIX [default: run/mirror/DOMAIN].
     #[arg(long, value_name = "STORE")]
     pub store: Option<String>,
+    /// Where the run's bookkeeping goes, a directory or s3://BUCKET/PREFIX,
+    /// never where the edge reads; a bucket store needs one [default:
+    /// STORE/.origin-policy for a directory].
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<String>,
     /// The policy directory naming the primary.
     #[arg(long, value_name = "DIR", default_value = "policies")]
     pub policies: String,

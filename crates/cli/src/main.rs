@@ -232,6 +232,7 @@ fn mirror(args: &MirrorArgs) -> Result<(), CliError> {
             .store
             .clone()
             .unwrap_or_else(|| format!("run/mirror/{domain}")),
+        state: args.state.clone(),
         domain,
         set,
         viewer_scheme: args.viewer_scheme.clone(),

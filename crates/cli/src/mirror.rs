@@ -5,7 +5,7 @@ use crate::files::write_atomically;
 use origin_policy_engine::{scheme_from_text, PolicySet, Scheme};
 use origin_policy_mirror::{
     parse_bytes, parse_duration, serve_stores, unix_now, CancellationToken, Limits, MirrorError,
-    MirrorJob, MirrorStore, Progress, ResourcePath, RunSummary, Sources,
+    MirrorJob, MirrorStore, Progress, ResourcePath, RunSummary, Sources, StopReason,
 };
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,8 @@ pub struct MirrorRequest {
     pub domain: String,
     pub set: PolicySet,
     pub store: String,
+    /// Where the run's bookkeeping goes (default: beside a directory store).
+    pub state: Option<String>,
     pub viewer_scheme: String,
     pub path_files: Vec<PathBuf>,
     pub sitemaps: Vec<String>,
@@ -135,7 +137,7 @@ async fn prepare(
     viewer: Scheme,
     sitemaps: &[ResourcePath],
 ) -> Result<MirrorJob, MirrorError> {
-    let store = MirrorStore::open(&r.store)?;
+    let store = MirrorStore::open(&r.store, r.state.as_deref())?;
     let sources = Sources {
         path_files: r.path_files.clone(),
         sitemaps: sitemaps.to_vec(),
@@ -163,33 +165,39 @@ pub(crate) async fn stop_signal() -> &'static str {
 async fn run_once(job: &MirrorJob, r: &MirrorRequest, stop: &CancellationToken) -> bool {
     let progress = Arc::new(Progress::default());
     let reporter = tokio::spawn(report_progress(r.domain.clone(), progress.clone()));
-    let result = job.run(&progress, stop).await;
+    let summary = job.run(&progress, stop).await;
     reporter.abort();
     if std::io::stderr().is_terminal() {
         eprint!("\r\x1b[K");
     }
-    report(r, result)
+    report(r, Ok(summary))
 }
 
 /// Prints a run's outcome and writes its metrics; whether it went well.
 fn report(r: &MirrorRequest, result: Result<RunSummary, MirrorError>) -> bool {
     let finished = unix_now();
     let summary = match result {
-        Ok(summary) => {
-            for e in &summary.errors {
-                eprintln!("error: {e}");
-            }
-            summary
-        }
-        Err(e) => {
-            eprintln!("error: {e}; nothing was marked gone");
-            RunSummary {
-                domain: r.domain.clone(),
-                errors: vec![e],
-                ..RunSummary::default()
-            }
-        }
+        Ok(summary) => summary,
+        // The run could not start (the store or the origin): it did nothing.
+        Err(e) => RunSummary {
+            domain: r.domain.clone(),
+            stop: Some(match e {
+                MirrorError::Store { .. } => StopReason::Store,
+                _ => StopReason::Origin,
+            }),
+            errors: vec![e],
+            ..RunSummary::default()
+        },
     };
+    for e in &summary.errors {
+        eprintln!("error: {e}");
+    }
+    if matches!(
+        summary.stop,
+        Some(StopReason::List | StopReason::Store | StopReason::Origin)
+    ) {
+        eprintln!("the run stopped early: nothing was marked gone");
+    }
     for skipped in &summary.skipped {
         eprintln!("skipped: {skipped}");
     }

@@ -24,8 +24,10 @@ pub enum ResourceFailure {
     TooManyRedirects(usize),
     /// A redirect to another host: only the domain's own paths are mirrored.
     RedirectElsewhere(String),
-    /// The store refused the write (e.g. the disk is full).
+    /// The store refused this object (e.g. a key or a header it does not take).
     Store(String),
+    /// The store refuses as a whole (unreachable, no space left): the run stops.
+    StoreUnavailable(String),
     /// Anything else the HTTP exchange reported.
     Http(String),
 }
@@ -58,7 +60,33 @@ impl fmt::Display for ResourceFailure {
                 )
             }
             ResourceFailure::Store(why) => write!(f, "store write failed: {why}"),
+            ResourceFailure::StoreUnavailable(why) => write!(f, "store unavailable: {why}"),
             ResourceFailure::Http(why) => write!(f, "HTTP error: {why}"),
+        }
+    }
+}
+
+/// The store refused a write or a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    pub why: String,
+    /// The store refuses as a whole (unreachable, no space left), not this
+    /// object only: the next objects would meet the same refusal.
+    pub store_wide: bool,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl From<StoreError> for ResourceFailure {
+    fn from(e: StoreError) -> Self {
+        if e.store_wide {
+            ResourceFailure::StoreUnavailable(e.why)
+        } else {
+            ResourceFailure::Store(e.why)
         }
     }
 }
@@ -87,6 +115,13 @@ pub enum MirrorError {
         domain: String,
         done: u64,
         listed: u64,
+    },
+    /// The store became unavailable during the run: the run stopped there.
+    StoreUnavailable {
+        location: String,
+        done: u64,
+        listed: u64,
+        why: String,
     },
 }
 
@@ -119,6 +154,15 @@ impl fmt::Display for MirrorError {
             } => write!(
                 f,
                 "{domain}: stopped after {done} of {listed} resources; what was stored is whole and recorded, the next run goes on"
+            ),
+            MirrorError::StoreUnavailable {
+                location,
+                done,
+                listed,
+                why,
+            } => write!(
+                f,
+                "store {location} unavailable ({why}): the run stopped after {done} of {listed} resources; what was stored is whole, the previous copies of the others stay"
             ),
         }
     }

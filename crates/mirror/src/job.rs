@@ -112,7 +112,39 @@ fn human_bytes(n: f64) -> String {
     }
 }
 
-/// What a run did.
+/// Why a run ended before it went through its list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Ctrl-C or SIGTERM.
+    Signal,
+    /// A list (a file or a sitemap) could not be read: nothing was fetched.
+    List,
+    /// The store (or its bookkeeping) could not be read or written.
+    Store,
+    /// The policy gives the domain no primary origin, or its address
+    /// cannot be resolved: the run could not start.
+    Origin,
+}
+
+impl StopReason {
+    pub const ALL: [StopReason; 4] = [
+        StopReason::Signal,
+        StopReason::List,
+        StopReason::Store,
+        StopReason::Origin,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StopReason::Signal => "signal",
+            StopReason::List => "list",
+            StopReason::Store => "store",
+            StopReason::Origin => "origin",
+        }
+    }
+}
+
+/// What a run did, also when it stopped early.
 #[derive(Debug, Default)]
 pub struct RunSummary {
     pub domain: String,
@@ -126,10 +158,17 @@ pub struct RunSummary {
     /// Gone for longer than the grace period: deleted.
     pub removed: u64,
     pub failed: u64,
+    /// Listed but not gone through: the run stopped first.
+    pub not_done: u64,
     /// Body bytes read from the origin.
     pub bytes: u64,
-    /// Body bytes the store holds after the run.
-    pub stored_bytes: u64,
+    /// Body bytes the store holds after the run; `None` when its
+    /// bookkeeping could not be read.
+    pub stored_bytes: Option<u64>,
+    /// Why the run ended early, if it did (the error is in `errors`).
+    pub stop: Option<StopReason>,
+    /// Whether the bookkeeping now records what this run did.
+    pub saved: bool,
     pub elapsed: Duration,
     /// Sitemap locations not mirrored, with why.
     pub skipped: Vec<String>,
@@ -142,8 +181,8 @@ impl RunSummary {
     }
 
     pub fn text(&self) -> String {
-        format!(
-            "{}: {} listed, {} fetched, {} unchanged, {} missing (kept), {} removed, {} failed; {} read in {:.1} s; store holds {}",
+        let mut out = format!(
+            "{}: {} listed, {} fetched, {} unchanged, {} missing (kept), {} removed, {} failed",
             self.domain,
             self.listed,
             self.fetched,
@@ -151,10 +190,32 @@ impl RunSummary {
             self.missing,
             self.removed,
             self.failed,
+        );
+        if self.not_done > 0 {
+            out.push_str(&format!(", {} not done", self.not_done));
+        }
+        out.push_str(&format!(
+            "; {} read in {:.1} s; ",
             human_bytes(self.bytes as f64),
-            self.elapsed.as_secs_f64(),
-            human_bytes(self.stored_bytes as f64),
-        )
+            self.elapsed.as_secs_f64()
+        ));
+        match self.stored_bytes {
+            Some(n) => out.push_str(&format!("store holds {}", human_bytes(n as f64))),
+            None => out.push_str("store holds: unknown (its bookkeeping was not read)"),
+        }
+        if let Some(reason) = self.stop {
+            let why = match reason {
+                StopReason::Signal => "stopped by a signal",
+                StopReason::List => "stopped: a list could not be read",
+                StopReason::Store => "stopped: the store failed",
+                StopReason::Origin => "not started: no primary origin to fetch from",
+            };
+            out.push_str(&format!("; {why}"));
+        }
+        if !self.saved {
+            out.push_str("; bookkeeping not saved");
+        }
+        out
     }
 
     pub fn to_json(&self) -> Value {
@@ -167,8 +228,11 @@ impl RunSummary {
             "missing": self.missing,
             "removed": self.removed,
             "failed": self.failed,
+            "not_done": self.not_done,
             "bytes": self.bytes,
             "stored_bytes": self.stored_bytes,
+            "stopped": self.stop.map(StopReason::label),
+            "saved": self.saved,
             "elapsed_ms": u64::try_from(self.elapsed.as_millis()).unwrap_or(u64::MAX),
             "skipped": self.skipped,
             "errors": self.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -189,6 +253,7 @@ impl RunSummary {
             ("missing", self.missing),
             ("removed", self.removed),
             ("failed", self.failed),
+            ("not_done", self.not_done),
         ] {
             out.push_str(&format!(
                 "origin_policy_mirror_resources{{domain=\"{d}\",result=\"{result}\"}} {n}\n"
@@ -198,9 +263,23 @@ impl RunSummary {
             "# HELP origin_policy_mirror_bytes_read Body bytes the last run read from the origin.\n# TYPE origin_policy_mirror_bytes_read gauge\norigin_policy_mirror_bytes_read{{domain=\"{d}\"}} {}\n",
             self.bytes
         ));
+        // Unknown when the bookkeeping was not read: no sample rather than 0.
+        if let Some(stored) = self.stored_bytes {
+            out.push_str(&format!(
+                "# HELP origin_policy_mirror_stored_bytes Body bytes the store holds.\n# TYPE origin_policy_mirror_stored_bytes gauge\norigin_policy_mirror_stored_bytes{{domain=\"{d}\"}} {stored}\n"
+            ));
+        }
+        out.push_str("# HELP origin_policy_mirror_last_run_stopped 1 when the last run ended early, by why (signal, list, store, origin).\n# TYPE origin_policy_mirror_last_run_stopped gauge\n");
+        for reason in StopReason::ALL {
+            out.push_str(&format!(
+                "origin_policy_mirror_last_run_stopped{{domain=\"{d}\",reason=\"{}\"}} {}\n",
+                reason.label(),
+                u8::from(self.stop == Some(reason))
+            ));
+        }
         out.push_str(&format!(
-            "# HELP origin_policy_mirror_stored_bytes Body bytes the store holds.\n# TYPE origin_policy_mirror_stored_bytes gauge\norigin_policy_mirror_stored_bytes{{domain=\"{d}\"}} {}\n",
-            self.stored_bytes
+            "# HELP origin_policy_mirror_saved 1 when the last run's bookkeeping was saved.\n# TYPE origin_policy_mirror_saved gauge\norigin_policy_mirror_saved{{domain=\"{d}\"}} {}\n",
+            u8::from(self.saved)
         ));
         out.push_str(&format!(
             "# HELP origin_policy_mirror_last_run_failed 1 when the last run had any error.\n# TYPE origin_policy_mirror_last_run_failed gauge\norigin_policy_mirror_last_run_failed{{domain=\"{d}\"}} {}\n",
@@ -349,29 +428,87 @@ impl MirrorJob {
         self.origins.iter().map(|o| &o.endpoint)
     }
 
-    /// Runs once. An `Err` means the run could not start or finish its
-    /// bookkeeping (a list or the store unreadable): nothing was marked gone.
-    /// A resource that failed is in the summary's errors; its copy stays.
-    /// When `stop` is cancelled, the fetches under way are dropped (nothing
-    /// of them is stored), what is done is saved, and the summary says so.
-    pub async fn run(
-        &self,
-        progress: &Progress,
-        stop: &CancellationToken,
-    ) -> Result<RunSummary, MirrorError> {
+    /// Runs once, and says what it did, also when it stopped early: a list
+    /// that cannot be read stops it before anything is fetched; a store
+    /// that fails as a whole (unreachable, full) or a `stop` ends it where it
+    /// is. Either way the fetches under way are dropped (nothing of them is
+    /// stored), nothing is marked gone, and what was done is recorded when
+    /// the bookkeeping can be written. A resource that failed is in the
+    /// summary's errors; its copy stays.
+    pub async fn run(&self, progress: &Progress, stop: &CancellationToken) -> RunSummary {
         let started = Instant::now();
         if let Ok(mut s) = progress.started.lock() {
             *s = Some(started);
         }
-        let mut manifest = self.store.load_manifest(&self.domain).await?;
         let mut summary = RunSummary {
             domain: self.domain.clone(),
             ..RunSummary::default()
         };
-        let listed = self.list(&mut summary).await?;
+        // The lists first: a run that cannot list stops before the store.
+        let listed = match self.list(&mut summary).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                summary.errors.push(e);
+                summary.stop = Some(StopReason::List);
+                summary.elapsed = started.elapsed();
+                return summary;
+            }
+        };
         summary.listed = listed.len() as u64;
+        summary.not_done = summary.listed;
         progress.listed.store(summary.listed, Ordering::Relaxed);
+        let mut manifest = match self.store.load_manifest(&self.domain).await {
+            Ok(m) => m,
+            Err(e) => {
+                summary.errors.push(e);
+                summary.stop = Some(StopReason::Store);
+                summary.elapsed = started.elapsed();
+                return summary;
+            }
+        };
+        self.fetch_all(&listed, &mut manifest, &mut summary, progress, stop)
+            .await;
+        summary.not_done = summary
+            .listed
+            .saturating_sub(progress.done.load(Ordering::Relaxed));
+        // A run that stopped early marks nothing gone.
+        let now = unix_now();
+        if summary.stop.is_none() {
+            for (key, e) in manifest.entries.iter_mut() {
+                if !listed.contains_key(key) {
+                    e.missing_since.get_or_insert(now);
+                }
+            }
+            self.forget_gone(&mut manifest, now, &mut summary).await;
+        }
+        match self.store.save_manifest(&manifest).await {
+            Ok(()) => summary.saved = true,
+            Err(e) => {
+                summary.errors.push(e);
+                summary.stop.get_or_insert(StopReason::Store);
+            }
+        }
+        summary.missing = manifest
+            .entries
+            .values()
+            .filter(|e| e.missing_since.is_some())
+            .count() as u64;
+        summary.bytes = progress.bytes.load(Ordering::Relaxed);
+        summary.stored_bytes = Some(manifest.stored_bytes());
+        summary.elapsed = started.elapsed();
+        summary
+    }
 
+    /// Fetches the listed paths until done, stopped, or the store fails as
+    /// a whole; records each result in the manifest and the summary.
+    async fn fetch_all(
+        &self,
+        listed: &BTreeMap<String, ResourcePath>,
+        manifest: &mut Manifest,
+        summary: &mut RunSummary,
+        progress: &Progress,
+        stop: &CancellationToken,
+    ) {
         let budget = StoreBudget {
             limit: self.limits.max_store_bytes,
             used: AtomicU64::new(manifest.stored_bytes()),
@@ -406,6 +543,7 @@ impl MirrorJob {
                         done: progress.done.load(Ordering::Relaxed),
                         listed: summary.listed,
                     });
+                    summary.stop = Some(StopReason::Signal);
                     break;
                 }
             };
@@ -433,6 +571,19 @@ impl MirrorJob {
                         .skipped
                         .push(format!("{path}: not found at the origin, nothing stored")),
                 },
+                Err(ResourceFailure::StoreUnavailable(why)) => {
+                    // The next objects would meet the same store: stop here.
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                    summary.failed += 1;
+                    summary.errors.push(MirrorError::StoreUnavailable {
+                        location: self.store.location.clone(),
+                        done: progress.done.load(Ordering::Relaxed),
+                        listed: summary.listed,
+                        why: format!("{path}: {why}"),
+                    });
+                    summary.stop = Some(StopReason::Store);
+                    break;
+                }
                 Err(failure) => {
                     progress.failed.fetch_add(1, Ordering::Relaxed);
                     summary.failed += 1;
@@ -448,31 +599,16 @@ impl MirrorJob {
             since_save += 1;
             if since_save >= 100 {
                 since_save = 0;
-                self.store.save_manifest(&manifest).await?;
+                if let Err(e) = self.store.save_manifest(manifest).await {
+                    summary.errors.push(e);
+                    summary.stop = Some(StopReason::Store);
+                    break;
+                }
             }
         }
         // Dropping the stream drops the fetches still under way: their
         // objects are never committed.
         drop(results);
-        // A stopped run records what was done and marks nothing gone.
-        if !stop.is_cancelled() {
-            for (key, e) in manifest.entries.iter_mut() {
-                if !listed.contains_key(key) {
-                    e.missing_since.get_or_insert(now);
-                }
-            }
-            self.forget_gone(&mut manifest, now, &mut summary).await;
-        }
-        self.store.save_manifest(&manifest).await?;
-        summary.missing = manifest
-            .entries
-            .values()
-            .filter(|e| e.missing_since.is_some())
-            .count() as u64;
-        summary.bytes = progress.bytes.load(Ordering::Relaxed);
-        summary.stored_bytes = manifest.stored_bytes();
-        summary.elapsed = started.elapsed();
-        Ok(summary)
     }
 
     async fn forget_gone(&self, manifest: &mut Manifest, now: u64, summary: &mut RunSummary) {
@@ -488,7 +624,7 @@ impl MirrorJob {
             .collect();
         for key in expired {
             let deleted = match ObjectKey::parse(&key) {
-                Ok(object) => self.store.delete(&object).await,
+                Ok(object) => self.store.delete(&object).await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match deleted {
@@ -528,9 +664,13 @@ impl MirrorJob {
             let text = tokio::fs::read_to_string(file)
                 .await
                 .map_err(|e| list_error(None, e.to_string()))?;
-            let paths =
-                parse_path_list(&text).map_err(|(line, why)| list_error(Some(line), why))?;
-            out.extend(paths);
+            let list = parse_path_list(&text).map_err(|(line, why)| list_error(Some(line), why))?;
+            out.extend(list.paths);
+            summary.skipped.extend(
+                list.skipped
+                    .into_iter()
+                    .map(|(line, why)| format!("{source}:{line}: {why}")),
+            );
         }
         let mut pending: Vec<(ResourcePath, usize)> = self
             .sources
@@ -565,7 +705,9 @@ impl MirrorJob {
         }
         let mut by_key = BTreeMap::new();
         for path in out {
-            by_key.entry(path.key().to_string()).or_insert(path);
+            by_key
+                .entry(self.store.key(&path).to_string())
+                .or_insert(path);
         }
         Ok(by_key)
     }
@@ -628,19 +770,13 @@ impl MirrorJob {
     ) -> Result<Fetched, ResourceFailure> {
         let mut validators = HeaderMap::new();
         if let Some(head) = previous.map(|p| &p.head) {
-            if let Some(v) = head
-                .etag
-                .as_deref()
-                .and_then(|v| HeaderValue::from_str(v).ok())
-            {
-                validators.insert(IF_NONE_MATCH, v);
-            }
-            if let Some(v) = head
-                .last_modified
-                .as_deref()
-                .and_then(|v| HeaderValue::from_str(v).ok())
-            {
-                validators.insert(IF_MODIFIED_SINCE, v);
+            for (asked, kept) in [
+                (IF_NONE_MATCH, "etag"),
+                (IF_MODIFIED_SINCE, "last-modified"),
+            ] {
+                if let Some(v) = head.get(kept).and_then(|v| HeaderValue::from_str(v).ok()) {
+                    validators.insert(asked, v);
+                }
             }
         }
         let mut hops = vec![path.clone()];
@@ -673,11 +809,7 @@ impl MirrorJob {
             return Err(ResourceFailure::TooLarge { limit });
         }
         let head = StoredHead::from_response(200, response.headers());
-        let mut writer = self
-            .store
-            .writer(path.key(), &head)
-            .await
-            .map_err(ResourceFailure::Store)?;
+        let mut writer = self.store.writer(self.store.key(path), &head).await?;
         let mut size: u64 = 0;
         let mut stream = response.bytes_stream();
         let mut deadline = tokio::time::Instant::now() + self.limits.object_timeout;
@@ -704,7 +836,7 @@ impl MirrorJob {
                         }
                         Err(why) => {
                             budget.release(size);
-                            Err(ResourceFailure::Store(why))
+                            Err(why.into())
                         }
                     };
                 }
@@ -725,7 +857,7 @@ impl MirrorJob {
             deadline += rate.take(n).await;
             progress.bytes.fetch_add(n, Ordering::Relaxed);
             if let Err(why) = writer.write(chunk).await {
-                break ResourceFailure::Store(why);
+                break why.into();
             }
         };
         writer.abort().await;

@@ -15,12 +15,12 @@ mod serve;
 mod store;
 mod units;
 
-pub use error::{MirrorError, ResourceFailure};
-pub use job::{unix_now, Limits, MirrorJob, Progress, RunSummary, Sources};
+pub use error::{MirrorError, ResourceFailure, StoreError};
+pub use job::{unix_now, Limits, MirrorJob, Progress, RunSummary, Sources, StopReason};
 pub use origin::PrimaryOrigin;
 pub use resources::ResourcePath;
 pub use serve::serve_stores;
-pub use store::MirrorStore;
+pub use store::{MirrorStore, KEPT_HEADERS, USER_AGENT_VALUE};
 /// Stops a run cleanly ([`MirrorJob::run`]).
 pub use tokio_util::sync::CancellationToken;
 pub use units::{parse_bytes, parse_duration};

@@ -4,8 +4,9 @@
 //! name), with the policy's connect and response timeouts.
 
 use crate::error::ResourceFailure;
+use crate::store::USER_AGENT_VALUE;
 use origin_policy_engine::{OriginTarget, Scheme, Settings};
-use reqwest::header::{HeaderMap, HeaderValue, HOST};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT_ENCODING, HOST};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -76,7 +77,14 @@ impl OriginClient {
     /// then the system's resolver) and builds the client.
     pub async fn connect(endpoint: PrimaryOrigin, settings: &Settings) -> Result<Self, String> {
         let addrs = resolve(&endpoint.address, endpoint.port, settings).await?;
+        // The copy is served to every viewer, whatever it accepts: the body
+        // as the origin sends it unencoded. A body the origin encodes anyway
+        // is kept with its `content-encoding`, as any viewer would get it.
+        let mut defaults = HeaderMap::new();
+        defaults.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         let mut builder = reqwest::Client::builder()
+            .user_agent(USER_AGENT_VALUE)
+            .default_headers(defaults)
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(endpoint.connect_timeout)
             .read_timeout(endpoint.response_timeout)

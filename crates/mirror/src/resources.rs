@@ -8,10 +8,15 @@ pub(crate) const RESERVED_SEGMENT: &str = ".origin-policy";
 const MAX_PATH_BYTES: usize = 2048;
 
 /// One path of the domain, checked: absolute, without query or fragment,
-/// without dot segments. The same path is asked of the origin and names the
-/// stored object, so the store can never be written outside its root.
+/// without dot segments, UTF-8 once `%`-decoded. The same path is asked of
+/// the origin and names the stored object, so the store can never be
+/// written outside its root.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ResourcePath(String);
+pub struct ResourcePath {
+    text: String,
+    /// The key a bucket serves this path from.
+    bucket_key: ObjectKey,
+}
 
 impl ResourcePath {
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -32,7 +37,9 @@ impl ResourcePath {
         let segments: Vec<&str> = rest.split('/').collect();
         let last = segments.len() - 1;
         for (i, segment) in segments.iter().enumerate() {
-            let decoded = percent_decode_str(segment).decode_utf8_lossy();
+            let decoded = percent_decode_str(segment).decode_utf8().map_err(|_| {
+                format!("`{text}`: not UTF-8 once `%`-decoded (a bucket key is UTF-8)")
+            })?;
             if segment.is_empty() && i != last {
                 return Err(format!("`{text}`: empty segment (`//`)"));
             }
@@ -41,24 +48,39 @@ impl ResourcePath {
                     "`{text}`: dot segments and encoded `/` are not allowed"
                 ));
             }
+            if decoded.chars().any(char::is_control) {
+                return Err(format!("`{text}`: an encoded control character"));
+            }
             if i == 0 && decoded == RESERVED_SEGMENT {
                 return Err(format!(
                     "`{text}`: `/{RESERVED_SEGMENT}/` is reserved for the mirror's own files"
                 ));
             }
         }
-        Ok(ResourcePath(text.to_owned()))
+        // What S3 does with the path of a request: `%`-decoded, the rest as
+        // written (`+` stays `+`).
+        let mut decoded = percent_decode_str(rest).decode_utf8_lossy().into_owned();
+        if decoded.is_empty() || decoded.ends_with('/') {
+            decoded.push_str("index.html");
+        }
+        let bucket_key =
+            ObjectKey::parse(&decoded).map_err(|e| format!("`{text}`: not a bucket key: {e}"))?;
+        Ok(ResourcePath {
+            text: text.to_owned(),
+            bucket_key,
+        })
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
     }
 
-    /// The object's key: the path's segments, percent-decoded, so that an
-    /// S3-compatible store serves the object at the same path; a directory
-    /// (`/`, `/docs/`) is stored as its `index.html`.
+    /// The object's key in a directory: the path's segments, percent-decoded
+    /// then encoded as object_store names files (`%`, `#` and the like
+    /// escaped, a file name any system takes); a directory (`/`, `/docs/`) is
+    /// stored as its `index.html`.
     pub fn key(&self) -> ObjectKey {
-        let rest = self.0.trim_start_matches('/');
+        let rest = self.text.trim_start_matches('/');
         let mut parts: Vec<PathPart<'static>> = rest
             .split('/')
             .filter(|s| !s.is_empty())
@@ -69,24 +91,52 @@ impl ResourcePath {
         }
         ObjectKey::from_iter(parts)
     }
+
+    /// The object's key in a bucket: the path `%`-decoded, as the bucket
+    /// decodes the edge's request for it (`/caf%C3%A9/50%25.html` is the key
+    /// `café/50%.html`); a directory is its `index.html`, which a bucket's
+    /// REST endpoint serves only as `/docs/index.html`.
+    pub fn bucket_key(&self) -> ObjectKey {
+        self.bucket_key.clone()
+    }
 }
 
 impl std::fmt::Display for ResourcePath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
+/// A list file's paths, and the lines not mirrored, with why.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PathList {
+    pub paths: Vec<ResourcePath>,
+    /// `(line number, why)`.
+    pub skipped: Vec<(usize, String)>,
+}
+
 /// A list file: one path per line; blank lines and `#` comments skipped.
-/// An invalid line is an error naming its line number.
-pub fn parse_path_list(text: &str) -> Result<Vec<ResourcePath>, (usize, String)> {
-    let mut out = Vec::new();
+/// A line with a query string is skipped with why (the secondary serves a
+/// path the same whatever the query); any other invalid line is an error
+/// naming its line number.
+pub fn parse_path_list(text: &str) -> Result<PathList, (usize, String)> {
+    let mut out = PathList::default();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        out.push(ResourcePath::parse(line).map_err(|why| (i + 1, why))?);
+        if let Some((path, _)) = line.split_once('?') {
+            out.skipped.push((
+                i + 1,
+                format!(
+                    "`{line}`: a query string is not mirrored (a bucket and mirror-serve answer `{path}` whatever the query; list `{path}` to mirror it)"
+                ),
+            ));
+            continue;
+        }
+        out.paths
+            .push(ResourcePath::parse(line).map_err(|why| (i + 1, why))?);
     }
     Ok(out)
 }
@@ -182,7 +232,42 @@ mod tests {
         let list = "# the site\n/index.html\n\n/a.css\nnot-a-path\n";
         assert_eq!(parse_path_list(list).map_err(|e| e.0), Err(5));
         let ok = parse_path_list("/a\n  /b  \n").unwrap_or_default();
-        assert_eq!(ok.len(), 2);
+        assert_eq!(ok.paths.len(), 2);
+    }
+
+    #[test]
+    fn a_list_line_with_a_query_is_skipped_with_why() {
+        let got = parse_path_list("/a.js\n/a.js?v=3\n/b\n").unwrap_or_default();
+        let paths: Vec<&str> = got.paths.iter().map(ResourcePath::as_str).collect();
+        assert_eq!(paths, ["/a.js", "/b"]);
+        assert_eq!(got.skipped.len(), 1);
+        assert_eq!(got.skipped[0].0, 2);
+        assert!(
+            got.skipped[0].1.contains("list `/a.js` to mirror it"),
+            "{:?}",
+            got.skipped
+        );
+    }
+
+    #[test]
+    fn a_bucket_key_is_the_path_as_the_bucket_decodes_it() {
+        for (path, key) in [
+            ("/caf%C3%A9/men%C3%BC.html", "café/menü.html"),
+            ("/files/50%25off.html", "files/50%off.html"),
+            ("/a%20b+c.png", "a b+c.png"),
+            ("/x/(1)!$&'*,;=:@~.txt", "x/(1)!$&'*,;=:@~.txt"),
+            ("/docs/", "docs/index.html"),
+            ("/", "index.html"),
+        ] {
+            let p = ResourcePath::parse(path).unwrap_or_else(|e| unreachable!("{e}"));
+            assert_eq!(p.bucket_key().as_ref(), key, "{path}");
+        }
+        // The local key of the same path is a safe file name.
+        let p = ResourcePath::parse("/files/50%25off.html").unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(p.key().as_ref(), "files/50%25off.html");
+        for bad in ["/%FF.html", "/a%0Ab", "/a%00"] {
+            assert!(ResourcePath::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -169,7 +169,7 @@ fn respond(
     size: u64,
     req: &Request<Incoming>,
 ) -> Response<Body> {
-    let not_modified = match (&head.etag, req.headers().get(IF_NONE_MATCH)) {
+    let not_modified = match (head.get("etag"), req.headers().get(IF_NONE_MATCH)) {
         (Some(etag), Some(asked)) => asked
             .to_str()
             .is_ok_and(|a| a.split(',').any(|t| t.trim() == etag || t.trim() == "*")),
