@@ -15,8 +15,12 @@ under /found/, and a cacheable 200 under /page/. The failing primary answers
 503 unless told otherwise.
 
 The site origin (static.example.com's primary) serves a small static site
-with validators (ETag, Last-Modified; 304 to a matching If-None-Match) and a
-sitemap, for the mirror; it counts the full answers it gave per path. Its
+with validators (ETag, Last-Modified; 304 to a matching If-None-Match, or to
+an If-Modified-Since as recent when it sends no ETag) and a sitemap, for the
+mirror; it counts the full answers it gave per path. A file can carry headers
+of its own (or go without the default ETag, Last-Modified or Cache-Control),
+and be gzip-encoded when the request accepts gzip, as origins that compress
+on request do. Its
 hostile paths: /huge (announces 10 GB), /endless (no length, never ends),
 /drip (a byte a second), /loop/a <-> /loop/b (redirect loop), /moved (301 to
 /style.css).
@@ -28,6 +32,7 @@ connections), started again, and told to answer every request with one status
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -107,16 +112,35 @@ class Site:
     changed: dict[str, float] = field(default_factory=dict)
     # path -> full (200) answers given.
     full_answers: dict[str, int] = field(default_factory=dict)
+    # path -> headers of its own; None drops a default (etag, last-modified,
+    # cache-control).
+    headers: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    # Paths sent gzip-encoded to a request that accepts gzip.
+    gzip_on_request: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def put(self, path: str, content_type: str, body: bytes) -> None:
+    def put(
+        self,
+        path: str,
+        content_type: str,
+        body: bytes,
+        headers: dict[str, str | None] | None = None,
+        gzip_on_request: bool = False,
+    ) -> None:
         with self.lock:
             self.files[path] = (content_type, body)
             self.changed[path] = time.time()
+            self.headers[path] = {k.lower(): v for k, v in (headers or {}).items()}
+            if gzip_on_request:
+                self.gzip_on_request.add(path)
+            else:
+                self.gzip_on_request.discard(path)
 
     def remove(self, path: str) -> None:
         with self.lock:
             self.files.pop(path, None)
+            self.headers.pop(path, None)
+            self.gzip_on_request.discard(path)
 
     def served(self, path: str) -> int:
         with self.lock:
@@ -138,6 +162,11 @@ class Site:
             content_type, body = self.files[path]
             self.full_answers.setdefault(path, 0)
             return content_type, body, self.changed.get(path, 1_700_000_000.0)
+
+    def own_headers(self, path: str) -> tuple[dict[str, str | None], bool]:
+        """The path's headers of its own, and whether it is gzipped on request."""
+        with self.lock:
+            return dict(self.headers.get(path, {})), path in self.gzip_on_request
 
     def count(self, path: str) -> None:
         with self.lock:
@@ -280,18 +309,35 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         content_type, body, changed = found
-        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-        if self.headers.get("if-none-match") == etag:
+        own, gzip_on_request = site.own_headers(path.removesuffix("index.html"))
+        if gzip_on_request and "gzip" in self.headers.get("accept-encoding", ""):
+            body = gzip.compress(body, mtime=0)
+            own = {**own, "content-encoding": "gzip"}
+        if gzip_on_request:
+            own = {**own, "vary": "accept-encoding"}
+        headers = {
+            "content-type": content_type,
+            "cache-control": "max-age=300",
+            "etag": '"' + hashlib.sha256(body).hexdigest()[:16] + '"',
+            "last-modified": self.date_time_string(int(changed)),
+            **own,
+        }
+        headers = {k: v for k, v in headers.items() if v is not None}
+        etag, last_modified = headers.get("etag"), headers.get("last-modified")
+        asked_since = self.headers.get("if-modified-since")
+        if (etag and self.headers.get("if-none-match") == etag) or (
+            not etag and last_modified and asked_since == last_modified
+        ):
             self.send_response(304)
-            self.send_header("etag", etag)
+            for name in ("etag", "last-modified"):
+                if name in headers:
+                    self.send_header(name, headers[name])
             self.end_headers()
             return
         site.count(path)
         self.send_response(200)
-        self.send_header("content-type", content_type)
-        self.send_header("cache-control", "max-age=300")
-        self.send_header("etag", etag)
-        self.send_header("last-modified", self.date_time_string(int(changed)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
