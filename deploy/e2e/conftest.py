@@ -44,6 +44,9 @@ TEST_ORIGIN_NAMES = {
     # test_chain_tls.py: an origin whose certificate names only some names.
     "sni-ok.origin.test": "127.0.0.3",
     "sni-bad.origin.test": "127.0.0.3",
+    # test_mirror.py: the mirror's bucket, by its virtual-host name
+    # (SeaweedFS's S3 gateway, seaweedfs.py).
+    "static-mirror.s3.mirror.test": "127.0.0.1",
 }
 
 

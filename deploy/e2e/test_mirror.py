@@ -3,25 +3,56 @@ real edge: static.example.com's secondary is its own mirror.
 
 The mirror fetches from the site origin (127.0.0.1:18087) as the edge would,
 stores into a directory, and `mirror-serve` (127.0.0.1:18089) serves that
-directory; when the primary is stopped, Envoy fails over to it.
+directory; when the primary is stopped, Envoy fails over to it. The same site
+is also mirrored into an S3 bucket (SeaweedFS's S3 gateway, seaweedfs.py:
+signed writes, anonymous reads of the public bucket only), the secondary of a
+domain of its own, as the README sets a bucket up.
 """
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
+import random
+import re
 import shutil
 import signal
 import subprocess
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from conftest import Edge
 from edge import CLI
 from origins import MIRROR_SERVE_PORT, DemoOrigins, demo_site
+from seaweedfs import DOMAIN as BUCKET_HOST_DOMAIN
+from seaweedfs import S3_PORT, SeaweedFS
 
 DOMAIN = "static.example.com"
 SITE = demo_site()
+SITE_PORT = 18087
+
+# The bucket the edge reads (anonymous reads allowed) and the one holding the
+# run's bookkeeping (signed requests only).
+PUBLIC_BUCKET = "static-mirror"
+STATE_BUCKET = "static-mirror-state"
+# Domains whose primary is the site origin: one's secondary is mirror-serve,
+# the other's the public bucket.
+LOCAL_MIRROR_DOMAIN = "local.mirror.example.com"
+BUCKET_MIRROR_DOMAIN = "bucket.mirror.example.com"
+BUCKET_STORE = f"s3://{PUBLIC_BUCKET}"
+BUCKET_STATE = f"s3://{STATE_BUCKET}/{BUCKET_MIRROR_DOMAIN}"
+
+# The headers that describe a body (README): a bucket serves the first six as
+# its own, and the origin's validators as metadata.
+BODY_HEADERS = (
+    "content-type", "content-encoding", "content-language", "content-disposition",
+    "cache-control", "expires",
+)  # fmt: skip
+VALIDATORS = ("etag", "last-modified")
+MIRROR_USER_AGENT = re.compile(r"^origin-policy-mirror/\d+\.\d+\.\d+$")
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +82,29 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def mirror(edge: Edge, store: Path, *args: str, policies: Path | None = None, domain: str = DOMAIN):
+def mirror_args(edge: Edge, store: Path | str, *args: str, policies: Path | None = None, domain: str = DOMAIN):
+    return [
+        str(CLI), "mirror", domain, "--json",
+        "--policies", str(policies or edge.policies),
+        "--origin-ca-file", str(edge.certs.ca_file),
+        "--store", str(store),
+        *args,
+    ]  # fmt: skip
+
+
+def mirror(
+    edge: Edge,
+    store: Path | str,
+    *args: str,
+    policies: Path | None = None,
+    domain: str = DOMAIN,
+    env: dict[str, str] | None = None,
+):
     """Runs one mirror of `domain`; returns (exit code, summary, stderr)."""
     out = subprocess.run(
-        [
-            str(CLI), "mirror", domain, "--json",
-            "--policies", str(policies or edge.policies),
-            "--origin-ca-file", str(edge.certs.ca_file),
-            "--store", str(store),
-            *args,
-        ],
-        capture_output=True, text=True, timeout=120,
-    )
+        mirror_args(edge, store, *args, policies=policies, domain=domain),
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
     summary = json.loads(out.stdout) if out.stdout.strip() else {}
     return out.returncode, summary, out.stderr
 
@@ -304,3 +346,270 @@ def test_bad_lists_are_refused_with_the_line(edge: Edge, tmp_path: Path):
     assert code == 1
     assert f"{DOMAIN}: {listed}:2: `/../etc/passwd`: dot segments" in err, err
     assert not (tmp_path / "store" / "ok").exists()
+
+
+# --- The same site into a directory and into a bucket, served through the edge ---
+
+
+@pytest.fixture(scope="module")
+def seaweedfs(tmp_path_factory):
+    """SeaweedFS's S3 gateway on 127.0.0.1, fresh for the module."""
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), PUBLIC_BUCKET, STATE_BUCKET) as store:
+        yield store
+
+
+def site_origin_policy(domain: str, secondary: dict, origin_host: str) -> dict:
+    return {
+        "domain": domain,
+        "primary": {"address": "127.0.0.1", "port": SITE_PORT,
+                    "connect_timeout_ms": 1000, "response_timeout_ms": 5000},
+        "secondary": {**secondary, "response_timeout_ms": 5000},
+        "origin_host": {"mode": origin_host},
+        "failover": {"statuses": [500, 502, 503, 504], "methods": ["GET", "HEAD"]},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mirror_domains(edge: Edge):
+    """A domain whose secondary is mirror-serve, and one whose secondary is
+    the public bucket by its own name (README: `origin_host` `origin_domain`)."""
+    edge.push_policy(site_origin_policy(
+        LOCAL_MIRROR_DOMAIN, {"address": "127.0.0.1", "port": MIRROR_SERVE_PORT}, "acceleration_domain"
+    ))  # fmt: skip
+    edge.push_policy(site_origin_policy(
+        BUCKET_MIRROR_DOMAIN, {"address": f"{PUBLIC_BUCKET}.{BUCKET_HOST_DOMAIN}", "port": S3_PORT},
+        "origin_domain",
+    ))  # fmt: skip
+
+
+@dataclass
+class Resource:
+    """One file of the site, and how a viewer asks for it."""
+
+    path: str
+    content_type: str
+    body: bytes
+    headers: dict[str, str | None] = field(default_factory=dict)
+    gzip_on_request: bool = False
+    # What a bucket's REST endpoint serves a directory's page as.
+    bucket_path: str | None = None
+
+
+def noise(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def varied_site(prefix: str) -> list[Resource]:
+    """Every header that describes a body, and every class of path."""
+    page = b"<!doctype html><title>Preise</title><p>Gr\xc3\xbc\xc3\x9fe\n"
+    return [
+        Resource(f"{prefix}/page.html", "text/html; charset=utf-8", page,
+                 {"content-language": "de-CH", "cache-control": "public, max-age=300"}),
+        Resource(f"{prefix}/report.bin", "application/octet-stream", noise(65536, 1),
+                 {"content-disposition": 'attachment; filename="report.bin"'}),
+        # Compressed by the origin whatever the request asks: kept so.
+        Resource(f"{prefix}/data.json", "application/json", gzip.compress(b'{"n": 1}\n' * 500, mtime=0),
+                 {"content-encoding": "gzip", "cache-control": "max-age=600"}),
+        # Compressed on request only: the mirror asks for the identity body.
+        Resource(f"{prefix}/style.css", "text/css", b"body { margin: 0 }\n" * 200, gzip_on_request=True),
+        Resource(f"{prefix}/etag-only.txt", "text/plain", b"etag only\n", {"last-modified": None}),
+        Resource(f"{prefix}/modified-only.txt", "text/plain", b"last-modified only\n", {"etag": None}),
+        Resource(f"{prefix}/expires.txt", "text/plain", b"expires\n",
+                 {"cache-control": None, "expires": "Thu, 01 Dec 2033 16:00:00 GMT"}),
+        Resource(f"{prefix}/img/noise.png", "image/png", noise(300_000, 2)),
+        # Larger than the store's 8 MiB buffer: a multipart upload.
+        Resource(f"{prefix}/video.bin", "application/octet-stream", noise(20 << 20, 3)),
+        # Path classes: UTF-8, `%`, space, `+`, sub-delimiters, a directory.
+        Resource(f"{prefix}/caf%C3%A9/men%C3%BC.html", "text/html; charset=utf-8", "menü\n".encode()),
+        Resource(f"{prefix}/files/50%25off.html", "text/html", b"50% off\n"),
+        Resource(f"{prefix}/a%20b.txt", "text/plain", b"a b\n"),
+        Resource(f"{prefix}/x+y.txt", "text/plain", b"x+y\n"),
+        Resource(f"{prefix}/sub/(1)!$&'*,;=:@~.txt", "text/plain", b"sub-delims\n"),
+        Resource(f"{prefix}/docs/", "text/html", b"<title>docs</title>\n",
+                 bucket_path=f"{prefix}/docs/index.html"),
+    ]  # fmt: skip
+
+
+def origin_answer(path: str) -> tuple[int, dict[str, str], bytes]:
+    """The site origin's own answer, asked for the unencoded body."""
+    conn = http.client.HTTPConnection("127.0.0.1", SITE_PORT, timeout=10)
+    try:
+        conn.request("GET", path, headers={"accept-encoding": "identity"})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def varied(demo_origins: DemoOrigins):
+    """The varied site on the site origin (under a fresh prefix), with the
+    origin's own answer to each path; removed afterwards."""
+    site = demo_origins.site
+    resources = varied_site(f"/v{uuid.uuid4().hex[:8]}")
+    for r in resources:
+        site.put(r.path, r.content_type, r.body, r.headers, r.gzip_on_request)
+    try:
+        yield [(r, origin_answer(r.path)) for r in resources]
+    finally:
+        for r in resources:
+            site.remove(r.path)
+
+
+@pytest.mark.parametrize("kind", ["directory", "bucket"])
+def test_a_mirrored_site_is_served_by_the_edge_as_the_origin_sent_it(
+    request, kind: str, edge: Edge, demo_origins: DemoOrigins, mirror_root: Path, mirror_domains, varied, tmp_path: Path
+):
+    if kind == "bucket":
+        s3: SeaweedFS = request.getfixturevalue("seaweedfs")
+        domain, store, extra, env = BUCKET_MIRROR_DOMAIN, BUCKET_STORE, ["--state", BUCKET_STATE], s3.env()
+    else:
+        domain, store, extra, env = LOCAL_MIRROR_DOMAIN, str(mirror_root / LOCAL_MIRROR_DOMAIN), [], None
+    resources = [r for r, _ in varied]
+    page = resources[0].path
+    listed = tmp_path / "paths.txt"
+    # A line with a query string is skipped, with why, and the run goes on.
+    listed.write_text("\n".join([f"{page}?v=3", *(r.path for r in resources)]) + "\n")
+    code, summary, err = mirror(edge, store, "--paths", str(listed), *extra, domain=domain, env=env)
+    assert code == 0, err
+    assert (summary["listed"], summary["fetched"], summary["failed"]) == (len(resources),) * 2 + (0,), summary
+    assert summary["skipped"] == [
+        f"{listed}:1: `{page}?v=3`: a query string is not mirrored (a bucket and mirror-serve "
+        f"answer `{page}` whatever the query; list `{page}` to mirror it)"
+    ], summary
+    assert edge.seen(f"{page}?v=3", "site") == []
+
+    # At the origin: the mirror names itself and asks for unencoded bodies.
+    for r in resources:
+        asked = [
+            dict(seen.headers) for seen in edge.seen(r.path, "site")
+            if MIRROR_USER_AGENT.match(dict(seen.headers).get("user-agent", ""))
+        ]  # fmt: skip
+        assert asked and all(h.get("accept-encoding") == "identity" for h in asked), (r.path, asked)
+
+    demo_origins.stop("site")
+    try:
+        for r, (status, sent, body) in varied:
+            assert status == 200, (r.path, status)
+            viewer_path = r.bucket_path if kind == "bucket" and r.bucket_path else r.path
+            got = edge.request(domain, viewer_path)
+            assert got.status == 200, (viewer_path, got.status, got.headers)
+            assert "origin=secondary" in (got.header("x-origin-decision") or ""), got.headers
+            assert got.body == body, viewer_path
+            if kind == "directory":
+                for name in BODY_HEADERS + VALIDATORS:
+                    assert got.header(name) == sent.get(name), (viewer_path, name, got.headers, sent)
+            else:
+                for name in BODY_HEADERS:
+                    assert got.header(name) == sent.get(name), (viewer_path, name, got.headers, sent)
+                # A bucket makes validators of its own; the origin's are metadata.
+                for name in VALIDATORS:
+                    assert got.header(f"x-amz-meta-origin-{name}") == sent.get(name), (viewer_path, name)
+        # The compressed-on-request resource is the identity body, no Vary needed.
+        css = next(r for r in resources if r.gzip_on_request)
+        assert edge.request(domain, css.path, headers={"accept-encoding": "gzip"}).body == css.body
+        # The bookkeeping (every mirrored path) is never served.
+        for path in ("/.origin-policy/mirror.json", "/mirror.json", f"/{BUCKET_MIRROR_DOMAIN}/mirror.json"):
+            got = edge.request(domain, path)
+            assert got.status == 404, (path, got.status, got.body[:200])
+            assert page.encode() not in got.body
+    finally:
+        demo_origins.start("site")
+    if kind == "bucket":
+        status, _, body = s3.anonymous_get(STATE_BUCKET, f"/{BUCKET_MIRROR_DOMAIN}/mirror.json")
+        assert status == 403 and page.encode() not in body, (status, body[:200])
+    else:
+        assert (mirror_root / LOCAL_MIRROR_DOMAIN / ".origin-policy" / "mirror.json").is_file()
+
+
+def test_a_run_on_a_store_that_stops_says_what_it_did_and_why_it_stopped(
+    edge: Edge, demo_origins: DemoOrigins, mirror_domains, seaweedfs: SeaweedFS, tmp_path: Path
+):
+    site = demo_origins.site
+    prefix = f"/s{uuid.uuid4().hex[:8]}"
+    files = {
+        f"{prefix}/a-first.txt": b"first\n",
+        # Longer than the store's 8 MiB buffer, read at 1 MiB/s: its upload
+        # starts several seconds after the first object is stored.
+        f"{prefix}/m-large.bin": noise(12 << 20, 4),
+        f"{prefix}/z-last.txt": b"last\n",
+    }
+    for path, body in files.items():
+        site.put(path, "application/octet-stream", body)
+    listed = tmp_path / "paths.txt"
+    listed.write_text("".join(f"{p}\n" for p in files))
+    metrics = tmp_path / "mirror.prom"
+    args = ["--paths", str(listed), "--state", BUCKET_STATE, "--metrics", str(metrics)]
+    d = BUCKET_MIRROR_DOMAIN
+    try:
+        # The store is down before the run: the list is read, nothing fetched.
+        seaweedfs.stop()
+        code, summary, err = mirror(edge, BUCKET_STORE, *args, domain=d, env=seaweedfs.env())
+        assert code == 1, err
+        assert (summary["listed"], summary["fetched"], summary["failed"], summary["not_done"]) == (3, 0, 0, 3), summary
+        assert (summary["stopped"], summary["saved"], summary["stored_bytes"]) == ("store", False, None), summary
+        assert f"error: store {BUCKET_STATE}/mirror.json: " in err, err
+        assert "the run stopped early: nothing was marked gone" in err, err
+        text = metrics.read_text()
+        assert f'origin_policy_mirror_last_run_stopped{{domain="{d}",reason="store"}} 1' in text
+        assert f'origin_policy_mirror_resources{{domain="{d}",result="not_done"}} 3' in text
+        assert f'origin_policy_mirror_saved{{domain="{d}"}} 0' in text
+        # Unknown, not 0.
+        assert "origin_policy_mirror_stored_bytes{" not in text
+
+        # The store stops during the run: it stops there and says so.
+        seaweedfs.start()
+        run = subprocess.Popen(
+            mirror_args(edge, BUCKET_STORE, *args, "--concurrency", "1", "--rate", "1M", domain=d),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=seaweedfs.env(),
+        )  # fmt: skip
+        try:
+            first = f"{prefix}/a-first.txt"
+            edge.wait_for(lambda: seaweedfs.anonymous_get(PUBLIC_BUCKET, first)[0] == 200, timeout=60)
+            seaweedfs.stop()
+            out, err = run.communicate(timeout=180)
+        finally:
+            run.kill()
+        summary = json.loads(out)
+        assert run.returncode == 1, err
+        assert (summary["listed"], summary["fetched"], summary["failed"], summary["not_done"]) == (3, 1, 1, 1), summary
+        assert (summary["stopped"], summary["saved"]) == ("store", False), summary
+        assert summary["stored_bytes"] >= len(files[first]), summary
+        assert f"error: store {BUCKET_STORE} unavailable ({prefix}/m-large.bin: " in err, err
+        assert "the run stopped after 2 of 3 resources" in err, err
+        text = metrics.read_text()
+        for result, n in (("fetched", 1), ("failed", 1), ("not_done", 1)):
+            assert f'origin_policy_mirror_resources{{domain="{d}",result="{result}"}} {n}' in text, text
+        assert f'origin_policy_mirror_last_run_stopped{{domain="{d}",reason="store"}} 1' in text
+
+        # Back up: the next run finishes the job.
+        seaweedfs.start()
+        code, summary, err = mirror(edge, BUCKET_STORE, *args, domain=d, env=seaweedfs.env())
+        assert code == 0, err
+        assert summary["stopped"] is None and summary["saved"] is True and summary["not_done"] == 0, summary
+        for path, body in files.items():
+            assert seaweedfs.anonymous_get(PUBLIC_BUCKET, path)[2] == body, path
+    finally:
+        if seaweedfs.process is None:
+            seaweedfs.start()
+        for path in files:
+            site.remove(path)
+
+
+def test_an_http_endpoint_is_taken_as_given_unless_aws_allow_http_says_no(edge: Edge, tmp_path: Path):
+    listed = tmp_path / "paths.txt"
+    listed.write_text("/style.css\n")
+    env = SeaweedFS(tmp_path, PUBLIC_BUCKET, STATE_BUCKET).env()
+    # A store that cannot be used as given is a usage error, before any run.
+    code, _, err = mirror(
+        edge, BUCKET_STORE, "--paths", str(listed), "--state", BUCKET_STATE,
+        env={**env, "AWS_ALLOW_HTTP": "false"},
+    )  # fmt: skip
+    assert code == 2, err
+    assert (
+        f"error: store {BUCKET_STORE}: the endpoint http://127.0.0.1:{S3_PORT} is http:// but "
+        "AWS_ALLOW_HTTP forbids it: unset AWS_ALLOW_HTTP or use an https:// endpoint"
+    ) in err, err
+    # Without --state, a bucket is refused: what it holds, the edge serves.
+    code, _, err = mirror(edge, BUCKET_STORE, "--paths", str(listed), env=env)
+    assert code == 2 and "a bucket needs --state" in err, err
