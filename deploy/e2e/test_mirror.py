@@ -478,6 +478,9 @@ def test_a_mirrored_site_is_served_by_the_edge_as_the_origin_sent_it(
         f"answer `{page}` whatever the query; list `{page}` to mirror it)"
     ], summary
     assert edge.seen(f"{page}?v=3", "site") == []
+    # Again: each confirmed by the validators it has (ETag, Last-Modified or both).
+    code, summary, err = mirror(edge, store, "--paths", str(listed), *extra, domain=domain, env=env)
+    assert code == 0 and (summary["unchanged"], summary["fetched"]) == (len(resources), 0), summary
 
     # At the origin: the mirror names itself and asks for unencoded bodies.
     for r in resources:

@@ -434,8 +434,23 @@ pub(crate) fn store_error(e: &object_store::Error) -> StoreError {
         cause = c.source();
     }
     StoreError {
-        why: e.to_string(),
+        why: with_root_cause(e),
         store_wide,
+    }
+}
+
+/// The error, and the cause at the bottom of its chain when the message
+/// does not say it (object_store's "error sending request" hides
+/// "Connection refused").
+fn with_root_cause(e: &dyn std::error::Error) -> String {
+    let message = e.to_string();
+    let mut root = e.source();
+    while let Some(next) = root.and_then(std::error::Error::source) {
+        root = Some(next);
+    }
+    match root.map(ToString::to_string) {
+        Some(cause) if !message.contains(&cause) => format!("{message}: {cause}"),
+        _ => message,
     }
 }
 
@@ -502,6 +517,10 @@ impl MirrorStore {
         }
     }
 
+    fn state_store_error(&self, e: &object_store::Error) -> MirrorError {
+        self.state_error(with_root_cause(e))
+    }
+
     /// The object a path is stored as: in a bucket, the key the edge's
     /// request names (the path `%`-decoded, as S3 decodes it); in a
     /// directory, a file name `mirror-serve` finds from the same path.
@@ -518,9 +537,9 @@ impl MirrorStore {
         key: &ObjectKey,
     ) -> Result<Option<Manifest>, MirrorError> {
         let bytes = match store.get(key).await {
-            Ok(got) => got.bytes().await.map_err(|e| self.state_error(e))?,
+            Ok(got) => got.bytes().await.map_err(|e| self.state_store_error(&e))?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.state_error(e)),
+            Err(e) => return Err(self.state_store_error(&e)),
         };
         serde_json::from_slice::<Value>(&bytes)
             .ok()
@@ -564,7 +583,7 @@ impl MirrorStore {
             .store
             .put(&self.bookkeeping.key, PutPayload::from(body))
             .await
-            .map_err(|e| self.state_error(e))?;
+            .map_err(|e| self.state_store_error(&e))?;
         if let Some(legacy) = self
             .legacy_manifest
             .as_ref()
