@@ -69,7 +69,7 @@ class SeaweedFS:
                 {
                     "name": "mirror",
                     "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                    "actions": ["Read", "Write", "List", "Tagging"],
                 },
                 # What the edge (unsigned) may do: read the public bucket.
                 {"name": "anonymous", "actions": [f"Read:{self.public_bucket}"]},
