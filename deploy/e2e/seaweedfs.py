@@ -140,6 +140,19 @@ class SeaweedFS:
         finally:
             conn.close()
 
+    def filer_put(self, bucket: str, path: str, body: bytes) -> None:
+        """Writes an object through the filer (on 127.0.0.1, no signature),
+        as another writer to the bucket would have."""
+        conn = http.client.HTTPConnection("127.0.0.1", FILER_PORT, timeout=10)
+        try:
+            conn.request("PUT", f"/buckets/{bucket}{path}", body=body)
+            r = conn.getresponse()
+            r.read()
+            if r.status not in (200, 201):
+                raise RuntimeError(f"filer PUT {bucket}{path}: {r.status}")
+        finally:
+            conn.close()
+
     def stop(self) -> None:
         if self.process is None:
             return

@@ -616,3 +616,41 @@ def test_an_http_endpoint_is_taken_as_given_unless_aws_allow_http_says_no(edge: 
     # Without --state, a bucket is refused: what it holds, the edge serves.
     code, _, err = mirror(edge, BUCKET_STORE, "--paths", str(listed), env=env)
     assert code == 2 and "a bucket needs --state" in err, err
+
+
+def test_bookkeeping_an_older_run_left_in_the_bucket_is_moved_out(
+    edge: Edge, demo_origins: DemoOrigins, mirror_domains, seaweedfs: SeaweedFS, tmp_path: Path
+):
+    path = f"/o{uuid.uuid4().hex[:8]}/kept.txt"
+    demo_origins.site.put(path, "text/plain", b"kept\n")
+    try:
+        _, sent, _ = origin_answer(path)
+        # As an older version wrote it: inside the public bucket, readable by anyone.
+        old = {
+            "domain": BUCKET_MIRROR_DOMAIN,
+            "resources": {path.lstrip("/"): {
+                "head": {"status": 200, "etag": sent["etag"]}, "size": 5,
+                "stored_at": 1, "checked_at": 1, "missing_since": None,
+            }},
+        }  # fmt: skip
+        seaweedfs.filer_put(PUBLIC_BUCKET, "/.origin-policy/mirror.json", json.dumps(old).encode())
+        assert seaweedfs.anonymous_get(PUBLIC_BUCKET, "/.origin-policy/mirror.json")[0] == 200
+        listed = tmp_path / "paths.txt"
+        listed.write_text(f"{path}\n")
+        state = f"s3://{STATE_BUCKET}/moved-{uuid.uuid4().hex[:8]}"
+        code, summary, err = mirror(
+            edge, BUCKET_STORE, "--paths", str(listed), "--state", state,
+            domain=BUCKET_MIRROR_DOMAIN, env=seaweedfs.env(),
+        )  # fmt: skip
+        assert code == 0, err
+        # Read: the origin was asked with its validator, and answered 304.
+        assert (summary["unchanged"], summary["fetched"]) == (1, 0), summary
+        # Moved: gone from the bucket, kept in the state.
+        assert seaweedfs.anonymous_get(PUBLIC_BUCKET, "/.origin-policy/mirror.json")[0] == 404
+        code, summary, err = mirror(
+            edge, BUCKET_STORE, "--paths", str(listed), "--state", state,
+            domain=BUCKET_MIRROR_DOMAIN, env=seaweedfs.env(),
+        )  # fmt: skip
+        assert code == 0 and summary["unchanged"] == 1, (summary, err)
+    finally:
+        demo_origins.site.remove(path)
