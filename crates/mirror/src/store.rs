@@ -756,6 +756,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_bucket_that_refuses_connections_is_unavailable_as_a_whole() {
+        // A port nothing listens on; the endpoint as given, http:// and all.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::env::set_var("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"));
+        std::env::set_var("AWS_ACCESS_KEY_ID", "key");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "secret");
+        std::env::remove_var("AWS_ALLOW_HTTP");
+        let store = MirrorStore::open("s3://mirror", Some("s3://mirror-state/x")).unwrap();
+        let key = ResourcePath::parse("/a.txt").unwrap().bucket_key();
+        let mut w = store.writer(key, &StoredHead::default()).await.unwrap();
+        w.write(Bytes::from_static(b"a")).await.unwrap();
+        let refused = w.commit().await.unwrap_err();
+        assert!(refused.store_wide, "{refused}");
+        assert!(refused.why.contains("Connection refused"), "{refused}");
+        let err = store.load_manifest("x.example.com").await.unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("store s3://mirror-state/x/mirror.json: "),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_local_store_writes_whole_objects_and_keeps_its_manifest() {
         let dir = std::env::temp_dir().join(format!("mirror-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
