@@ -39,8 +39,9 @@ fn target_json(t: &OriginTarget<'_>, direct: Option<&Settings>) -> Map<String, V
 }
 
 fn decision_json(d: &OriginDecision<'_>, settings: &Settings) -> Value {
-    // The filter sends a request with a chain to the first origin's cluster.
-    let direct = d.chain.is_empty().then_some(settings);
+    // Under `direct_origins` a request without a chain goes to a
+    // forward-proxy shard; one with a chain to the chain's cluster.
+    let direct = (d.chain.is_empty() && settings.direct_origins.is_some()).then_some(settings);
     let failover = match &d.failover {
         Failover::NotConfigured => Value::Null,
         Failover::Skipped(_, FailoverSkip::Method(_)) => json!({
@@ -85,7 +86,7 @@ fn decision_json(d: &OriginDecision<'_>, settings: &Settings) -> Value {
         "match": match d.matched { crate::MatchKind::Exact => "exact", crate::MatchKind::Wildcard => "wildcard" },
         "viewer_host": d.viewer_host,
         "viewer_scheme": d.viewer_scheme.as_str(),
-        "route_cluster": origin["cluster"].clone(),
+        "route_cluster": if direct.is_some() { origin["cluster"].clone() } else { d.route_cluster.into() },
         "origin": Value::Object(origin),
         "chain": chain,
         "failover": failover,

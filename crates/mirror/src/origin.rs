@@ -82,6 +82,7 @@ impl OriginClient {
         // is kept with its `content-encoding`, as any viewer would get it.
         let mut defaults = HeaderMap::new();
         defaults.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        install_tls_provider();
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT_VALUE)
             .default_headers(defaults)
@@ -202,6 +203,13 @@ pub(crate) fn classify(e: &reqwest::Error) -> ResourceFailure {
     ResourceFailure::Http(chain)
 }
 
+/// Installs ring as rustls' process-wide provider, which reqwest (built
+/// without one of its own) reads when it builds a client, ours and the S3
+/// store's. Installing it again changes nothing.
+pub(crate) fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn tls_config(ca_file: &str, check_name: bool) -> Result<rustls::ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca_file)
@@ -212,7 +220,7 @@ fn tls_config(ca_file: &str, check_name: bool) -> Result<rustls::ClientConfig, S
             .add(cert)
             .map_err(|e| format!("origin_ca_file {ca_file}: {e}"))?;
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| format!("origin_ca_file {ca_file}: {e}"))?;

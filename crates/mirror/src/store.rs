@@ -357,6 +357,7 @@ const STORE_RETRY_WITHIN: Duration = Duration::from_secs(20);
 /// `http://` endpoint is allowed (`AWS_ALLOW_HTTP` only matters when set),
 /// our retries, and the store client that sends `Expires` and our User-Agent.
 fn s3_builder() -> Result<AmazonS3Builder, String> {
+    crate::origin::install_tls_provider();
     let mut builder = AmazonS3Builder::from_env();
     let endpoint = builder
         .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
