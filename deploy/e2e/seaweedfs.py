@@ -124,10 +124,26 @@ class SeaweedFS:
             conn = http.client.HTTPConnection("127.0.0.1", FILER_PORT, timeout=5)
             try:
                 conn.request("GET", f"/buckets/{self.private_bucket}/", headers={"accept": "application/json"})
-                return conn.getresponse().status == 200
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    return False
+                # A key that does not exist needs no volume server; an object
+                # written and read back does (after a restart the gateway
+                # answers before the volumes are back).
+                probe = f"/buckets/{self.private_bucket}/.ready-probe"
+                body = str(time.monotonic()).encode()
+                conn.request("PUT", probe, body=body)
+                response = conn.getresponse()
+                response.read()
+                if response.status not in (200, 201):
+                    return False
+                conn.request("GET", probe)
+                response = conn.getresponse()
+                return response.status == 200 and response.read() == body
             finally:
                 conn.close()
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return False
 
     def anonymous_get(self, bucket: str, path: str) -> tuple[int, dict[str, str], bytes]:
