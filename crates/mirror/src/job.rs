@@ -176,6 +176,14 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
+    /// The run ended before fetching anything: why, and how long it took.
+    fn stopped_by(mut self, error: MirrorError, reason: StopReason, started: Instant) -> Self {
+        self.errors.push(error);
+        self.stop = Some(reason);
+        self.elapsed = started.elapsed();
+        self
+    }
+
     pub fn ok(&self) -> bool {
         self.errors.is_empty()
     }
@@ -447,24 +455,14 @@ impl MirrorJob {
         // The lists first: a run that cannot list stops before the store.
         let listed = match self.list(&mut summary).await {
             Ok(listed) => listed,
-            Err(e) => {
-                summary.errors.push(e);
-                summary.stop = Some(StopReason::List);
-                summary.elapsed = started.elapsed();
-                return summary;
-            }
+            Err(e) => return summary.stopped_by(e, StopReason::List, started),
         };
         summary.listed = listed.len() as u64;
         summary.not_done = summary.listed;
         progress.listed.store(summary.listed, Ordering::Relaxed);
         let mut manifest = match self.store.load_manifest(&self.domain).await {
             Ok(m) => m,
-            Err(e) => {
-                summary.errors.push(e);
-                summary.stop = Some(StopReason::Store);
-                summary.elapsed = started.elapsed();
-                return summary;
-            }
+            Err(e) => return summary.stopped_by(e, StopReason::Store, started),
         };
         self.fetch_all(&listed, &mut manifest, &mut summary, progress, stop)
             .await;
