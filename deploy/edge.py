@@ -184,7 +184,7 @@ def edge_config() -> dict:
 
 
 FEED_CLUSTER = "origin_policy_feed"
-# `origin-policy feed`'s default address.
+# `origin-policy serve`'s default address.
 FEED_PORT = 18090
 FEED_ROOT_ID = "origin-policy-feed"
 
@@ -290,12 +290,14 @@ def start_mirror(run_dir: Path, certs: Certificates) -> subprocess.Popen:
 def start_feed(
     run_dir: Path, policies: Path = POLICIES, timeout: float = 60, output=None
 ) -> subprocess.Popen:
-    """`origin-policy feed` over `policies`: it writes the clusters and the
-    filter's settings into run/, then serves the policies per domain; an edit
-    reaches Envoy as that domain's change."""
+    """`origin-policy serve` watching `policies`, its store in run/store: it
+    writes the clusters and the filter's settings into run/, then serves the
+    policies per domain and the API; an edit reaches Envoy as that domain's
+    change."""
     feed = subprocess.Popen(
-        [str(CLI), "feed", "--wasm", str(WASM), "--out", str(run_dir), "--admin", ADMIN,
-         "--listen", f"127.0.0.1:{FEED_PORT}", str(policies)],
+        [str(CLI), "serve", "--wasm", str(WASM), "--out", str(run_dir), "--admin", ADMIN,
+         "--listen", f"127.0.0.1:{FEED_PORT}", "--store", str(run_dir / "store"),
+         "--watch", str(policies)],
         cwd=REPO,
         stdout=output,
         start_new_session=True,
@@ -304,7 +306,7 @@ def start_feed(
     while not (run_dir / ECDS_FILE).exists():
         if feed.poll() is not None or time.monotonic() > deadline:
             feed.kill()
-            raise EdgeError("origin-policy feed did not publish policies/ (see its errors above)")
+            raise EdgeError("origin-policy serve did not publish policies/ (see its errors above)")
         time.sleep(0.1)
     return feed
 
@@ -327,8 +329,8 @@ def main() -> int:
             print(f"admin: {ADMIN}   log: {envoy.log_path}")
             print("demo origins: " + ", ".join(f"{o.name}:{o.port}" for o in DEMO_ORIGINS))
             print(
-                f"policies: {POLICIES} (edit a file: `origin-policy feed` on :{FEED_PORT}"
-                " sends Envoy that domain's change)"
+                f"policies: {POLICIES} (edit a file, or PUT http://127.0.0.1:{FEED_PORT}/v1/domains/DOMAIN:"
+                " `origin-policy serve` sends Envoy that domain's change)"
             )
             print("try:")
             print(

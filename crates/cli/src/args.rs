@@ -55,7 +55,7 @@ pub enum Command {
     Bundle {
         #[command(flatten)]
         output: OutputArgs,
-        /// Policies per domain for a feed (`feed`): the filter configuration
+        /// Policies per domain for a feed (`serve`): the filter configuration
         /// carries the settings only and DIR/origin-policy.domains.tsv the
         /// policies, one `DOMAIN<TAB>DOCUMENT` line per domain; the clusters
         /// are those of these policies only.
@@ -65,22 +65,33 @@ pub enum Command {
         #[arg(value_name = "PATH", default_value = "policies")]
         paths: Vec<PathBuf>,
     },
-    /// Serve the policies per domain to Envoys whose filter has `"delivery": "feed"`.
+    /// The control plane: policies per domain in a durable store, an HTTP API, the policy feed.
     ///
-    /// Watches PATH; on a change, validates, writes the origin networks, the
-    /// clusters (with --admin: and waits until Envoy has them) and the filter
-    /// with the settings into DIR, then publishes the domains that changed on
-    /// GET /changes (the feed contract: docs/feed.md). A rejected policy keeps
-    /// its domain's last published one. Runs until Ctrl-C or SIGTERM.
-    Feed {
+    /// Keeps every domain's policy and its history in STORE (a write is
+    /// answered once it is on disk), serves the per-domain API under /v1/
+    /// (docs/api.md) and the policy feed that Envoys whose filter has
+    /// `"delivery": "feed"` poll at GET /changes (docs/feed.md). Each policy
+    /// is checked on its own by the engine; a refused one is answered with
+    /// its findings and changes nothing. The origin clusters and the filter
+    /// with the settings are written into DIR (with --admin: the clusters a
+    /// write needs are in Envoy before the write is published). With
+    /// --watch, a policy directory is kept in the store: only the files that
+    /// changed are checked again. Runs until Ctrl-C or SIGTERM.
+    Serve {
         #[command(flatten)]
         output: OutputArgs,
-        /// Where the feed listens.
+        /// Where the API and the feed listen.
         #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1:18090")]
         listen: String,
-        /// Policy files or directories.
-        #[arg(value_name = "PATH", default_value = "policies")]
-        paths: Vec<PathBuf>,
+        /// The store's directory.
+        #[arg(long, value_name = "STORE", default_value = "run/store")]
+        store: PathBuf,
+        /// A policy directory to keep in the store (settings.json in it: the settings).
+        #[arg(long, value_name = "DIR")]
+        watch: Vec<PathBuf>,
+        /// The settings document, when no watched directory has one.
+        #[arg(long, value_name = "FILE")]
+        settings: Option<PathBuf>,
     },
     /// Copy a domain's resources from its primary origin into its secondary.
     ///
@@ -118,7 +129,7 @@ pub enum Delivery {
     Feed,
 }
 
-/// Where `bundle` and `feed` write, and the Envoy they wait for.
+/// Where `bundle` and `serve` write, and the Envoy they wait for.
 #[derive(Debug, Args)]
 pub struct OutputArgs {
     /// The filter module the configuration names.

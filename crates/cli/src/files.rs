@@ -4,7 +4,6 @@
 
 use origin_policy_engine::documents::{unreadable, PolicyDocuments};
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Reads `*.json` files from `dir` (not recursively), sorted by name so that
@@ -50,53 +49,4 @@ pub fn read_paths(paths: &[PathBuf]) -> Result<PolicyDocuments, String> {
     Ok(all)
 }
 
-/// Writes `bytes` to `path` so that a watcher never sees a partial file:
-/// a temporary file in the same directory, synced, then renamed over the target.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    fs::rename(&tmp, path)
-}
-
-/// The upstream RBAC filter's ECDS file (`settings.origin_networks`), which
-/// `deploy/envoy/edge.yaml` reads beside the filter's.
-pub const NETWORKS_FILE: &str = "origin-policy.networks.ecds.json";
-
-/// The ECDS file's one resource: the filter (`origin-policy`, the same name,
-/// root id and `vm_id` everywhere) with `plugin_config`, loaded from `wasm`.
-pub fn ecds_resource(plugin_config: &str, wasm: &str) -> serde_json::Value {
-    serde_json::json!({
-        "resources": [{
-            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": "origin-policy",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "origin-policy",
-                    "root_id": "origin-policy",
-                    "vm_config": {
-                        "vm_id": "origin-policy",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": wasm}}
-                    },
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": plugin_config
-                    }
-                }
-            }
-        }]
-    })
-}
+pub use origin_policy_control::envoy::{ecds_resource, write_atomically, NETWORKS_FILE};

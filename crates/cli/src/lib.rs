@@ -1,9 +1,7 @@
 //! The `origin-policy` command line's library half: policy files on disk.
 //! Everything about what a policy means lives in `origin_policy_engine`.
 
-pub mod admin;
 pub mod args;
-pub mod feed;
 pub mod files;
 pub mod mirror;
 mod text;

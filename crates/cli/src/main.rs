@@ -1,9 +1,8 @@
 //! `origin-policy` command line: check, explain and bundle policy files;
 //! mirror a domain's primary origin into its secondary.
 
-use origin_policy_cli::admin;
+use origin_policy_control::admin;
 use origin_policy_cli::explain_text;
-use origin_policy_cli::feed;
 use origin_policy_cli::files::{ecds_resource, read_paths, write_atomically, NETWORKS_FILE};
 use origin_policy_cli::mirror;
 use origin_policy_engine::documents::PolicyDocuments;
@@ -42,6 +41,39 @@ impl fmt::Display for CliError {
             CliError::MirrorFailed => f.write_str("mirror run had errors"),
         }
     }
+}
+
+fn serve(
+    output: &OutputArgs,
+    listen: &str,
+    store: &std::path::Path,
+    watch: &[PathBuf],
+    settings: &Option<PathBuf>,
+) -> Result<(), CliError> {
+    let wasm = std::fs::canonicalize(&output.wasm)
+        .map_err(|e| {
+            CliError::Io(format!(
+                "{}: {e} (build it with cargo build --release --target wasm32-wasip1)",
+                output.wasm.display()
+            ))
+        })?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::create_dir_all(&output.out)
+        .map_err(|e| CliError::Io(format!("{}: {e}", output.out.display())))?;
+    let envoy = origin_policy_control::envoy::EnvoyFiles {
+        dir: output.out.clone(),
+        wasm,
+        admin: output.admin.clone(),
+    };
+    origin_policy_control::serve(origin_policy_control::ServeConfig {
+        store: store.to_path_buf(),
+        listen: listen.to_owned(),
+        watch: watch.to_vec(),
+        settings: settings.clone(),
+        envoy: Box::new(envoy),
+    })
+    .map_err(|e| CliError::Io(e.to_string()))
 }
 
 fn load(paths: &[PathBuf]) -> Result<PolicyDocuments, CliError> {
@@ -272,18 +304,13 @@ fn main() -> ExitCode {
             delivery,
             paths,
         } => bundle(output, *delivery, paths),
-        Command::Feed {
+        Command::Serve {
             output,
             listen,
-            paths,
-        } => feed::feed(feed::FeedRequest {
-            paths: paths.clone(),
-            out: output.out.clone(),
-            wasm: output.wasm.clone(),
-            admin: output.admin.clone(),
-            listen: listen.clone(),
-        })
-        .map_err(CliError::Io),
+            store,
+            watch,
+            settings,
+        } => serve(output, listen, store, watch, settings),
         Command::Mirror(args) => mirror(args),
         Command::MirrorServe { root, listen } => {
             mirror::serve(root.clone(), listen).map_err(CliError::Io)

@@ -147,6 +147,8 @@ pub struct FeedDocuments {
     /// Domains whose document was rejected: they keep what was published.
     pub rejected: Vec<String>,
     pub diagnostics: Diagnostics,
+    /// The clusters the accepted policies need.
+    pub clusters: crate::clusters::DerivedClusters,
 }
 
 impl PolicyDocuments {
@@ -176,6 +178,7 @@ impl PolicyDocuments {
             })
             .collect();
         Ok(FeedDocuments {
+            clusters: compiled.set.derived_clusters(),
             settings_document: self.settings.clone().unwrap_or_else(|| json!({})),
             settings: compiled.set.settings.clone(),
             accepted,

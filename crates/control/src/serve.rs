@@ -1,0 +1,238 @@
+//! `origin-policy serve`: opens the store, checks the settings, gives Envoy
+//! the clusters and the filter configuration, syncs a watched directory, then
+//! serves the API and the feed until Ctrl-C or SIGTERM.
+
+use crate::api::Api;
+use crate::envoy::EnvoyConfig;
+use crate::error::ControlError;
+use crate::feed::Nodes;
+use crate::store::Store;
+use crate::table::DomainTable;
+use crate::validate::EdgeSettings;
+use crate::watch::{read_settings, settings_file, DirectoryWatch, SOURCE_PREFIX};
+use crate::writer::Shared;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often watched directories are looked at, at least.
+const WATCH_PERIOD: Duration = Duration::from_millis(200);
+
+pub struct ServeConfig {
+    /// The store's directory.
+    pub store: PathBuf,
+    pub listen: String,
+    /// Policy directories kept in sync with the store.
+    pub watch: Vec<PathBuf>,
+    /// The settings document, unless a watched directory has one.
+    pub settings: Option<PathBuf>,
+    pub envoy: Box<dyn EnvoyConfig>,
+}
+
+impl Api {
+    pub fn current_settings(&self) -> Arc<EdgeSettings> {
+        self.settings
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+}
+
+fn settings_error(d: impl std::fmt::Display) -> ControlError {
+    ControlError::Settings(d.to_string())
+}
+
+/// New settings, taken only if every domain's policy passes under them:
+/// then the clusters as they derive, the filter configuration, the store.
+pub fn apply_settings(api: &Api, document: Option<&Value>) -> Result<(), ControlError> {
+    let settings = EdgeSettings::parse(document).map_err(settings_error)?;
+    if settings.document == api.current_settings().document {
+        return Ok(());
+    }
+    let shared = &api.shared;
+    let live = shared.table().live_domains();
+    let mut clusters: HashMap<String, Value> = HashMap::new();
+    let mut refused = Vec::new();
+    for chunk in live.chunks(10_000) {
+        let wanted: Vec<(&str, u64)> = chunk.iter().map(|(d, r)| (d.as_str(), *r)).collect();
+        for ((domain, _), document) in chunk.iter().zip(shared.store.documents(&wanted)?) {
+            match settings.validate(domain, Some(domain), document.as_bytes()) {
+                Ok(policy) => clusters.extend(policy.clusters),
+                Err(refusal) => refused.push(refusal.text()),
+            }
+        }
+    }
+    if !refused.is_empty() {
+        return Err(ControlError::Settings(format!(
+            "{} domains would be refused under them:\n{}",
+            refused.len(),
+            refused.join("\n")
+        )));
+    }
+    let set: Vec<(String, String)> = clusters
+        .into_iter()
+        .map(|(n, v)| (n, v.to_string()))
+        .collect();
+    shared.envoy.clusters(
+        &set.iter()
+            .map(|(_, j)| Arc::from(j.as_str()))
+            .collect::<Vec<_>>(),
+    )?;
+    shared.envoy.filter(&settings)?;
+    shared.store.replace_clusters(&set)?;
+    shared.table().replace_clusters(set);
+    shared
+        .store
+        .save_meta("settings", &settings.document.to_string())?;
+    if let Ok(mut current) = api.settings.write() {
+        *current = Arc::new(settings);
+    }
+    Ok(())
+}
+
+/// A watched settings file changed.
+pub fn reload_settings(api: &Api, path: &PathBuf) {
+    let outcome = read_settings(path)
+        .map_err(ControlError::Settings)
+        .and_then(|doc| apply_settings(api, Some(&doc)));
+    match outcome {
+        Ok(()) => eprintln!("serve: {}: settings applied", path.display()),
+        Err(e) => eprintln!("serve: {}: {e}; the edge keeps its settings", path.display()),
+    }
+}
+
+fn new_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        & ((1 << 53) - 1)
+}
+
+pub fn serve(config: ServeConfig) -> Result<(), ControlError> {
+    let started = std::time::Instant::now();
+    let store = Store::open(&config.store)?;
+    let loaded = store.load()?;
+    // The epoch stays with the store: a restarted server continues every
+    // Envoy's feed where it was.
+    let epoch = match loaded.epoch {
+        Some(epoch) => epoch,
+        None => {
+            let epoch = new_epoch();
+            store.save_meta("epoch", &epoch.to_string())?;
+            epoch
+        }
+    };
+    let settings_path = settings_file(&config.watch).or(config.settings.clone());
+    let stored: Option<Value> = loaded
+        .settings
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok());
+    let earlier: Vec<String> = loaded
+        .domains
+        .iter()
+        .filter(|d| !d.removed && d.source.starts_with(SOURCE_PREFIX))
+        .map(|d| d.domain.clone())
+        .collect();
+    let table = DomainTable::from_store(epoch, loaded.seq, loaded.domains, loaded.clusters);
+    let domains = table.live();
+    let settings = EdgeSettings::parse(stored.as_ref()).map_err(settings_error)?;
+    config.envoy.filter(&settings)?;
+    config.envoy.clusters(&table.clusters())?;
+    let shared = Shared::start(store, table, config.envoy);
+    let api = Arc::new(Api {
+        shared,
+        settings: RwLock::new(Arc::new(settings)),
+        nodes: Nodes::default(),
+    });
+    if let Some(path) = &settings_path {
+        let document = read_settings(path).map_err(ControlError::Settings)?;
+        apply_settings(&api, Some(&document))?;
+    }
+    eprintln!(
+        "serve: {domains} domains from the store (epoch {epoch}) in {} ms",
+        started.elapsed().as_millis()
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ControlError::Io(format!("cannot start the runtime: {e}")))?;
+    let handle = runtime.handle().clone();
+    // The feed opens once a watched directory is in the store: a snapshot
+    // from a half-synced store would remove domains from the Envoys.
+    let mut watch = DirectoryWatch::new(config.watch.clone(), earlier);
+    if !config.watch.is_empty() {
+        watch.look(&api, &handle);
+        eprintln!(
+            "serve: {} domains after syncing {} ({} ms)",
+            api.shared.table().live(),
+            config
+                .watch
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            started.elapsed().as_millis()
+        );
+        let watched = api.clone();
+        std::thread::spawn(move || loop {
+            let listed = watch.look(&watched, &handle);
+            std::thread::sleep(WATCH_PERIOD.max(listed * 10));
+        });
+    }
+    let listen = config.listen.clone();
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|e| ControlError::Io(format!("--listen {listen}: {e}")))?;
+        eprintln!("serve: http://{listen}/v1/domains, feed at /changes");
+        tokio::select! {
+            () = accept(api, listener) => Ok(()),
+            () = stop_signal() => Ok(()),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn accept(api: Arc<Api>, listener: tokio::net::TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("serve: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let api = api.clone();
+                async move { Ok::<_, std::convert::Infallible>(api.answer(request).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,178 @@
+//! One domain's policy checked in-process by the engine, under the edge's
+//! settings, as `check` and the filter would: what the store keeps and the
+//! clusters it needs, or the findings (domain, JSON pointer, fix).
+
+use origin_policy_engine::documents::{PolicyDocuments, SETTINGS_FILE};
+use origin_policy_engine::report::diagnostic_json;
+use origin_policy_engine::{
+    parse_json, parse_settings, Diagnostics, PolicyDiagnostic, Settings, Severity,
+};
+use serde_json::Value;
+
+/// The settings every policy is checked under.
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    /// As written (`{}` when there is none): the filter configuration carries it.
+    pub document: Value,
+    pub settings: Settings,
+}
+
+/// A policy that passed: its domain, its document as the feed sends it
+/// (compact, host names in ASCII) and the clusters it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPolicy {
+    pub domain: String,
+    pub document: String,
+    pub clusters: Vec<(String, Value)>,
+}
+
+/// Why a policy was refused: every finding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub domain: Option<String>,
+    pub diagnostics: Vec<PolicyDiagnostic>,
+}
+
+impl Refusal {
+    fn one(source: &str, domain: Option<&str>, path: &str, message: String, fix: &str) -> Self {
+        let finding = PolicyDiagnostic {
+            severity: Severity::Error,
+            source: source.to_owned(),
+            domain: domain.map(str::to_owned),
+            path: path.to_owned(),
+            message,
+            fix: Some(fix.to_owned()),
+        };
+        Refusal {
+            domain: domain.map(str::to_owned),
+            diagnostics: vec![finding],
+        }
+    }
+
+    /// The findings as the API answers them: severity, source, domain, JSON
+    /// pointer, message, fix.
+    pub fn findings(&self) -> Vec<Value> {
+        self.diagnostics.iter().map(diagnostic_json).collect()
+    }
+
+    /// The findings as `check` prints them, one a line.
+    pub fn text(&self) -> String {
+        let lines: Vec<String> = self.diagnostics.iter().map(|d| d.to_string()).collect();
+        lines.join("\n")
+    }
+}
+
+impl EdgeSettings {
+    /// `None`: no settings document (the defaults).
+    pub fn parse(document: Option<&Value>) -> Result<EdgeSettings, Diagnostics> {
+        let settings = parse_settings(SETTINGS_FILE, document).map_err(Diagnostics)?;
+        Ok(EdgeSettings {
+            document: document.cloned().unwrap_or_else(|| Value::Object(Default::default())),
+            settings,
+        })
+    }
+
+    /// Checks one policy document. `domain`: the domain it is written to
+    /// (the API's path), which the document's `domain` must name.
+    pub fn validate(
+        &self,
+        source: &str,
+        domain: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<ValidPolicy, Refusal> {
+        let value = parse_json(bytes).map_err(|e| {
+            Refusal::one(
+                source,
+                domain,
+                "",
+                format!("not valid JSON: {e}"),
+                "send one JSON object, the policy",
+            )
+        })?;
+        let documents = PolicyDocuments {
+            settings: Some(self.document.clone()),
+            policies: vec![(source.to_owned(), value)],
+            unreadable: Vec::new(),
+        };
+        let found = documents.feed_documents().map_err(|d| Refusal {
+            domain: domain.map(str::to_owned),
+            diagnostics: d.0,
+        })?;
+        let errors: Vec<PolicyDiagnostic> = found.diagnostics.errors().cloned().collect();
+        let Some((named, document)) = found.accepted.into_iter().next() else {
+            let diagnostics = if errors.is_empty() {
+                found.diagnostics.0
+            } else {
+                errors
+            };
+            return Err(Refusal {
+                domain: domain.map(str::to_owned).or(found.rejected.into_iter().next()),
+                diagnostics,
+            });
+        };
+        if !errors.is_empty() {
+            return Err(Refusal {
+                domain: Some(named),
+                diagnostics: errors,
+            });
+        }
+        if let Some(domain) = domain {
+            if !named.eq_ignore_ascii_case(domain) {
+                return Err(Refusal::one(
+                    source,
+                    Some(domain),
+                    "/domain",
+                    format!("the policy is for {named}, written to {domain}"),
+                    "write a policy to the path of its own domain",
+                ));
+            }
+        }
+        let clusters = found
+            .clusters
+            .envoy_resources(&self.settings)
+            .into_iter()
+            .filter_map(|c| Some((c["name"].as_str()?.to_owned(), c)))
+            .collect();
+        Ok(ValidPolicy {
+            domain: named,
+            document,
+            clusters,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> EdgeSettings {
+        EdgeSettings::parse(None).unwrap_or_else(|d| unreachable!("{d}"))
+    }
+
+    #[test]
+    fn a_valid_policy_gives_its_document_and_clusters() {
+        let doc = br#"{"domain": "Www.Example.com", "primary": {"address": "origin.example.net", "port": 80}}"#;
+        let valid = settings().validate("api", Some("www.example.com"), doc);
+        let valid = valid.unwrap_or_else(|r| unreachable!("{}", r.text()));
+        assert_eq!(valid.domain, "www.example.com");
+        assert!(!valid.clusters.is_empty());
+        assert!(valid.document.starts_with('{'));
+    }
+
+    #[test]
+    fn findings_name_the_domain_and_the_pointer() {
+        let doc = br#"{"domain": "www.example.com", "primary": {"address": "origin.example.net", "port": 99999}}"#;
+        let Err(refusal) = settings().validate("api", Some("www.example.com"), doc) else {
+            unreachable!("port 99999 accepted")
+        };
+        assert!(refusal.findings().iter().any(|f| f["path"] == "/primary/port"));
+        let Err(other) = settings().validate("api", Some("img.example.com"), br#"{"domain": "www.example.com", "primary": {"address": "origin.example.net"}}"#) else {
+            unreachable!("written to another domain's path")
+        };
+        assert_eq!(other.findings()[0]["path"], "/domain");
+        let Err(bad) = settings().validate("api", Some("x.example"), b"{") else {
+            unreachable!("not JSON accepted")
+        };
+        assert_eq!(bad.findings()[0]["domain"], "x.example");
+    }
+}

@@ -1,0 +1,223 @@
+//! `serve --watch DIR`: a policy directory as a source. Each look lists the
+//! files with their size and modification time; only the files that changed
+//! are read and checked, each on its own, and written like an API write
+//! (source `watch:FILE`). A file that is refused keeps its domain's last good
+//! policy; a file that goes away removes its domain.
+
+use crate::api::Api;
+use crate::validate::EdgeSettings;
+use crate::writer::{Precondition, WriteOutcome, WriteRequest};
+use origin_policy_engine::documents::{DocumentKind, SETTINGS_FILE};
+use origin_policy_engine::parse_json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The source of a write from a watched file.
+pub const SOURCE_PREFIX: &str = "watch:";
+
+type Seen = (u64, SystemTime);
+
+pub struct DirectoryWatch {
+    dirs: Vec<PathBuf>,
+    seen: BTreeMap<PathBuf, Seen>,
+    /// Which domain each file holds, and the other way round.
+    owner: HashMap<PathBuf, String>,
+    file_of: HashMap<String, PathBuf>,
+    /// Domains a watched file wrote in an earlier run: removed if no file
+    /// names them any more.
+    earlier: Vec<String>,
+}
+
+fn listing(dirs: &[PathBuf]) -> BTreeMap<PathBuf, Seen> {
+    let mut out = BTreeMap::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            if let Ok(meta) = entry.metadata() {
+                if meta.is_file() {
+                    let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+                    out.insert(path, (meta.len(), modified));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The settings document of the watched directories, if one has it.
+pub fn settings_file(dirs: &[PathBuf]) -> Option<PathBuf> {
+    dirs.iter()
+        .map(|d| d.join(SETTINGS_FILE))
+        .find(|p| p.is_file())
+}
+
+/// Per-domain log lines are printed for this many writes of a look at most;
+/// a larger look (the first, of a large directory) gets a summary.
+const LOGGED_WRITES: usize = 50;
+
+impl DirectoryWatch {
+    pub fn new(dirs: Vec<PathBuf>, earlier: Vec<String>) -> Self {
+        DirectoryWatch {
+            dirs,
+            seen: BTreeMap::new(),
+            owner: HashMap::new(),
+            file_of: HashMap::new(),
+            earlier,
+        }
+    }
+
+    /// Looks once; returns how long listing took (the caller waits ten times
+    /// that before the next look, so a large directory costs a tenth of a core).
+    pub fn look(&mut self, api: &Api, runtime: &tokio::runtime::Handle) -> Duration {
+        let started = std::time::Instant::now();
+        let now = listing(&self.dirs);
+        let listed = started.elapsed();
+        let changed: Vec<PathBuf> = now
+            .iter()
+            .filter(|(p, s)| self.seen.get(*p) != Some(s))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let gone: Vec<PathBuf> = self
+            .seen
+            .keys()
+            .filter(|p| !now.contains_key(*p))
+            .cloned()
+            .collect();
+        self.seen = now;
+        // The settings first: the policies are checked under them.
+        for path in &changed {
+            if DocumentKind::of(&path.to_string_lossy()) == DocumentKind::Settings {
+                crate::serve::reload_settings(api, path);
+            }
+        }
+        let settings = api.current_settings();
+        let mut writes = Vec::new();
+        let mut orphans = Vec::new();
+        for path in &changed {
+            if DocumentKind::of(&path.to_string_lossy()) == DocumentKind::Policy {
+                if let Some(request) = self.checked(&settings, path, &mut orphans) {
+                    writes.push(request);
+                }
+            }
+        }
+        for path in gone {
+            if let Some(domain) = self.owner.remove(&path) {
+                self.file_of.remove(&domain);
+                orphans.push(domain);
+            }
+        }
+        orphans.append(&mut self.earlier);
+        orphans.sort();
+        orphans.dedup();
+        for domain in orphans {
+            if !self.file_of.contains_key(&domain) {
+                writes.push(WriteRequest {
+                    domain,
+                    policy: None,
+                    source: format!("{SOURCE_PREFIX}removed"),
+                    precondition: Precondition::None,
+                });
+            }
+        }
+        if !writes.is_empty() {
+            self.write(api, runtime, writes);
+        }
+        listed
+    }
+
+    fn write(&self, api: &Api, runtime: &tokio::runtime::Handle, writes: Vec<WriteRequest>) {
+        let count = writes.len();
+        let named: Vec<(String, bool)> = writes
+            .iter()
+            .map(|w| (w.domain.clone(), w.policy.is_none()))
+            .collect();
+        let outcomes = runtime.block_on(api.shared.write_all(writes));
+        let (mut written, mut failed, mut version) = (0, 0, 0);
+        for ((domain, removal), outcome) in named.iter().zip(outcomes) {
+            match outcome {
+                Ok(WriteOutcome::Written { revision, seq }) => {
+                    written += 1;
+                    version = seq;
+                    if count <= LOGGED_WRITES {
+                        let what = if *removal {
+                            "removed (no watched file names it)".to_owned()
+                        } else {
+                            format!("revision {revision}")
+                        };
+                        eprintln!("serve: {domain}: {what} (version {seq})");
+                    }
+                }
+                Ok(WriteOutcome::Unchanged { .. }) => {}
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("serve: {domain}: not written: {e}");
+                }
+            }
+        }
+        if count > LOGGED_WRITES {
+            eprintln!("serve: {written} domains written from the watched files (version {version}), {failed} not written");
+        }
+    }
+
+    /// A changed file checked: the write it makes, if it passes.
+    fn checked(
+        &mut self,
+        settings: &EdgeSettings,
+        path: &PathBuf,
+        orphans: &mut Vec<String>,
+    ) -> Option<WriteRequest> {
+        let shown = path.display().to_string();
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("serve: {shown}: cannot read: {e}");
+                return None;
+            }
+        };
+        let policy = match settings.validate(&shown, None, &bytes) {
+            Ok(p) => p,
+            Err(refusal) => {
+                let domain = refusal.domain.as_deref().unwrap_or("(no domain)");
+                eprintln!(
+                    "serve: {domain}: rejected ({shown}); it keeps its last published policy\n{}",
+                    refusal.text()
+                );
+                return None;
+            }
+        };
+        let domain = policy.domain.clone();
+        if let Some(other) = self.file_of.get(&domain).filter(|p| *p != path) {
+            eprintln!(
+                "serve: {shown}: {domain} is already {}'s; one file per domain",
+                other.display()
+            );
+            return None;
+        }
+        if let Some(old) = self.owner.insert(path.clone(), domain.clone()) {
+            if old != domain {
+                self.file_of.remove(&old);
+                orphans.push(old);
+            }
+        }
+        self.file_of.insert(domain.clone(), path.clone());
+        Some(WriteRequest {
+            domain,
+            policy: Some(policy),
+            source: format!("{SOURCE_PREFIX}{shown}"),
+            precondition: Precondition::None,
+        })
+    }
+}
+
+/// The settings document at `path`, parsed.
+pub fn read_settings(path: &PathBuf) -> Result<serde_json::Value, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_json(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
+}
