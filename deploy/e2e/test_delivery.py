@@ -33,6 +33,8 @@ VIEWER_PORT = 10280
 ORIGIN_PORT = 18081  # the demo origin `plain`
 # The feed re-reads 100,000 files on a change; a debug build takes seconds.
 PUSH_LIMIT_S = 60
+# The first sync checks 100,000 files one by one (a debug build).
+SYNC_LIMIT_S = 240
 
 
 def domain(i: int) -> str:
@@ -143,7 +145,7 @@ def feed_edge(tmp_path_factory, demo_origins):
     edge = FeedEdge(run_dir)
     edge.start_feed()
     try:
-        wait_for(lambda: (run_dir / "origin-policy.ecds.json").exists(), PUSH_LIMIT_S)
+        wait_for(lambda: (run_dir / "origin-policy.ecds.json").exists(), SYNC_LIMIT_S)
         edge.envoy.start()
         wait_for(edge.in_sync, PUSH_LIMIT_S)
         yield edge

@@ -26,4 +26,4 @@ pub mod watch;
 pub mod writer;
 
 pub use error::ControlError;
-pub use serve::{serve, ServeConfig};
+pub use serve::{serve, ServeConfig, Server};

@@ -48,6 +48,13 @@ fn settings_error(d: impl std::fmt::Display) -> ControlError {
 /// New settings, taken only if every domain's policy passes under them:
 /// then the clusters as they derive, the filter configuration, the store.
 pub fn apply_settings(api: &Api, document: Option<&Value>) -> Result<(), ControlError> {
+    take_settings(api, document)?;
+    api.shared.envoy.filter(&api.current_settings())
+}
+
+/// [`apply_settings`] without the filter configuration, which the caller
+/// gives Envoy.
+fn take_settings(api: &Api, document: Option<&Value>) -> Result<(), ControlError> {
     let settings = EdgeSettings::parse(document).map_err(settings_error)?;
     if settings.document == api.current_settings().document {
         return Ok(());
@@ -81,7 +88,6 @@ pub fn apply_settings(api: &Api, document: Option<&Value>) -> Result<(), Control
             .map(|(_, j)| Arc::from(j.as_str()))
             .collect::<Vec<_>>(),
     )?;
-    shared.envoy.filter(&settings)?;
     shared.store.replace_clusters(&set)?;
     shared.table().replace_clusters(set);
     shared
@@ -111,87 +117,121 @@ fn new_epoch() -> u64 {
         & ((1 << 53) - 1)
 }
 
-pub fn serve(config: ServeConfig) -> Result<(), ControlError> {
-    let started = std::time::Instant::now();
-    let store = Store::open(&config.store)?;
-    let loaded = store.load()?;
-    // The epoch stays with the store: a restarted server continues every
-    // Envoy's feed where it was.
-    let epoch = match loaded.epoch {
-        Some(epoch) => epoch,
-        None => {
-            let epoch = new_epoch();
-            store.save_meta("epoch", &epoch.to_string())?;
-            epoch
+/// A server opened: the store read, the settings checked, Envoy given the
+/// clusters and the filter configuration, a watched directory synced.
+pub struct Server {
+    pub api: Arc<Api>,
+    watch: Option<DirectoryWatch>,
+    started: std::time::Instant,
+}
+
+impl Server {
+    pub fn open(config: ServeConfig, runtime: &tokio::runtime::Handle) -> Result<Server, ControlError> {
+        let started = std::time::Instant::now();
+        let store = Store::open(&config.store)?;
+        let loaded = store.load()?;
+        // The epoch stays with the store: a restarted server continues every
+        // Envoy's feed where it was.
+        let epoch = match loaded.epoch {
+            Some(epoch) => epoch,
+            None => {
+                let epoch = new_epoch();
+                store.save_meta("epoch", &epoch.to_string())?;
+                epoch
+            }
+        };
+        let settings_path = settings_file(&config.watch).or(config.settings.clone());
+        let stored: Option<Value> = loaded
+            .settings
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok());
+        let earlier: Vec<String> = loaded
+            .domains
+            .iter()
+            .filter(|d| !d.removed && d.source.starts_with(SOURCE_PREFIX))
+            .map(|d| d.domain.clone())
+            .collect();
+        let taken = if config.watch.is_empty() {
+            Vec::new()
+        } else {
+            store.watched()?
+        };
+        let table = DomainTable::from_store(epoch, loaded.seq, loaded.domains, loaded.clusters);
+        let domains = table.live();
+        let settings = EdgeSettings::parse(stored.as_ref()).map_err(settings_error)?;
+        config.envoy.clusters(&table.clusters())?;
+        let shared = Shared::start(store, table, config.envoy);
+        let api = Arc::new(Api {
+            shared,
+            settings: RwLock::new(Arc::new(settings)),
+            nodes: Nodes::default(),
+        });
+        if let Some(path) = &settings_path {
+            let document = read_settings(path).map_err(ControlError::Settings)?;
+            take_settings(&api, Some(&document))?;
         }
-    };
-    let settings_path = settings_file(&config.watch).or(config.settings.clone());
-    let stored: Option<Value> = loaded
-        .settings
-        .as_deref()
-        .and_then(|s| serde_json::from_str(s).ok());
-    let earlier: Vec<String> = loaded
-        .domains
-        .iter()
-        .filter(|d| !d.removed && d.source.starts_with(SOURCE_PREFIX))
-        .map(|d| d.domain.clone())
-        .collect();
-    let table = DomainTable::from_store(epoch, loaded.seq, loaded.domains, loaded.clusters);
-    let domains = table.live();
-    let settings = EdgeSettings::parse(stored.as_ref()).map_err(settings_error)?;
-    config.envoy.filter(&settings)?;
-    config.envoy.clusters(&table.clusters())?;
-    let shared = Shared::start(store, table, config.envoy);
-    let api = Arc::new(Api {
-        shared,
-        settings: RwLock::new(Arc::new(settings)),
-        nodes: Nodes::default(),
-    });
-    if let Some(path) = &settings_path {
-        let document = read_settings(path).map_err(ControlError::Settings)?;
-        apply_settings(&api, Some(&document))?;
+        eprintln!(
+            "serve: {domains} domains from the store (epoch {epoch}) in {} ms",
+            started.elapsed().as_millis()
+        );
+        // The feed opens once a watched directory is in the store: a snapshot
+        // from a half-synced store would remove domains from the Envoys.
+        let watch = (!config.watch.is_empty()).then(|| {
+            let mut watch = DirectoryWatch::new(config.watch.clone(), taken, earlier);
+            watch.look(&api, runtime);
+            eprintln!(
+                "serve: {} domains after syncing the watched files ({} ms)",
+                api.shared.table().live(),
+                started.elapsed().as_millis()
+            );
+            watch
+        });
+        // The filter last: an Envoy that starts now has every policy's
+        // clusters, and its first poll gets every policy.
+        api.shared.envoy.filter(&api.current_settings())?;
+        Ok(Server {
+            api,
+            watch,
+            started,
+        })
     }
-    eprintln!(
-        "serve: {domains} domains from the store (epoch {epoch}) in {} ms",
-        started.elapsed().as_millis()
-    );
+
+    /// Serves on `listener` until `stop` completes.
+    pub async fn run(mut self, listener: tokio::net::TcpListener, stop: impl std::future::Future<Output = ()>) {
+        if let Some(mut watch) = self.watch.take() {
+            let watched = self.api.clone();
+            let handle = tokio::runtime::Handle::current();
+            std::thread::spawn(move || loop {
+                let listed = watch.look(&watched, &handle);
+                std::thread::sleep(WATCH_PERIOD.max(listed * 10));
+            });
+        }
+        eprintln!(
+            "serve: ready in {} ms",
+            self.started.elapsed().as_millis()
+        );
+        tokio::select! {
+            () = accept(self.api, listener) => {}
+            () = stop => {}
+        }
+    }
+}
+
+/// `origin-policy serve`: until Ctrl-C or SIGTERM.
+pub fn serve(config: ServeConfig) -> Result<(), ControlError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| ControlError::Io(format!("cannot start the runtime: {e}")))?;
-    let handle = runtime.handle().clone();
-    // The feed opens once a watched directory is in the store: a snapshot
-    // from a half-synced store would remove domains from the Envoys.
-    let mut watch = DirectoryWatch::new(config.watch.clone(), earlier);
-    if !config.watch.is_empty() {
-        watch.look(&api, &handle);
-        eprintln!(
-            "serve: {} domains after syncing {} ({} ms)",
-            api.shared.table().live(),
-            config
-                .watch
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            started.elapsed().as_millis()
-        );
-        let watched = api.clone();
-        std::thread::spawn(move || loop {
-            let listed = watch.look(&watched, &handle);
-            std::thread::sleep(WATCH_PERIOD.max(listed * 10));
-        });
-    }
     let listen = config.listen.clone();
+    let server = Server::open(config, runtime.handle())?;
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .map_err(|e| ControlError::Io(format!("--listen {listen}: {e}")))?;
-        eprintln!("serve: http://{listen}/v1/domains, feed at /changes");
-        tokio::select! {
-            () = accept(api, listener) => Ok(()),
-            () = stop_signal() => Ok(()),
-        }
+        eprintln!("serve: http://{listen}/v1/domains, the feed at /changes");
+        server.run(listener, stop_signal()).await;
+        Ok(())
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result

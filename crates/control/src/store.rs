@@ -18,6 +18,9 @@ const HISTORY: TableDefinition<(&str, u64), (u64, u64, &str, &str)> =
     TableDefinition::new("history");
 /// Cluster name -> the cluster as Envoy JSON.
 const CLUSTERS: TableDefinition<&str, &str> = TableDefinition::new("clusters");
+/// A watched file as last taken: path -> (size, modified in ns since the
+/// epoch, its domain). A restarted server checks only the files that changed.
+const WATCHED: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("watched");
 /// `epoch`, `seq` and `settings`.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
@@ -101,6 +104,7 @@ impl Store {
             txn.open_table(HISTORY).map_err(|e| store.err(e))?;
             txn.open_table(CLUSTERS).map_err(|e| store.err(e))?;
             txn.open_table(META).map_err(|e| store.err(e))?;
+            txn.open_table(WATCHED).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -213,6 +217,40 @@ impl Store {
                 table
                     .insert(name.as_str(), json.as_str())
                     .map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The watched files as last taken: (path, size, modified ns, domain).
+    pub fn watched(&self) -> Result<Vec<(String, u64, u64, String)>, ControlError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(WATCHED).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = row.map_err(|e| self.err(e))?;
+            let (size, modified, domain) = value.value();
+            out.push((key.value().to_owned(), size, modified, domain.to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Records watched files taken (path, size, modified ns, domain) and gone.
+    pub fn save_watched(
+        &self,
+        taken: &[(String, u64, u64, String)],
+        gone: &[String],
+    ) -> Result<(), ControlError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(WATCHED).map_err(|e| self.err(e))?;
+            for (path, size, modified, domain) in taken {
+                table
+                    .insert(path.as_str(), (*size, *modified, domain.as_str()))
+                    .map_err(|e| self.err(e))?;
+            }
+            for path in gone {
+                table.remove(path.as_str()).map_err(|e| self.err(e))?;
             }
         }
         txn.commit().map_err(|e| self.err(e))

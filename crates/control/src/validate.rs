@@ -2,7 +2,7 @@
 //! settings, as `check` and the filter would: what the store keeps and the
 //! clusters it needs, or the findings (domain, JSON pointer, fix).
 
-use origin_policy_engine::documents::{PolicyDocuments, SETTINGS_FILE};
+use origin_policy_engine::documents::{feed_policy, SETTINGS_FILE};
 use origin_policy_engine::report::diagnostic_json;
 use origin_policy_engine::{
     parse_json, parse_settings, Diagnostics, PolicyDiagnostic, Settings, Severity,
@@ -89,33 +89,13 @@ impl EdgeSettings {
                 "send one JSON object, the policy",
             )
         })?;
-        let documents = PolicyDocuments {
-            settings: Some(self.document.clone()),
-            policies: vec![(source.to_owned(), value)],
-            unreadable: Vec::new(),
-        };
-        let found = documents.feed_documents().map_err(|d| Refusal {
-            domain: domain.map(str::to_owned),
-            diagnostics: d.0,
+        let found = feed_policy(&self.settings, source, &value).map_err(|diagnostics| Refusal {
+            domain: domain.map(str::to_owned).or_else(|| {
+                diagnostics.iter().find_map(|d| d.domain.clone())
+            }),
+            diagnostics,
         })?;
-        let errors: Vec<PolicyDiagnostic> = found.diagnostics.errors().cloned().collect();
-        let Some((named, document)) = found.accepted.into_iter().next() else {
-            let diagnostics = if errors.is_empty() {
-                found.diagnostics.0
-            } else {
-                errors
-            };
-            return Err(Refusal {
-                domain: domain.map(str::to_owned).or(found.rejected.into_iter().next()),
-                diagnostics,
-            });
-        };
-        if !errors.is_empty() {
-            return Err(Refusal {
-                domain: Some(named),
-                diagnostics: errors,
-            });
-        }
+        let named = found.domain;
         if let Some(domain) = domain {
             if !named.eq_ignore_ascii_case(domain) {
                 return Err(Refusal::one(
@@ -135,7 +115,7 @@ impl EdgeSettings {
             .collect();
         Ok(ValidPolicy {
             domain: named,
-            document,
+            document: found.document,
             clusters,
         })
     }

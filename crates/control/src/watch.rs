@@ -5,7 +5,7 @@
 //! policy; a file that goes away removes its domain.
 
 use crate::api::Api;
-use crate::validate::EdgeSettings;
+use crate::validate::{EdgeSettings, ValidPolicy};
 use crate::writer::{Precondition, WriteOutcome, WriteRequest};
 use origin_policy_engine::documents::{DocumentKind, SETTINGS_FILE};
 use origin_policy_engine::parse_json;
@@ -63,14 +63,29 @@ pub fn settings_file(dirs: &[PathBuf]) -> Option<PathBuf> {
 const LOGGED_WRITES: usize = 50;
 
 impl DirectoryWatch {
-    pub fn new(dirs: Vec<PathBuf>, earlier: Vec<String>) -> Self {
-        DirectoryWatch {
+    /// `taken`: the files an earlier run took, as the store recorded them
+    /// (path, size, modified ns, domain); `earlier`: the domains watched
+    /// files wrote.
+    pub fn new(
+        dirs: Vec<PathBuf>,
+        taken: Vec<(String, u64, u64, String)>,
+        earlier: Vec<String>,
+    ) -> Self {
+        let mut watch = DirectoryWatch {
             dirs,
             seen: BTreeMap::new(),
             owner: HashMap::new(),
             file_of: HashMap::new(),
             earlier,
+        };
+        for (path, size, modified, domain) in taken {
+            let path = PathBuf::from(path);
+            let modified = UNIX_EPOCH + Duration::from_nanos(modified);
+            watch.seen.insert(path.clone(), (size, modified));
+            watch.file_of.insert(domain.clone(), path.clone());
+            watch.owner.insert(path, domain);
         }
+        watch
     }
 
     /// Looks once; returns how long listing took (the caller waits ten times
@@ -84,12 +99,13 @@ impl DirectoryWatch {
             .filter(|(p, s)| self.seen.get(*p) != Some(s))
             .map(|(p, _)| p.clone())
             .collect();
-        let gone: Vec<PathBuf> = self
+        let gone_paths: Vec<PathBuf> = self
             .seen
             .keys()
             .filter(|p| !now.contains_key(*p))
             .cloned()
             .collect();
+        let gone = &gone_paths;
         self.seen = now;
         // The settings first: the policies are checked under them.
         for path in &changed {
@@ -98,17 +114,19 @@ impl DirectoryWatch {
             }
         }
         let settings = api.current_settings();
+        let policies: Vec<&PathBuf> = changed
+            .iter()
+            .filter(|p| DocumentKind::of(&p.to_string_lossy()) == DocumentKind::Policy)
+            .collect();
         let mut writes = Vec::new();
         let mut orphans = Vec::new();
-        for path in &changed {
-            if DocumentKind::of(&path.to_string_lossy()) == DocumentKind::Policy {
-                if let Some(request) = self.checked(&settings, path, &mut orphans) {
-                    writes.push(request);
-                }
+        for (path, checked) in check_files(&settings, &policies) {
+            if let Some(request) = self.taken(path, checked, &mut orphans) {
+                writes.push(request);
             }
         }
         for path in gone {
-            if let Some(domain) = self.owner.remove(&path) {
+            if let Some(domain) = self.owner.remove(path) {
                 self.file_of.remove(&domain);
                 orphans.push(domain);
             }
@@ -129,7 +147,28 @@ impl DirectoryWatch {
         if !writes.is_empty() {
             self.write(api, runtime, writes);
         }
+        self.remember(api, &changed, &gone_paths);
         listed
+    }
+
+    /// Records the files taken, so that a restart checks only what changed.
+    fn remember(&self, api: &Api, changed: &[PathBuf], gone: &[PathBuf]) {
+        let taken: Vec<(String, u64, u64, String)> = changed
+            .iter()
+            .filter_map(|p| {
+                let (size, modified) = self.seen.get(p)?;
+                let domain = self.owner.get(p)?;
+                let ns = modified.duration_since(UNIX_EPOCH).ok()?.as_nanos() as u64;
+                Some((p.to_string_lossy().into_owned(), *size, ns, domain.clone()))
+            })
+            .collect();
+        let gone: Vec<String> = gone.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        if taken.is_empty() && gone.is_empty() {
+            return;
+        }
+        if let Err(e) = api.shared.store.save_watched(&taken, &gone) {
+            eprintln!("serve: {e}: the next start checks every watched file again");
+        }
     }
 
     fn write(&self, api: &Api, runtime: &tokio::runtime::Handle, writes: Vec<WriteRequest>) {
@@ -166,29 +205,18 @@ impl DirectoryWatch {
         }
     }
 
-    /// A changed file checked: the write it makes, if it passes.
-    fn checked(
+    /// A changed file checked: the write it makes, if it passed.
+    fn taken(
         &mut self,
-        settings: &EdgeSettings,
         path: &PathBuf,
+        checked: Result<ValidPolicy, String>,
         orphans: &mut Vec<String>,
     ) -> Option<WriteRequest> {
         let shown = path.display().to_string();
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("serve: {shown}: cannot read: {e}");
-                return None;
-            }
-        };
-        let policy = match settings.validate(&shown, None, &bytes) {
+        let policy = match checked {
             Ok(p) => p,
-            Err(refusal) => {
-                let domain = refusal.domain.as_deref().unwrap_or("(no domain)");
-                eprintln!(
-                    "serve: {domain}: rejected ({shown}); it keeps its last published policy\n{}",
-                    refusal.text()
-                );
+            Err(why) => {
+                eprintln!("serve: {why}");
                 return None;
             }
         };
@@ -214,6 +242,48 @@ impl DirectoryWatch {
             precondition: Precondition::None,
         })
     }
+}
+
+/// Reads and checks files, on every core when there are many (the first
+/// look at a large directory).
+fn check_files<'p>(
+    settings: &EdgeSettings,
+    paths: &[&'p PathBuf],
+) -> Vec<(&'p PathBuf, Result<ValidPolicy, String>)> {
+    let check = |path: &'p PathBuf| {
+        let shown = path.display().to_string();
+        let checked = match std::fs::read(path) {
+            Ok(bytes) => settings.validate(&shown, None, &bytes).map_err(|refusal| {
+                let domain = refusal.domain.as_deref().unwrap_or("(no domain)");
+                format!(
+                    "{domain}: rejected ({shown}); it keeps its last published policy\n{}",
+                    refusal.text()
+                )
+            }),
+            Err(e) => Err(format!("{shown}: cannot read: {e}")),
+        };
+        (path, checked)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if paths.len() < 256 || threads < 2 {
+        return paths.iter().map(|p| check(p)).collect();
+    }
+    let chunk = paths.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = paths
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|p| check(p)).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    eprintln!("serve: a file check stopped; those files are checked at the next change");
+                    Vec::new()
+                })
+            })
+            .collect()
+    })
 }
 
 /// The settings document at `path`, parsed.

@@ -147,8 +147,6 @@ pub struct FeedDocuments {
     /// Domains whose document was rejected: they keep what was published.
     pub rejected: Vec<String>,
     pub diagnostics: Diagnostics,
-    /// The clusters the accepted policies need.
-    pub clusters: crate::clusters::DerivedClusters,
 }
 
 impl PolicyDocuments {
@@ -178,13 +176,50 @@ impl PolicyDocuments {
             })
             .collect();
         Ok(FeedDocuments {
-            clusters: compiled.set.derived_clusters(),
             settings_document: self.settings.clone().unwrap_or_else(|| json!({})),
             settings: compiled.set.settings.clone(),
             accepted,
             rejected,
             diagnostics,
         })
+    }
+}
+
+/// One policy as a feed publishes it, checked on its own.
+#[derive(Debug, Clone)]
+pub struct FeedPolicy {
+    /// The domain, as the feed names it (`*.` for a wildcard, ASCII).
+    pub domain: String,
+    /// The compact document, host names in ASCII.
+    pub document: String,
+    /// The clusters it needs.
+    pub clusters: crate::clusters::DerivedClusters,
+}
+
+/// Checks one policy under `settings`, as the filter would: what a feed
+/// publishes for its domain, or every finding (domain, JSON pointer, fix).
+/// A control plane calls this per write, so that a change to one domain
+/// costs one policy's check, whatever the number of domains.
+pub fn feed_policy(
+    settings: &crate::Settings,
+    source: &str,
+    document: &Value,
+) -> Result<FeedPolicy, Vec<PolicyDiagnostic>> {
+    let sources = [PolicySource {
+        source: source.to_owned(),
+        document,
+    }];
+    let compiled = PolicySet::compile(settings.clone(), &sources, None);
+    let errors: Vec<PolicyDiagnostic> = compiled.diagnostics.errors().cloned().collect();
+    let policy = compiled.set.index.policies().next();
+    match policy {
+        Some(policy) if errors.is_empty() && compiled.unresolved.is_empty() => Ok(FeedPolicy {
+            domain: policy.policy.domain.display_name(),
+            document: names_in_ascii(source, document).to_string(),
+            clusters: compiled.set.derived_clusters(),
+        }),
+        _ if errors.is_empty() => Err(compiled.diagnostics.0),
+        _ => Err(errors),
     }
 }
 
