@@ -61,7 +61,7 @@ fn take_settings(api: &Api, document: Option<&Value>) -> Result<(), ControlError
     }
     let shared = &api.shared;
     let live = shared.table().live_domains();
-    let mut clusters: HashMap<String, Value> = HashMap::new();
+    let mut clusters: HashMap<String, String> = HashMap::new();
     let mut refused = Vec::new();
     for chunk in live.chunks(10_000) {
         let wanted: Vec<(&str, u64)> = chunk.iter().map(|(d, r)| (d.as_str(), *r)).collect();
@@ -79,10 +79,7 @@ fn take_settings(api: &Api, document: Option<&Value>) -> Result<(), ControlError
             refused.join("\n")
         )));
     }
-    let set: Vec<(String, String)> = clusters
-        .into_iter()
-        .map(|(n, v)| (n, v.to_string()))
-        .collect();
+    let set: Vec<(String, String)> = clusters.into_iter().collect();
     shared.envoy.clusters(
         &set.iter()
             .map(|(_, j)| Arc::from(j.as_str()))

@@ -18,12 +18,12 @@ pub struct EdgeSettings {
 }
 
 /// A policy that passed: its domain, its document as the feed sends it
-/// (compact, host names in ASCII) and the clusters it needs.
+/// (compact, host names in ASCII) and the clusters it needs (name, Envoy JSON).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidPolicy {
     pub domain: String,
     pub document: String,
-    pub clusters: Vec<(String, Value)>,
+    pub clusters: Vec<(String, String)>,
 }
 
 /// Why a policy was refused: every finding.
@@ -111,7 +111,7 @@ impl EdgeSettings {
             .clusters
             .envoy_resources(&self.settings)
             .into_iter()
-            .filter_map(|c| Some((c["name"].as_str()?.to_owned(), c)))
+            .filter_map(|c| Some((c["name"].as_str()?.to_owned(), c.to_string())))
             .collect();
         Ok(ValidPolicy {
             domain: named,
