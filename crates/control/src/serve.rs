@@ -18,9 +18,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How often watched directories are looked at, at least.
-const WATCH_PERIOD: Duration = Duration::from_millis(200);
-
 pub struct ServeConfig {
     /// The store's directory.
     pub store: PathBuf,
@@ -195,13 +192,10 @@ impl Server {
 
     /// Serves on `listener` until `stop` completes.
     pub async fn run(mut self, listener: tokio::net::TcpListener, stop: impl std::future::Future<Output = ()>) {
-        if let Some(mut watch) = self.watch.take() {
+        if let Some(watch) = self.watch.take() {
             let watched = self.api.clone();
             let handle = tokio::runtime::Handle::current();
-            std::thread::spawn(move || loop {
-                let listed = watch.look(&watched, &handle);
-                std::thread::sleep(WATCH_PERIOD.max(listed * 10));
-            });
+            std::thread::spawn(move || crate::watch::follow(watch, watched, handle));
         }
         eprintln!(
             "serve: ready in {} ms",

@@ -1,8 +1,10 @@
-//! `serve --watch DIR`: a policy directory as a source. Each look lists the
-//! files with their size and modification time; only the files that changed
-//! are read and checked, each on its own, and written like an API write
-//! (source `watch:FILE`). A file that is refused keeps its domain's last good
-//! policy; a file that goes away removes its domain.
+//! `serve --watch DIR`: a policy directory as a source. The kernel says which
+//! files changed (inotify, through `notify`), and only those are looked at;
+//! a full look lists every file with its size and modification time, at
+//! start and every [`FULL_LOOK`] in case an event was lost. Only the files
+//! that changed are read and checked, each on its own, and written like an
+//! API write (source `watch:FILE`). A file that is refused keeps its
+//! domain's last good policy; a file that goes away removes its domain.
 
 use crate::api::Api;
 use crate::validate::{EdgeSettings, ValidPolicy};
@@ -11,7 +13,14 @@ use origin_policy_engine::documents::{DocumentKind, SETTINGS_FILE};
 use origin_policy_engine::parse_json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How often every file is listed, besides the events.
+pub const FULL_LOOK: Duration = Duration::from_secs(30);
+/// Events this close together are taken in one look (an editor's save is
+/// several).
+const SETTLE: Duration = Duration::from_millis(20);
 
 /// The source of a write from a watched file.
 pub const SOURCE_PREFIX: &str = "watch:";
@@ -88,8 +97,8 @@ impl DirectoryWatch {
         watch
     }
 
-    /// Looks once; returns how long listing took (the caller waits ten times
-    /// that before the next look, so a large directory costs a tenth of a core).
+    /// Lists every file and takes what changed since the last look;
+    /// returns how long listing took.
     pub fn look(&mut self, api: &Api, runtime: &tokio::runtime::Handle) -> Duration {
         let started = std::time::Instant::now();
         let now = listing(&self.dirs);
@@ -99,16 +108,58 @@ impl DirectoryWatch {
             .filter(|(p, s)| self.seen.get(*p) != Some(s))
             .map(|(p, _)| p.clone())
             .collect();
-        let gone_paths: Vec<PathBuf> = self
+        let gone: Vec<PathBuf> = self
             .seen
             .keys()
             .filter(|p| !now.contains_key(*p))
             .cloned()
             .collect();
-        let gone = &gone_paths;
         self.seen = now;
+        self.take(api, runtime, &changed, &gone);
+        listed
+    }
+
+    /// Looks at the files an event named only: what a one-file edit costs,
+    /// whatever the number of files.
+    pub fn look_at(&mut self, api: &Api, runtime: &tokio::runtime::Handle, paths: &[PathBuf]) {
+        let mut changed = Vec::new();
+        let mut gone = Vec::new();
+        for path in paths {
+            let watched = path.extension().is_some_and(|x| x == "json")
+                && path.parent().is_some_and(|d| self.dirs.iter().any(|w| w == d));
+            if !watched {
+                continue;
+            }
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_file() => {
+                    let seen = (meta.len(), meta.modified().unwrap_or(UNIX_EPOCH));
+                    if self.seen.insert(path.clone(), seen) != Some(seen) {
+                        changed.push(path.clone());
+                    }
+                }
+                _ => {
+                    if self.seen.remove(path).is_some() {
+                        gone.push(path.clone());
+                    }
+                }
+            }
+        }
+        if !changed.is_empty() || !gone.is_empty() {
+            self.take(api, runtime, &changed, &gone);
+        }
+    }
+
+    /// Checks the changed files and writes what passed; removes the domains
+    /// of files gone.
+    fn take(
+        &mut self,
+        api: &Api,
+        runtime: &tokio::runtime::Handle,
+        changed: &[PathBuf],
+        gone: &[PathBuf],
+    ) {
         // The settings first: the policies are checked under them.
-        for path in &changed {
+        for path in changed {
             if DocumentKind::of(&path.to_string_lossy()) == DocumentKind::Settings {
                 crate::serve::reload_settings(api, path);
             }
@@ -147,8 +198,7 @@ impl DirectoryWatch {
         if !writes.is_empty() {
             self.write(api, runtime, writes);
         }
-        self.remember(api, &changed, &gone_paths);
-        listed
+        self.remember(api, changed, gone);
     }
 
     /// Records the files taken, so that a restart checks only what changed.
@@ -290,4 +340,55 @@ fn check_files<'p>(
 pub fn read_settings(path: &PathBuf) -> Result<serde_json::Value, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     parse_json(&bytes).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
+}
+
+/// Watches until the process ends: events as they come, a full look every
+/// [`FULL_LOOK`] (ten times the time a listing takes, when that is longer).
+pub fn follow(mut watch: DirectoryWatch, api: Arc<Api>, runtime: tokio::runtime::Handle) {
+    let (events, received) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
+    let watcher = notify::recommended_watcher(events).and_then(|mut w| {
+        use notify::Watcher as _;
+        for dir in &watch.dirs {
+            w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        }
+        Ok(w)
+    });
+    let mut full_look = FULL_LOOK;
+    if let Err(e) = &watcher {
+        full_look = Duration::from_secs(1);
+        eprintln!("serve: no file events ({e}); the watched files are listed every second");
+    }
+    let mut next_full = std::time::Instant::now() + full_look;
+    loop {
+        let wait = next_full.saturating_duration_since(std::time::Instant::now());
+        match received.recv_timeout(wait) {
+            Ok(first) => {
+                let mut paths = Vec::new();
+                let mut lost = false;
+                let mut take = |event: notify::Result<notify::Event>| match event {
+                    Ok(event) => paths.extend(event.paths),
+                    Err(_) => lost = true,
+                };
+                take(first);
+                std::thread::sleep(SETTLE);
+                while let Ok(more) = received.try_recv() {
+                    take(more);
+                }
+                if lost {
+                    next_full = std::time::Instant::now();
+                }
+                paths.sort();
+                paths.dedup();
+                watch.look_at(&api, &runtime, &paths);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let listed = watch.look(&api, &runtime);
+                next_full = std::time::Instant::now() + full_look.max(listed * 10);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(full_look);
+                watch.look(&api, &runtime);
+            }
+        }
+    }
 }
