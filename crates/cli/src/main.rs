@@ -1,10 +1,10 @@
 //! `origin-policy` command line: check, explain and bundle policy files;
 //! mirror a domain's primary origin into its secondary.
 
-use origin_policy_control::admin;
 use origin_policy_cli::explain_text;
 use origin_policy_cli::files::{ecds_resource, read_paths, write_atomically, NETWORKS_FILE};
 use origin_policy_cli::mirror;
+use origin_policy_control::admin;
 use origin_policy_engine::documents::PolicyDocuments;
 use origin_policy_engine::report::{diagnostic_json, outcome_json, request_from_url};
 use origin_policy_engine::{fingerprint, Diagnostics, PolicySet};

@@ -43,6 +43,42 @@ fn error(status: StatusCode, kind: &str, message: String) -> Answer {
     respond(status, &json!({"error": kind, "message": message}))
 }
 
+/// A request the API cannot take: its status, kind and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: String) -> Self {
+        ApiError {
+            status,
+            kind,
+            message,
+        }
+    }
+
+    fn response(&self) -> Answer {
+        error(self.status, self.kind, self.message.clone())
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.kind,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 fn with_etag(mut r: Answer, revision: u64) -> Answer {
     if let Ok(v) = HeaderValue::from_str(&format!("\"{revision}\"")) {
         r.headers_mut().insert(ETAG, v);
@@ -75,7 +111,7 @@ fn flag(query: &str, name: &str) -> bool {
 }
 
 /// A domain as the API's path names it: lower case, `*.` for a wildcard.
-fn path_domain(text: &str) -> Result<String, Answer> {
+fn path_domain(text: &str) -> Result<String, ApiError> {
     let decoded = text.replace("%2A", "*").replace("%2a", "*");
     let valid = !decoded.is_empty()
         && decoded.len() <= 253
@@ -85,7 +121,7 @@ fn path_domain(text: &str) -> Result<String, Answer> {
     if valid {
         Ok(decoded.to_ascii_lowercase())
     } else {
-        Err(error(
+        Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_domain",
             format!("{text:?} is not a domain name (write IDNs in their ASCII form, xn--)"),
@@ -94,7 +130,7 @@ fn path_domain(text: &str) -> Result<String, Answer> {
 }
 
 /// `If-Match: "N"` / `If-None-Match: *`.
-fn precondition(request: &Request<Incoming>) -> Result<Precondition, Answer> {
+fn precondition(request: &Request<Incoming>) -> Result<Precondition, ApiError> {
     let headers = request.headers();
     if let Some(value) = headers.get("if-match") {
         let text = value.to_str().unwrap_or_default().trim();
@@ -107,7 +143,7 @@ fn precondition(request: &Request<Incoming>) -> Result<Precondition, Answer> {
             .parse()
             .map(Precondition::Revision)
             .map_err(|_| {
-                error(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_precondition",
                     format!("If-Match {text:?}: send the ETag a GET answered, e.g. \"3\""),
@@ -116,7 +152,7 @@ fn precondition(request: &Request<Incoming>) -> Result<Precondition, Answer> {
     }
     match headers.get("if-none-match").map(|v| v.as_bytes()) {
         Some(b"*") => Ok(Precondition::Absent),
-        Some(_) => Err(error(
+        Some(_) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_precondition",
             "If-None-Match: only * (create, never replace) is understood".to_owned(),
@@ -125,10 +161,10 @@ fn precondition(request: &Request<Incoming>) -> Result<Precondition, Answer> {
     }
 }
 
-async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Answer> {
+async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(error(
+        Err(e) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body",
             format!("the request body could not be read ({e}); at most {limit} bytes"),
@@ -192,7 +228,7 @@ impl Api {
             (_, ["v1", "domains", domain, rest @ ..]) => {
                 let domain = match path_domain(domain) {
                     Ok(d) => d,
-                    Err(answer) => return answer,
+                    Err(e) => return e.response(),
                 };
                 match (&method, rest) {
                     (&Method::GET, []) => self.get(&domain, &query),
@@ -247,7 +283,11 @@ impl Api {
                     epoch: table.epoch,
                     ..Default::default()
                 };
-                (StatusCode::NO_CONTENT, feed::page_headers(&idle), String::new())
+                (
+                    StatusCode::NO_CONTENT,
+                    feed::page_headers(&idle),
+                    String::new(),
+                )
             }
         };
         let mut r = Response::new(Full::new(Bytes::from(text)));
@@ -275,7 +315,10 @@ impl Api {
                     .into_iter()
                     .map(|(domain, revision)| json!({"domain": domain, "revision": revision}))
                     .collect();
-                respond(StatusCode::OK, &json!({"domains": domains, "next": next.flatten()}))
+                respond(
+                    StatusCode::OK,
+                    &json!({"domains": domains, "next": next.flatten()}),
+                )
             }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
         }
@@ -285,7 +328,11 @@ impl Api {
         let wanted = match query_value(query, "revision").map(str::parse::<u64>) {
             Some(Ok(r)) => Some(r),
             Some(Err(_)) => {
-                return error(StatusCode::BAD_REQUEST, "bad_revision", "revision=N, a number".to_owned())
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_revision",
+                    "revision=N, a number".to_owned(),
+                )
             }
             None => None,
         };
@@ -293,7 +340,13 @@ impl Api {
         let revision = match (wanted, &current) {
             (Some(r), _) => r,
             (None, Some(c)) if !c.removed => c.revision,
-            _ => return error(StatusCode::NOT_FOUND, "not_found", format!("{domain} has no policy")),
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("{domain} has no policy"),
+                )
+            }
         };
         match self.shared.store.revision(domain, revision) {
             Ok(Some(found)) if !found.document.is_empty() => {
@@ -313,9 +366,11 @@ impl Api {
 
     fn history(&self, domain: &str) -> Answer {
         match self.shared.store.history(domain) {
-            Ok(revisions) if revisions.is_empty() => {
-                error(StatusCode::NOT_FOUND, "not_found", format!("{domain} was never written"))
-            }
+            Ok(revisions) if revisions.is_empty() => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{domain} was never written"),
+            ),
             Ok(revisions) => {
                 let list: Vec<Value> = revisions
                     .iter()
@@ -324,7 +379,10 @@ impl Api {
                         json!({"revision": r.revision, "version": r.seq, "at_ms": r.at_ms, "source": r.source, "removed": r.document.is_empty()})
                     })
                     .collect();
-                respond(StatusCode::OK, &json!({"domain": domain, "revisions": list}))
+                respond(
+                    StatusCode::OK,
+                    &json!({"domain": domain, "revisions": list}),
+                )
             }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
         }
@@ -333,11 +391,11 @@ impl Api {
     async fn put(&self, request: Request<Incoming>, domain: &str, query: &str) -> Answer {
         let precondition = match precondition(&request) {
             Ok(p) => p,
-            Err(answer) => return answer,
+            Err(e) => return e.response(),
         };
         let bytes = match body(request, MAX_POLICY_BYTES).await {
             Ok(b) => b,
-            Err(answer) => return answer,
+            Err(e) => return e.response(),
         };
         let policy = match self.settings().validate("api", Some(domain), &bytes) {
             Ok(p) => p,
@@ -365,7 +423,7 @@ impl Api {
     async fn delete(&self, request: &Request<Incoming>, domain: &str) -> Answer {
         let precondition = match precondition(request) {
             Ok(p) => p,
-            Err(answer) => return answer,
+            Err(e) => return e.response(),
         };
         let request = WriteRequest {
             domain: domain.to_owned(),
@@ -384,11 +442,11 @@ impl Api {
     async fn rollback(&self, request: Request<Incoming>, domain: &str, query: &str) -> Answer {
         let precondition = match precondition(&request) {
             Ok(p) => p,
-            Err(answer) => return answer,
+            Err(e) => return e.response(),
         };
         let bytes = match body(request, 4096).await {
             Ok(b) => b,
-            Err(answer) => return answer,
+            Err(e) => return e.response(),
         };
         let to = serde_json::from_slice::<Value>(&bytes)
             .ok()
@@ -397,26 +455,38 @@ impl Api {
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_rollback",
-                "send {\"revision\": N}, a revision GET /v1/domains/DOMAIN/history lists".to_owned(),
+                "send {\"revision\": N}, a revision GET /v1/domains/DOMAIN/history lists"
+                    .to_owned(),
             );
         };
         let earlier = match self.shared.store.revision(domain, to) {
             Ok(Some(r)) => r,
             Ok(None) => {
-                return error(StatusCode::NOT_FOUND, "not_found", format!("{domain} has no revision {to}"))
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("{domain} has no revision {to}"),
+                )
             }
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
         };
         let policy = if earlier.document.is_empty() {
             None
         } else {
-            match self.settings().validate(&format!("rollback:{to}"), Some(domain), earlier.document.as_bytes()) {
+            match self.settings().validate(
+                &format!("rollback:{to}"),
+                Some(domain),
+                earlier.document.as_bytes(),
+            ) {
                 Ok(p) => Some(p),
                 Err(refusal) => return refused(&refusal),
             }
         };
         if flag(query, "dry_run") {
-            return respond(StatusCode::OK, &json!({"domain": domain, "valid": true, "dry_run": true, "revision": to}));
+            return respond(
+                StatusCode::OK,
+                &json!({"domain": domain, "valid": true, "dry_run": true, "revision": to}),
+            );
         }
         let request = WriteRequest {
             domain: domain.to_owned(),
@@ -435,7 +505,7 @@ impl Api {
     async fn import(&self, request: Request<Incoming>, query: &str) -> Answer {
         let bytes = match body(request, MAX_IMPORT_BYTES).await {
             Ok(b) => b,
-            Err(answer) => return answer,
+            Err(e) => return e.response(),
         };
         let settings = self.settings();
         let mut writes = Vec::new();
@@ -474,7 +544,9 @@ impl Api {
                     unchanged += 1;
                     version = version.max(seq);
                 }
-                Err(refusal) => rejected.push(json!({"domain": domain, "error": refusal.to_string()})),
+                Err(refusal) => {
+                    rejected.push(json!({"domain": domain, "error": refusal.to_string()}))
+                }
             }
         }
         let status = if rejected.is_empty() {

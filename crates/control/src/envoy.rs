@@ -83,7 +83,10 @@ impl EnvoyConfig for EnvoyFiles {
         let networks = settings.settings.origin_networks.ecds_resource();
         self.write(NETWORKS_FILE, &format!("{networks:#}"))?;
         let config = json!({"settings": settings.document, "delivery": "feed"}).to_string();
-        self.write(FILTER_FILE, &format!("{:#}", ecds_resource(&config, &self.wasm)))?;
+        self.write(
+            FILTER_FILE,
+            &format!("{:#}", ecds_resource(&config, &self.wasm)),
+        )?;
         Ok(())
     }
 }

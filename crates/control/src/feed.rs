@@ -49,7 +49,9 @@ pub struct Nodes(Mutex<BTreeMap<String, NodeReport>>);
 
 impl Nodes {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NodeReport>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records what a poll says about its Envoy.
@@ -110,7 +112,10 @@ pub async fn answer(shared: &Shared, poll: &Poll) -> Result<Option<FeedPage>, St
             .map_err(|e| e.to_string())?;
         let page = &plan.page;
         if page.entries > 0 || page.reset || page.version != poll.since {
-            return plan.render(&shared.store).map(Some).map_err(|e| e.to_string());
+            return plan
+                .render(&shared.store)
+                .map(Some)
+                .map_err(|e| e.to_string());
         }
         match tokio::time::timeout_at(deadline, published.changed()).await {
             Ok(Ok(())) => continue,

@@ -100,7 +100,10 @@ pub fn reload_settings(api: &Api, path: &PathBuf) {
         .and_then(|doc| apply_settings(api, Some(&doc)));
     match outcome {
         Ok(()) => eprintln!("serve: {}: settings applied", path.display()),
-        Err(e) => eprintln!("serve: {}: {e}; the edge keeps its settings", path.display()),
+        Err(e) => eprintln!(
+            "serve: {}: {e}; the edge keeps its settings",
+            path.display()
+        ),
     }
 }
 
@@ -120,7 +123,10 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn open(config: ServeConfig, runtime: &tokio::runtime::Handle) -> Result<Server, ControlError> {
+    pub fn open(
+        config: ServeConfig,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Server, ControlError> {
         let started = std::time::Instant::now();
         let store = Store::open(&config.store)?;
         let loaded = store.load()?;
@@ -191,16 +197,17 @@ impl Server {
     }
 
     /// Serves on `listener` until `stop` completes.
-    pub async fn run(mut self, listener: tokio::net::TcpListener, stop: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        listener: tokio::net::TcpListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         if let Some(watch) = self.watch.take() {
             let watched = self.api.clone();
             let handle = tokio::runtime::Handle::current();
             std::thread::spawn(move || crate::watch::follow(watch, watched, handle));
         }
-        eprintln!(
-            "serve: ready in {} ms",
-            self.started.elapsed().as_millis()
-        );
+        eprintln!("serve: ready in {} ms", self.started.elapsed().as_millis());
         tokio::select! {
             () = accept(self.api, listener) => {}
             () = stop => {}

@@ -207,7 +207,12 @@ impl Store {
                 history
                     .insert(
                         (put.domain.as_str(), put.revision),
-                        (put.seq, put.at_ms, put.source.as_str(), put.document.as_str()),
+                        (
+                            put.seq,
+                            put.at_ms,
+                            put.source.as_str(),
+                            put.document.as_str(),
+                        ),
                     )
                     .map_err(|e| self.err(e))?;
             }

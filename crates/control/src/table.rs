@@ -204,11 +204,8 @@ impl DomainTable {
             };
             self.insert(Arc::from(write.domain), entry);
         }
-        self.retired.retain(|n| {
-            self.clusters
-                .get(n)
-                .is_some_and(|c| c.users == 0)
-        });
+        self.retired
+            .retain(|n| self.clusters.get(n).is_some_and(|c| c.users == 0));
         self.seq = seq;
     }
 
@@ -224,7 +221,11 @@ impl DomainTable {
     /// Forgets clusters Envoy no longer has.
     pub fn drop_clusters(&mut self, names: &[String]) {
         for name in names {
-            if self.clusters.get(name.as_str()).is_some_and(|c| c.users == 0) {
+            if self
+                .clusters
+                .get(name.as_str())
+                .is_some_and(|c| c.users == 0)
+            {
                 self.clusters.remove(name.as_str());
             }
         }
@@ -498,7 +499,11 @@ mod tests {
         assert!(!second.more && !second.reset && second.version == 7);
         assert_eq!(
             lines(&second),
-            vec!["d3.example\t{}", "d4.example\t{}", "d1.example\t{\"again\":1}"]
+            vec![
+                "d3.example\t{}",
+                "d4.example\t{}",
+                "d1.example\t{\"again\":1}"
+            ]
         );
         let removal = f.page(5, 6, 10);
         assert_eq!(lines(&removal), vec!["d0.example\t"]);
@@ -511,8 +516,8 @@ mod tests {
         f.write("b.example", "{\"v\":1}"); // 2
         f.write("a.example", "{\"v\":2}"); // 3
         f.write("c.example", "{\"v\":1}"); // 4
-        // A node at 1 whose target is 2 (the stable version): a's first revision
-        // it has; b it lacks; nothing written after 2.
+                                           // A node at 1 whose target is 2 (the stable version): a's first revision
+                                           // it has; b it lacks; nothing written after 2.
         assert_eq!(lines(&f.page(1, 2, 10)), vec!["b.example\t{\"v\":1}"]);
         // A snapshot as of 2, although a and b were written again since.
         let snapshot = f.page(0, 2, 10);

@@ -67,7 +67,9 @@ impl EdgeSettings {
     pub fn parse(document: Option<&Value>) -> Result<EdgeSettings, Diagnostics> {
         let settings = parse_settings(SETTINGS_FILE, document).map_err(Diagnostics)?;
         Ok(EdgeSettings {
-            document: document.cloned().unwrap_or_else(|| Value::Object(Default::default())),
+            document: document
+                .cloned()
+                .unwrap_or_else(|| Value::Object(Default::default())),
             settings,
         })
     }
@@ -90,9 +92,9 @@ impl EdgeSettings {
             )
         })?;
         let found = feed_policy(&self.settings, source, &value).map_err(|diagnostics| Refusal {
-            domain: domain.map(str::to_owned).or_else(|| {
-                diagnostics.iter().find_map(|d| d.domain.clone())
-            }),
+            domain: domain
+                .map(str::to_owned)
+                .or_else(|| diagnostics.iter().find_map(|d| d.domain.clone())),
             diagnostics,
         })?;
         let named = found.domain;
@@ -145,8 +147,15 @@ mod tests {
         let Err(refusal) = settings().validate("api", Some("www.example.com"), doc) else {
             unreachable!("port 99999 accepted")
         };
-        assert!(refusal.findings().iter().any(|f| f["path"] == "/primary/port"));
-        let Err(other) = settings().validate("api", Some("img.example.com"), br#"{"domain": "www.example.com", "primary": {"address": "origin.example.net"}}"#) else {
+        assert!(refusal
+            .findings()
+            .iter()
+            .any(|f| f["path"] == "/primary/port"));
+        let Err(other) = settings().validate(
+            "api",
+            Some("img.example.com"),
+            br#"{"domain": "www.example.com", "primary": {"address": "origin.example.net"}}"#,
+        ) else {
             unreachable!("written to another domain's path")
         };
         assert_eq!(other.findings()[0]["path"], "/domain");

@@ -126,7 +126,9 @@ impl DirectoryWatch {
         let mut gone = Vec::new();
         for path in paths {
             let watched = path.extension().is_some_and(|x| x == "json")
-                && path.parent().is_some_and(|d| self.dirs.iter().any(|w| w == d));
+                && path
+                    .parent()
+                    .is_some_and(|d| self.dirs.iter().any(|w| w == d));
             if !watched {
                 continue;
             }
@@ -212,7 +214,10 @@ impl DirectoryWatch {
                 Some((p.to_string_lossy().into_owned(), *size, ns, domain.clone()))
             })
             .collect();
-        let gone: Vec<String> = gone.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let gone: Vec<String> = gone
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
         if taken.is_empty() && gone.is_empty() {
             return;
         }
@@ -328,7 +333,9 @@ fn check_files<'p>(
             .into_iter()
             .flat_map(|w| {
                 w.join().unwrap_or_else(|_| {
-                    eprintln!("serve: a file check stopped; those files are checked at the next change");
+                    eprintln!(
+                        "serve: a file check stopped; those files are checked at the next change"
+                    );
                     Vec::new()
                 })
             })

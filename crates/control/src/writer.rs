@@ -274,7 +274,10 @@ fn commit_batch(shared: &Shared, batch: Vec<(WriteRequest, Reply)>) {
     }
     if let Some(set) = cluster_set {
         if let Err(e) = shared.envoy.clusters(&set) {
-            return failed(format!("{e}; the policies that need new clusters were not written"), decided);
+            return failed(
+                format!("{e}; the policies that need new clusters were not written"),
+                decided,
+            );
         }
         commit.clusters_dropped = dropped;
     }
@@ -302,7 +305,9 @@ fn commit_batch(shared: &Shared, batch: Vec<(WriteRequest, Reply)>) {
 impl std::fmt::Display for WriteRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            WriteRefused::Stale { current: Some(r) } => write!(f, "stale: the domain is at revision {r}"),
+            WriteRefused::Stale { current: Some(r) } => {
+                write!(f, "stale: the domain is at revision {r}")
+            }
             WriteRefused::Stale { current: None } => f.write_str("stale: the domain has no policy"),
             WriteRefused::NotFound => f.write_str("the domain has no policy"),
             WriteRefused::Failed(why) => f.write_str(why),
