@@ -3,7 +3,7 @@ way origins are reached.
 
 For each size N, shape and way, the script writes N synthetic policies,
 serves them to the shipped edge (deploy/envoy/edge.yaml, --concurrency 2)
-per domain with `origin-policy feed` (or, with `--delivery inline`, as one
+per domain with `origin-policy serve --watch` (or, with `--delivery inline`, as one
 `origin-policy bundle` document) and measures:
 
 - the clusters derived and the size of the CDS file; the time the feed (or
@@ -152,7 +152,7 @@ def feed_version() -> int:
 
 def write_then(policies: Path, name: str, doc: dict, feed: bool) -> tuple[float, float]:
     """Writes one policy and has it accepted: bundled (inline), or published
-    by `origin-policy feed` (its version moves). Returns (accepted after,
+    by `origin-policy serve` (its version moves). Returns (accepted after,
     accepted at)."""
     started = time.monotonic()
     if feed:
@@ -297,7 +297,7 @@ def main() -> int:
     parser.add_argument("--shapes", default="distinct,secondary,shared")
     parser.add_argument("--reach", default="clusters,direct")
     parser.add_argument("--delivery", default="feed", choices=["feed", "inline"],
-                        help="policies per domain from `origin-policy feed`, or the one-document bundle")
+                        help="policies per domain from `origin-policy serve`, or the one-document bundle")
     parser.add_argument("--deferred-stats", default="off",
                         help="off, on or off,on: deferred_stat_options.enable_deferred_creation_stats "
                              "(a cluster's traffic stats made on its first use)")
