@@ -404,6 +404,10 @@ impl AdsStream {
         } else if stream.nonce.as_deref() == Some(request.response_nonce.as_str()) {
             match request.error_detail {
                 Some(error) => {
+                    // version_info is then the version Envoy keeps.
+                    if !request.version_info.is_empty() {
+                        record.acked = Some(request.version_info);
+                    }
                     let version = stream.sent.clone().unwrap_or_default();
                     record.refused = Some(version.clone());
                     record.nack = Some(Nack {
