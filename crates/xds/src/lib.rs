@@ -31,7 +31,10 @@
 //! Measured (2-core VM, debug, cold, the machine shared with other builds):
 //! tonic 0.14's server + prost-reflect + tokio alone took 55 s of CPU
 //! (2 min 38 s wall); with `envoy-types` added, 87 s (3 min 45 s wall):
-//! `envoy-types` adds about 32 s of CPU to a cold build. SIZE_NOTE
+//! `envoy-types` adds about 32 s of CPU to a cold build. In a release binary
+//! (the workspace's profile: LTO, `opt-level = "s"`, stripped), serving ADS
+//! with this crate adds 2.0 MB (2.50 MB against 0.49 MB for tokio and
+//! serde_json alone), the descriptor set's 0.6 MB included.
 //!
 //! # Protocol
 //!
