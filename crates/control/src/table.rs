@@ -31,10 +31,24 @@ pub struct Current {
     pub clusters: Box<[Arc<str>]>,
 }
 
+/// A cluster unit (one cluster, or a forward-proxy class's shards).
 #[derive(Debug, Clone)]
 struct ClusterEntry {
-    json: Arc<str>,
+    /// Each cluster's JSON.
+    parts: Box<[Arc<str>]>,
     users: u32,
+}
+
+impl ClusterEntry {
+    fn new(json: &str) -> Self {
+        let parts = match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(serde_json::Value::Array(list)) => {
+                list.iter().map(|c| Arc::from(c.to_string())).collect()
+            }
+            _ => Box::new([Arc::from(json)]) as Box<[Arc<str>]>,
+        };
+        ClusterEntry { parts, users: 0 }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,13 +119,9 @@ impl DomainTable {
         let mut table = DomainTable::new(epoch);
         table.seq = seq;
         for (name, json) in clusters {
-            table.clusters.insert(
-                Arc::from(name),
-                ClusterEntry {
-                    json: Arc::from(json),
-                    users: 0,
-                },
-            );
+            table
+                .clusters
+                .insert(Arc::from(name), ClusterEntry::new(&json));
         }
         for entry in domains {
             let clusters: Box<[Arc<str>]> = entry
@@ -183,13 +193,8 @@ impl DomainTable {
     /// Applies committed writes and clusters added with them.
     pub fn apply(&mut self, seq: u64, writes: Vec<Applied>, added: Vec<(String, String)>) {
         for (name, json) in added {
-            self.clusters.insert(
-                Arc::from(name),
-                ClusterEntry {
-                    json: Arc::from(json),
-                    users: 0,
-                },
-            );
+            self.clusters
+                .insert(Arc::from(name), ClusterEntry::new(&json));
         }
         for write in writes {
             let clusters: Box<[Arc<str>]> = write
@@ -236,13 +241,14 @@ impl DomainTable {
     pub fn replace_clusters(&mut self, clusters: Vec<(String, String)>) {
         for (name, json) in clusters {
             match self.clusters.get_mut(name.as_str()) {
-                Some(entry) => entry.json = Arc::from(json),
+                Some(entry) => {
+                    let users = entry.users;
+                    *entry = ClusterEntry::new(&json);
+                    entry.users = users;
+                }
                 None => {
-                    let entry = ClusterEntry {
-                        json: Arc::from(json),
-                        users: 0,
-                    };
-                    self.clusters.insert(Arc::from(name), entry);
+                    self.clusters
+                        .insert(Arc::from(name), ClusterEntry::new(&json));
                 }
             }
         }
@@ -250,7 +256,7 @@ impl DomainTable {
 
     /// Every cluster, as Envoy JSON.
     pub fn clusters(&self) -> Vec<Arc<str>> {
-        self.clusters.values().map(|c| c.json.clone()).collect()
+        self.cluster_set(&[], &[])
     }
 
     /// Live domains and their current revision, for a full re-check.
@@ -262,16 +268,18 @@ impl DomainTable {
             .collect()
     }
 
-    /// Every cluster Envoy should have, with `extra` (about to be added)
-    /// and without `dropped`.
+    /// Every cluster Envoy should have, with `extra` units (about to be
+    /// added) and without the `dropped` ones.
     pub fn cluster_set(&self, extra: &[(String, String)], dropped: &[String]) -> Vec<Arc<str>> {
         let mut out: Vec<Arc<str>> = self
             .clusters
             .iter()
             .filter(|(name, _)| !dropped.iter().any(|d| d.as_str() == name.as_ref()))
-            .map(|(_, c)| c.json.clone())
+            .flat_map(|(_, c)| c.parts.iter().cloned())
             .collect();
-        out.extend(extra.iter().map(|(_, json)| Arc::from(json.as_str())));
+        for (_, json) in extra {
+            out.extend(ClusterEntry::new(json).parts.iter().cloned());
+        }
         out
     }
 

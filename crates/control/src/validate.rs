@@ -2,12 +2,15 @@
 //! settings, as `check` and the filter would: what the store keeps and the
 //! clusters it needs, or the findings (domain, JSON pointer, fix).
 
+use origin_policy_engine::clusters::DerivedClusters;
+use origin_policy_engine::direct::DIRECT_CLUSTER_PREFIX;
 use origin_policy_engine::documents::{feed_policy, SETTINGS_FILE};
 use origin_policy_engine::report::diagnostic_json;
 use origin_policy_engine::{
     parse_json, parse_settings, Diagnostics, PolicyDiagnostic, Settings, Severity,
 };
 use serde_json::Value;
+use std::collections::BTreeSet;
 
 /// The settings every policy is checked under.
 #[derive(Debug, Clone)]
@@ -18,7 +21,10 @@ pub struct EdgeSettings {
 }
 
 /// A policy that passed: its domain, its document as the feed sends it
-/// (compact, host names in ASCII) and the clusters it needs (name, Envoy JSON).
+/// (compact, host names in ASCII) and the cluster units it needs: (name,
+/// Envoy JSON), where a unit is one cluster, or with `direct_origins` one
+/// forward-proxy class's shards as a JSON array (every domain of that class
+/// needs all of them: counted once, not 64 times a domain).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidPolicy {
     pub domain: String,
@@ -109,18 +115,46 @@ impl EdgeSettings {
                 ));
             }
         }
-        let clusters = found
-            .clusters
-            .envoy_resources(&self.settings)
-            .into_iter()
-            .filter_map(|c| Some((c["name"].as_str()?.to_owned(), c.to_string())))
-            .collect();
+        let clusters = cluster_units(found.clusters, &self.settings);
         Ok(ValidPolicy {
             domain: named,
             document: found.document,
             clusters,
         })
     }
+}
+
+/// The clusters a policy needs, as units (see [`ValidPolicy`]).
+fn cluster_units(derived: DerivedClusters, settings: &Settings) -> Vec<(String, String)> {
+    let mut units = Vec::new();
+    let direct = derived.direct.as_ref().map(|(d, _)| *d);
+    for (d, classes) in derived.direct.iter() {
+        for class in classes {
+            let one = DerivedClusters {
+                direct: Some((*d, BTreeSet::from([*class]))),
+                ..DerivedClusters::default()
+            };
+            let shards = Value::Array(one.envoy_resources(settings));
+            units.push((
+                format!(
+                    "{DIRECT_CLUSTER_PREFIX}{}.{}",
+                    class.scheme.as_str(),
+                    class.connect_timeout_ms
+                ),
+                shards.to_string(),
+            ));
+        }
+    }
+    let rest = DerivedClusters {
+        direct: direct.map(|d| (d, BTreeSet::new())),
+        ..derived
+    };
+    units.extend(
+        rest.envoy_resources(settings)
+            .into_iter()
+            .filter_map(|c| Some((c["name"].as_str()?.to_owned(), c.to_string()))),
+    );
+    units
 }
 
 #[cfg(test)]
@@ -139,6 +173,25 @@ mod tests {
         assert_eq!(valid.domain, "www.example.com");
         assert!(!valid.clusters.is_empty());
         assert!(valid.document.starts_with('{'));
+    }
+
+    #[test]
+    fn a_forward_proxy_class_is_one_unit_of_all_its_shards() {
+        let direct = serde_json::json!({"direct_origins": {}});
+        let settings = EdgeSettings::parse(Some(&direct)).unwrap_or_else(|d| unreachable!("{d}"));
+        let doc = br#"{"domain": "a.example.com", "primary": {"address": "origin.example.net"}}"#;
+        let valid = settings.validate("api", None, doc);
+        let valid = valid.unwrap_or_else(|r| unreachable!("{}", r.text()));
+        assert_eq!(
+            valid.clusters.len(),
+            1,
+            "{:?}",
+            valid.clusters.iter().map(|c| &c.0).collect::<Vec<_>>()
+        );
+        let (name, json) = &valid.clusters[0];
+        assert!(name.starts_with("origin-policy.direct.http."), "{name}");
+        let shards: Value = serde_json::from_str(json).unwrap_or_default();
+        assert!(shards.as_array().is_some_and(|s| s.len() > 1), "{json}");
     }
 
     #[test]
