@@ -58,7 +58,7 @@ fn take_settings(api: &Api, document: Option<&Value>) -> Result<(), ControlError
     }
     let shared = &api.shared;
     let live = shared.table().live_domains();
-    let mut clusters: HashMap<String, String> = HashMap::new();
+    let mut clusters: HashMap<String, Arc<str>> = HashMap::new();
     let mut refused = Vec::new();
     for chunk in live.chunks(10_000) {
         let wanted: Vec<(&str, u64)> = chunk.iter().map(|(d, r)| (d.as_str(), *r)).collect();
@@ -76,7 +76,10 @@ fn take_settings(api: &Api, document: Option<&Value>) -> Result<(), ControlError
             refused.join("\n")
         )));
     }
-    let set: Vec<(String, String)> = clusters.into_iter().collect();
+    let set: Vec<(String, String)> = clusters
+        .into_iter()
+        .map(|(n, j)| (n, j.to_string()))
+        .collect();
     shared.envoy.clusters(
         &set.iter()
             .map(|(_, j)| Arc::from(j.as_str()))

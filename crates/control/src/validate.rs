@@ -3,14 +3,18 @@
 //! clusters it needs, or the findings (domain, JSON pointer, fix).
 
 use origin_policy_engine::clusters::DerivedClusters;
-use origin_policy_engine::direct::DIRECT_CLUSTER_PREFIX;
+use origin_policy_engine::direct::{DirectClass, DIRECT_CLUSTER_PREFIX};
 use origin_policy_engine::documents::{feed_policy, SETTINGS_FILE};
 use origin_policy_engine::report::diagnostic_json;
 use origin_policy_engine::{
     parse_json, parse_settings, Diagnostics, PolicyDiagnostic, Settings, Severity,
 };
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// A cluster unit: its name and Envoy JSON (see [`ValidPolicy`]).
+pub type ClusterUnit = (String, Arc<str>);
 
 /// The settings every policy is checked under.
 #[derive(Debug, Clone)]
@@ -18,6 +22,9 @@ pub struct EdgeSettings {
     /// As written (`{}` when there is none): the filter configuration carries it.
     pub document: Value,
     pub settings: Settings,
+    /// Each forward-proxy class's shards, rendered once: every domain of a
+    /// class shares them.
+    direct_units: Arc<Mutex<HashMap<DirectClass, ClusterUnit>>>,
 }
 
 /// A policy that passed: its domain, its document as the feed sends it
@@ -29,7 +36,7 @@ pub struct EdgeSettings {
 pub struct ValidPolicy {
     pub domain: String,
     pub document: String,
-    pub clusters: Vec<(String, String)>,
+    pub clusters: Vec<ClusterUnit>,
 }
 
 /// Why a policy was refused: every finding.
@@ -77,6 +84,7 @@ impl EdgeSettings {
                 .cloned()
                 .unwrap_or_else(|| Value::Object(Default::default())),
             settings,
+            direct_units: Arc::default(),
         })
     }
 
@@ -115,7 +123,7 @@ impl EdgeSettings {
                 ));
             }
         }
-        let clusters = cluster_units(found.clusters, &self.settings);
+        let clusters = self.cluster_units(found.clusters);
         Ok(ValidPolicy {
             domain: named,
             document: found.document,
@@ -124,37 +132,44 @@ impl EdgeSettings {
     }
 }
 
-/// The clusters a policy needs, as units (see [`ValidPolicy`]).
-fn cluster_units(derived: DerivedClusters, settings: &Settings) -> Vec<(String, String)> {
-    let mut units = Vec::new();
-    let direct = derived.direct.as_ref().map(|(d, _)| *d);
-    for (d, classes) in derived.direct.iter() {
-        for class in classes {
-            let one = DerivedClusters {
-                direct: Some((*d, BTreeSet::from([*class]))),
-                ..DerivedClusters::default()
-            };
-            let shards = Value::Array(one.envoy_resources(settings));
-            units.push((
-                format!(
-                    "{DIRECT_CLUSTER_PREFIX}{}.{}",
-                    class.scheme.as_str(),
-                    class.connect_timeout_ms
-                ),
-                shards.to_string(),
-            ));
+impl EdgeSettings {
+    /// The clusters a policy needs, as units (see [`ValidPolicy`]).
+    fn cluster_units(&self, derived: DerivedClusters) -> Vec<ClusterUnit> {
+        let mut units = Vec::new();
+        let direct = derived.direct.as_ref().map(|(d, _)| *d);
+        for (d, classes) in derived.direct.iter() {
+            for class in classes {
+                let mut cache = self
+                    .direct_units
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let unit = cache.entry(*class).or_insert_with(|| {
+                    let one = DerivedClusters {
+                        direct: Some((*d, BTreeSet::from([*class]))),
+                        ..DerivedClusters::default()
+                    };
+                    let shards = Value::Array(one.envoy_resources(&self.settings));
+                    let name = format!(
+                        "{DIRECT_CLUSTER_PREFIX}{}.{}",
+                        class.scheme.as_str(),
+                        class.connect_timeout_ms
+                    );
+                    (name, Arc::from(shards.to_string()))
+                });
+                units.push(unit.clone());
+            }
         }
+        let rest = DerivedClusters {
+            direct: direct.map(|d| (d, BTreeSet::new())),
+            ..derived
+        };
+        units.extend(
+            rest.envoy_resources(&self.settings)
+                .into_iter()
+                .filter_map(|c| Some((c["name"].as_str()?.to_owned(), Arc::from(c.to_string())))),
+        );
+        units
     }
-    let rest = DerivedClusters {
-        direct: direct.map(|d| (d, BTreeSet::new())),
-        ..derived
-    };
-    units.extend(
-        rest.envoy_resources(settings)
-            .into_iter()
-            .filter_map(|c| Some((c["name"].as_str()?.to_owned(), c.to_string()))),
-    );
-    units
 }
 
 #[cfg(test)]

@@ -211,7 +211,7 @@ fn commit_batch(shared: &Shared, batch: Vec<(WriteRequest, Reply)>) {
                             let known_cluster = table.has_cluster(name)
                                 || commit.clusters_added.iter().any(|(n, _)| n == name);
                             if !known_cluster {
-                                commit.clusters_added.push((name.clone(), json.clone()));
+                                commit.clusters_added.push((name.clone(), json.to_string()));
                             }
                         }
                         pending.insert(
