@@ -226,7 +226,9 @@ impl DirectoryWatch {
         }
     }
 
-    fn write(&self, api: &Api, runtime: &tokio::runtime::Handle, writes: Vec<WriteRequest>) {
+    /// Writes; a file whose write failed is forgotten as seen, so that the
+    /// next full look tries it again.
+    fn write(&mut self, api: &Api, runtime: &tokio::runtime::Handle, writes: Vec<WriteRequest>) {
         let count = writes.len();
         let named: Vec<(String, bool)> = writes
             .iter()
@@ -251,7 +253,12 @@ impl DirectoryWatch {
                 Ok(WriteOutcome::Unchanged { .. }) => {}
                 Err(e) => {
                     failed += 1;
-                    eprintln!("serve: {domain}: not written: {e}");
+                    eprintln!(
+                        "serve: {domain}: not written: {e}; tried again at the next full look"
+                    );
+                    if let Some(path) = self.file_of.get(domain) {
+                        self.seen.remove(path);
+                    }
                 }
             }
         }
