@@ -12,10 +12,11 @@ Prints one table:
 - one PUT, visible on every Envoy: sequential writes to random domains, each
   timed from the PUT sent until a request to each Envoy is decided with the
   new Host (`x-origin-decision`);
-- sustained PUTs at `--rate` for `--seconds`: each write's visibility from
-  `/status` (the version every Envoy acknowledged), the failed writes, and a
-  steady client's request latency on each Envoy against its baseline before
-  the load;
+- sustained PUTs at `--rate` for `--seconds` on keep-alive connections:
+  each write's visibility, from its PUT sent until `/status` shows every
+  Envoy acknowledged its version, the generator's lag behind its schedule,
+  the failed writes, and a steady client's request latency on each Envoy
+  (a process each) against its baseline before the load;
 - a watched directory of `--watch-files` files: one file edited, until an
   Envoy serves it.
 
@@ -233,10 +234,29 @@ def sustained_in_process(rate: int, seconds: int, domains: int, nodes: int, out)
     out.put(sustained(rate, seconds, domains, nodes))
 
 
+class Client:
+    """One keep-alive connection to the API."""
+
+    def __init__(self):
+        self.conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=30)
+
+    def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        try:
+            self.conn.request(method, path, body=body)
+            r = self.conn.getresponse()
+            return r.status, r.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=30)
+            raise
+
+
 def sustained(rate: int, seconds: int, domains: int, nodes: int) -> dict:
-    """PUTs at `rate` a second from 8 threads; each write's version, then the
-    time until every node's acknowledged version covers it."""
-    sent: list[tuple[float, int]] = []  # (sent at, version)
+    """PUTs at `rate` a second from 8 threads on keep-alive connections; for
+    each write, the time from its PUT sent until every node's acknowledged
+    version covers it, and how late the generator sent it."""
+    sent: list[tuple[float, int]] = []  # (PUT sent at, version)
+    late: list[float] = []
     failed = [0]
     lock = threading.Lock()
     start = time.monotonic() + 0.5
@@ -245,31 +265,35 @@ def sustained(rate: int, seconds: int, domains: int, nodes: int) -> dict:
     done = threading.Event()
 
     def writer(w: int) -> None:
+        client = Client()
         for k in range(w, total, 8):
             at = start + k / rate
             time.sleep(max(0.0, at - time.monotonic()))
             i = random.randrange(domains)
             body = json.dumps(policy(i, f"s{k}.cp.test")).encode()
+            sent_at = time.monotonic()
             try:
-                status, data = call("PUT", f"/v1/domains/{domain(i)}", body, timeout=30)
+                status, data = client.call("PUT", f"/v1/domains/{domain(i)}", body)
                 ok = status == 200
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 ok = False
             with lock:
+                late.append((sent_at - at) * 1000)
                 if ok:
-                    sent.append((at, json.loads(data)["version"]))
+                    sent.append((sent_at, json.loads(data)["version"]))
                 else:
                     failed[0] += 1
 
     def watcher() -> None:
         # The lowest version every node acknowledged, and when it was first seen.
+        client = Client()
         while not done.is_set():
             try:
-                status = json.loads(call("GET", "/status", timeout=5)[1])
+                status = json.loads(client.call("GET", "/status")[1])
                 versions = [n["version"] for n in status["nodes"].values() if n["version"] < 1 << 62]
                 if len(versions) >= nodes:
                     acked_at.setdefault(min(versions), time.monotonic())
-            except (OSError, ValueError):
+            except (OSError, ValueError, http.client.HTTPException):
                 pass
             time.sleep(0.005)
 
@@ -289,7 +313,7 @@ def sustained(rate: int, seconds: int, domains: int, nodes: int) -> dict:
         seen = next((when for v, when in covered if v >= version), None)
         if seen is not None:
             visible.append((seen - at) * 1000)
-    return {"sent": len(sent), "failed": failed[0], "visible": visible,
+    return {"sent": len(sent), "failed": failed[0], "visible": visible, "late": late,
             "not_visible": len(sent) - len(visible)}  # fmt: skip
 
 
@@ -387,6 +411,9 @@ def main() -> int:
                          f"p50 {percentile(visible, 50):.0f} ms, p99 {percentile(visible, 99):.0f} ms" if visible else "none",
                          f"{load_result['sent']} written, {load_result['failed']} failed, "
                          f"{load_result['not_visible']} not seen; target p99 < 1 s, 0 failed"))  # fmt: skip
+            late = load_result["late"]
+            rows.append(("  the load generator's lag (PUT sent after its schedule)",
+                         f"p50 {percentile(late, 50):.1f} ms, p99 {percentile(late, 99):.1f} ms", ""))  # fmt: skip
             for p in ports:
                 base = [ms for at, ms, _ in measured[p] if at < load_started and at > load_started - 5]
                 load = [ms for at, ms, _ in measured[p] if load_started + 0.5 <= at <= load_ended]
