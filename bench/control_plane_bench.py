@@ -48,7 +48,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO / "deploy"))
-from edge import WASM, Envoy, cpu_model, edge_config, envoy_version, with_feed  # noqa: E402
+from edge import WASM, Envoy, cpu_model, envoy_version, feed_edge_config  # noqa: E402
 
 CLI = REPO / "target" / "release" / "origin-policy"
 API_PORT = 18490
@@ -142,11 +142,7 @@ class Server:
 def start_envoys(run: Path, count: int) -> list[Envoy]:
     envoys = []
     for k in range(count):
-        config = with_feed(edge_config(), API_PORT)
-        config["admin"]["address"]["socket_address"]["port_value"] = FIRST_ADMIN_PORT + k
-        listeners = config["static_resources"]["listeners"]
-        listeners[:] = [l for l in listeners if l["name"] != "viewer_https"]  # noqa: E741
-        listeners[0]["address"]["socket_address"]["port_value"] = FIRST_VIEWER_PORT + k
+        config = feed_edge_config(API_PORT, FIRST_ADMIN_PORT + k, FIRST_VIEWER_PORT + k)
         # The singleton names its node by the cluster's node id: one each.
         config["node"] = {"id": f"bench-{k}", "cluster": "bench"}
         envoy = Envoy(run, config, admin=f"http://127.0.0.1:{FIRST_ADMIN_PORT + k}")

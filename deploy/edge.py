@@ -227,6 +227,18 @@ def with_feed(config: dict, feed_port: int, wasm: Path = WASM) -> dict:
     return config
 
 
+def feed_edge_config(feed_port: int, admin_port: int, viewer_port: int) -> dict:
+    """The shipped edge with feed delivery from the source on `feed_port`,
+    on admin and plain-HTTP ports of its own (no HTTPS listener): what a
+    test or a benchmark runs beside the main edge."""
+    config = with_feed(edge_config(), feed_port)
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listeners = config["static_resources"]["listeners"]
+    listeners[:] = [l for l in listeners if l["name"] != "viewer_https"]  # noqa: E741
+    listeners[0]["address"]["socket_address"]["port_value"] = viewer_port
+    return config
+
+
 def prepare_run_dir(run_dir: Path) -> Certificates:
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Response, allow_test_origins
-from edge import CLI, WASM, Envoy, edge_config, with_feed
+from edge import CLI, WASM, Envoy, feed_edge_config
 
 API_PORT = 18095
 ADMIN_PORT = 9941
@@ -77,11 +77,7 @@ class ServedEdge:
         })  # fmt: skip
         self.settings = run_dir / "settings.json"
         self.settings.write_text(json.dumps(settings))
-        config = with_feed(edge_config(), API_PORT)
-        config["admin"]["address"]["socket_address"]["port_value"] = ADMIN_PORT
-        listeners = config["static_resources"]["listeners"]
-        listeners[:] = [l for l in listeners if l["name"] != "viewer_https"]  # noqa: E741
-        listeners[0]["address"]["socket_address"]["port_value"] = VIEWER_PORT
+        config = feed_edge_config(API_PORT, ADMIN_PORT, VIEWER_PORT)
         self.envoy = Envoy(run_dir, config, admin=f"http://127.0.0.1:{ADMIN_PORT}")
 
     def start_server(self) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Response, allow_test_origins
-from edge import CLI, WASM, Envoy, edge_config, with_feed
+from edge import CLI, WASM, Envoy, feed_edge_config
 
 DOMAINS = 100_000
 FEED_PORT = 18091
@@ -59,11 +59,7 @@ class FeedEdge:
         self.policies = run_dir / "policies"
         self.feed: subprocess.Popen | None = None
         self.feed_log = run_dir / "feed.log"
-        config = with_feed(edge_config(), FEED_PORT)
-        config["admin"]["address"]["socket_address"]["port_value"] = ADMIN_PORT
-        listeners = config["static_resources"]["listeners"]
-        listeners[:] = [l for l in listeners if l["name"] != "viewer_https"]  # noqa: E741
-        listeners[0]["address"]["socket_address"]["port_value"] = VIEWER_PORT
+        config = feed_edge_config(FEED_PORT, ADMIN_PORT, VIEWER_PORT)
         self.envoy = Envoy(run_dir, config, admin=f"http://127.0.0.1:{ADMIN_PORT}")
 
     def start_feed(self) -> None:
