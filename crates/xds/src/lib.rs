@@ -51,4 +51,4 @@ mod resources;
 mod server;
 
 pub use resources::{XdsError, XdsResources, CLUSTER_TYPE, EXTENSION_CONFIG_TYPE};
-pub use server::{AdsServer, Nack, NodeSelector, NodeStatus, TypeStatus};
+pub use server::{AdsServer, Nack, NodeInfo, NodeSelector, NodeStatus, TargetFn, TypeStatus};

@@ -100,7 +100,8 @@ pub(crate) struct TypeResources {
 #[derive(Debug, Clone, PartialEq)]
 pub struct XdsResources {
     clusters: TypeResources,
-    extension_configs: TypeResources,
+    /// `None`: not sent (the node keeps what it has, or waits for them).
+    extension_configs: Option<TypeResources>,
 }
 
 impl XdsResources {
@@ -112,12 +113,21 @@ impl XdsResources {
     pub fn from_json(clusters: &[Json], extension_configs: &[Json]) -> Result<Self, XdsError> {
         Ok(XdsResources {
             clusters: TypeResources::from_json(CLUSTER_TYPE, "cluster", clusters)?,
-            extension_configs: TypeResources::from_json(
+            extension_configs: Some(TypeResources::from_json(
                 EXTENSION_CONFIG_TYPE,
                 "extension config",
                 extension_configs,
-            )?,
+            )?),
         })
+    }
+
+    /// The same clusters, and no extension configurations: a node given
+    /// this is sent none (a new Envoy then keeps its listeners warming).
+    pub fn without_extension_configs(&self) -> Self {
+        XdsResources {
+            clusters: self.clusters.clone(),
+            extension_configs: None,
+        }
     }
 
     /// The version of a type's resources (`None` for a type not served).
@@ -133,13 +143,13 @@ impl XdsResources {
     }
 
     pub(crate) fn of_type(&self, type_url: &str) -> Option<&TypeResources> {
-        [&self.clusters, &self.extension_configs]
-            .into_iter()
-            .find(|t| t.type_url == type_url)
+        self.types().into_iter().find(|t| t.type_url == type_url)
     }
 
-    pub(crate) fn types(&self) -> [&TypeResources; 2] {
-        [&self.clusters, &self.extension_configs]
+    pub(crate) fn types(&self) -> Vec<&TypeResources> {
+        std::iter::once(&self.clusters)
+            .chain(self.extension_configs.as_ref())
+            .collect()
     }
 }
 

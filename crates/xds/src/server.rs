@@ -52,6 +52,10 @@ pub struct TypeStatus {
 pub struct NodeStatus {
     pub id: String,
     pub connected: bool,
+    /// The string fields of its `node.metadata`.
+    pub metadata: BTreeMap<String, String>,
+    /// Streams it has opened since this server started.
+    pub connections: u64,
     /// By type URL.
     pub types: BTreeMap<String, TypeStatus>,
 }
@@ -68,6 +72,27 @@ impl NodeStatus {
             .get(type_url)
             .is_some_and(|t| t.target.is_some() && t.target == t.acked)
     }
+}
+
+/// What a target decided per node sees of the node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub id: String,
+    /// The string fields of its `node.metadata`.
+    pub metadata: BTreeMap<String, String>,
+    /// The version it runs, by type URL (`None`: nothing yet, a new Envoy).
+    pub acked: BTreeMap<String, Option<String>>,
+}
+
+/// A target decided per node (say, a module path from its metadata), asked
+/// whenever the server needs the node's target, under the server's lock: it
+/// must be quick and must not call the server. `None`: nothing to send.
+pub type TargetFn = Arc<dyn Fn(&NodeInfo) -> Option<Arc<XdsResources>> + Send + Sync>;
+
+#[derive(Clone)]
+enum Target {
+    Fixed(Arc<XdsResources>),
+    PerNode(TargetFn),
 }
 
 /// The ADS server. Cheap to clone: every clone is the same server.
@@ -87,8 +112,8 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    all: Option<Arc<XdsResources>>,
-    per_node: HashMap<String, Arc<XdsResources>>,
+    all: Option<Target>,
+    per_node: HashMap<String, Target>,
     nodes: BTreeMap<String, NodeRecord>,
     streams_opened: u64,
 }
@@ -97,6 +122,8 @@ struct State {
 struct NodeRecord {
     /// The stream the node is connected on (its latest).
     stream: Option<u64>,
+    metadata: BTreeMap<String, String>,
+    connections: u64,
     types: BTreeMap<String, TypeRecord>,
 }
 
@@ -110,8 +137,26 @@ struct TypeRecord {
 }
 
 impl State {
-    fn target(&self, node: &str) -> Option<&Arc<XdsResources>> {
-        self.per_node.get(node).or(self.all.as_ref())
+    fn target(&self, node: &str) -> Option<Arc<XdsResources>> {
+        match self.per_node.get(node).or(self.all.as_ref())? {
+            Target::Fixed(resources) => Some(resources.clone()),
+            Target::PerNode(decide) => {
+                let record = self.nodes.get(node);
+                let info = NodeInfo {
+                    id: node.to_owned(),
+                    metadata: record.map(|r| r.metadata.clone()).unwrap_or_default(),
+                    acked: record
+                        .map(|r| {
+                            r.types
+                                .iter()
+                                .map(|(t, r)| (t.clone(), r.acked.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                decide(&info)
+            }
+        }
     }
 
     fn target_version(&self, node: &str, type_url: &str) -> Option<String> {
@@ -138,6 +183,8 @@ impl State {
                 NodeStatus {
                     id: id.clone(),
                     connected: record.stream.is_some(),
+                    metadata: record.metadata.clone(),
+                    connections: record.connections,
                     types,
                 }
             })
@@ -152,12 +199,27 @@ impl AdsServer {
 
     /// What the selected nodes are to run; connected ones are sent it at once.
     pub fn set_target(&self, selector: NodeSelector, resources: Arc<XdsResources>) {
+        self.set(selector, Target::Fixed(resources));
+    }
+
+    /// A target decided per node by `decide` ([`TargetFn`]); call
+    /// [`AdsServer::refresh`] when what it decides on changes.
+    pub fn set_target_fn(&self, selector: NodeSelector, decide: TargetFn) {
+        self.set(selector, Target::PerNode(decide));
+    }
+
+    fn set(&self, selector: NodeSelector, target: Target) {
         self.change_targets(|state| match selector {
-            NodeSelector::All => state.all = Some(resources),
+            NodeSelector::All => state.all = Some(target),
             NodeSelector::Node(id) => {
-                state.per_node.insert(id, resources);
+                state.per_node.insert(id, target);
             }
         });
+    }
+
+    /// Asks every per-node target again and sends what changed.
+    pub fn refresh(&self) {
+        self.change_targets(|_| {});
     }
 
     /// The node follows the target of all nodes again.
@@ -369,7 +431,15 @@ impl AdsStream {
                     .ok_or_else(|| {
                         Status::invalid_argument("the stream's first request has no node.id")
                     })?;
-                state.nodes.entry(id.clone()).or_default().stream = Some(self.id);
+                let record = state.nodes.entry(id.clone()).or_default();
+                record.stream = Some(self.id);
+                record.connections += 1;
+                record.metadata = request
+                    .node
+                    .as_ref()
+                    .and_then(|node| node.metadata.as_ref())
+                    .map(string_fields)
+                    .unwrap_or_default();
                 self.node = Some(id.clone());
                 id
             }
@@ -439,7 +509,7 @@ impl AdsStream {
             return Vec::new();
         };
         let mut state = self.shared.lock();
-        let Some(target) = state.target(node).cloned() else {
+        let Some(target) = state.target(node) else {
             return Vec::new();
         };
         let Some(record) = state.nodes.get_mut(node) else {
@@ -502,4 +572,16 @@ fn response(
             .collect(),
         ..Default::default()
     }
+}
+
+fn string_fields(metadata: &envoy_types::pb::google::protobuf::Struct) -> BTreeMap<String, String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    metadata
+        .fields
+        .iter()
+        .filter_map(|(key, value)| match &value.kind {
+            Some(Kind::StringValue(text)) => Some((key.clone(), text.clone())),
+            _ => None,
+        })
+        .collect()
 }
