@@ -92,6 +92,8 @@ pub enum Command {
         /// The settings document, when no watched directory has one.
         #[arg(long, value_name = "FILE")]
         settings: Option<PathBuf>,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Copy a domain's resources from its primary origin into its secondary.
     ///
@@ -143,6 +145,42 @@ pub struct OutputArgs {
     /// policy never names a cluster Envoy does not have yet.
     #[arg(long, value_name = "ADDRESS")]
     pub admin: Option<String>,
+}
+
+/// `serve` for a fleet of Envoys over ADS, with a canary rollout.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// Serve the clusters and the filter over ADS on this address (e.g.
+    /// 127.0.0.1:18600) instead of writing them for one Envoy (--out).
+    #[arg(long, value_name = "ADDRESS")]
+    pub ads: Option<String>,
+    /// Node ids (comma-separated) that get each write first; the others get
+    /// it once the canaries have baked it.
+    #[arg(long, value_name = "IDS", value_delimiter = ',', requires = "ads")]
+    pub canary: Vec<String>,
+    /// How long the canaries run a write within the limits before every node gets it.
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
+    pub bake_seconds: f64,
+    /// The most 5xx answers a canary may give, of its requests, during the bake.
+    #[arg(long, value_name = "RATE", default_value_t = 0.01)]
+    pub max_5xx_rate: f64,
+    /// The most failovers a canary may make, of its requests, during the bake.
+    #[arg(long, value_name = "RATE", default_value_t = 0.05)]
+    pub max_failover_rate: f64,
+    /// The canary's counter of failovers.
+    #[arg(
+        long,
+        value_name = "STAT",
+        default_value = "wasmcustom.origin_policy.failover.retried"
+    )]
+    pub failover_counter: String,
+    /// Requests a canary must have answered in the bake before its rates count.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub min_requests: u64,
+    /// How long nodes have to ACK (and canaries to take a write) before
+    /// they are reported and the others go on.
+    #[arg(long, value_name = "S", default_value_t = 20.0)]
+    pub ack_timeout: f64,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use origin_policy_cli::args::{Cli, Command, Delivery, MirrorArgs, OutputArgs};
+use origin_policy_cli::args::{Cli, Command, Delivery, FleetArgs, MirrorArgs, OutputArgs};
+use origin_policy_control::envoy::EnvoyConfig;
+use std::sync::Arc;
 
 /// Envoy applies a 100,000-cluster file in about a minute (BENCHMARKS.md).
 const CLUSTERS_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(180);
@@ -49,6 +51,7 @@ fn serve(
     store: &std::path::Path,
     watch: &[PathBuf],
     settings: &Option<PathBuf>,
+    fleet: &FleetArgs,
 ) -> Result<(), CliError> {
     let wasm = std::fs::canonicalize(&output.wasm)
         .map_err(|e| {
@@ -59,19 +62,64 @@ fn serve(
         })?
         .to_string_lossy()
         .into_owned();
-    std::fs::create_dir_all(&output.out)
-        .map_err(|e| CliError::Io(format!("{}: {e}", output.out.display())))?;
-    let envoy = origin_policy_control::envoy::EnvoyFiles {
-        dir: output.out.clone(),
-        wasm,
-        admin: output.admin.clone(),
+    let seconds = |s: f64, what: &str| {
+        std::time::Duration::try_from_secs_f64(s)
+            .map_err(|e| CliError::Io(format!("--{what} {s}: {e}")))
+    };
+    let (envoy, fleet): (Box<dyn EnvoyConfig>, _) = match &fleet.ads {
+        Some(address) => {
+            use origin_policy_control::rollout::{Fleet, RolloutConfig};
+            let ack_timeout = seconds(fleet.ack_timeout, "ack-timeout")?;
+            let rollout = (!fleet.canary.is_empty())
+                .then(|| -> Result<RolloutConfig, CliError> {
+                    Ok(RolloutConfig {
+                        canaries: fleet.canary.clone(),
+                        bake: seconds(fleet.bake_seconds, "bake-seconds")?,
+                        max_5xx_rate: fleet.max_5xx_rate,
+                        max_failover_rate: fleet.max_failover_rate,
+                        failover_counter: fleet.failover_counter.clone(),
+                        min_requests: fleet.min_requests,
+                        ack_timeout,
+                    })
+                })
+                .transpose()?;
+            let state = Arc::new(Fleet::new(rollout));
+            let ads = origin_policy_control::AdsServer::new();
+            state.set_ads(ads.clone());
+            let envoy = Arc::new(origin_policy_control::ads::EnvoyAds::new(
+                ads,
+                state.clone(),
+                PathBuf::from(&wasm),
+                std::path::absolute(store.join("modules"))
+                    .map_err(|e| CliError::Io(format!("{}: {e}", store.display())))?,
+                ack_timeout,
+            ));
+            let serve = origin_policy_control::FleetServe {
+                ads_listen: address.clone(),
+                envoy: envoy.clone(),
+                fleet: state,
+                wasm: PathBuf::from(&wasm),
+            };
+            (Box::new(envoy), Some(serve))
+        }
+        None => {
+            std::fs::create_dir_all(&output.out)
+                .map_err(|e| CliError::Io(format!("{}: {e}", output.out.display())))?;
+            let files = origin_policy_control::envoy::EnvoyFiles {
+                dir: output.out.clone(),
+                wasm,
+                admin: output.admin.clone(),
+            };
+            (Box::new(files), None)
+        }
     };
     origin_policy_control::serve(origin_policy_control::ServeConfig {
         store: store.to_path_buf(),
         listen: listen.to_owned(),
         watch: watch.to_vec(),
         settings: settings.clone(),
-        envoy: Box::new(envoy),
+        envoy,
+        fleet,
     })
     .map_err(|e| CliError::Io(e.to_string()))
 }
@@ -310,7 +358,8 @@ fn main() -> ExitCode {
             store,
             watch,
             settings,
-        } => serve(output, listen, store, watch, settings),
+            fleet,
+        } => serve(output, listen, store, watch, settings, fleet),
         Command::Mirror(args) => mirror(args),
         Command::MirrorServe { root, listen } => {
             mirror::serve(root.clone(), listen).map_err(CliError::Io)

@@ -120,3 +120,21 @@ pub fn wait_for_clusters(admin: &str, before: CdsProgress, limit: Duration) -> R
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The counters named `names`, as Envoy's admin `/stats` has them (a
+/// counter it does not have yet counts 0).
+pub fn counters(admin: &str, names: &[&str], patience: Duration) -> Result<Vec<u64>, String> {
+    let body = get(admin, "/stats?format=json", patience)?;
+    let json: Value = serde_json::from_str(&body).map_err(|e| format!("Envoy admin stats: {e}"))?;
+    let stats = json["stats"].as_array().cloned().unwrap_or_default();
+    Ok(names
+        .iter()
+        .map(|name| {
+            stats
+                .iter()
+                .find(|s| s["name"].as_str() == Some(name))
+                .and_then(|s| s["value"].as_u64())
+                .unwrap_or(0)
+        })
+        .collect())
+}

@@ -27,6 +27,7 @@ pub struct Api {
     pub shared: Arc<Shared>,
     pub settings: RwLock<Arc<EdgeSettings>>,
     pub nodes: Nodes,
+    pub fleet: Arc<crate::rollout::Fleet>,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -244,6 +245,16 @@ impl Api {
                 }
             }
             (&Method::POST, ["v1", "import"]) => self.import(request, &query).await,
+            (&Method::GET, ["v1", "rollout"]) => respond(StatusCode::OK, &self.fleet.status()),
+            (&Method::POST, ["v1", "rollout", "promote"]) => {
+                match crate::rollout::promote_latest(&self) {
+                    Ok(version) => respond(
+                        StatusCode::OK,
+                        &json!({"stable": version, "rollout": self.fleet.status()}),
+                    ),
+                    Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "store", e.to_string()),
+                }
+            }
             _ => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -257,7 +268,24 @@ impl Api {
             let table = self.shared.table();
             (table.seq, table.epoch, table.live())
         };
-        json!({"version": version, "epoch": epoch, "domains": domains, "nodes": self.nodes.status()})
+        let mut nodes = self.nodes.status();
+        if let Value::Object(map) = &mut nodes {
+            for (id, report) in map.iter_mut() {
+                report["target"] = json!(self.fleet.target(Some(id), version));
+            }
+            for node in self.fleet.ads().map(|a| a.status()).unwrap_or_default() {
+                let entry = map.entry(node.id.clone()).or_insert_with(|| json!({}));
+                entry["xds"] = xds_status(&node);
+            }
+        }
+        json!({
+            "version": version,
+            "epoch": epoch,
+            "domains": domains,
+            "stable": self.fleet.stable().min(version),
+            "rollout": self.fleet.status(),
+            "nodes": nodes,
+        })
     }
 
     async fn changes(&self, request: &Request<Incoming>, query: &str) -> Answer {
@@ -270,10 +298,16 @@ impl Api {
         };
         let poll = feed::read_poll(query, header);
         self.nodes.heard(&self.shared, &poll);
-        let page = match feed::answer(&self.shared, &poll).await {
-            Ok(page) => page,
-            Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", why),
-        };
+        if let Some(node) = &poll.node {
+            self.fleet.polled(node, poll.epoch, poll.since);
+        }
+        let fleet = &self.fleet;
+        let node = poll.node.as_deref();
+        let page =
+            match feed::answer(&self.shared, &poll, |latest| fleet.target(node, latest)).await {
+                Ok(page) => page,
+                Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", why),
+            };
         let (status, headers, text) = match page {
             Some(page) => (StatusCode::OK, feed::page_headers(&page), page.body),
             None => {
@@ -559,4 +593,29 @@ impl Api {
             &json!({"written": written, "unchanged": unchanged, "rejected": rejected, "version": version}),
         )
     }
+}
+
+/// A node's xDS as the ADS server knows it: per type (short name), the
+/// target, sent and ACKed versions and the last NACK with Envoy's message.
+fn xds_status(node: &origin_policy_xds::NodeStatus) -> Value {
+    let types: serde_json::Map<String, Value> = node
+        .types
+        .iter()
+        .map(|(type_url, t)| {
+            let nack = t
+                .nack
+                .as_ref()
+                .map(|n| json!({"version": n.version, "message": n.message}));
+            (
+                crate::ads::short_type(type_url).to_owned(),
+                json!({"target": t.target, "sent": t.sent, "acked": t.acked, "nack": nack}),
+            )
+        })
+        .collect();
+    json!({
+        "connected": node.connected,
+        "connections": node.connections,
+        "metadata": node.metadata,
+        "types": types,
+    })
 }

@@ -32,6 +32,15 @@ pub trait EnvoyConfig: Send + Sync {
     fn filter(&self, settings: &EdgeSettings) -> Result<(), ControlError>;
 }
 
+impl<T: EnvoyConfig + ?Sized> EnvoyConfig for Arc<T> {
+    fn clusters(&self, clusters: &[Arc<str>]) -> Result<(), ControlError> {
+        (**self).clusters(clusters)
+    }
+    fn filter(&self, settings: &EdgeSettings) -> Result<(), ControlError> {
+        (**self).filter(settings)
+    }
+}
+
 /// Envoy's file-based xDS: the files one edge's Envoy watches.
 pub struct EnvoyFiles {
     pub dir: PathBuf,

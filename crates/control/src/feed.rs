@@ -85,6 +85,11 @@ impl Nodes {
         report.epoch = poll.epoch;
     }
 
+    /// Every node's report, by node id.
+    pub fn reports(&self) -> BTreeMap<String, NodeReport> {
+        self.lock().clone()
+    }
+
     pub fn status(&self) -> Value {
         let nodes: serde_json::Map<String, Value> = self
             .lock()
@@ -99,13 +104,19 @@ impl Nodes {
 }
 
 /// Answers a poll: at once when there is something new, else once there is
-/// or after [`LONG_POLL`] (`None`: nothing new, a 204).
-pub async fn answer(shared: &Shared, poll: &Poll) -> Result<Option<FeedPage>, String> {
+/// or after [`LONG_POLL`] (`None`: nothing new, a 204). `target`: the
+/// version this node is to be at, given the latest published one (a canary
+/// and the others may differ; below `since` the page goes backwards).
+pub async fn answer(
+    shared: &Shared,
+    poll: &Poll,
+    target: impl Fn(u64) -> u64,
+) -> Result<Option<FeedPage>, String> {
     let mut published = shared.published.subscribe();
     let deadline = tokio::time::Instant::now() + LONG_POLL;
     loop {
         // Marked seen before the look, so a write in between is not missed.
-        let target = *published.borrow_and_update();
+        let target = target(*published.borrow_and_update());
         let plan = shared
             .table()
             .plan(&shared.store, poll.since, poll.epoch, target, PAGE_ENTRIES)

@@ -11,13 +11,16 @@
 //! - [`api`], [`feed`]: the HTTP server.
 //! - [`envoy`]: the clusters and filter configuration, to Envoy.
 //! - [`watch`]: a policy directory as a source.
+//! - [`ads`], [`rollout`]: a fleet over ADS, and the canary rollout.
 //! - [`serve`]: the command.
 
 pub mod admin;
+pub mod ads;
 pub mod api;
 pub mod envoy;
 pub mod error;
 pub mod feed;
+pub mod rollout;
 pub mod serve;
 pub mod store;
 pub mod table;
@@ -26,4 +29,5 @@ pub mod watch;
 pub mod writer;
 
 pub use error::ControlError;
-pub use serve::{serve, ServeConfig, Server};
+pub use origin_policy_xds::AdsServer;
+pub use serve::{serve, FleetServe, ServeConfig, Server};

@@ -2,10 +2,12 @@
 //! the clusters and the filter configuration, syncs a watched directory, then
 //! serves the API and the feed until Ctrl-C or SIGTERM.
 
+use crate::ads::EnvoyAds;
 use crate::api::Api;
 use crate::envoy::EnvoyConfig;
 use crate::error::ControlError;
 use crate::feed::Nodes;
+use crate::rollout::Fleet;
 use crate::store::Store;
 use crate::table::DomainTable;
 use crate::validate::EdgeSettings;
@@ -27,6 +29,17 @@ pub struct ServeConfig {
     /// The settings document, unless a watched directory has one.
     pub settings: Option<PathBuf>,
     pub envoy: Box<dyn EnvoyConfig>,
+    /// A fleet over ADS (`--ads`), its `envoy` being `fleet.envoy`.
+    pub fleet: Option<FleetServe>,
+}
+
+/// What `serve --ads` adds: the ADS server, the rollout, and the module
+/// source, watched for new builds.
+pub struct FleetServe {
+    pub ads_listen: String,
+    pub envoy: Arc<EnvoyAds>,
+    pub fleet: Arc<Fleet>,
+    pub wasm: PathBuf,
 }
 
 impl Api {
@@ -123,6 +136,7 @@ pub struct Server {
     pub api: Arc<Api>,
     watch: Option<DirectoryWatch>,
     started: std::time::Instant,
+    fleet: Option<FleetServe>,
 }
 
 impl Server {
@@ -164,10 +178,17 @@ impl Server {
         let settings = EdgeSettings::parse(stored.as_ref()).map_err(settings_error)?;
         config.envoy.clusters(&table.clusters())?;
         let shared = Shared::start(store, table, config.envoy);
+        let fleet = config
+            .fleet
+            .as_ref()
+            .map_or_else(|| Arc::new(Fleet::new(None)), |f| f.fleet.clone());
+        // Without a stable version kept, what the store has is stable.
+        fleet.start(epoch, loaded.stable.unwrap_or(loaded.seq));
         let api = Arc::new(Api {
             shared,
             settings: RwLock::new(Arc::new(settings)),
             nodes: Nodes::default(),
+            fleet,
         });
         if let Some(path) = &settings_path {
             let document = read_settings(path).map_err(ControlError::Settings)?;
@@ -196,6 +217,7 @@ impl Server {
             api,
             watch,
             started,
+            fleet: config.fleet,
         })
     }
 
@@ -210,11 +232,34 @@ impl Server {
             let handle = tokio::runtime::Handle::current();
             std::thread::spawn(move || crate::watch::follow(watch, watched, handle));
         }
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        if let Some(fleet) = self.fleet.take() {
+            match tokio::net::TcpListener::bind(&fleet.ads_listen).await {
+                Ok(ads_listener) => {
+                    let ads = fleet.envoy.ads.clone();
+                    let mut stopped = stopped.clone();
+                    tokio::spawn(async move {
+                        let stop = async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        };
+                        if let Err(e) = ads.serve(ads_listener, stop).await {
+                            eprintln!("serve: {e}");
+                        }
+                    });
+                    eprintln!("serve: ADS on {}", fleet.ads_listen);
+                }
+                Err(e) => eprintln!("serve: --ads {}: {e}; no ADS", fleet.ads_listen),
+            }
+            let rollout = self.api.clone();
+            std::thread::spawn(move || crate::rollout::drive(rollout));
+            std::thread::spawn(move || follow_module(&fleet.envoy, &fleet.wasm));
+        }
         eprintln!("serve: ready in {} ms", self.started.elapsed().as_millis());
         tokio::select! {
             () = accept(self.api, listener) => {}
             () = stop => {}
         }
+        stopping.send_replace(true);
     }
 }
 
@@ -276,4 +321,31 @@ async fn stop_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// A new build of the module (its file's size or modification time
+/// changed) goes to the fleet with the filter.
+fn follow_module(envoy: &EnvoyAds, wasm: &std::path::Path) {
+    let stamp = || {
+        std::fs::metadata(wasm)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut seen = stamp();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match envoy.module_changed() {
+            Ok(true) => eprintln!(
+                "serve: {}: a new module, sent with the filter",
+                wasm.display()
+            ),
+            Ok(false) => {}
+            Err(e) => eprintln!("serve: {}: {e}; the fleet keeps its module", wasm.display()),
+        }
+    }
 }

@@ -82,6 +82,8 @@ pub struct Loaded {
     pub epoch: Option<u64>,
     pub seq: u64,
     pub settings: Option<String>,
+    /// The rollout's stable version (`serve --canary`).
+    pub stable: Option<u64>,
     pub domains: Vec<CurrentEntry>,
     pub clusters: Vec<(String, String)>,
 }
@@ -147,6 +149,7 @@ impl Store {
             epoch: text("epoch")?.and_then(|v| v.parse().ok()),
             seq: text("seq")?.and_then(|v| v.parse().ok()).unwrap_or(0),
             settings: text("settings")?,
+            stable: text("stable")?.and_then(|v| v.parse().ok()),
             ..Loaded::default()
         };
         let current = txn.open_table(CURRENT).map_err(|e| self.err(e))?;

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Versions with this bit are page cursors, not sequence numbers.
-const CURSOR_BIT: u64 = 1 << 62;
+pub const CURSOR_BIT: u64 = 1 << 62;
 /// Cursors remembered for nodes paging through a long answer.
 const CURSORS_KEPT: usize = 4096;
 

@@ -99,6 +99,7 @@ fn start(store: &std::path::Path, envoy: RecordingEnvoy) -> Running {
         watch: Vec::new(),
         settings: None,
         envoy: Box::new(envoy),
+        fleet: None,
     };
     let server = Server::open(config, runtime.handle()).unwrap_or_else(|e| unreachable!("{e}"));
     let listener = runtime
