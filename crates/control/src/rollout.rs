@@ -207,6 +207,7 @@ impl Fleet {
 /// feed is woken to move to it.
 fn promote(api: &Api, version: u64, why: &str) -> Result<(), ControlError> {
     api.shared.store.save_meta("stable", &version.to_string())?;
+    api.shared.stable.store(version, Ordering::Relaxed);
     {
         let mut state = api.fleet.state();
         state.stable = version;

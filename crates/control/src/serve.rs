@@ -182,8 +182,7 @@ impl Server {
             .fleet
             .as_ref()
             .map_or_else(|| Arc::new(Fleet::new(None)), |f| f.fleet.clone());
-        // Without a stable version kept, what the store has is stable.
-        fleet.start(epoch, loaded.stable.unwrap_or(loaded.seq));
+        let kept_stable = loaded.stable;
         let api = Arc::new(Api {
             shared,
             settings: RwLock::new(Arc::new(settings)),
@@ -210,6 +209,19 @@ impl Server {
             );
             watch
         });
+        // Without a stable version kept, what the store has once synced is
+        // stable: a first start rolls nothing out.
+        let stable = match kept_stable {
+            Some(stable) => stable,
+            None => api.shared.table().seq,
+        };
+        api.fleet.start(epoch, stable);
+        if api.fleet.rollout.is_some() {
+            api.shared
+                .stable
+                .store(stable, std::sync::atomic::Ordering::Relaxed);
+            api.shared.store.save_meta("stable", &stable.to_string())?;
+        }
         // The filter last: an Envoy that starts now has every policy's
         // clusters, and its first poll gets every policy.
         api.shared.envoy.filter(&api.current_settings())?;

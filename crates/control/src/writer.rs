@@ -64,6 +64,10 @@ pub struct Shared {
     /// The last published sequence number; feed polls wait on it.
     pub published: watch::Sender<u64>,
     pub envoy: Box<dyn EnvoyConfig>,
+    /// The rollout's stable version (`u64::MAX` without canaries): clusters
+    /// no domain names any more are kept while the stable version is behind
+    /// the latest, since nodes at the stable version may still use them.
+    pub stable: std::sync::atomic::AtomicU64,
     queue: mpsc::UnboundedSender<(WriteRequest, Reply)>,
 }
 
@@ -77,6 +81,7 @@ impl Shared {
             table: Mutex::new(table),
             published,
             envoy,
+            stable: std::sync::atomic::AtomicU64::new(u64::MAX),
             queue,
         });
         let writer = Arc::downgrade(&shared);
@@ -251,7 +256,12 @@ fn commit_batch(shared: &Shared, batch: Vec<(WriteRequest, Reply)>) {
         if commit.clusters_added.is_empty() {
             (Vec::new(), None)
         } else {
-            let dropped = table.retired();
+            let stable = shared.stable.load(std::sync::atomic::Ordering::Relaxed);
+            let dropped = if stable >= table.seq {
+                table.retired()
+            } else {
+                Vec::new()
+            };
             let set = table.cluster_set(&commit.clusters_added, &dropped);
             (dropped, Some(set))
         }
