@@ -1,12 +1,14 @@
-"""A local fleet in one command: the demo origins, the control plane watching
-a policy directory, and N Envoys (the edge's configuration, `--concurrency 1`
-each) fed over ADS and the policy feed. Also the library the fleet's
-end-to-end test and benchmark use.
+"""A local fleet in one command: the demo origins, the control plane
+(`origin-policy serve --ads`) watching a policy directory, and N Envoys (the
+edge's configuration, `--concurrency 1` each) fed over ADS and the policy
+feed. Also the library the fleet's end-to-end test and benchmark use.
 
   fleet.py up [--envoys 3] [--canary fleet-1] [--bake-seconds 10]   (scripts/fleet)
   fleet.py status [--json]    the control plane's view of every Envoy
-  fleet.py push               bundle the policy directory now (the watcher
-                              also does, within half a second of a change)
+  fleet.py promote            make the latest version stable now (releases a hold)
+
+A change is a file edited in the watched directory (the server sees it at
+once) or a write through the API (docs/api.md).
 """
 
 from __future__ import annotations
@@ -26,41 +28,38 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from control_plane import DEFAULT_CLI, DEFAULT_WASM, status_text  # noqa: E402
-from edge import REPO, EdgeError, edge_config  # noqa: E402
+from edge import CLI, REPO, WASM, EdgeError, edge_config  # noqa: E402
 from node import FleetEnvoy, NodePorts, node_config  # noqa: E402
 from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
 
-PYTHON = sys.executable
 XDS_PORT = 18600
-STATUS_PORT = 18601
+STATUS_PORT = 18601  # the API, the feed and /status: always the ADS port + 1 here
 NODE_PORT_BASE = 12000  # node i listens on 12000+10i (HTTP), +1 (HTTPS), +2 (admin)
 
 
 class ControlPlane:
-    """The control plane as a process of its own (it can be killed and
-    restarted while the Envoys run)."""
+    """`origin-policy serve --ads` as a process of its own (it can be killed
+    and restarted while the Envoys run); its store is run_dir/store."""
 
-    def __init__(self, run_dir: Path, policies: list[Path], wasm: Path = DEFAULT_WASM,
+    def __init__(self, run_dir: Path, policies: Path, wasm: Path = WASM,
                  xds_port: int = XDS_PORT, status_port: int = STATUS_PORT,
-                 canaries: list[str] = (), extra: list[str] = (), cli: Path = DEFAULT_CLI):
+                 canaries: list[str] = (), extra: list[str] = (), cli: Path = CLI):
         self.run_dir = run_dir
         self.xds_port = xds_port
         self.url = f"http://127.0.0.1:{status_port}"
         self.log_path = run_dir / "control-plane.log"
         self.command = [
-            PYTHON, str(HERE / "control_plane.py"),
-            "--policies", *map(str, policies), "--wasm", str(wasm), "--cli", str(cli),
-            "--xds", f"127.0.0.1:{xds_port}", "--http", f"127.0.0.1:{status_port}",
-            "--state-dir", str(run_dir / "control-plane"), "--canary", ",".join(canaries), *extra,
+            str(cli), "serve", "--store", str(run_dir / "store"), "--watch", str(policies),
+            "--wasm", str(wasm), "--ads", f"127.0.0.1:{xds_port}", "--listen", f"127.0.0.1:{status_port}",
+            *(["--canary", ",".join(canaries)] if canaries else []), *extra,
         ]
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -69,7 +68,7 @@ class ControlPlane:
                 self.status()
                 return
             except OSError:
-                time.sleep(0.1)
+                time.sleep(0.05)
         raise EdgeError(f"control plane not up after {timeout} s:\n{self.log_tail()}")
 
     def kill(self) -> None:
@@ -90,11 +89,27 @@ class ControlPlane:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def status(self) -> dict:
         return fetch_json(f"{self.url}/status")
 
-    def push(self) -> dict:
-        return fetch_json(f"{self.url}/push", method="POST")
+    def put(self, domain: str, document: str) -> tuple[int, dict]:
+        """PUT /v1/domains/DOMAIN: the answer's status and JSON."""
+        return request_json(f"{self.url}/v1/domains/{domain}", "PUT", document.encode())
+
+    def promote(self) -> dict:
+        return fetch_json(f"{self.url}/v1/rollout/promote", method="POST")
+
+
+def request_json(url: str, method: str, body: bytes | None = None, timeout: float = 600) -> tuple[int, dict]:
+    request = urllib.request.Request(url, method=method, data=body)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
 
 
 def fetch_json(url: str, method: str = "GET", timeout: float = 600) -> dict:
@@ -169,17 +184,39 @@ def up(args: argparse.Namespace) -> int:
 
 
 def print_welcome(control: ControlPlane, nodes: list[FleetEnvoy], args: argparse.Namespace) -> None:
-    print(f"control plane: ADS 127.0.0.1:{control.xds_port}, status {control.url}/ "
+    print(f"control plane: ADS 127.0.0.1:{control.xds_port}, API, feed and status {control.url}/ "
           f"(log {control.log_path})")
     for node in nodes:
         print(f"{node.node_id}: http://127.0.0.1:{node.ports.http}  https://127.0.0.1:{node.ports.https}"
               f"  admin {node.admin}")
-    print(f"policies: {', '.join(map(str, args.policies))} (edit a file: the change rolls out"
+    print(f"policies: {args.policies} (edit a file, or PUT {control.url}/v1/domains/DOMAIN: the change rolls out"
           + (f" to {args.canary} first" if args.canary else "") + ")")
     print("try:")
     print(CURL_LINES.format(http=nodes[0].ports.http, admin=nodes[0].admin))
     print("  scripts/fleet status")
     print("Ctrl-C stops the fleet.")
+
+
+def status_text(status: dict) -> str:
+    """The status JSON for people: the rollout, then one line per node."""
+    rollout = status.get("rollout", {})
+    lines = [f"version {status['version']} (stable {status.get('stable')}), {status['domains']} domains; "
+             f"rollout {rollout.get('stage')}"
+             + (f" of {rollout['candidate']}" if rollout.get("candidate") else "")
+             + (f": {rollout['reason']}" if rollout.get("reason") else "")]
+    for node_id, node in sorted(status.get("nodes", {}).items()):
+        xds = node.get("xds", {})
+        types = xds.get("types", {})
+        acked = ", ".join(f"{t} {v.get('acked')}" for t, v in sorted(types.items()))
+        line = (f"{node_id}: {'connected' if xds.get('connected') else 'not connected'}; "
+                f"feed at {node.get('version')} (target {node.get('target')}); xDS {acked or '-'}")
+        if node.get("refused"):
+            line += f"; refused {', '.join(sorted(node['refused']))}"
+        for t, v in sorted(types.items()):
+            if v.get("nack"):
+                line += f"; NACKed {t} {v['nack']['version']}: {v['nack']['message']}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def show_status(args: argparse.Namespace) -> int:
@@ -192,16 +229,14 @@ def show_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def push(args: argparse.Namespace) -> int:
+def promote(args: argparse.Namespace) -> int:
     try:
-        result = fetch_json(f"http://127.0.0.1:{args.status_port}/push", method="POST")
-    except (OSError, urllib.error.HTTPError) as e:
+        result = fetch_json(f"http://127.0.0.1:{args.status_port}/v1/rollout/promote", method="POST")
+    except OSError as e:
         print(f"no control plane on 127.0.0.1:{args.status_port}: {e}", file=sys.stderr)
         return 1
-    print(f"push #{result['push']}: {result['outcome']} {result['version'] or ''}")
-    if result["detail"]:
-        print(result["detail"])
-    return 0 if result["outcome"] != "refused" else 1
+    print(f"version {result['stable']} is stable")
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -211,8 +246,8 @@ def main(argv: list[str]) -> int:
     p_up.add_argument("--envoys", type=int, default=3)
     p_up.add_argument("--canary", default="fleet-1", help="comma-separated node ids; '' for none")
     p_up.add_argument("--bake-seconds", type=float, default=10.0)
-    p_up.add_argument("--policies", nargs="+", type=Path, default=[REPO / "policies"])
-    for name in ("status", "push"):
+    p_up.add_argument("--policies", type=Path, default=REPO / "policies")
+    for name in ("status", "promote"):
         s = sub.add_parser(name)
         s.add_argument("--status-port", type=int, default=STATUS_PORT)
         if name == "status":
@@ -220,7 +255,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["up", *argv]
     args = p.parse_args(argv)
-    return {"up": up, "status": show_status, "push": push}[args.command](args)
+    return {"up": up, "status": show_status, "promote": promote}[args.command](args)
 
 
 if __name__ == "__main__":
