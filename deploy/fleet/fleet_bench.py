@@ -1,18 +1,14 @@
-"""What a one-domain push costs a fleet: for each size (1,000 and 100,000
-synthetic domains by default) the control plane, three Envoys
-(`--concurrency 1`, the edge's configuration) and a light steady load; then
-one domain's policy is changed and pushed, a few times. Prints a table:
+"""What a one-domain change costs a fleet: for each size (1,000 and 100,000
+synthetic domains by default) `origin-policy serve --ads` watching a
+directory of one file per domain, three Envoys (`--concurrency 1`, the
+edge's configuration) and a light steady load; then one domain's file is
+changed, a few times. Prints a table:
 
-- bundle: `origin-policy bundle` (validation included; the CLI's debug build
-  unless --cli names another) and the control plane reading and encoding the
-  result;
-- accepted → all ACKed: from the control plane taking the version until
-  every Envoy ACKed it (sending, and each Envoy loading the configuration);
-- push → all ACKed: the same from the push request (bundle included);
-- visible on all: until every Envoy's answer for that domain shows the change
-  (its workers have the new set);
-- bytes per Envoy: what the control plane sent each Envoy for the push: the
-  feed page with the domain's policy (a policy change sends no xDS);
+- file → accepted: from the file written until the server publishes it
+  (the watch, the engine's check, the durable commit);
+- file → all fed: until every Envoy's feed polls from that version;
+- file → visible on all: until every Envoy's answer for that domain shows
+  the change;
 - failed requests of the steady load (must be 0).
 
 Run: .venv/bin/python deploy/fleet/fleet_bench.py [--domains 1000,100000] [--pushes 3] [--cli PATH]
@@ -37,8 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent.parent / "bench"))
-from control_plane import DEFAULT_CLI  # noqa: E402
-from edge import cpu_model, envoy_version  # noqa: E402
+from edge import CLI as DEFAULT_CLI, cpu_model, envoy_version  # noqa: E402
 from fleet import ControlPlane, make_node, start_nodes  # noqa: E402
 from load import decision_host  # noqa: E402
 from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
@@ -94,11 +89,9 @@ def seen_host(port: int, host: str) -> str | None:
 
 @dataclass
 class Push:
-    bundle_s: float
-    encode_s: float
-    acked_s: float
+    accepted_s: float
+    fed_s: float
     visible_s: float
-    bytes_per_envoy: list[int]
 
 
 @dataclass
@@ -111,36 +104,34 @@ class SizeResult:
 
 
 def one_push(control: ControlPlane, nodes, directory: Path, i: int, version: int) -> Push:
-    before = {k: v["bytes_sent"] for k, v in control.status()["nodes"].items()}
+    before = control.status()["version"]
+    started = time.monotonic()
     write_policy(directory, i, version)
     want = origin_host(i, version)
-    started = time.monotonic()
-    result = control.push()
-    assert result["outcome"] == "accepted", result
-    acked = visible = None
+    accepted = fed = None
     pending = {n.node_id for n in nodes}
-    while acked is None or pending:
+    while fed is None or pending:
         now = time.monotonic() - started
         if now > 300:
-            raise RuntimeError(f"push not everywhere after 300 s: {pending}")
-        if acked is None and all(n["acked"] == result["version"] for n in control.status()["nodes"].values()):
-            acked = now
+            raise RuntimeError(f"change not everywhere after 300 s: {pending}")
+        status = control.status()
+        if accepted is None and status["version"] > before:
+            accepted, target = now, status["version"]
+        if accepted is not None and fed is None and all(
+                status["nodes"].get(n.node_id, {}).get("version") == target for n in nodes):
+            fed = now
         for node in [n for n in nodes if n.node_id in pending]:
             if seen_host(node.ports.http, host_for(i)) == want:
                 pending.discard(node.node_id)
-        visible = time.monotonic() - started
         time.sleep(0.02)
-    after = control.status()["nodes"]
-    return Push(result["bundle_seconds"], result["encode_seconds"], acked, visible,
-                [after[k]["bytes_sent"] - before.get(k, 0) for k in sorted(after)])
+    return Push(accepted, fed, time.monotonic() - started)
 
 
 def run_size(n: int, envoys: int, pushes: int, certs: Certificates, work: Path, cli: Path) -> SizeResult:
     run = work / f"fleet-{n}"
     policies = run / "policies"
     write_policies(policies, n)
-    control = ControlPlane(run, [policies], xds_port=XDS_PORT, status_port=STATUS_PORT,
-                           extra=["--poll-seconds", "0"], cli=cli)
+    control = ControlPlane(run, policies, xds_port=XDS_PORT, status_port=STATUS_PORT, cli=cli)
     nodes = [make_node(run, k, certs, XDS_PORT, PORT_BASE) for k in range(1, envoys + 1)]
     res = SizeResult(n)
     load = None
@@ -182,22 +173,17 @@ def median(values: list[float]) -> float:
 def table(results: list[SizeResult], envoys: int, cli: Path) -> str:
     lines = [
         f"{envoys} Envoys (--concurrency 1) on {cpu_model()} ({platform.machine()}, "
-        f"{os.cpu_count()} cores), Envoy {envoy_version()}; bundled by {cli}; "
-        f"median of {len(results[0].pushes)} one-domain pushes",
+        f"{os.cpu_count()} cores), Envoy {envoy_version()}; server {cli}; "
+        f"median of {len(results[0].pushes)} one-domain changes",
         "",
-        "| domains | start (all ready) | bundle + validate | read + encode | accepted → all ACKed | "
-        "push → all ACKed | push → visible on all | bytes per Envoy per push | failed requests |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| domains | start (all ready) | file → accepted | file → all fed | file → visible on all | failed requests |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         p = r.pushes
         lines.append(
-            f"| {r.domains:,} | {r.start_s:.2f} s | {median([x.bundle_s for x in p]):.2f} s "
-            f"| {median([x.encode_s for x in p]):.2f} s "
-            f"| {median([x.acked_s - x.bundle_s - x.encode_s for x in p]):.2f} s "
-            f"| {median([x.acked_s for x in p]):.2f} s "
-            f"| {median([x.visible_s for x in p]):.2f} s "
-            f"| {median([median(x.bytes_per_envoy) for x in p]):,.0f} "
+            f"| {r.domains:,} | {r.start_s:.2f} s | {median([x.accepted_s for x in p]):.2f} s "
+            f"| {median([x.fed_s for x in p]):.2f} s | {median([x.visible_s for x in p]):.2f} s "
             f"| {r.failed} of {r.requests:,} |"
         )
     return "\n".join(lines)
