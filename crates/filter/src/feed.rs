@@ -8,7 +8,8 @@ use crate::http::shared_data;
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::{
-    malformed_report, published_settings, rejected_report, waiting_state, FeedSync, MalformedLine,
+    malformed_report, next_changes, published_settings, rejected_report, waiting_state, FeedSync,
+    MalformedLine, CHANGES_KEY,
     RemovalLimit, SnapshotRefused, EPOCH_HEADER, FEED_STATE_KEY, MALFORMED_HEADER, MORE_HEADER,
     NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, SETTINGS_KEY, SNAPSHOT_REFUSED_HEADER,
     VERSION_HEADER,
@@ -306,6 +307,7 @@ impl FeedRoot {
         if !self.ready {
             let _ =
                 self.set_shared_data(FEED_STATE_KEY, Some(waiting_state(&why).as_bytes()), None);
+            self.count_change();
         }
         self.last_failure = Some(why);
     }
@@ -318,8 +320,24 @@ impl FeedRoot {
                 Err(e) => error!("policy feed: could not write {key}: {e:?}"),
             }
         }
+        if written > 0 {
+            self.count_change();
+        }
         if let Some(metrics) = &self.metrics {
             metrics.add(Counter::FeedEntriesWritten, written);
+        }
+    }
+
+    /// Tells the workers that entries or the state changed: they read the
+    /// count on their tick, and look up again what they answered from
+    /// memory. Written after what it counts, so a worker that sees the new
+    /// count reads the new entries.
+    fn count_change(&self) {
+        // Only the leader writes it (on Envoy's main thread): no CAS needed.
+        let (value, _) = self.get_shared_data(CHANGES_KEY);
+        let next = next_changes(value.as_deref());
+        if let Err(e) = self.set_shared_data(CHANGES_KEY, Some(&next), None) {
+            error!("policy feed: could not count a change, workers may answer from memory: {e:?}");
         }
     }
 
@@ -415,6 +433,7 @@ impl FeedRoot {
         if !self.ready {
             self.ready = true;
             let _ = self.set_shared_data(FEED_STATE_KEY, Some(READY_STATE.as_bytes()), None);
+            self.count_change();
             let took = self
                 .sync_started
                 .and_then(|t| self.get_current_time().duration_since(t).ok())

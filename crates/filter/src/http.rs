@@ -6,7 +6,7 @@
 use crate::foreign;
 use crate::metrics::{Counter, Metrics};
 use log::{debug, error};
-use origin_policy_engine::feed::{not_ready, DomainEntries, EntryError, EntryRead, FEED_STATE_KEY};
+use origin_policy_engine::feed::{DomainEntries, EntryError, EntryRead, CHANGES_KEY};
 use origin_policy_engine::host::{normalize_authority, HostError};
 use origin_policy_engine::{
     scheme_from_text, CompiledPolicy, Delivery, DomainMatch, Exchange, FailoverOutcome,
@@ -32,6 +32,17 @@ thread_local! {
 /// settings that changed.
 pub(crate) fn forget_entries() {
     ENTRIES.with(|entries| entries.borrow_mut().clear());
+}
+
+/// Reads the feed singleton's change count (on the root's tick): until it
+/// moves, a host looked up once is answered without a shared-data read.
+pub(crate) fn note_feed_changes() {
+    let changes = shared_data(CHANGES_KEY);
+    ENTRIES.with(|entries| {
+        entries
+            .borrow_mut()
+            .note_changes(changes.as_ref().map(|(v, _)| v.as_slice()))
+    });
 }
 
 /// The policy a request's host found, owned: from the configuration's index,
@@ -86,7 +97,7 @@ fn find_policy<'a>(
         .with(|entries| {
             entries
                 .borrow_mut()
-                .lookup(&host, &policies.settings, shared_data)
+                .find(&host, &policies.settings, shared_data)
         })
         .map_err(NotFound::Unavailable)?;
     match found {
@@ -95,16 +106,9 @@ fn find_policy<'a>(
             matched,
             viewer_host: host,
         }),
-        // An unknown domain, unless the edge has not got its policies yet.
-        None => {
-            let state = shared_data(FEED_STATE_KEY);
-            match not_ready(state.as_ref().map(|(s, _)| s.as_slice())) {
-                Some(why) => Err(NotFound::Unavailable(why)),
-                None => Err(NotFound::Refused(Refusal::UnknownDomain {
-                    viewer_host: host,
-                })),
-            }
-        }
+        None => Err(NotFound::Refused(Refusal::UnknownDomain {
+            viewer_host: host,
+        })),
     }
 }
 

@@ -2,7 +2,7 @@
 //! rejected domain on its last good policy, and hands every stream the policy
 //! set that was current when it started.
 
-use crate::http::{forget_entries, OriginFetch};
+use crate::http::{forget_entries, note_feed_changes, OriginFetch};
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::SETTINGS_KEY;
@@ -17,8 +17,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// How late a per-request counter may reach Envoy's stats.
-const METRICS_FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+/// The root's tick, which hands the per-request counters to Envoy: how late
+/// they may reach its stats.
+const TICK_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+/// With feed delivery each tick also reads the singleton's change count (one
+/// small shared-data read per worker): a push is used by every worker at
+/// most this long after the singleton wrote it.
+const FEED_TICK_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 
 thread_local! {
     /// The policies last applied per plugin in this VM. Envoy configures a
@@ -146,6 +151,8 @@ fn store_last_good(plugin: &str, config: &[u8], compiled: &CompiledSet, stored: 
 pub(crate) struct OriginPolicyRoot {
     policies: Option<Rc<PolicySet>>,
     metrics: Option<Rc<Metrics>>,
+    /// The tick period asked of Envoy, once configured.
+    tick_period: Option<std::time::Duration>,
 }
 
 impl OriginPolicyRoot {
@@ -176,10 +183,6 @@ impl Context for OriginPolicyRoot {}
 
 impl RootContext for OriginPolicyRoot {
     fn on_configure(&mut self, size: usize) -> bool {
-        if self.metrics.is_none() {
-            // The per-request counters reach Envoy on this tick.
-            self.set_tick_period(METRICS_FLUSH_PERIOD);
-        }
         let metrics = Rc::clone(
             self.metrics
                 .get_or_insert_with(|| Rc::new(Metrics::define())),
@@ -243,6 +246,14 @@ impl RootContext for OriginPolicyRoot {
         if compiled.set.delivery == Delivery::Feed {
             publish_settings(&bytes);
         }
+        let period = match compiled.set.delivery {
+            Delivery::Inline => TICK_PERIOD,
+            Delivery::Feed => FEED_TICK_PERIOD,
+        };
+        if self.tick_period != Some(period) {
+            self.set_tick_period(period);
+            self.tick_period = Some(period);
+        }
         if previous.as_ref().map(|p| &p.settings) != Some(&compiled.set.settings) {
             forget_entries();
         }
@@ -253,6 +264,13 @@ impl RootContext for OriginPolicyRoot {
     }
 
     fn on_tick(&mut self) {
+        if self
+            .policies
+            .as_ref()
+            .is_some_and(|p| p.delivery == Delivery::Feed)
+        {
+            note_feed_changes();
+        }
         if let Some(metrics) = &self.metrics {
             metrics.flush();
         }

@@ -4,6 +4,9 @@
 //! ([`FeedSync`]); each worker reads the entry of a request's domain and
 //! compiles it on first use, keeping it while the entry is unchanged
 //! ([`DomainEntries`]). A push then costs one entry, however many are loaded.
+//! The singleton counts its writes ([`CHANGES_KEY`]); a worker reads the
+//! count on its tick and answers a host it has looked up since the last
+//! change from memory, with no shared-data read per request.
 //!
 //! Pure: the filter supplies the shared-data reads and writes.
 //!
@@ -34,6 +37,10 @@ pub const ENTRY_KEY_PREFIX: &str = "origin-policy.domain/";
 /// Where the singleton says whether the edge has its policies yet: `ready`,
 /// or `waiting: WHY` until the first sync is complete.
 pub const FEED_STATE_KEY: &str = "origin-policy.feed.state";
+/// How many times the singleton has written entries or the state: a worker
+/// that reads the same count twice knows that nothing it looked up in
+/// between has changed. Decimal text.
+pub const CHANGES_KEY: &str = "origin-policy.feed.changes";
 /// A removed domain's entry (shared data has no delete in ABI 0.2): never a
 /// JSON document, so never mistaken for one.
 pub const REMOVED_ENTRY: &[u8] = b"-";
@@ -201,6 +208,24 @@ pub const READY_STATE: &str = "ready";
 /// A worker keeps at most this many compiled policies; a domain dropped from
 /// the cache is compiled again from its entry when next asked for.
 pub const MAX_CACHED_POLICIES: usize = 16_384;
+/// A worker remembers the answer for at most this many hosts (a viewer can
+/// name any number under a wildcard); one dropped is looked up again.
+pub const MAX_REMEMBERED_HOSTS: usize = 16_384;
+
+/// The [`CHANGES_KEY`] value after `previous` (the value read, if any).
+pub fn next_changes(previous: Option<&[u8]>) -> Vec<u8> {
+    let count = previous.map_or(0, changes_count);
+    count.wrapping_add(1).to_string().into_bytes()
+}
+
+/// A [`CHANGES_KEY`] value as a count; an unreadable one as 0 (the next
+/// write makes it readable again).
+fn changes_count(value: &[u8]) -> u64 {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
 
 pub fn entry_key(domain: &str) -> String {
     let mut key = String::with_capacity(ENTRY_KEY_PREFIX.len() + domain.len());
@@ -255,14 +280,66 @@ impl std::error::Error for EntryError {}
 /// changes with every write of the key).
 pub type EntryRead = Option<(Vec<u8>, u32)>;
 
+/// What a host was found to have: its policy and how it matched, or none.
+type Answer = Option<(Arc<CompiledPolicy>, MatchKind)>;
+
 /// One worker's compiled policies, by entry key, each with the CAS of the
-/// entry it was compiled from.
+/// entry it was compiled from; and the answers it gave per host since the
+/// singleton's last change.
 #[derive(Debug, Default)]
 pub struct DomainEntries {
     compiled: HashMap<String, (u32, Arc<CompiledPolicy>), foldhash::fast::RandomState>,
+    /// Per host: the answer, and the [`CHANGES_KEY`] count it was read at.
+    remembered: HashMap<String, (u64, Answer), foldhash::fast::RandomState>,
+    /// The singleton's count as last read; `None` (no count yet, or a
+    /// singleton that keeps none): nothing is answered from memory.
+    changes: Option<u64>,
 }
 
 impl DomainEntries {
+    /// Takes the singleton's change count (the worker's tick reads it): an
+    /// answer remembered at another count is read again when next asked.
+    pub fn note_changes(&mut self, value: Option<&[u8]>) {
+        self.changes = value.map(changes_count);
+    }
+
+    /// The policy for a normalised host, as [`DomainEntries::lookup`] finds
+    /// it, but from memory when nothing changed since it was last looked up.
+    /// `Ok(None)`: the host is an unknown domain; until the first sync
+    /// ([`FEED_STATE_KEY`]), that is [`EntryError::NotReady`] instead, which
+    /// is never remembered.
+    pub fn find(
+        &mut self,
+        host: &str,
+        settings: &Settings,
+        mut read: impl FnMut(&str) -> EntryRead,
+    ) -> Result<Answer, EntryError> {
+        if let (Some(now), Some((seen, answer))) = (self.changes, self.remembered.get(host)) {
+            if *seen == now {
+                return Ok(answer.clone());
+            }
+        }
+        let answer = self.lookup(host, settings, &mut read)?;
+        if answer.is_none() {
+            let state = read(FEED_STATE_KEY);
+            if let Some(why) = not_ready(state.as_ref().map(|(s, _)| s.as_slice())) {
+                return Err(why);
+            }
+        }
+        if let Some(now) = self.changes {
+            if self.remembered.len() >= MAX_REMEMBERED_HOSTS && !self.remembered.contains_key(host)
+            {
+                // Stale answers first would need an order; a full map is
+                // rare (hosts under a wildcard) and clearing it is O(1) per
+                // request on average.
+                self.remembered.clear();
+            }
+            self.remembered
+                .insert(host.to_owned(), (now, answer.clone()));
+        }
+        Ok(answer)
+    }
+
     /// The policy for a normalised host: its exact name's entry, then the
     /// wildcard of each parent (`*.b.c`, then `*.c` for `a.b.c`). `Ok(None)`:
     /// no policy covers the host. `read` reads one shared-data key.
@@ -299,6 +376,7 @@ impl DomainEntries {
     /// changed.
     pub fn clear(&mut self) {
         self.compiled.clear();
+        self.remembered.clear();
     }
 
     fn entry(
@@ -814,6 +892,90 @@ mod tests {
         let why = not_ready(Some(waiting.as_bytes())).unwrap().to_string();
         assert_eq!(why, "origin policies not received yet: the source is down");
         assert!(not_ready(None).unwrap().to_string().contains("vm_id"));
+    }
+
+    #[test]
+    fn a_host_is_answered_from_memory_until_the_singleton_counts_a_change() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        shared.write(
+            sync.apply(&page(&[("*.example.org", WILD)]), &Settings::default())
+                .writes,
+        );
+        shared.write(vec![(FEED_STATE_KEY.to_owned(), READY_STATE.into())]);
+        let mut entries = DomainEntries::default();
+        entries.note_changes(Some(b"7"));
+        let mut reads = Vec::new();
+        let find = |entries: &mut DomainEntries,
+                    host: &str,
+                    reads: &mut Vec<String>,
+                    shared: &FakeSharedData| {
+            entries.find(host, &Settings::default(), |k| {
+                reads.push(k.to_owned());
+                shared.read(k)
+            })
+        };
+        let (p, kind) = find(&mut entries, "x.example.org", &mut reads, &shared)
+            .unwrap()
+            .unwrap();
+        assert_eq!((origin_of(&p), kind), ("b.example.net", MatchKind::Wildcard));
+        assert_eq!(reads.len(), 2, "{reads:?}");
+        // A host without a policy, once the edge has its policies: unknown.
+        assert!(find(&mut entries, "nobody.example.com", &mut reads, &shared)
+            .unwrap()
+            .is_none());
+        reads.clear();
+        // Nothing counted since: no read at all.
+        let (again, _) = find(&mut entries, "x.example.org", &mut reads, &shared)
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&p, &again));
+        assert!(find(&mut entries, "nobody.example.com", &mut reads, &shared)
+            .unwrap()
+            .is_none());
+        assert!(reads.is_empty(), "{reads:?}");
+        // A change: the singleton writes the entry, then counts it.
+        let changed = WILD.replace("b.example.net", "c.example.net");
+        shared.write(
+            sync.apply(&page(&[("*.example.org", &changed)]), &Settings::default())
+                .writes,
+        );
+        let value = next_changes(shared.read(CHANGES_KEY).as_ref().map(|(v, _)| v.as_slice()));
+        assert_eq!(value, b"1");
+        entries.note_changes(Some(b"8"));
+        let (now, _) = find(&mut entries, "x.example.org", &mut reads, &shared)
+            .unwrap()
+            .unwrap();
+        assert_eq!(origin_of(&now), "c.example.net");
+        assert_eq!(next_changes(Some(b"8")), b"9");
+    }
+
+    #[test]
+    fn without_a_count_every_lookup_reads_and_not_ready_is_never_remembered() {
+        let mut shared = FakeSharedData::default();
+        let mut sync = FeedSync::default();
+        shared.write(
+            sync.apply(&page(&[("www.example.com", WWW)]), &Settings::default())
+                .writes,
+        );
+        let mut entries = DomainEntries::default();
+        let mut reads = 0;
+        for _ in 0..2 {
+            entries
+                .find("www.example.com", &Settings::default(), |k| {
+                    reads += 1;
+                    shared.read(k)
+                })
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(reads, 2, "a singleton that counts nothing: read per request");
+        entries.note_changes(Some(b"1"));
+        let early = entries.find("nobody.example.com", &Settings::default(), |k| shared.read(k));
+        assert!(matches!(early, Err(EntryError::NotReady { .. })), "{early:?}");
+        shared.write(vec![(FEED_STATE_KEY.to_owned(), READY_STATE.into())]);
+        let later = entries.find("nobody.example.com", &Settings::default(), |k| shared.read(k));
+        assert!(matches!(later, Ok(None)), "{later:?}");
     }
 
     #[test]
