@@ -1,5 +1,8 @@
-"""Envoy cost per request: origin-policy against Envoy without a filter, Envoy
-doing the same rewrite natively, and a proxy-wasm filter that does nothing.
+"""Envoy cost per request: origin-policy, with its policies inline and delivered
+by the feed (the shipped edge), against Envoy without a filter, Envoy doing the
+same rewrite natively, a proxy-wasm filter that does nothing, and what an Envoy
+user would pick instead: the same per-domain choice in Envoy's Lua filter and
+through ext_proc (a gRPC processor, bench/ext_proc_processor.py).
 
 One Envoy (bench/envoy/bench.yaml, --concurrency 1) pinned to one core, nginx
 (the HTTPS origin) and wrk pinned to the other. Each round runs every variant
@@ -14,7 +17,11 @@ whole request header map, one header, set one, remove one, read a property,
 increment a counter, set filter state, get 200 B of shared data), one listener
 per kind, each against the plain no-op (flat out).
 
-Run: bench/run-envoy [--rounds N] [--seconds S] [--calibrate]
+Every variant does the same job for bench.example.com: the origin's cluster
+(the one `bundle` derives), the Host origin.example.net, and SNI from that
+Host; the script checks at the origin that each got there so.
+
+Run: .venv/bin/python bench/envoy_bench.py [--rounds N] [--seconds S] [--calibrate]
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy"))
 import yaml  # noqa: E402
 
-from edge import WASM, Envoy, bundle, cpu_model, envoy_version  # noqa: E402
+from edge import CLI, WASM, Envoy, bundle, cpu_model, envoy_version, with_feed  # noqa: E402
 from origins import Certificates  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -50,6 +57,9 @@ VARIANTS = {
     "noop_wasm": 10103,
     "origin_policy": 10104,
     "origin_networks": 10110,
+    "feed": 10105,
+    "lua": 10106,
+    "ext_proc": 10107,
 }
 LABELS = {
     "no_filter": "(a) no filter",
@@ -57,7 +67,39 @@ LABELS = {
     "noop_wasm": "(c) no-op wasm",
     "origin_policy": "(d) origin-policy",
     "origin_networks": "(d) with the origin networks' upstream RBAC",
+    "feed": "(e) origin-policy, feed delivery (the shipped edge)",
+    "lua": "(f) Lua filter",
+    "ext_proc": "(g) ext_proc, Python processor",
 }
+# The peers and their processes: `origin-policy feed` (the policy source of
+# (e)) and the ext_proc processor of (g), both on the load generator's core.
+FEED_PORT = 18510
+EXT_PROC_PORT = 18520
+LEVER_PORT = 10120
+# (d) and the levers in a VM of their own: the feed singleton shares the
+# filter's `vm_id` with (e), and (d) must not see (e)'s entries.
+INLINE_VM_ID = "origin-policy-inline"
+LUA_SCRIPT = """\
+-- The domains and what each is sent to: the cluster (which takes SNI from
+-- the Host, auto_sni) and the Host.
+local routes = {
+%s
+}
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local authority = headers:get(":authority") or ""
+  local host = string.lower(string.match(authority, "^[^:]*"))
+  local route = routes[host]
+  if route == nil then
+    handle:respond({[":status"] = "404"}, "no origin policy for host " .. host .. "\\n")
+    return
+  end
+  headers:replace("x-origin-cluster", route[1])
+  headers:replace(":authority", route[2])
+  handle:clearRouteCache()
+end
+"""
 # The calibration variants: the no-op filter's plugin configuration names the
 # one host call it makes per request (bench/noop-filter/src/lib.rs).
 CALIBRATION_CALLS = {
@@ -76,6 +118,7 @@ CALIBRATION_CALLS = {
 CALIBRATION_PORT = 10150
 CALIBRATION: dict[str, int] = {}
 VIEWER_HOST = "bench.example.com"
+ORIGIN_HOST = "origin.example.net"
 ENVOY_CPU = 0
 LOAD_CPU = 1
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -142,7 +185,7 @@ def check_variants() -> None:
     for name, port in VARIANTS.items():
         status, headers = get(port)
         host, sni = headers.get("x-origin-host"), headers.get("x-origin-sni")
-        want_host = VIEWER_HOST if name in ("no_filter", "noop_wasm") else "origin.example.net"
+        want_host = VIEWER_HOST if name in ("no_filter", "noop_wasm") else ORIGIN_HOST
         if name.startswith("lever_") and host == f"{want_host}:{ORIGIN_PORT}":
             host = want_host
         if status != 200 or host != want_host or sni != "origin.example.net":
@@ -230,7 +273,72 @@ def add_lever(run: Path, config: dict, lever: str, port: int, wasm: Path) -> Non
     source["watched_directory"] = {"path": str(out)}
     config["static_resources"]["listeners"].append(listener)
     VARIANTS[f"lever_{name}"] = port
+    use_vm(out / "origin-policy.ecds.json", INLINE_VM_ID)
     LABELS[f"lever_{name}"] = f"(d) with `{name}`"
+
+
+def use_vm(ecds: Path, vm_id: str) -> None:
+    """Puts the filter of an ECDS file in a VM of its own."""
+    resource = json.loads(ecds.read_text())
+    for r in resource["resources"]:
+        r["typed_config"]["config"]["vm_config"]["vm_id"] = vm_id
+    ecds.write_text(json.dumps(resource))
+
+
+def routes(run: Path) -> dict[str, tuple[str, str]]:
+    """What the peers (f) and (g) send each domain to: the cluster origin-policy
+    derived for it (`bundle`'s clusters file) and the Host its policy names."""
+    cds = json.loads((run / "origin-policy.cds.json").read_text())
+    names = [c["name"] for c in cds["resources"]]
+    if len(names) != 1:
+        raise SystemExit(f"expected one derived cluster for {VIEWER_HOST}, found {names}")
+    return {VIEWER_HOST: (names[0], ORIGIN_HOST)}
+
+
+def add_peers(config: dict, run: Path, wasm: Path, policies: Path) -> list[subprocess.Popen]:
+    """(e)'s feed singleton and policy source, (f)'s script and (g)'s
+    processor. The source and the processor run on the load generator's core."""
+    table = routes(run)
+    lua = next(l for l in config["static_resources"]["listeners"] if l["name"] == "lua")
+    lua_filter = lua["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0]
+    lines = ",\n".join(f'  ["{d}"] = {{"{c}", "{h}"}}' for d, (c, h) in table.items())
+    lua_filter["typed_config"]["default_source_code"] = {"inline_string": LUA_SCRIPT % lines}
+    config.update(with_feed(config, FEED_PORT, wasm))
+    feed_dir = run / "feed"
+    feed_dir.mkdir()
+    started = [
+        subprocess.Popen(
+            [str(CLI), "feed", "--wasm", str(wasm), "--out", str(feed_dir),
+             "--listen", f"127.0.0.1:{FEED_PORT}", str(policies)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(run / "feed.log", "ab"),
+            preexec_fn=pinned(LOAD_CPU),
+        ),
+        subprocess.Popen(
+            [sys.executable, str(BENCH / "ext_proc_processor.py"), "--port", str(EXT_PROC_PORT),
+             *(f"--route={d}={c},{h}" for d, (c, h) in table.items())],
+            preexec_fn=pinned(LOAD_CPU),
+        ),
+    ]  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (feed_dir / "origin-policy.ecds.json").exists():
+        if started[0].poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"origin-policy feed did not start:\n{(run / 'feed.log').read_text()}")
+        time.sleep(0.1)
+    return started
+
+
+def wait_for_variants(timeout: float = 60) -> None:
+    """The feed's first sync and the processor's start take a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_variants()
+            return
+        except (SystemExit, OSError) as e:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not every variant is ready: {e}") from None
+            time.sleep(0.2)
 
 
 def add_calibration(config: dict) -> None:
@@ -355,14 +463,16 @@ def main() -> int:
         )
         shutil.copy(NOOP_WASM, run / "noop_filter.wasm")
         bundle(run, [args.policies], args.wasm)
+        use_vm(run / "origin-policy.ecds.json", INLINE_VM_ID)
         config = yaml.safe_load((BENCH / "envoy" / "bench.yaml").read_text())
         for i, lever in enumerate(args.lever):
-            add_lever(run, config, lever, VARIANTS["origin_policy"] + 1 + i, args.wasm)
+            add_lever(run, config, lever, LEVER_PORT + i, args.wasm)
         if args.calibrate:
             add_calibration(config)
+        processes += add_peers(config, run, args.wasm, args.policies)
         envoy = Envoy(run, config, concurrency=1, cpus={ENVOY_CPU}, admin=ADMIN)
         envoy.start()
-        check_variants()
+        wait_for_variants()
 
         flat_out = run / "flat-out.lua"
         flat_out.write_text(WRK_REPORT % (VIEWER_HOST, ""))
