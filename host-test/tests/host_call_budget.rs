@@ -82,6 +82,28 @@ const DIRECT_KINDS: [Kind; 2] = [
     },
 ];
 
+/// With feed delivery (`"delivery": "feed"`): the worker reads a host's
+/// entry from shared data the first time, then answers it from memory until
+/// the feed singleton counts a change (read on the root's tick).
+const FEED_KINDS: [Kind; 4] = [
+    Kind {
+        name: "feed: first request for the host on this worker",
+        ..KINDS[0]
+    },
+    Kind {
+        name: "feed: plain hit",
+        ..KINDS[0]
+    },
+    Kind {
+        name: "feed: miss (no policy: local 404)",
+        ..KINDS[2]
+    },
+    Kind {
+        name: "feed: plain hit after a change is counted",
+        ..KINDS[0]
+    },
+];
+
 /// Calls in the request-headers callback, the response-headers callback,
 /// and the rest of the stream.
 const fn calls(request: usize, response: usize, other: usize) -> Calls {
@@ -93,7 +115,7 @@ const fn calls(request: usize, response: usize, other: usize) -> Calls {
 }
 
 /// The budget: raise it only on purpose, with the cost in BENCHMARKS.md.
-const BUDGET: [(&str, Calls); 9] = [
+const BUDGET: [(&str, Calls); 13] = [
     ("plain hit", calls(3, 3, 0)),
     ("hit with a chain", calls(9, 7, 0)),
     ("miss (no policy: local 404)", calls(3, 0, 0)),
@@ -103,6 +125,14 @@ const BUDGET: [(&str, Calls); 9] = [
     ("origin refused (502)", calls(3, 7, 0)),
     ("direct hit", calls(5, 3, 0)),
     ("direct hit over HTTPS", calls(8, 3, 0)),
+    // One shared-data get, and the host's call back to hand over its value.
+    (
+        "feed: first request for the host on this worker",
+        calls(5, 3, 0),
+    ),
+    ("feed: plain hit", calls(3, 3, 0)),
+    ("feed: miss (no policy: local 404)", calls(3, 0, 0)),
+    ("feed: plain hit after a change is counted", calls(5, 3, 0)),
 ];
 
 fn run(vm: &mut Vm, kind: &Kind) -> (Calls, BTreeMap<&'static str, usize>) {
@@ -175,9 +205,7 @@ fn every_kind_of_request_stays_within_its_host_call_budget() {
     let mut direct_vm = common::direct_vm();
     run(&mut direct_vm, &KINDS[0]);
     let mut measured = Vec::new();
-    let kinds = KINDS.iter().map(|k| (false, k));
-    for (direct, kind) in kinds.chain(DIRECT_KINDS.iter().map(|k| (true, k))) {
-        let (calls, by_name) = run(if direct { &mut direct_vm } else { &mut vm }, kind);
+    let mut row = |kind: &Kind, (calls, by_name): (Calls, BTreeMap<&str, usize>)| {
         let names: Vec<String> = by_name.iter().map(|(n, c)| format!("{n} ×{c}")).collect();
         table += &format!(
             "| {} | {} | {} | {} | {} | {} |\n",
@@ -189,7 +217,24 @@ fn every_kind_of_request_stays_within_its_host_call_budget() {
             names.join(", ")
         );
         measured.push((kind.name, calls));
+    };
+    for kind in &KINDS {
+        row(kind, run(&mut vm, kind));
     }
+    for kind in &DIRECT_KINDS {
+        row(kind, run(&mut direct_vm, kind));
+    }
+    let feed = common::FeedProcess::new();
+    let mut worker = feed.worker();
+    let [first, plain, miss, changed] = &FEED_KINDS;
+    row(first, run(&mut worker, first));
+    row(plain, run(&mut worker, plain));
+    // The first miss looks for the host's entry and each parent's wildcard.
+    run(&mut worker, miss);
+    row(miss, run(&mut worker, miss));
+    feed.write(origin_policy_engine::feed::CHANGES_KEY, b"2");
+    worker.tick().unwrap();
+    row(changed, run(&mut worker, changed));
     println!("{table}");
     assert_eq!(GUEST_ALLOCATION, "(proxy_on_memory_allocate)");
     assert_eq!(

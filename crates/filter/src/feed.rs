@@ -9,10 +9,9 @@ use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::{
     malformed_report, next_changes, published_settings, rejected_report, waiting_state, FeedSync,
-    MalformedLine, CHANGES_KEY,
-    RemovalLimit, SnapshotRefused, EPOCH_HEADER, FEED_STATE_KEY, MALFORMED_HEADER, MORE_HEADER,
-    NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER, SETTINGS_KEY, SNAPSHOT_REFUSED_HEADER,
-    VERSION_HEADER,
+    MalformedLine, RemovalLimit, SnapshotRefused, CHANGES_KEY, EPOCH_HEADER, FEED_STATE_KEY,
+    MALFORMED_HEADER, MORE_HEADER, NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER,
+    SETTINGS_KEY, SNAPSHOT_REFUSED_HEADER, VERSION_HEADER,
 };
 use origin_policy_engine::{parse_json, OriginNetworks, Settings};
 use proxy_wasm::traits::{Context, RootContext};

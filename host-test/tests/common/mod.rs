@@ -66,3 +66,53 @@ pub fn example_clusters(host: &str, scheme: origin_policy_engine::Scheme) -> Vec
         .map(str::to_owned)
         .collect()
 }
+
+/// One Envoy process with feed delivery, as the feed singleton leaves it:
+/// every example policy in shared data as its domain's entry, the first sync
+/// complete and the change count at 1.
+pub struct FeedProcess {
+    pub process: host_test::Process<'static>,
+    pub config: String,
+}
+
+impl FeedProcess {
+    pub fn new() -> Self {
+        Self::counting(true)
+    }
+
+    /// `counting: false`: a singleton that keeps no change count (an older
+    /// module).
+    pub fn counting(counting: bool) -> Self {
+        use origin_policy_engine::feed::{entry_key, CHANGES_KEY, FEED_STATE_KEY, READY_STATE};
+        let feed = read_dir(&policies_dir()).unwrap().feed_documents().unwrap();
+        let config =
+            serde_json::json!({"settings": feed.settings_document, "delivery": "feed"}).to_string();
+        let fed = FeedProcess {
+            process: Filter::shared().unwrap().process(),
+            config,
+        };
+        for (domain, document) in &feed.accepted {
+            fed.write(&entry_key(domain), document.as_bytes());
+        }
+        fed.write(FEED_STATE_KEY, READY_STATE.as_bytes());
+        if counting {
+            fed.write(CHANGES_KEY, b"1");
+        }
+        fed
+    }
+
+    /// A write into the process's shared data, as the singleton makes it.
+    pub fn write(&self, key: &str, value: &[u8]) {
+        self.process
+            .shared_data()
+            .set(self.process.vm_id(), key, value, 0)
+            .unwrap();
+    }
+
+    /// A worker configured with the filter's settings, after its first tick.
+    pub fn worker(&self) -> Vm {
+        let mut vm = self.process.start(&self.config).unwrap();
+        vm.tick().unwrap();
+        vm
+    }
+}

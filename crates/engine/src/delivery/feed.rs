@@ -918,21 +918,28 @@ mod tests {
         let (p, kind) = find(&mut entries, "x.example.org", &mut reads, &shared)
             .unwrap()
             .unwrap();
-        assert_eq!((origin_of(&p), kind), ("b.example.net", MatchKind::Wildcard));
+        assert_eq!(
+            (origin_of(&p), kind),
+            ("b.example.net", MatchKind::Wildcard)
+        );
         assert_eq!(reads.len(), 2, "{reads:?}");
         // A host without a policy, once the edge has its policies: unknown.
-        assert!(find(&mut entries, "nobody.example.com", &mut reads, &shared)
-            .unwrap()
-            .is_none());
+        assert!(
+            find(&mut entries, "nobody.example.com", &mut reads, &shared)
+                .unwrap()
+                .is_none()
+        );
         reads.clear();
         // Nothing counted since: no read at all.
         let (again, _) = find(&mut entries, "x.example.org", &mut reads, &shared)
             .unwrap()
             .unwrap();
         assert!(Arc::ptr_eq(&p, &again));
-        assert!(find(&mut entries, "nobody.example.com", &mut reads, &shared)
-            .unwrap()
-            .is_none());
+        assert!(
+            find(&mut entries, "nobody.example.com", &mut reads, &shared)
+                .unwrap()
+                .is_none()
+        );
         assert!(reads.is_empty(), "{reads:?}");
         // A change: the singleton writes the entry, then counts it.
         let changed = WILD.replace("b.example.net", "c.example.net");
@@ -969,12 +976,22 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
-        assert_eq!(reads, 2, "a singleton that counts nothing: read per request");
+        assert_eq!(
+            reads, 2,
+            "a singleton that counts nothing: read per request"
+        );
         entries.note_changes(Some(b"1"));
-        let early = entries.find("nobody.example.com", &Settings::default(), |k| shared.read(k));
-        assert!(matches!(early, Err(EntryError::NotReady { .. })), "{early:?}");
+        let early = entries.find("nobody.example.com", &Settings::default(), |k| {
+            shared.read(k)
+        });
+        assert!(
+            matches!(early, Err(EntryError::NotReady { .. })),
+            "{early:?}"
+        );
         shared.write(vec![(FEED_STATE_KEY.to_owned(), READY_STATE.into())]);
-        let later = entries.find("nobody.example.com", &Settings::default(), |k| shared.read(k));
+        let later = entries.find("nobody.example.com", &Settings::default(), |k| {
+            shared.read(k)
+        });
         assert!(matches!(later, Ok(None)), "{later:?}");
     }
 
