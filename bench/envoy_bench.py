@@ -341,6 +341,39 @@ def wait_for_variants(timeout: float = 60) -> None:
             time.sleep(0.2)
 
 
+def add_feed_lever(run: Path, config: dict, lever: str, port: int) -> None:
+    """A copy of (e) with another build of the filter: its own singleton and
+    filter in a VM of their own (`vm_id` NAME), following the same source."""
+    name, _, wasm = lever.partition("=")
+    vm_id = f"feed-lever-{name}"
+    singleton = copy.deepcopy(
+        next(e for e in config["bootstrap_extensions"] if e["name"] == "envoy.bootstrap.wasm")
+    )
+    vm = singleton["typed_config"]["config"]["vm_config"]
+    vm["vm_id"], vm["code"]["local"]["filename"] = vm_id, str(Path(wasm).resolve())
+    config["bootstrap_extensions"].append(singleton)
+    out = run / f"feed-lever-{name}"
+    out.mkdir()
+    ecds = json.loads((run / "feed" / "origin-policy.ecds.json").read_text())
+    for r in ecds["resources"]:
+        vm = r["typed_config"]["config"]["vm_config"]
+        vm["vm_id"], vm["code"]["local"]["filename"] = vm_id, str(Path(wasm).resolve())
+    (out / "origin-policy.ecds.json").write_text(json.dumps(ecds))
+    listener = copy.deepcopy(
+        next(l for l in config["static_resources"]["listeners"] if l["name"] == "feed")
+    )
+    listener["name"] = f"feed_lever_{name}"
+    listener["address"]["socket_address"]["port_value"] = port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["stat_prefix"] = f"feed_lever_{name}"
+    source = hcm["http_filters"][0]["config_discovery"]["config_source"]["path_config_source"]
+    source["path"] = str(out / "origin-policy.ecds.json")
+    source["watched_directory"] = {"path": str(out)}
+    config["static_resources"]["listeners"].append(listener)
+    VARIANTS[f"feed_lever_{name}"] = port
+    LABELS[f"feed_lever_{name}"] = f"(e) with `{name}`"
+
+
 def add_calibration(config: dict) -> None:
     """One copy of (c)'s listener per host call, its no-op filter told to make
     that call once per request."""
@@ -430,6 +463,14 @@ def main() -> int:
         "against (d)",
     )
     parser.add_argument(
+        "--feed-lever",
+        action="append",
+        default=[],
+        metavar="NAME=WASM",
+        help="one more feed-delivery variant in the same run with another build of the filter "
+        "(its own singleton and VM, the same policy source): an A/B against (e)",
+    )
+    parser.add_argument(
         "--calibrate",
         action="store_true",
         help="also measure one kind of host call per request against the no-op filter",
@@ -470,6 +511,8 @@ def main() -> int:
         if args.calibrate:
             add_calibration(config)
         processes += add_peers(config, run, args.wasm, args.policies)
+        for i, lever in enumerate(args.feed_lever):
+            add_feed_lever(run, config, lever, LEVER_PORT + len(args.lever) + i)
         envoy = Envoy(run, config, concurrency=1, cpus={ENVOY_CPU}, admin=ADMIN)
         envoy.start()
         wait_for_variants()
