@@ -329,9 +329,9 @@ impl DomainEntries {
         if let Some(now) = self.changes {
             if self.remembered.len() >= MAX_REMEMBERED_HOSTS && !self.remembered.contains_key(host)
             {
-                // Stale answers first would need an order; a full map is
-                // rare (hosts under a wildcard) and clearing it is O(1) per
-                // request on average.
+                // Cleared, not trimmed: answers keep no order to drop the
+                // stalest by, and a full map (many hosts under a wildcard)
+                // only costs each host one lookup again.
                 self.remembered.clear();
             }
             self.remembered
