@@ -110,11 +110,14 @@ def policy(i: int, origin_port: int, version: int = 0) -> str:
 def origin_cluster(origin_port: int) -> dict:
     """The cluster `origin-policy bundle` derives for the policies' origin."""
     with tempfile.TemporaryDirectory() as tmp:
-        sample = Path(tmp) / "sample.json"
-        sample.write_text(policy(0, origin_port))
+        policies = Path(tmp) / "policies"
+        policies.mkdir()
+        (policies / "sample.json").write_text(policy(0, origin_port))
+        # The same settings as the filter's: the origin is on loopback.
+        (policies / "settings.json").write_text(SETTINGS)
         out = subprocess.run(
             [str(REPO / "target" / "debug" / "origin-policy"), "bundle", "--wasm", str(WASM),
-             "--out", tmp, str(sample)],
+             "--out", tmp, str(policies)],
             capture_output=True, text=True,
         )
         if out.returncode != 0:
