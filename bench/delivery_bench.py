@@ -325,6 +325,7 @@ class SizeResult:
     total: int = 0
     push_bytes: list[int] = field(default_factory=list)
     cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
+    idle_cpu_ms_per_s: float = 0.0
     error: str = ""
 
 
@@ -379,6 +380,11 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         time.sleep(args.settle)
         res.rss_load = rss_mib(envoy.pid)
         print(f"[{n:,}] in sync after {res.sync_s:.2f} s, RSS {res.rss_load:.0f} MiB", file=sys.stderr)
+        # What Envoy spends with no request at all: the VMs' ticks and the
+        # singleton's long poll.
+        before, idle_started = cpu_seconds(envoy.pid), time.monotonic()
+        time.sleep(args.idle_seconds)
+        res.idle_cpu_ms_per_s = (cpu_seconds(envoy.pid) - before) * 1e3 / (time.monotonic() - idle_started)
 
         admin = Admin(admin_port)
         pushed, steady = spread(n, args.pushes)
@@ -439,8 +445,8 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
             p.conn.close()
         for variant, port, host in [
             (f"inline ({INLINE_POLICIES:,} policies in the configuration), exact name", inline_port, host_for(0)),
-            ("feed, exact name (one shared-data get)", reader_port, host_for(0)),
-            ("feed, wildcard (two gets)", reader_port, host_for(1)),
+            ("feed, exact name", reader_port, host_for(0)),
+            ("feed, wildcard", reader_port, host_for(1)),
         ]:
             res.cpu[variant] = wrk_cpu(envoy.pid, port, host, args.wrk_seconds)
         return res
@@ -455,10 +461,21 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
             feed.terminate()
 
 
+def percentile(values: list[float], p: float) -> float:
+    """The nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(-(-len(ordered) * p // 100)) - 1))]
+
+
 def row(r: SizeResult) -> str:
     if r.error:
         return f"| {r.domains:,} | {r.error} | | | | | | | |"
-    vis = f"{ms(min(r.visible))} - {ms(max(r.visible))}" if r.visible else "—"
+    vis = (
+        f"p50 {ms(percentile(r.visible, 50))}, p99 {ms(percentile(r.visible, 99))} "
+        f"({ms(min(r.visible))} - {ms(max(r.visible))})"
+        if r.visible
+        else "—"
+    )
     if r.never_visible:
         vis += f" ({r.never_visible} never)"
     per_push = f"{min(r.push_bytes):,} - {max(r.push_bytes):,} B" if r.push_bytes else "—"
@@ -479,6 +496,8 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--probes-per-worker", type=int, default=2)
     parser.add_argument("--wrk-seconds", type=int, default=10)
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="Envoy's CPU measured with no request, after the sync")
     parser.add_argument("--load-timeout", type=float, default=600.0)
     parser.add_argument("--wasm", type=Path, default=WASM)
     parser.add_argument("--serve-origin", type=int, help=argparse.SUPPRESS)
@@ -498,6 +517,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(row(r))
+    print("\nEnvoy's CPU with no request, after the sync (the VMs' ticks, the singleton's long poll): "
+          + ", ".join(f"{r.domains:,}: {r.idle_cpu_ms_per_s:.2f} ms/s" for r in results if not r.error))
     print("\nPer-request Envoy CPU (wrk -t1 -c16, same Envoy):\n")
     print("| domains | variant | CPU µs/request | requests/s |")
     print("|---|---|---|---|")
