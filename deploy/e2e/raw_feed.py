@@ -26,9 +26,11 @@ class Feed(BaseHTTPRequestHandler):
             "malformed": header("x-feed-malformed"),
             "snapshot_refused": header("x-feed-snapshot-refused"),
         }
+        page = (PAGES[0] if PAGES[0].get("repeat") else PAGES.pop(0)) if PAGES else None
+        # When a page went out (wall clock, as the test reads it).
+        poll["page_at"] = time.time() if page is not None else None
         with open(POLLS, "a") as polls:
             polls.write(json.dumps(poll) + "\n")
-        page = (PAGES[0] if PAGES[0].get("repeat") else PAGES.pop(0)) if PAGES else None
         if page is None:
             # Nothing new: a long poll, short.
             time.sleep(1)

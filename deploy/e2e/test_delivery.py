@@ -360,6 +360,26 @@ def source_heard_the_edge() -> bool:
     return (heard.get("version"), heard.get("epoch")) == (status["version"], status["epoch"])
 
 
+def test_a_change_reaches_every_worker_that_answers_from_memory_within_a_second(
+    feed_edge: FeedEdge, tmp_path
+):
+    """A worker answers a host it has looked up from memory until the feed
+    singleton wakes it (through the worker's own shared queue) after writing
+    a change. The limit is one of correctness, with a wide margin: a wake
+    takes milliseconds, and a worker that missed one reads the change count
+    on its next one-second tick."""
+    i = 4242
+    # Looked up on every worker (new connections spread over both).
+    assert feed_edge.serves(i, domain(i))
+    changed = json.dumps(policy(i, host="woken.feed.test"))
+    with RawFeed(feed_edge, tmp_path, [{"body": f"{domain(i)}\t{changed}\n"}]) as raw:
+        wait_for(lambda: any(p["page_at"] for p in raw.polls()), 30)
+        sent = next(p["page_at"] for p in raw.polls() if p["page_at"])
+        wait_for(lambda: feed_edge.serves(i, "woken.feed.test"), 10)
+        served_after = time.time() - sent
+        assert served_after < 1.0, f"served on every worker {served_after:.3f} s after the page"
+
+
 def test_a_source_that_skips_validation_cannot_break_a_domain(feed_edge: FeedEdge, tmp_path):
     """The singleton validates each policy itself: a source that sends an
     invalid policy leaves the domain on its entry, and a document filed under

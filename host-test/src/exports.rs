@@ -61,6 +61,7 @@ pub(crate) struct Exports {
     pub(crate) on_log: Export<ContextId, ()>,
     pub(crate) on_delete: Export<ContextId, ()>,
     pub(crate) on_tick: Export<ContextId, ()>,
+    pub(crate) on_queue_ready: Export<(ContextId, i32), ()>,
 }
 
 impl Exports {
@@ -79,6 +80,7 @@ impl Exports {
             on_log: Export::lookup(store, instance, "proxy_on_log")?,
             on_delete: Export::lookup(store, instance, "proxy_on_delete")?,
             on_tick: Export::lookup(store, instance, "proxy_on_tick")?,
+            on_queue_ready: Export::lookup(store, instance, "proxy_on_queue_ready")?,
         })
     }
 }

@@ -92,6 +92,9 @@ impl Filter {
     }
 }
 
+/// Tells VMs apart for shared queues (unique across processes too).
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// One Envoy process: VMs started here share its shared data.
 #[derive(Clone)]
 pub struct Process<'f> {
@@ -139,6 +142,7 @@ impl<'f> Process<'f> {
                 now_nanos: START_NANOS,
                 vm_id: self.vm_id.clone(),
                 shared_data: self.shared_data.clone(),
+                serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 ..HostState::default()
             },
         );

@@ -9,6 +9,12 @@
 //! - a set on a missing key succeeds whatever cas is given;
 //! - every successful set gives the entry a new cas from one counter for the
 //!   whole process (starting at 1, never 0).
+//!
+//! And shared queues as proxy-wasm-cpp-host keeps them (`SharedQueue`): one
+//! per (vm_id, name), delivered to the context that registered the name last
+//! (a second registration takes the queue over, keeping its data); each
+//! enqueue posts one `on_queue_ready` to that context's VM, which runs it
+//! when the test lets it (`Vm::deliver_queues`, the worker's event loop).
 
 use crate::abi::Status;
 use std::collections::HashMap;
@@ -18,6 +24,24 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 #[derive(Debug, Clone, Default)]
 pub struct SharedData {
     store: Arc<Mutex<Store>>,
+    queues: Arc<Mutex<Queues>>,
+}
+
+/// The VM (its serial in the process) and root context a queue delivers to.
+pub type Consumer = (u64, u32);
+
+#[derive(Debug, Default)]
+struct Queues {
+    tokens: HashMap<(String, String), u32>,
+    by_token: HashMap<u32, Queue>,
+}
+
+#[derive(Debug)]
+struct Queue {
+    consumer: Consumer,
+    data: std::collections::VecDeque<Vec<u8>>,
+    /// `on_queue_ready` calls posted and not yet run.
+    posted: u32,
 }
 
 #[derive(Debug)]
@@ -104,5 +128,71 @@ impl SharedData {
             .unwrap_or_default();
         keys.sort();
         keys
+    }
+
+    fn queues(&self) -> MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `proxy_register_shared_queue`: the queue's token (the same for the
+    /// same vm_id and name), now delivered to `consumer`.
+    pub fn register_queue(&self, vm_id: &str, name: &str, consumer: Consumer) -> u32 {
+        let mut queues = self.queues();
+        let next = queues.tokens.len() as u32 + 1;
+        let token = *queues
+            .tokens
+            .entry((vm_id.to_owned(), name.to_owned()))
+            .or_insert(next);
+        queues
+            .by_token
+            .entry(token)
+            .and_modify(|q| q.consumer = consumer)
+            .or_insert(Queue {
+                consumer,
+                data: Default::default(),
+                posted: 0,
+            });
+        token
+    }
+
+    /// `proxy_resolve_shared_queue`.
+    pub fn resolve_queue(&self, vm_id: &str, name: &str) -> Result<u32, Status> {
+        let key = (vm_id.to_owned(), name.to_owned());
+        self.queues()
+            .tokens
+            .get(&key)
+            .copied()
+            .ok_or(Status::NotFound)
+    }
+
+    /// `proxy_enqueue_shared_queue`: one more `on_queue_ready` posted.
+    pub fn enqueue(&self, token: u32, value: &[u8]) -> Result<(), Status> {
+        let mut queues = self.queues();
+        let queue = queues.by_token.get_mut(&token).ok_or(Status::NotFound)?;
+        queue.data.push_back(value.to_vec());
+        queue.posted += 1;
+        Ok(())
+    }
+
+    /// `proxy_dequeue_shared_queue`.
+    pub fn dequeue(&self, token: u32) -> Result<Vec<u8>, Status> {
+        let mut queues = self.queues();
+        let queue = queues.by_token.get_mut(&token).ok_or(Status::NotFound)?;
+        queue.data.pop_front().ok_or(Status::Empty)
+    }
+
+    /// The `on_queue_ready` calls posted to `vm` (its serial), as (root
+    /// context, token), taken: the VM runs them.
+    pub(crate) fn take_posted(&self, vm: u64) -> Vec<(u32, u32)> {
+        let mut posted = Vec::new();
+        for (token, queue) in &mut self.queues().by_token {
+            if queue.consumer.0 == vm {
+                for _ in 0..std::mem::take(&mut queue.posted) {
+                    posted.push((queue.consumer.1, *token));
+                }
+            }
+        }
+        posted.sort_unstable();
+        posted
     }
 }

@@ -132,9 +132,11 @@ pub struct HostState {
     pub tick_period_ms: u32,
     /// Clusters `dispatch_http_call` may target; empty accepts any.
     pub known_clusters: Vec<String>,
-    /// Registered shared queue names; a queue's id is its index + 1. Unlike
-    /// Envoy's, they are per VM and never deliver anything.
-    pub(crate) queues: Vec<String>,
+    /// This VM among the process's: the shared queues it registered are
+    /// delivered to it.
+    pub serial: u64,
+    /// The root context that host calls from the root or a stream act for.
+    pub root_context: u32,
     pub now_nanos: u64,
     pub(crate) next_token: u32,
     pub status: (u32, Vec<u8>),

@@ -47,6 +47,7 @@ impl Vm {
     /// does for a new VM: `_initialize`, context create, `on_vm_start`.
     pub(crate) fn boot(mut store: Store<HostState>, instance: Instance, root: u32) -> Result<Vm> {
         let exports = Exports::lookup(&mut store, &instance)?;
+        store.data_mut().root_context = root;
         let mut vm = Vm {
             store,
             instance,
@@ -132,6 +133,7 @@ impl Vm {
             vm.call(|e| &e.on_vm_start, (id as i32, 0))
         })?;
         self.root = id;
+        self.store.data_mut().root_context = id;
         self.configure(plugin_configuration)
     }
 
@@ -305,6 +307,18 @@ impl Vm {
     pub fn tick(&mut self) -> Result<()> {
         let root = self.root as i32;
         self.with_phase(0, Phase::Root, |vm| vm.call(|e| &e.on_tick, root))
+    }
+
+    /// Runs the `on_queue_ready` calls posted to this VM's queues since the
+    /// last time, one per enqueue, as the worker's event loop would; returns
+    /// how many ran.
+    pub fn deliver_queues(&mut self) -> Result<usize> {
+        let posted = self.shared_data().take_posted(self.state().serial);
+        for (root, token) in &posted {
+            let args = (*root as i32, *token as i32);
+            self.with_phase(0, Phase::Root, |vm| vm.call(|e| &e.on_queue_ready, args))?;
+        }
+        Ok(posted.len())
     }
 
     /// Advances the host clock (for timeouts measured by the guest).

@@ -8,14 +8,16 @@ use crate::http::shared_data;
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
 use origin_policy_engine::feed::{
-    malformed_report, next_changes, published_settings, rejected_report, waiting_state, FeedSync,
-    MalformedLine, RemovalLimit, SnapshotRefused, CHANGES_KEY, EPOCH_HEADER, FEED_STATE_KEY,
-    MALFORMED_HEADER, MORE_HEADER, NODE_HEADER, READY_STATE, REJECTED_HEADER, RESET_HEADER,
-    SETTINGS_KEY, SNAPSHOT_REFUSED_HEADER, VERSION_HEADER,
+    live_workers, malformed_report, next_changes, published_settings, rejected_report,
+    waiting_state, FeedSync, MalformedLine, RemovalLimit, SnapshotRefused, CHANGES_KEY,
+    EPOCH_HEADER, FEED_STATE_KEY, MALFORMED_HEADER, MORE_HEADER, NODE_HEADER, READY_STATE,
+    REJECTED_HEADER, RESET_HEADER, SETTINGS_KEY, SNAPSHOT_REFUSED_HEADER, VERSION_HEADER,
+    WORKERS_KEY,
 };
 use origin_policy_engine::{parse_json, OriginNetworks, Settings};
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, RootContext};
-use proxy_wasm::types::BufferType;
+use proxy_wasm::types::{BufferType, Status};
 use serde_json::Value;
 use std::time::{Duration, SystemTime};
 
@@ -38,6 +40,26 @@ const LEADER_STALE: Duration = Duration::from_secs(3);
 const FIRST_TICK: Duration = Duration::from_millis(10);
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const IDS_KEY: &str = "origin-policy.feed.ids";
+
+/// A number no other root of this process has (the feed's leader election,
+/// the workers' queue names): Envoy's clock is the event loop's, the same
+/// for roots configured in one turn of it, so a counter in shared data.
+pub(crate) fn unique_id() -> u64 {
+    loop {
+        let (value, cas) = hostcalls::get_shared_data(IDS_KEY).unwrap_or((None, None));
+        let last = value
+            .as_deref()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let id = last + 1;
+        match hostcalls::set_shared_data(IDS_KEY, Some(id.to_string().as_bytes()), cas) {
+            Err(Status::CasMismatch) => continue,
+            // Without shared data there is no second root to tell apart.
+            Ok(()) | Err(_) => return id,
+        }
+    }
+}
 
 /// The singleton's plugin configuration: `{"feed_cluster": NAME}`, and
 /// optionally `"feed_path"` (default `/changes`) and
@@ -192,26 +214,6 @@ impl FeedRoot {
         won
     }
 
-    /// A number no other root of this process has: Envoy's clock is the
-    /// event loop's, the same for roots configured in one turn of it.
-    fn take_id(&self) -> u64 {
-        loop {
-            let (value, cas) = self.get_shared_data(IDS_KEY);
-            let last = value
-                .as_deref()
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-            let id = last + 1;
-            match self.set_shared_data(IDS_KEY, Some(id.to_string().as_bytes()), cas) {
-                Ok(()) => return id,
-                Err(proxy_wasm::types::Status::CasMismatch) => continue,
-                // Without shared data there is no second root to tell apart.
-                Err(_) => return id,
-            }
-        }
-    }
-
     fn cluster(&self) -> String {
         self.config
             .as_ref()
@@ -327,16 +329,27 @@ impl FeedRoot {
         }
     }
 
-    /// Tells the workers that entries or the state changed: they read the
-    /// count on their tick, and look up again what they answered from
-    /// memory. Written after what it counts, so a worker that sees the new
-    /// count reads the new entries.
+    /// Tells the workers that entries or the state changed: each is woken
+    /// through its queue, reads the count and looks up again what it
+    /// answered from memory. Counted after what it counts, and the workers
+    /// listed after counting, so a worker either sees the new count or is
+    /// listed and woken.
     fn count_change(&self) {
         // Only the leader writes it (on Envoy's main thread): no CAS needed.
         let (value, _) = self.get_shared_data(CHANGES_KEY);
         let next = next_changes(value.as_deref());
         if let Err(e) = self.set_shared_data(CHANGES_KEY, Some(&next), None) {
             error!("policy feed: could not count a change, workers may answer from memory: {e:?}");
+        }
+        let (Some(list), _) = self.get_shared_data(WORKERS_KEY) else {
+            return;
+        };
+        for name in live_workers(&list, self.now_ms()) {
+            // Envoy runs the worker's `on_queue_ready` on its thread. The
+            // message is not read: the count is in shared data.
+            if let Ok(Some(queue)) = hostcalls::resolve_shared_queue("", name) {
+                let _ = hostcalls::enqueue_shared_queue(queue, Some(b"c"));
+            }
         }
     }
 
@@ -507,7 +520,7 @@ impl RootContext for FeedRoot {
         if first {
             self.metrics = Some(Metrics::define());
             self.sync_started = Some(self.get_current_time());
-            self.id = self.take_id();
+            self.id = unique_id();
             // `xds.node` in Envoy 1.40; `node` in older releases.
             self.node = [vec!["xds", "node", "id"], vec!["node", "id"]]
                 .into_iter()

@@ -34,8 +34,9 @@ pub(crate) fn forget_entries() {
     ENTRIES.with(|entries| entries.borrow_mut().clear());
 }
 
-/// Reads the feed singleton's change count (on the root's tick): until it
-/// moves, a host looked up once is answered without a shared-data read.
+/// Reads the feed singleton's change count (when the singleton wakes this
+/// worker, and on the root's tick): until it moves, a host looked up once is
+/// answered without a shared-data read.
 pub(crate) fn note_feed_changes() {
     let changes = shared_data(CHANGES_KEY);
     ENTRIES.with(|entries| {

@@ -63,6 +63,12 @@ impl RootContext for Root {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Root::Filter(r) = self {
+            r.on_queue_ready(queue_id);
+        }
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         match self {
             Root::Filter(r) => r.create_http_context(context_id),

@@ -5,25 +5,23 @@
 use crate::http::{forget_entries, note_feed_changes, OriginFetch};
 use crate::metrics::{Counter, Metrics};
 use log::{error, info, warn};
-use origin_policy_engine::feed::SETTINGS_KEY;
+use origin_policy_engine::feed::{beat_worker, SETTINGS_KEY, WAKE_QUEUE_PREFIX, WORKERS_KEY};
 use origin_policy_engine::last_good::{no_kept_documents, LastGood};
 use origin_policy_engine::{
     fingerprint, CompiledSet, Delivery, JsonError, PolicySet, MAX_JSON_BYTES,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType};
+use proxy_wasm::types::{BufferType, ContextType, Status};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
 /// The root's tick, which hands the per-request counters to Envoy: how late
-/// they may reach its stats.
+/// they may reach its stats. With feed delivery it also renews the worker's
+/// line in [`WORKERS_KEY`] and reads the change count, should a wake have
+/// been lost.
 const TICK_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
-/// With feed delivery each tick also reads the singleton's change count (one
-/// small shared-data read per worker): a push is used by every worker at
-/// most this long after the singleton wrote it.
-const FEED_TICK_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 
 thread_local! {
     /// The policies last applied per plugin in this VM. Envoy configures a
@@ -151,8 +149,44 @@ fn store_last_good(plugin: &str, config: &[u8], compiled: &CompiledSet, stored: 
 pub(crate) struct OriginPolicyRoot {
     policies: Option<Rc<PolicySet>>,
     metrics: Option<Rc<Metrics>>,
-    /// The tick period asked of Envoy, once configured.
-    tick_period: Option<std::time::Duration>,
+    /// Whether the tick was asked of Envoy.
+    ticking: bool,
+    /// With feed delivery, the name of the shared queue the feed singleton
+    /// wakes this root through after each change.
+    wake_queue: Option<String>,
+}
+
+/// Registers a queue of this root's own (Envoy delivers a queue to the
+/// context that registered its name last, so one per worker) and lists it
+/// for the feed singleton. `None` if the host has no queues: the tick then
+/// reads the change count.
+fn register_wake_queue() -> Option<String> {
+    let name = format!("{WAKE_QUEUE_PREFIX}{}", crate::feed::unique_id());
+    if let Err(e) = hostcalls::register_shared_queue(&name) {
+        warn!("policy feed: no shared queue ({e:?}): changes reach this worker on its tick");
+        return None;
+    }
+    beat(&name);
+    Some(name)
+}
+
+/// Renews this worker's line in [`WORKERS_KEY`] (and drops the silent ones).
+fn beat(name: &str) {
+    let now = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    // Workers beat on their own threads: a CAS loop, a few tries (one lost
+    // beat is renewed on the next tick; the first two writers of the list
+    // both see no CAS, and the one overwritten is back a tick later).
+    for _ in 0..8 {
+        let (list, cas) = hostcalls::get_shared_data(WORKERS_KEY).unwrap_or((None, None));
+        let list = beat_worker(list.as_deref(), name, now);
+        match hostcalls::set_shared_data(WORKERS_KEY, Some(&list), cas) {
+            Err(Status::CasMismatch) => continue,
+            Ok(()) | Err(_) => return,
+        }
+    }
 }
 
 impl OriginPolicyRoot {
@@ -246,13 +280,14 @@ impl RootContext for OriginPolicyRoot {
         if compiled.set.delivery == Delivery::Feed {
             publish_settings(&bytes);
         }
-        let period = match compiled.set.delivery {
-            Delivery::Inline => TICK_PERIOD,
-            Delivery::Feed => FEED_TICK_PERIOD,
-        };
-        if self.tick_period != Some(period) {
-            self.set_tick_period(period);
-            self.tick_period = Some(period);
+        if !self.ticking {
+            self.set_tick_period(TICK_PERIOD);
+            self.ticking = true;
+        }
+        if compiled.set.delivery == Delivery::Feed && self.wake_queue.is_none() {
+            self.wake_queue = register_wake_queue();
+            // Listed from now on: whatever changed before is in the count.
+            note_feed_changes();
         }
         if previous.as_ref().map(|p| &p.settings) != Some(&compiled.set.settings) {
             forget_entries();
@@ -269,11 +304,22 @@ impl RootContext for OriginPolicyRoot {
             .as_ref()
             .is_some_and(|p| p.delivery == Delivery::Feed)
         {
+            if let Some(name) = &self.wake_queue {
+                beat(name);
+            }
             note_feed_changes();
         }
         if let Some(metrics) = &self.metrics {
             metrics.flush();
         }
+    }
+
+    /// The feed singleton counted a change: read the count now, so that no
+    /// request is answered from memory past it.
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        // Each wake posts one call; the first takes them all.
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        note_feed_changes();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -4,9 +4,11 @@
 //! ([`FeedSync`]); each worker reads the entry of a request's domain and
 //! compiles it on first use, keeping it while the entry is unchanged
 //! ([`DomainEntries`]). A push then costs one entry, however many are loaded.
-//! The singleton counts its writes ([`CHANGES_KEY`]); a worker reads the
-//! count on its tick and answers a host it has looked up since the last
-//! change from memory, with no shared-data read per request.
+//! The singleton counts its writes ([`CHANGES_KEY`]) and wakes every worker
+//! through the worker's own shared queue ([`WORKERS_KEY`]); a worker reads
+//! the count when woken (and on its tick, should a wake be lost) and answers
+//! a host it has looked up since the last change from memory, with no
+//! shared-data read per request.
 //!
 //! Pure: the filter supplies the shared-data reads and writes.
 //!
@@ -41,6 +43,18 @@ pub const FEED_STATE_KEY: &str = "origin-policy.feed.state";
 /// that reads the same count twice knows that nothing it looked up in
 /// between has changed. Decimal text.
 pub const CHANGES_KEY: &str = "origin-policy.feed.changes";
+/// The workers the singleton wakes after each change: one line per worker,
+/// `QUEUE_NAME BEAT_MS`, the name of the shared queue the worker registered
+/// and when it last said it was alive (Envoy's clock, ms since the epoch).
+/// Envoy keys a queue by vm_id and name and delivers it to the one context
+/// that registered that name last, so each worker has a queue of its own.
+pub const WORKERS_KEY: &str = "origin-policy.feed.workers";
+/// The prefix of a worker's queue name; a number unique in the process follows.
+pub const WAKE_QUEUE_PREFIX: &str = "origin-policy.feed.wake/";
+/// A worker beats every second (its tick); one silent this long is gone (a
+/// VM replaced by a new module, or the VM Envoy checks a configuration in),
+/// and is neither woken nor kept in the list.
+pub const WORKER_STALE_MS: u64 = 10_000;
 /// A removed domain's entry (shared data has no delete in ABI 0.2): never a
 /// JSON document, so never mistaken for one.
 pub const REMOVED_ENTRY: &[u8] = b"-";
@@ -225,6 +239,38 @@ fn changes_count(value: &[u8]) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The [`WORKERS_KEY`] lines, as (queue name, beat).
+fn worker_lines(list: &[u8]) -> impl Iterator<Item = (&str, u64)> {
+    list.split(|b| *b == b'\n').filter_map(|line| {
+        let line = std::str::from_utf8(line).ok()?;
+        let (name, beat) = line.split_once(' ')?;
+        Some((name, beat.parse().ok()?))
+    })
+}
+
+/// The [`WORKERS_KEY`] value after the worker with queue `name` beats at
+/// `now_ms`: its line is added or renewed, and the lines of workers silent
+/// for [`WORKER_STALE_MS`] are dropped.
+pub fn beat_worker(list: Option<&[u8]>, name: &str, now_ms: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (other, beat) in worker_lines(list.unwrap_or_default()) {
+        if other != name && now_ms.saturating_sub(beat) < WORKER_STALE_MS {
+            out.extend_from_slice(format!("{other} {beat}\n").as_bytes());
+        }
+    }
+    out.extend_from_slice(format!("{name} {now_ms}\n").as_bytes());
+    out
+}
+
+/// The queue names of the workers in a [`WORKERS_KEY`] value that beat
+/// within [`WORKER_STALE_MS`] of `now_ms`.
+pub fn live_workers(list: &[u8], now_ms: u64) -> Vec<&str> {
+    worker_lines(list)
+        .filter(|(_, beat)| now_ms.saturating_sub(*beat) < WORKER_STALE_MS)
+        .map(|(name, _)| name)
+        .collect()
 }
 
 pub fn entry_key(domain: &str) -> String {
@@ -955,6 +1001,26 @@ mod tests {
             .unwrap();
         assert_eq!(origin_of(&now), "c.example.net");
         assert_eq!(next_changes(Some(b"8")), b"9");
+    }
+
+    #[test]
+    fn workers_beat_into_one_list_and_the_silent_ones_drop_out() {
+        let q1 = format!("{WAKE_QUEUE_PREFIX}1");
+        let q2 = format!("{WAKE_QUEUE_PREFIX}2");
+        let list = beat_worker(None, &q1, 1_000);
+        let list = beat_worker(Some(&list), &q2, 1_500);
+        assert_eq!(live_workers(&list, 2_000), [q1.as_str(), q2.as_str()]);
+        // q1 beats again: one line each, q1's renewed.
+        let list = beat_worker(Some(&list), &q1, 9_000);
+        assert_eq!(list.iter().filter(|b| **b == b'\n').count(), 2);
+        // q2 has been silent for WORKER_STALE_MS: not woken, then dropped.
+        let now = 1_500 + WORKER_STALE_MS;
+        assert_eq!(live_workers(&list, now), [q1.as_str()]);
+        let list = beat_worker(Some(&list), &q1, now);
+        assert_eq!(list, format!("{q1} {now}\n").into_bytes());
+        // An unreadable line is skipped, not fatal.
+        let list = beat_worker(Some(b"garbage\nq 12x\n"), &q2, 5);
+        assert_eq!(live_workers(&list, 5), [q2.as_str()]);
     }
 
     #[test]
