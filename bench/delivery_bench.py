@@ -399,6 +399,10 @@ def run_size(n: int, args, wasm: Path) -> SizeResult:
         time.sleep(args.baseline)
         pushes_started = time.monotonic()
         for version, i in enumerate(pushed, start=1):
+            # Every worker has looked the domain up: it answers from memory
+            # until the singleton's wake says it changed.
+            for p in probes:
+                get(p.conn, host_for(i), "/probe/before", DECISION)
             body = f"{i}\t{policy(i, origin_port, version)}".encode()
             req = urllib.request.Request(f"http://127.0.0.1:{source_port}/push", data=body, method="POST")
             with urllib.request.urlopen(req, timeout=10):
