@@ -358,12 +358,13 @@ impl Builder {
                 index.insert(p);
             }
         }
-        // By name, each once (no two patterns share a display name); a map
-        // rather than a sort keeps a sort routine out of the filter's module.
-        let by_name: BTreeMap<Option<String>, Option<DomainPattern>> = rejected_domains
-            .into_iter()
-            .map(|d| (d.as_ref().map(DomainPattern::display_name), d))
-            .collect();
+        // By name, each once (no two patterns share a display name). Inserted
+        // one by one: a map built by `collect` sorts its input first, which
+        // would put a sort routine in the filter's module.
+        let mut by_name: BTreeMap<Option<String>, Option<DomainPattern>> = BTreeMap::new();
+        for d in rejected_domains {
+            by_name.insert(d.as_ref().map(DomainPattern::display_name), d);
+        }
         let rejected_domains: Vec<Option<DomainPattern>> = by_name.into_values().collect();
         let mut kept_previous = Vec::new();
         let mut kept_patterns = Vec::new();

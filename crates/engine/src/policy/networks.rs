@@ -416,7 +416,7 @@ fn port_ranges(f: &mut Findings, value: &Value, path: &str) -> Option<Vec<(u16, 
                         &p,
                         format!(
                             "`{}` is not a port range such as `8000-8999`",
-                            text.escape_debug()
+                            crate::policy::reader::escaped(text)
                         ),
                     );
                 }

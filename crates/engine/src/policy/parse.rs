@@ -363,8 +363,11 @@ fn cache_rules(
     f: &mut Findings,
     value: Option<(&Value, String)>,
 ) -> Option<BTreeMap<u16, Option<u32>>> {
-    let mut rules: BTreeMap<u16, Option<u32>> =
-        [(301, Some(0)), (302, Some(0))].into_iter().collect();
+    // Inserted, not collected: `collect` would sort (a sort routine more in
+    // the filter's module).
+    let mut rules: BTreeMap<u16, Option<u32>> = BTreeMap::new();
+    rules.insert(301, Some(0));
+    rules.insert(302, Some(0));
     let Some((value, path)) = value else {
         return Some(rules);
     };

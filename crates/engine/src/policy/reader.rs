@@ -160,6 +160,32 @@ pub(crate) fn port(f: &mut Findings, value: &Value, path: &str) -> Option<u16> {
     integer_in(f, value, path, 1, 65_535, "port").and_then(|p| u16::try_from(p).ok())
 }
 
+/// `text` as a message shows it: quotes, backslashes and control characters
+/// escaped as Rust writes them (`\t`, `\u{1b}`). Written here rather than with
+/// `escape_debug`, whose Unicode printability tables the filter's module
+/// would carry.
+pub(crate) fn escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\n' => out.push_str("\\n"),
+            '\\' | '"' | '\'' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => {
+                out.push_str("\\u{");
+                out.push_str(&format!("{:x}", u32::from(c)));
+                out.push('}');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A value that goes into a header or the TLS handshake: no controls, no spaces.
 pub(crate) fn header_safe(f: &mut Findings, text: &str, path: &str, what: &str) -> bool {
     if text.is_empty() {
@@ -170,9 +196,9 @@ pub(crate) fn header_safe(f: &mut Findings, text: &str, path: &str, what: &str) 
         f.error(
             path,
             format!(
-                "{what} `{}` contains {:?}, which is not allowed",
-                text.escape_debug(),
-                bad
+                "{what} `{}` contains '{}', which is not allowed",
+                escaped(text),
+                escaped(bad.encode_utf8(&mut [0; 4]))
             ),
         );
         return false;
@@ -189,6 +215,25 @@ pub(crate) fn host_name(f: &mut Findings, text: &str, path: &str, what: &str) ->
         Err(e) => {
             f.error(path, format!("{what} `{text}`: {e}"));
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escaped;
+
+    #[test]
+    fn escaped_writes_what_escape_debug_writes_for_ascii() {
+        for text in [
+            "plain",
+            "tab\there",
+            "a\r\nb",
+            "q\"u'o\\te",
+            "bell\u{7}",
+            "esc\u{1b}[0m",
+        ] {
+            assert_eq!(escaped(text), text.escape_debug().to_string(), "{text:?}");
         }
     }
 }

@@ -136,7 +136,7 @@ pub fn parse_settings(
                     &p,
                     format!(
                         "cluster header `{}` must be a lower-case header name",
-                        h.escape_debug()
+                        crate::policy::reader::escaped(h)
                     ),
                 ),
                 Some(_) => {}
