@@ -9,8 +9,11 @@
 use host_test::filter_path;
 use std::process::Command;
 
-/// After `wasm-opt -Oz`; 349.2 KiB when the budget was set.
-const BUDGET_BYTES: u64 = 352 * 1024;
+/// After `wasm-opt -Oz`; 341.8 KiB when the budget was set. The 256 KiB
+/// target is out of reach without replacing serde_json, `core::fmt` or the
+/// proxy-wasm dispatcher, and opt-level `z` (298.1 KiB) cost inline delivery
+/// per request: see BENCHMARKS.md, "Module size".
+const BUDGET_BYTES: u64 = 343 * 1024;
 
 /// The features Rust 1.95 emits for wasm32-wasip1, which wasm-opt 108 must
 /// be told about.
