@@ -71,7 +71,7 @@ LABELS = {
     "lua": "(f) Lua filter",
     "ext_proc": "(g) ext_proc, Python processor",
 }
-# The peers and their processes: `origin-policy feed` (the policy source of
+# The peers and their processes: `origin-policy serve` (the policy source of
 # (e)) and the ext_proc processor of (g), both on the load generator's core.
 FEED_PORT = 18510
 EXT_PROC_PORT = 18520
@@ -308,8 +308,9 @@ def add_peers(config: dict, run: Path, wasm: Path, policies: Path) -> list[subpr
     feed_dir.mkdir()
     started = [
         subprocess.Popen(
-            [str(CLI), "feed", "--wasm", str(wasm), "--out", str(feed_dir),
-             "--listen", f"127.0.0.1:{FEED_PORT}", str(policies)],
+            [str(CLI), "serve", "--wasm", str(wasm), "--out", str(feed_dir),
+             "--listen", f"127.0.0.1:{FEED_PORT}", "--store", str(run / "store"),
+             "--watch", str(policies)],
             stdout=subprocess.DEVNULL,
             stderr=open(run / "feed.log", "ab"),
             preexec_fn=pinned(LOAD_CPU),
@@ -323,7 +324,7 @@ def add_peers(config: dict, run: Path, wasm: Path, policies: Path) -> list[subpr
     deadline = time.monotonic() + 60
     while not (feed_dir / "origin-policy.ecds.json").exists():
         if started[0].poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"origin-policy feed did not start:\n{(run / 'feed.log').read_text()}")
+            raise SystemExit(f"origin-policy serve did not start:\n{(run / 'feed.log').read_text()}")
         time.sleep(0.1)
     return started
 
@@ -506,11 +507,13 @@ def main() -> int:
         bundle(run, [args.policies], args.wasm)
         use_vm(run / "origin-policy.ecds.json", INLINE_VM_ID)
         config = yaml.safe_load((BENCH / "envoy" / "bench.yaml").read_text())
+        # The peers first: they route by (d)'s one derived cluster, before a
+        # lever's clusters join the file.
+        processes += add_peers(config, run, args.wasm, args.policies)
         for i, lever in enumerate(args.lever):
             add_lever(run, config, lever, LEVER_PORT + i, args.wasm)
         if args.calibrate:
             add_calibration(config)
-        processes += add_peers(config, run, args.wasm, args.policies)
         for i, lever in enumerate(args.feed_lever):
             add_feed_lever(run, config, lever, LEVER_PORT + len(args.lever) + i)
         envoy = Envoy(run, config, concurrency=1, cpus={ENVOY_CPU}, admin=ADMIN)
