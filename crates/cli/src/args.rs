@@ -94,6 +94,8 @@ pub enum Command {
         settings: Option<PathBuf>,
         #[command(flatten)]
         fleet: FleetArgs,
+        #[command(flatten)]
+        replicas: Box<ReplicaArgs>,
     },
     /// Copy a domain's resources from its primary origin into its secondary.
     ///
@@ -181,6 +183,25 @@ pub struct FleetArgs {
     /// they are reported and the others go on.
     #[arg(long, value_name = "S", default_value_t = 20.0)]
     pub ack_timeout: f64,
+}
+
+/// `serve` as one of several replicas over one etcd cluster.
+#[derive(Debug, Args)]
+pub struct ReplicaArgs {
+    /// etcd's client URLs (comma-separated), e.g.
+    /// http://127.0.0.11:2379,http://127.0.0.12:2379,http://127.0.0.13:2379:
+    /// the policies are kept in etcd, shared by every replica, and STORE is
+    /// this replica's cache and history (docs/api.md, "Replicas"). Not with
+    /// --canary.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// This replica's name in etcd and in /status [default: the host name].
+    #[arg(long, value_name = "NAME", requires = "etcd")]
+    pub replica: Option<String>,
+    /// How operators and other replicas reach this replica's HTTP listener
+    /// [default: http://LISTEN].
+    #[arg(long, value_name = "URL", requires = "etcd")]
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use origin_policy_cli::args::{Cli, Command, Delivery, FleetArgs, MirrorArgs, OutputArgs};
+use origin_policy_cli::args::{
+    Cli, Command, Delivery, FleetArgs, MirrorArgs, OutputArgs, ReplicaArgs,
+};
 use origin_policy_control::envoy::EnvoyConfig;
 use std::sync::Arc;
 
@@ -52,7 +54,26 @@ fn serve(
     watch: &[PathBuf],
     settings: &Option<PathBuf>,
     fleet: &FleetArgs,
+    replicas: &ReplicaArgs,
 ) -> Result<(), CliError> {
+    if !replicas.etcd.is_empty() && !fleet.canary.is_empty() {
+        return Err(CliError::Usage(
+            "--canary cannot be used with --etcd: the canary rollout is one server's (docs/api.md, \"Replicas\")".to_owned(),
+        ));
+    }
+    let replica =
+        (!replicas.etcd.is_empty()).then(|| origin_policy_control::replica::ReplicaConfig {
+            endpoints: replicas.etcd.clone(),
+            name: replicas
+                .replica
+                .clone()
+                .unwrap_or_else(origin_policy_control::serve::host_name),
+            api: replicas
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{listen}")),
+            ads: fleet.ads.clone(),
+        });
     let wasm = std::fs::canonicalize(&output.wasm)
         .map_err(|e| {
             CliError::Io(format!(
@@ -120,6 +141,7 @@ fn serve(
         settings: settings.clone(),
         envoy,
         fleet,
+        replica,
     })
     .map_err(|e| CliError::Io(e.to_string()))
 }
@@ -359,7 +381,8 @@ fn main() -> ExitCode {
             watch,
             settings,
             fleet,
-        } => serve(output, listen, store, watch, settings, fleet),
+            replicas,
+        } => serve(output, listen, store, watch, settings, fleet, replicas),
         Command::Mirror(args) => mirror(args),
         Command::MirrorServe { root, listen } => {
             mirror::serve(root.clone(), listen).map_err(CliError::Io)

@@ -28,6 +28,10 @@ pub struct Api {
     pub settings: RwLock<Arc<EdgeSettings>>,
     pub nodes: Nodes,
     pub fleet: Arc<crate::rollout::Fleet>,
+    /// This server's name in `/status` (`--replica`).
+    pub name: String,
+    /// When it started, in ms since the Unix epoch.
+    pub started_ms: u64,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -206,6 +210,9 @@ fn write_refused(refusal: WriteRefused, domain: &str) -> Answer {
             "not_written",
             format!("{domain}: nothing was written: {why}"),
         ),
+        WriteRefused::StoreUnavailable(why) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", why)
+        }
     }
 }
 
@@ -222,6 +229,13 @@ impl Api {
         match (&method, parts.as_slice()) {
             (&Method::GET, ["changes"]) => self.changes(&request, &query).await,
             (&Method::GET, ["status"]) => respond(StatusCode::OK, &self.status()),
+            (&Method::GET, ["healthz"]) => match self.shared.not_serving() {
+                None => respond(StatusCode::OK, &json!({"serving": true})),
+                Some(why) => respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"serving": false, "reason": why}),
+                ),
+            },
             (&Method::GET, ["v1", "settings"]) => {
                 respond(StatusCode::OK, &self.settings().document)
             }
@@ -278,6 +292,14 @@ impl Api {
                 entry["xds"] = xds_status(&node);
             }
         }
+        let (store, replicas) = match self.shared.replica.get() {
+            Some(replica) => replica.status(),
+            None => (
+                json!({"kind": "redb", "state": "connected", "endpoints": [],
+                       "applied": version, "since_ms": self.started_ms, "error": null}),
+                json!({}),
+            ),
+        };
         json!({
             "version": version,
             "epoch": epoch,
@@ -285,6 +307,10 @@ impl Api {
             "stable": self.fleet.stable().min(version),
             "rollout": self.fleet.status(),
             "nodes": nodes,
+            "replica": self.name,
+            "store": store,
+            "replicas": replicas,
+            "events": self.shared.events.status(),
         })
     }
 
@@ -297,6 +323,9 @@ impl Api {
                 .map(str::to_owned)
         };
         let poll = feed::read_poll(query, header);
+        if let Some(why) = self.shared.not_serving() {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", why);
+        }
         self.nodes.heard(&self.shared, &poll);
         if let Some(node) = &poll.node {
             self.fleet.polled(node, poll.epoch, poll.since);
@@ -306,7 +335,14 @@ impl Api {
         let page =
             match feed::answer(&self.shared, &poll, |latest| fleet.target(node, latest)).await {
                 Ok(page) => page,
-                Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, "store", why),
+                Err(why) => {
+                    let kind = if self.shared.not_serving().is_some() {
+                        "store_unavailable"
+                    } else {
+                        "store"
+                    };
+                    return error(StatusCode::SERVICE_UNAVAILABLE, kind, why);
+                }
             };
         let (status, headers, text) = match page {
             Some(page) => (StatusCode::OK, feed::page_headers(&page), page.body),

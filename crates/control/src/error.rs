@@ -12,6 +12,8 @@ pub enum ControlError {
     Settings(String),
     /// Envoy did not take the clusters a write needs, so it was not published.
     Envoy(String),
+    /// Options that cannot go together.
+    Usage(String),
 }
 
 impl fmt::Display for ControlError {
@@ -21,6 +23,7 @@ impl fmt::Display for ControlError {
             ControlError::Io(why) => f.write_str(why),
             ControlError::Settings(why) => write!(f, "settings rejected: {why}"),
             ControlError::Envoy(why) => write!(f, "Envoy: {why}"),
+            ControlError::Usage(why) => f.write_str(why),
         }
     }
 }

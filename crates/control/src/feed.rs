@@ -2,7 +2,7 @@
 //! contract: docs/feed.md), and what each Envoy's polls say about it: the
 //! version it has, the domains it refused, a snapshot it kept out.
 
-use crate::table::FeedPage;
+use crate::table::{FeedPage, CURSOR_BIT};
 use crate::writer::Shared;
 use origin_policy_engine::feed::{
     parse_report, EPOCH_HEADER, MORE_HEADER, NODE_HEADER, REJECTED_HEADER, RESET_HEADER,
@@ -114,6 +114,16 @@ pub async fn answer(
 ) -> Result<Option<FeedPage>, String> {
     let mut published = shared.published.subscribe();
     let deadline = tokio::time::Instant::now() + LONG_POLL;
+    let mut not_serving = shared.replica.get().map(|r| r.serving_changes());
+    if let Some(replica) = shared.replica.get() {
+        // A version another replica gave that this one has not applied yet
+        // (it is moments behind): held until it has, so that the node keeps
+        // its version; never given, it becomes a snapshot after the hold.
+        let epoch = shared.table().epoch;
+        if poll.epoch == Some(epoch) && poll.since & CURSOR_BIT == 0 {
+            replica.wait_applied(poll.since, deadline).await;
+        }
+    }
     loop {
         // Marked seen before the look, so a write in between is not missed.
         let target = target(*published.borrow_and_update());
@@ -128,9 +138,20 @@ pub async fn answer(
                 .map(Some)
                 .map_err(|e| e.to_string());
         }
-        match tokio::time::timeout_at(deadline, published.changed()).await {
-            Ok(Ok(())) => continue,
-            _ => return Ok(None),
+        let stopped = async {
+            match not_serving.as_mut() {
+                Some(changes) => changes.wait_for(Option::is_some).await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = tokio::time::timeout_at(deadline, published.changed()) => match changed {
+                Ok(Ok(())) => continue,
+                _ => return Ok(None),
+            },
+            Ok(()) = stopped => {
+                return Err(shared.not_serving().unwrap_or_else(|| "not serving".to_owned()));
+            }
         }
     }
 }

@@ -12,6 +12,8 @@
 //! - [`envoy`]: the clusters and filter configuration, to Envoy.
 //! - [`watch`]: a policy directory as a source.
 //! - [`ads`], [`rollout`]: a fleet over ADS, and the canary rollout.
+//! - [`replica`], [`etcd`]: replicas over one etcd cluster (`serve --etcd`).
+//! - [`events`]: what happened, for `/status`.
 //! - [`serve`]: the command.
 
 pub mod admin;
@@ -19,7 +21,10 @@ pub mod ads;
 pub mod api;
 pub mod envoy;
 pub mod error;
+pub mod etcd;
+pub mod events;
 pub mod feed;
+pub mod replica;
 pub mod rollout;
 pub mod serve;
 pub mod store;

@@ -7,6 +7,7 @@ use crate::api::Api;
 use crate::envoy::EnvoyConfig;
 use crate::error::ControlError;
 use crate::feed::Nodes;
+use crate::replica::{Replica, ReplicaConfig};
 use crate::rollout::Fleet;
 use crate::store::Store;
 use crate::table::DomainTable;
@@ -31,6 +32,21 @@ pub struct ServeConfig {
     pub envoy: Box<dyn EnvoyConfig>,
     /// A fleet over ADS (`--ads`), its `envoy` being `fleet.envoy`.
     pub fleet: Option<FleetServe>,
+    /// One of several replicas over etcd (`--etcd`); `store` is then its
+    /// cache and history.
+    pub replica: Option<ReplicaConfig>,
+}
+
+/// This machine's name: a replica's name unless `--replica` says otherwise.
+pub fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| {
+            let name = std::fs::read_to_string(path).ok()?;
+            let name = name.trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .unwrap_or_else(|| "origin-policy".to_owned())
 }
 
 /// What `serve --ads` adds: the ADS server, the rollout, and the module
@@ -123,7 +139,7 @@ pub fn reload_settings(api: &Api, path: &PathBuf) {
     }
 }
 
-fn new_epoch() -> u64 {
+pub(crate) fn new_epoch() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
@@ -145,6 +161,16 @@ impl Server {
         runtime: &tokio::runtime::Handle,
     ) -> Result<Server, ControlError> {
         let started = std::time::Instant::now();
+        if config.replica.is_some()
+            && config
+                .fleet
+                .as_ref()
+                .is_some_and(|f| f.fleet.rollout.is_some())
+        {
+            return Err(ControlError::Usage(
+                "--canary cannot be used with --etcd: the canary rollout's stable version is one server's; with replicas every write goes to every node".to_owned(),
+            ));
+        }
         let store = Store::open(&config.store)?;
         let loaded = store.load()?;
         // The epoch stays with the store: a restarted server continues every
@@ -188,6 +214,11 @@ impl Server {
             settings: RwLock::new(Arc::new(settings)),
             nodes: Nodes::default(),
             fleet,
+            name: config
+                .replica
+                .as_ref()
+                .map_or_else(host_name, |r| r.name.clone()),
+            started_ms: crate::events::now_ms(),
         });
         if let Some(path) = &settings_path {
             let document = read_settings(path).map_err(ControlError::Settings)?;
@@ -197,6 +228,18 @@ impl Server {
             "serve: {domains} domains from the store (epoch {epoch}) in {} ms",
             started.elapsed().as_millis()
         );
+        if let Some(replication) = config.replica.clone() {
+            let ads = config.fleet.as_ref().map(|f| f.envoy.ads.clone());
+            let replica = Replica::start(&api, replication, ads, runtime)?;
+            runtime.block_on(replica.wait_serving());
+            eprintln!(
+                "serve: {} domains from etcd, at revision {} ({} ms)",
+                api.shared.table().live(),
+                replica.applied(),
+                started.elapsed().as_millis()
+            );
+        }
+        let epoch = api.shared.table().epoch;
         // The feed opens once a watched directory is in the store: a snapshot
         // from a half-synced store would remove domains from the Envoys.
         let watch = (!config.watch.is_empty()).then(|| {

@@ -236,6 +236,24 @@ impl Store {
         txn.commit().map_err(|e| self.err(e))
     }
 
+    /// Forgets every domain and its history, and takes `epoch`: a replica
+    /// whose cache is of another etcd cluster (`serve --etcd`) syncs again
+    /// from nothing. The clusters stay, for Envoys still running them.
+    pub fn clear_domains(&self, epoch: u64) -> Result<(), ControlError> {
+        let txn = self.begin_write()?;
+        {
+            let mut current = txn.open_table(CURRENT).map_err(|e| self.err(e))?;
+            current.retain(|_, _| false).map_err(|e| self.err(e))?;
+            let mut history = txn.open_table(HISTORY).map_err(|e| self.err(e))?;
+            history.retain(|_, _| false).map_err(|e| self.err(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            meta.insert("seq", "0").map_err(|e| self.err(e))?;
+            meta.insert("epoch", epoch.to_string().as_str())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     /// The cluster table, replaced whole (the settings changed).
     pub fn replace_clusters(&self, clusters: &[(String, String)]) -> Result<(), ControlError> {
         let txn = self.begin_write()?;

@@ -13,7 +13,8 @@
 
 use crate::error::ControlError;
 use crate::store::{CurrentEntry, Store};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 
 /// Versions with this bit are page cursors, not sequence numbers.
@@ -51,12 +52,12 @@ impl ClusterEntry {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Cursor {
     /// The version the node had before its first page.
     base: u64,
-    /// The last write examined.
-    position: u64,
+    /// The last write examined: (seq, domain).
+    position: (u64, Arc<str>),
 }
 
 /// One answer to `GET /changes`.
@@ -76,7 +77,9 @@ pub struct DomainTable {
     /// The last sequence number committed.
     pub seq: u64,
     current: HashMap<Arc<str>, Current>,
-    by_seq: BTreeMap<u64, Arc<str>>,
+    /// (seq, domain): a seq names one write of ours, but a domain removed
+    /// by a full resync of a replica shares the resync's seq with others.
+    by_seq: BTreeSet<(u64, Arc<str>)>,
     clusters: HashMap<Arc<str>, ClusterEntry>,
     /// Clusters no domain needs any more, sent once more so that requests
     /// still running on an older policy keep theirs; dropped at the next
@@ -100,7 +103,7 @@ impl DomainTable {
             epoch,
             seq: 0,
             current: HashMap::new(),
-            by_seq: BTreeMap::new(),
+            by_seq: BTreeSet::new(),
             clusters: HashMap::new(),
             retired: Vec::new(),
             cursors: BTreeMap::new(),
@@ -156,7 +159,7 @@ impl DomainTable {
 
     fn insert(&mut self, domain: Arc<str>, entry: Current) {
         if let Some(old) = self.current.remove(&domain) {
-            self.by_seq.remove(&old.seq);
+            self.by_seq.remove(&(old.seq, domain.clone()));
             self.live -= usize::from(!old.removed);
             for name in old.clusters.iter() {
                 if let Some(c) = self.clusters.get_mut(name) {
@@ -173,7 +176,7 @@ impl DomainTable {
             }
         }
         self.live += usize::from(!entry.removed);
-        self.by_seq.insert(entry.seq, domain.clone());
+        self.by_seq.insert((entry.seq, domain.clone()));
         self.current.insert(domain, entry);
     }
 
@@ -283,7 +286,7 @@ impl DomainTable {
         out
     }
 
-    fn cursor(&mut self, base: u64, position: u64) -> u64 {
+    fn cursor(&mut self, base: u64, position: (u64, Arc<str>)) -> u64 {
         self.next_cursor = (self.next_cursor + 1) % CURSOR_BIT;
         let token = CURSOR_BIT | self.next_cursor;
         self.cursors.insert(token, Cursor { base, position });
@@ -307,18 +310,21 @@ impl DomainTable {
     ) -> Result<PagePlan, ControlError> {
         let target = target.min(self.seq);
         let resumed = (since & CURSOR_BIT != 0)
-            .then(|| self.cursors.get(&since).copied())
+            .then(|| self.cursors.get(&since).cloned())
             .flatten();
         let (base, reset) = match resumed {
             _ if epoch != Some(self.epoch) => (0, true),
-            Some(c) => (c.base, false),
+            Some(ref c) => (c.base, false),
             None if since & CURSOR_BIT != 0 || since > self.seq => (0, true),
             None => (since, false),
         };
         // A resumed snapshot is a snapshot still: no removals.
         let snapshot = reset || (resumed.is_some() && base == 0);
         let (low, high) = (base.min(target), base.max(target));
-        let from = resumed.filter(|_| !reset).map_or(low, |c| c.position);
+        let start = match resumed.filter(|_| !reset) {
+            Some(c) => Bound::Excluded(c.position),
+            None => Bound::Included((low.saturating_add(1), Arc::from(""))),
+        };
         let mut plan = PagePlan {
             page: FeedPage {
                 epoch: self.epoch,
@@ -327,13 +333,13 @@ impl DomainTable {
             },
             wanted: Vec::new(),
         };
-        let mut last = from;
-        for (&seq, domain) in self.by_seq.range(from + 1..) {
+        let mut last = (low, Arc::from(""));
+        for (seq, domain) in self.by_seq.range((start, Bound::Unbounded)) {
             if plan.wanted.len() == max {
                 plan.page.more = true;
                 break;
             }
-            last = seq;
+            last = (*seq, domain.clone());
             let Some(current) = self.current.get(domain) else {
                 continue;
             };

@@ -6,12 +6,15 @@
 
 use crate::envoy::EnvoyConfig;
 use crate::error::ControlError;
+use crate::events::Events;
+use crate::replica::Replica;
 use crate::store::{Commit, Put, Store};
 use crate::table::{Applied, Current, DomainTable};
+use crate::validate::ClusterUnit;
 use crate::validate::ValidPolicy;
 use origin_policy_engine::fingerprint;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -53,6 +56,61 @@ pub enum WriteRefused {
     NotFound,
     /// Nothing was written; why.
     Failed(String),
+    /// The replicated store could not be reached (`serve --etcd`); the
+    /// message says whether the write may have been applied.
+    StoreUnavailable(String),
+}
+
+/// What a write finds of its domain: the current revision, whether it
+/// removed the policy, and the document's fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    pub revision: u64,
+    pub removed: bool,
+    pub digest: u64,
+}
+
+/// What a write does once its precondition held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The same document as the current revision: nothing to write.
+    Unchanged { revision: u64 },
+    /// A new revision.
+    Write { revision: u64 },
+}
+
+/// Decides a write of `document` (empty: remove the policy) against what
+/// the domain has: its precondition, a removal of nothing, an unchanged
+/// document, or the next revision.
+pub fn decide(
+    precondition: Precondition,
+    document: &str,
+    known: Option<Known>,
+) -> Result<Decision, WriteRefused> {
+    let live = known.filter(|k| !k.removed);
+    let stale = match precondition {
+        Precondition::None => false,
+        Precondition::Revision(r) => live.map(|k| k.revision) != Some(r),
+        Precondition::Absent => live.is_some(),
+    };
+    if stale {
+        return Err(WriteRefused::Stale {
+            current: live.map(|k| k.revision),
+        });
+    }
+    if document.is_empty() && live.is_none() {
+        return Err(WriteRefused::NotFound);
+    }
+    match live {
+        Some(k) if !document.is_empty() && k.digest == fingerprint(document.as_bytes()) => {
+            Ok(Decision::Unchanged {
+                revision: k.revision,
+            })
+        }
+        _ => Ok(Decision::Write {
+            revision: known.map_or(1, |k| k.revision + 1),
+        }),
+    }
 }
 
 type Reply = oneshot::Sender<Result<WriteOutcome, WriteRefused>>;
@@ -68,6 +126,11 @@ pub struct Shared {
     /// no domain names any more are kept while the stable version is behind
     /// the latest, since nodes at the stable version may still use them.
     pub stable: std::sync::atomic::AtomicU64,
+    /// What happened, for `/status`.
+    pub events: Events,
+    /// `serve --etcd`: the replica that writes through etcd and applies
+    /// what every replica wrote.
+    pub replica: OnceLock<Arc<Replica>>,
     queue: mpsc::UnboundedSender<(WriteRequest, Reply)>,
 }
 
@@ -82,6 +145,8 @@ impl Shared {
             published,
             envoy,
             stable: std::sync::atomic::AtomicU64::new(u64::MAX),
+            events: Events::default(),
+            replica: OnceLock::new(),
             queue,
         });
         let writer = Arc::downgrade(&shared);
@@ -97,8 +162,17 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Why this server does not serve now (`serve --etcd` without its
+    /// store, or catching up), if it does not.
+    pub fn not_serving(&self) -> Option<String> {
+        self.replica.get().and_then(|r| r.not_serving())
+    }
+
     /// Queues a write; the answer comes once it is on disk and published.
     pub async fn write(&self, request: WriteRequest) -> Result<WriteOutcome, WriteRefused> {
+        if let Some(replica) = self.replica.get() {
+            return replica.write(self, request).await;
+        }
         let (reply, answer) = oneshot::channel();
         self.queue
             .send((request, reply))
@@ -114,6 +188,9 @@ impl Shared {
         &self,
         requests: Vec<WriteRequest>,
     ) -> Vec<Result<WriteOutcome, WriteRefused>> {
+        if let Some(replica) = self.replica.get() {
+            return replica.write_all(self, requests).await;
+        }
         let mut answers = Vec::with_capacity(requests.len());
         for request in requests {
             let (reply, answer) = oneshot::channel();
@@ -181,73 +258,66 @@ fn commit_batch(shared: &Shared, batch: Vec<(WriteRequest, Reply)>) {
                     .get(&request.domain)
                     .map(|c| (c.revision, c.removed, c.digest))
             });
-            let live = known.filter(|k| !k.1);
-            let stale = match request.precondition {
-                Precondition::None => false,
-                Precondition::Revision(r) => live.map(|k| k.0) != Some(r),
-                Precondition::Absent => live.is_some(),
-            };
-            let answer = if stale {
-                Err(WriteRefused::Stale {
-                    current: live.map(|k| k.0),
-                })
-            } else if request.policy.is_none() && live.is_none() {
-                Err(WriteRefused::NotFound)
-            } else {
-                let document = request
-                    .policy
-                    .as_ref()
-                    .map_or(String::new(), |p| p.document.clone());
-                let digest = fingerprint(document.as_bytes());
-                match live {
-                    Some((revision, _, d)) if d == digest && !document.is_empty() => {
-                        Ok(WriteOutcome::Unchanged {
-                            revision,
-                            seq: table.seq,
-                        })
-                    }
-                    _ => {
-                        seq += 1;
-                        let revision = known.map_or(1, |k| k.0 + 1);
-                        let clusters = request.policy.as_ref().map_or(Vec::new(), |p| {
-                            p.clusters.iter().map(|(n, _)| n.clone()).collect()
-                        });
-                        for (name, json) in request.policy.iter().flat_map(|p| &p.clusters) {
-                            let known_cluster = table.has_cluster(name)
-                                || commit.clusters_added.iter().any(|(n, _)| n == name);
-                            if !known_cluster {
-                                commit.clusters_added.push((name.clone(), json.to_string()));
-                            }
+            let document = request
+                .policy
+                .as_ref()
+                .map_or(String::new(), |p| p.document.clone());
+            let decision = decide(
+                request.precondition,
+                &document,
+                known.map(|(revision, removed, digest)| Known {
+                    revision,
+                    removed,
+                    digest,
+                }),
+            );
+            let answer = match decision {
+                Err(refused) => Err(refused),
+                Ok(Decision::Unchanged { revision }) => Ok(WriteOutcome::Unchanged {
+                    revision,
+                    seq: table.seq,
+                }),
+                Ok(Decision::Write { revision }) => {
+                    let digest = fingerprint(document.as_bytes());
+                    seq += 1;
+                    let clusters = request.policy.as_ref().map_or(Vec::new(), |p| {
+                        p.clusters.iter().map(|(n, _)| n.clone()).collect()
+                    });
+                    for (name, json) in request.policy.iter().flat_map(|p| &p.clusters) {
+                        let known_cluster = table.has_cluster(name)
+                            || commit.clusters_added.iter().any(|(n, _)| n == name);
+                        if !known_cluster {
+                            commit.clusters_added.push((name.clone(), json.to_string()));
                         }
-                        pending.insert(
-                            request.domain.clone(),
-                            (revision, document.is_empty(), digest),
-                        );
-                        let entry = Current {
-                            revision,
-                            seq,
-                            removed: document.is_empty(),
-                            digest,
-                            clusters: Box::new([]),
-                        };
-                        applied.push((
-                            Applied {
-                                domain: request.domain.clone(),
-                                entry,
-                            },
-                            clusters.clone(),
-                        ));
-                        commit.puts.push(Put {
-                            domain: request.domain,
-                            revision,
-                            seq,
-                            at_ms,
-                            source: request.source,
-                            document,
-                            clusters,
-                        });
-                        Ok(WriteOutcome::Written { revision, seq })
                     }
+                    pending.insert(
+                        request.domain.clone(),
+                        (revision, document.is_empty(), digest),
+                    );
+                    let entry = Current {
+                        revision,
+                        seq,
+                        removed: document.is_empty(),
+                        digest,
+                        clusters: Box::new([]),
+                    };
+                    applied.push((
+                        Applied {
+                            domain: request.domain.clone(),
+                            entry,
+                        },
+                        clusters.clone(),
+                    ));
+                    commit.puts.push(Put {
+                        domain: request.domain,
+                        revision,
+                        seq,
+                        at_ms,
+                        source: request.source,
+                        document,
+                        clusters,
+                    });
+                    Ok(WriteOutcome::Written { revision, seq })
                 }
             };
             decided.push(Decided { reply, answer });
@@ -320,7 +390,7 @@ impl std::fmt::Display for WriteRefused {
             }
             WriteRefused::Stale { current: None } => f.write_str("stale: the domain has no policy"),
             WriteRefused::NotFound => f.write_str("the domain has no policy"),
-            WriteRefused::Failed(why) => f.write_str(why),
+            WriteRefused::Failed(why) | WriteRefused::StoreUnavailable(why) => f.write_str(why),
         }
     }
 }
@@ -328,5 +398,153 @@ impl std::fmt::Display for WriteRefused {
 impl From<ControlError> for WriteRefused {
     fn from(e: ControlError) -> Self {
         WriteRefused::Failed(e.to_string())
+    }
+}
+
+/// One write etcd committed, as a replica applies it (`serve --etcd`): its
+/// revision with `seq` the key's mod_revision, and the cluster units its
+/// policy needs under this replica's settings.
+#[derive(Debug, Clone)]
+pub struct Replicated {
+    pub put: Put,
+    pub units: Vec<ClusterUnit>,
+}
+
+/// Applies writes committed to etcd, in the order of their revisions, as the
+/// writer applies its own batch: the clusters they newly need to Envoy first
+/// (make before break), then the local commit, the table, the feed.
+/// `through`: the revision they bring this replica to (past the last write
+/// when later ones were skipped). `keep_retired`: no cluster is dropped with
+/// this batch (a full resync, whose Envoys still run the policies it
+/// replaces).
+pub fn apply_replicated(
+    shared: &Shared,
+    writes: Vec<Replicated>,
+    through: u64,
+    keep_retired: bool,
+) -> Result<(), ControlError> {
+    let seq = writes.iter().map(|w| w.put.seq).fold(through, u64::max);
+    let mut commit = Commit::default();
+    let mut applied = Vec::with_capacity(writes.len());
+    let (dropped, cluster_set) = {
+        let table = shared.table();
+        commit.seq = seq.max(table.seq);
+        for write in writes {
+            for (name, json) in &write.units {
+                let known =
+                    table.has_cluster(name) || commit.clusters_added.iter().any(|(n, _)| n == name);
+                if !known {
+                    commit.clusters_added.push((name.clone(), json.to_string()));
+                }
+            }
+            let put = Put {
+                clusters: write.units.into_iter().map(|(n, _)| n).collect(),
+                ..write.put
+            };
+            let entry = Current {
+                revision: put.revision,
+                seq: put.seq,
+                removed: put.document.is_empty(),
+                digest: fingerprint(put.document.as_bytes()),
+                clusters: put.clusters.iter().map(|n| Arc::from(n.as_str())).collect(),
+            };
+            applied.push(Applied {
+                domain: put.domain.clone(),
+                entry,
+            });
+            commit.puts.push(put);
+        }
+        if commit.clusters_added.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let stable = shared.stable.load(std::sync::atomic::Ordering::Relaxed);
+            let dropped = if !keep_retired && stable >= table.seq {
+                table.retired()
+            } else {
+                Vec::new()
+            };
+            let set = table.cluster_set(&commit.clusters_added, &dropped);
+            (dropped, Some(set))
+        }
+    };
+    if let Some(set) = cluster_set {
+        shared.envoy.clusters(&set)?;
+        commit.clusters_dropped = dropped;
+    }
+    shared.store.commit(&commit)?;
+    {
+        let mut table = shared.table();
+        table.drop_clusters(&commit.clusters_dropped);
+        table.apply(commit.seq, applied, commit.clusters_added);
+    }
+    shared.published.send_replace(commit.seq);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(revision: u64, removed: bool, document: &str) -> Option<Known> {
+        Some(Known {
+            revision,
+            removed,
+            digest: fingerprint(document.as_bytes()),
+        })
+    }
+
+    #[test]
+    fn a_write_is_decided_against_the_current_revision() {
+        let doc = "{\"domain\":\"a.example\"}";
+        let other = "{\"domain\":\"a.example\",\"x\":1}";
+        assert_eq!(
+            decide(Precondition::None, doc, None),
+            Ok(Decision::Write { revision: 1 })
+        );
+        assert_eq!(
+            decide(Precondition::None, doc, known(3, false, doc)),
+            Ok(Decision::Unchanged { revision: 3 })
+        );
+        assert_eq!(
+            decide(Precondition::None, other, known(3, false, doc)),
+            Ok(Decision::Write { revision: 4 })
+        );
+        // A removed domain written again counts on from its removal.
+        assert_eq!(
+            decide(Precondition::None, doc, known(4, true, "")),
+            Ok(Decision::Write { revision: 5 })
+        );
+        assert_eq!(
+            decide(Precondition::Revision(2), other, known(3, false, doc)),
+            Err(WriteRefused::Stale { current: Some(3) })
+        );
+        assert_eq!(
+            decide(Precondition::Revision(3), other, known(3, false, doc)),
+            Ok(Decision::Write { revision: 4 })
+        );
+        assert_eq!(
+            decide(Precondition::Absent, doc, known(3, false, doc)),
+            Err(WriteRefused::Stale { current: Some(3) })
+        );
+        assert_eq!(
+            decide(Precondition::Absent, doc, known(4, true, "")),
+            Ok(Decision::Write { revision: 5 })
+        );
+        assert_eq!(
+            decide(Precondition::Revision(4), doc, known(4, true, "")),
+            Err(WriteRefused::Stale { current: None })
+        );
+        assert_eq!(
+            decide(Precondition::None, "", None),
+            Err(WriteRefused::NotFound)
+        );
+        assert_eq!(
+            decide(Precondition::None, "", known(4, true, "")),
+            Err(WriteRefused::NotFound)
+        );
+        assert_eq!(
+            decide(Precondition::None, "", known(3, false, doc)),
+            Ok(Decision::Write { revision: 4 })
+        );
     }
 }

@@ -100,6 +100,7 @@ fn start(store: &std::path::Path, envoy: RecordingEnvoy) -> Running {
         settings: None,
         envoy: Box::new(envoy),
         fleet: None,
+        replica: None,
     };
     let server = Server::open(config, runtime.handle()).unwrap_or_else(|e| unreachable!("{e}"));
     let listener = runtime

@@ -108,6 +108,9 @@ struct Shared {
     /// node lacks.
     targets: watch::Sender<u64>,
     status: watch::Sender<Vec<NodeStatus>>,
+    /// `Some(why)`: not serving; open streams are ended with UNAVAILABLE and
+    /// new ones refused, so that Envoys move to another control plane.
+    not_serving: watch::Sender<Option<String>>,
 }
 
 #[derive(Default)]
@@ -251,6 +254,21 @@ impl AdsServer {
             .send_modify(|generation| *generation += 1);
     }
 
+    /// Stops serving (`Some(why)`: every stream is ended with UNAVAILABLE
+    /// and new ones are refused, saying why) or serves again (`None`).
+    pub fn set_not_serving(&self, why: Option<String>) {
+        self.shared.not_serving.send_if_modified(|current| {
+            let changed = *current != why;
+            *current = why;
+            changed
+        });
+    }
+
+    /// Why the server does not serve, if it does not.
+    pub fn not_serving(&self) -> Option<String> {
+        self.shared.not_serving.borrow().clone()
+    }
+
     /// Every node that has connected, by id.
     pub fn status(&self) -> Vec<NodeStatus> {
         self.shared.status.borrow().clone()
@@ -329,6 +347,9 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        if let Some(why) = self.shared.not_serving.borrow().clone() {
+            return Err(Status::unavailable(why));
+        }
         let (responses, stream) = mpsc::channel(4);
         let ads = AdsStream::open(self.shared.clone());
         tokio::spawn(ads.run(request.into_inner(), responses, self.closed.clone()));
@@ -391,6 +412,7 @@ impl AdsStream {
         mut closed: watch::Receiver<bool>,
     ) {
         let mut targets = self.shared.targets.subscribe();
+        let mut not_serving = self.shared.not_serving.subscribe();
         'stream: loop {
             tokio::select! {
                 request = requests.message() => match request {
@@ -408,6 +430,11 @@ impl AdsStream {
                     }
                 }
                 _ = async { closed.wait_for(|closed| *closed).await.map(|_| ()) } => break,
+                why = async { not_serving.wait_for(Option::is_some).await.map(|why| why.clone()) } => {
+                    let why = why.ok().flatten().unwrap_or_default();
+                    let _ = responses.send(Err(Status::unavailable(why))).await;
+                    break;
+                }
             }
             for response in self.pending() {
                 if responses.send(Ok(response)).await.is_err() {

@@ -1,0 +1,286 @@
+//! etcd as the replicas' store (`serve --etcd`): its keys, their values, and
+//! a client over every member that moves on from one that fails or has no
+//! leader.
+//!
+//! Keys:
+//! - `/origin-policy/domains/<domain>`: the domain's current revision,
+//!   [`DomainValue`]; a removal keeps the key with an empty document, so that
+//!   revisions keep counting. The key's mod_revision is the feed version.
+//! - `/origin-policy/epoch`: the feed epoch, created once, shared by every
+//!   replica.
+//! - `/origin-policy/replicas/<name>`: a live replica, [`ReplicaValue`], under
+//!   a lease it keeps alive.
+
+use etcd_client::{Client, ConnectOptions};
+use serde_json::{json, Value};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub const DOMAINS: &str = "/origin-policy/domains/";
+pub const EPOCH_KEY: &str = "/origin-policy/epoch";
+pub const REPLICAS: &str = "/origin-policy/replicas/";
+
+/// How long one request to one member may take before the next is tried.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Why etcd could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtcdError {
+    /// No member answered (down, cut off, or without a leader): why, from
+    /// the last one tried.
+    Unreachable(String),
+    /// A request went out and no answer came: it may have been applied.
+    Unanswered(String),
+    /// The watch's start revision was compacted away: a full resync is needed.
+    Compacted(i64),
+    /// A value that is not ours.
+    Invalid(String),
+}
+
+impl std::fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EtcdError::Unreachable(why) => write!(f, "etcd unreachable: {why}"),
+            EtcdError::Unanswered(why) => write!(f, "etcd did not answer: {why}"),
+            EtcdError::Compacted(revision) => {
+                write!(f, "etcd compacted the history up to revision {revision}")
+            }
+            EtcdError::Invalid(why) => write!(f, "etcd: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for EtcdError {}
+
+/// One revision of a domain, as kept in etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainValue {
+    pub revision: u64,
+    pub at_ms: u64,
+    /// Who wrote it: `api`, `import`, `watch:FILE`, `rollback:N`.
+    pub source: String,
+    /// Empty: the policy was removed.
+    pub document: String,
+    /// The replica and the write that put it: a writer whose commit went
+    /// unanswered knows it landed when it finds its own token.
+    pub writer: String,
+}
+
+impl DomainValue {
+    pub fn encode(&self) -> Vec<u8> {
+        json!({
+            "revision": self.revision,
+            "at_ms": self.at_ms,
+            "source": self.source,
+            "document": self.document,
+            "writer": self.writer,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<DomainValue, EtcdError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| EtcdError::Invalid(format!("a domain's value is not JSON: {e}")))?;
+        let text = |name: &str| value[name].as_str().map(str::to_owned);
+        let (Some(revision), Some(document)) = (value["revision"].as_u64(), text("document"))
+        else {
+            return Err(EtcdError::Invalid(
+                "a domain's value has no `revision` or `document`".to_owned(),
+            ));
+        };
+        Ok(DomainValue {
+            revision,
+            at_ms: value["at_ms"].as_u64().unwrap_or(0),
+            source: text("source").unwrap_or_default(),
+            document,
+            writer: text("writer").unwrap_or_default(),
+        })
+    }
+}
+
+/// A live replica, as it registers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaValue {
+    /// Its HTTP listener (API, feed, status).
+    pub api: String,
+    /// Its ADS listener, with `--ads`.
+    pub ads: Option<String>,
+}
+
+impl ReplicaValue {
+    pub fn encode(&self) -> Vec<u8> {
+        json!({"api": self.api, "ads": self.ads})
+            .to_string()
+            .into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<ReplicaValue> {
+        let value: Value = serde_json::from_slice(bytes).ok()?;
+        Some(ReplicaValue {
+            api: value["api"].as_str()?.to_owned(),
+            ads: value["ads"].as_str().map(str::to_owned),
+        })
+    }
+}
+
+pub fn domain_key(domain: &str) -> String {
+    format!("{DOMAINS}{domain}")
+}
+
+/// The domain a key under [`DOMAINS`] names.
+pub fn domain_of(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(DOMAINS)
+        .filter(|d| !d.is_empty())
+}
+
+/// The first key after every key that starts with `prefix`.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// One client per member, the one that last answered first: a request that
+/// fails or times out on a member is tried on the next. Each member gets its
+/// own connection, so a member that is down or without a leader costs one
+/// timeout, not a stuck balancer.
+pub struct Etcd {
+    pub endpoints: Vec<String>,
+    clients: Vec<Client>,
+    current: AtomicUsize,
+}
+
+impl Etcd {
+    /// Connections are made lazily: this succeeds with every member down.
+    pub async fn connect(endpoints: &[String]) -> Result<Etcd, EtcdError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            // HTTP/2 pings: a member cut off without a reset (a partition)
+            // ends its watch within two seconds.
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            .with_keep_alive_while_idle(true)
+            // A member without a leader refuses at once rather than hang,
+            // and cancels its watches.
+            .with_require_leader(true);
+        let mut clients = Vec::new();
+        for endpoint in endpoints {
+            let client = Client::connect([endpoint.as_str()], Some(options.clone()))
+                .await
+                .map_err(|e| EtcdError::Unreachable(format!("{endpoint}: {e}")))?;
+            clients.push(client);
+        }
+        if clients.is_empty() {
+            return Err(EtcdError::Unreachable("no endpoint given".to_owned()));
+        }
+        Ok(Etcd {
+            endpoints: endpoints.to_vec(),
+            clients,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// The member requests go to now, and its client.
+    pub fn current(&self) -> (usize, Client) {
+        let index = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (index, self.clients[index].clone())
+    }
+
+    /// The member at `index` failed: the next one is tried from now on.
+    pub fn failed(&self, index: usize) {
+        let next = (index + 1) % self.clients.len();
+        let _ = self
+            .current
+            .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// `request` on the current member, then on each of the others, each
+    /// within [`REQUEST_TIMEOUT`].
+    pub async fn run<T, F, Fut>(&self, request: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut why = String::new();
+        let mut unanswered = false;
+        for _ in 0..self.clients.len() {
+            let (index, client) = self.current();
+            match tokio::time::timeout(REQUEST_TIMEOUT, request(client)).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(e)) => why = format!("{}: {}", self.endpoints[index], brief(&e)),
+                Err(_) => {
+                    unanswered = true;
+                    why = format!(
+                        "{}: no answer within {} ms",
+                        self.endpoints[index],
+                        REQUEST_TIMEOUT.as_millis()
+                    )
+                }
+            }
+            self.failed(index);
+        }
+        if unanswered {
+            return Err(EtcdError::Unanswered(why));
+        }
+        Err(EtcdError::Unreachable(why))
+    }
+}
+
+/// An etcd client error in one line: a gRPC status as its message.
+pub fn brief(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}: {}", status.code(), status.message())
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_domain_value_round_trips_and_a_foreign_one_is_refused() {
+        let value = DomainValue {
+            revision: 7,
+            at_ms: 1_754_000_000_000,
+            source: "watch:a.example.json".to_owned(),
+            document: "{\"domain\":\"a.example\",\"note\":\"tab\\there\"}".to_owned(),
+            writer: "r1/42".to_owned(),
+        };
+        assert_eq!(DomainValue::decode(&value.encode()), Ok(value.clone()));
+        let removed = DomainValue {
+            document: String::new(),
+            ..value
+        };
+        assert_eq!(DomainValue::decode(&removed.encode()), Ok(removed));
+        assert!(DomainValue::decode(b"not json").is_err());
+        assert!(DomainValue::decode(b"{\"document\": \"{}\"}").is_err());
+    }
+
+    #[test]
+    fn keys_name_their_domain_and_a_prefix_ends_after_its_keys() {
+        let key = domain_key("*.shop.example");
+        assert_eq!(domain_of(key.as_bytes()), Some("*.shop.example"));
+        assert_eq!(domain_of(b"/origin-policy/epoch"), None);
+        assert_eq!(domain_of(DOMAINS.as_bytes()), None);
+        let end = prefix_end(DOMAINS);
+        assert!(key.as_bytes() < end.as_slice());
+        assert_eq!(end, b"/origin-policy/domains0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+        let replica = ReplicaValue {
+            api: "http://127.0.0.21:18700".to_owned(),
+            ads: Some("127.0.0.21:18701".to_owned()),
+        };
+        assert_eq!(ReplicaValue::decode(&replica.encode()), Some(replica));
+    }
+}
