@@ -459,3 +459,35 @@ async fn shutdown_ends_the_open_streams() -> TestResult {
     assert!(!server.status().iter().any(|n| n.connected));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_server_not_serving_ends_its_streams_unavailable_and_refuses_new_ones() -> TestResult {
+    let server = AdsServer::new();
+    server.set_target(NodeSelector::All, resources(&[("one", 8001)])?);
+    let running = RunningServer::start(server.clone()).await?;
+    let mut envoy = FakeEnvoy::connect(running.address, "edge-1").await?;
+    envoy.subscribe(CLUSTER_TYPE, "", &[]).await?;
+    envoy.next().await?;
+
+    server.set_not_serving(Some("the store is unreachable".to_owned()));
+    let ended = timeout(WAIT, envoy.responses.message()).await?;
+    let status = ended.err().ok_or("the stream was not ended")?;
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(status.message(), "the store is unreachable");
+    // A new stream is refused with the same reason.
+    let refused = match FakeEnvoy::connect(running.address, "edge-2").await {
+        Ok(mut envoy) => {
+            envoy.subscribe(CLUSTER_TYPE, "", &[]).await?;
+            timeout(WAIT, envoy.responses.message()).await?.err()
+        }
+        Err(e) => e.downcast::<tonic::Status>().ok().map(|status| *status),
+    };
+    assert_eq!(refused.map(|s| s.code()), Some(tonic::Code::Unavailable));
+
+    // Serving again: a node connects and gets its target.
+    server.set_not_serving(None);
+    let mut envoy = FakeEnvoy::connect(running.address, "edge-1").await?;
+    envoy.subscribe(CLUSTER_TYPE, "", &[]).await?;
+    assert_eq!(names_of(&envoy.next().await?), ["one"]);
+    running.stop().await
+}
