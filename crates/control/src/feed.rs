@@ -121,7 +121,13 @@ pub async fn answer(
         // its version; never given, it becomes a snapshot after the hold.
         let epoch = shared.table().epoch;
         if poll.epoch == Some(epoch) && poll.since & CURSOR_BIT == 0 {
-            replica.wait_applied(poll.since, deadline).await;
+            let mut stops = replica.serving_changes();
+            tokio::select! {
+                _ = replica.wait_applied(poll.since, deadline) => {}
+                Ok(_) = stops.wait_for(Option::is_some) => {
+                    return Err(replica.not_serving().unwrap_or_default());
+                }
+            }
         }
     }
     loop {

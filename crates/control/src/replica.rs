@@ -52,9 +52,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// A probe is one linearizable read on one member, within this.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 /// Without an answer from etcd for this long, the replica stops serving:
-/// longer than an election after a leader is lost (1 s by default), so one
-/// member going does not stop every replica.
-pub const UNREACHABLE_AFTER: Duration = Duration::from_millis(1500);
+/// longer than an election after a leader is lost (one to two election
+/// timeouts, 1 s by default), so one member going does not stop every
+/// replica.
+pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
 /// The lease of a replica's key, kept alive every second.
 const LEASE_TTL: i64 = 3;
 /// How long a write tries to get etcd's answer, member after member.
@@ -68,8 +69,8 @@ const WRITES_AT_ONCE: usize = 64;
 const RANGE_PAGE: i64 = 1000;
 /// Domains per local commit when applying.
 const APPLY_BATCH: usize = 10_000;
-/// A watch that has delivered nothing this long while etcd has domains it
-/// has not applied is started again.
+/// A watch that answers nothing this long (not even a progress request) is
+/// started again.
 const WATCH_STALLED: Duration = Duration::from_secs(3);
 
 /// How `serve --etcd` reaches etcd and is reached.
@@ -659,9 +660,6 @@ async fn supervise(api: Arc<Api>, replica: Arc<Replica>) {
     let mut first = true;
     let mut catch_up_to = 0;
     let mut lease = Lease::default();
-    // Domains etcd has that the watch has not brought: since when, up to which.
-    let mut behind: Option<(Instant, u64)> = None;
-    let mut checked = Instant::now();
     loop {
         match replica.probe().await {
             Ok(live) => {
@@ -737,45 +735,16 @@ async fn supervise(api: Arc<Api>, replica: Arc<Replica>) {
         if watch.is_none() {
             let from = replica.applied() + 1;
             watch = Some(tokio::spawn(follow(api.clone(), replica.clone(), from)));
-            behind = None;
         }
-        match replica.state() {
-            StoreState::CatchingUp if replica.applied() >= catch_up_to => {
-                replica.set_state(StoreState::Connected, None);
-                shared.events.record(
-                    EventKind::CaughtUp,
-                    format!(
-                        "applied every write up to revision {}; serving",
-                        replica.applied()
-                    ),
-                );
-            }
-            StoreState::Connected | StoreState::CatchingUp
-                if checked.elapsed() >= Duration::from_secs(1) =>
-            {
-                // A watch that went quiet on a member that lost its peers
-                // without telling: started again once it is seen behind.
-                checked = Instant::now();
-                if let Ok(latest) = replica.latest().await {
-                    let applied = replica.applied();
-                    behind = match behind {
-                        _ if latest <= applied => None,
-                        Some((since, upto)) if upto > applied => {
-                            if since.elapsed() >= WATCH_STALLED {
-                                eprintln!("serve: the watch is {} revisions behind etcd for {} s; watching again", latest - applied, WATCH_STALLED.as_secs());
-                                if let Some(task) = watch.take() {
-                                    task.abort();
-                                }
-                                None
-                            } else {
-                                Some((since, upto))
-                            }
-                        }
-                        _ => Some((Instant::now(), latest)),
-                    };
-                }
-            }
-            _ => {}
+        if replica.state() == StoreState::CatchingUp && replica.applied() >= catch_up_to {
+            replica.set_state(StoreState::Connected, None);
+            shared.events.record(
+                EventKind::CaughtUp,
+                format!(
+                    "applied every write up to revision {}; serving",
+                    replica.applied()
+                ),
+            );
         }
         tokio::time::sleep(TICK).await;
     }
@@ -854,23 +823,39 @@ async fn resync(api: &Arc<Api>, replica: &Arc<Replica>) -> Result<u64, EtcdError
             })
         })
         .collect();
-    let gone: Vec<String> = api
-        .shared
-        .table()
-        .live_domains()
-        .into_iter()
-        .map(|(d, _)| d)
-        .filter(|d| !seen.contains(d))
-        .collect();
+    // The feed's versions are the domains' mod_revisions, the same on every
+    // replica: the resync brings this one to the latest of them, not to
+    // etcd's revision (other keys move that). A removal it finds (a key
+    // deleted by hand) takes that version, or this replica's latest.
+    let latest = kvs
+        .iter()
+        .map(|kv| kv.mod_revision() as u64)
+        .max()
+        .unwrap_or(0);
+    let (gone, through) = {
+        let table = api.shared.table();
+        let gone: Vec<String> = table
+            .live_domains()
+            .into_iter()
+            .map(|(d, _)| d)
+            .filter(|d| !seen.contains(d))
+            .collect();
+        let through = if gone.is_empty() {
+            latest
+        } else {
+            latest.max(table.seq)
+        };
+        (gone, through)
+    };
     changes.extend(gone.into_iter().map(|domain| Change {
         domain,
-        seq: at,
+        seq: through,
         value: None,
     }));
     changes.sort_by_key(|c| c.seq);
     let count = changes.len();
     let applying = api.clone();
-    tokio::task::spawn_blocking(move || apply_changes(&applying, changes, at, true))
+    tokio::task::spawn_blocking(move || apply_changes(&applying, changes, through, true))
         .await
         .map_err(|e| EtcdError::Invalid(e.to_string()))?;
     replica.applied.send_if_modified(|a| {
@@ -894,7 +879,7 @@ async fn follow(api: Arc<Api>, replica: Arc<Replica>, from: u64) -> Result<(), E
         .with_start_revision(from as i64);
     // A catch-up's responses can be large.
     let mut watcher = client.watch_client().max_decoding_message_size(256 << 20);
-    let mut stream = match tokio::time::timeout(
+    let stream = match tokio::time::timeout(
         crate::etcd::REQUEST_TIMEOUT,
         watcher.watch(DOMAINS, Some(options)),
     )
@@ -912,10 +897,29 @@ async fn follow(api: Arc<Api>, replica: Arc<Replica>, from: u64) -> Result<(), E
             )));
         }
     };
+    let (mut requests, mut responses) = stream.split();
+    // A progress request every second is answered at once, however quiet
+    // the domains are: a watch that answers nothing for WATCH_STALLED is on
+    // a member that cannot serve it, and is started again.
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    let mut heard = Instant::now();
     loop {
-        let message = stream
-            .message()
-            .await
+        let message = tokio::select! {
+            message = responses.message() => message,
+            _ = ticks.tick() => {
+                if heard.elapsed() >= WATCH_STALLED {
+                    replica.etcd.failed(index);
+                    return Err(EtcdError::Unanswered(format!(
+                        "{endpoint}: the watch answered nothing for {} s",
+                        WATCH_STALLED.as_secs()
+                    )));
+                }
+                let _ = requests.request_progress().await;
+                continue;
+            }
+        };
+        heard = Instant::now();
+        let message = message
             .map_err(|e| EtcdError::Unreachable(format!("{endpoint}: {}", brief(&e))))?
             .ok_or_else(|| EtcdError::Unreachable(format!("{endpoint}: the watch ended")))?;
         if message.canceled() {
