@@ -38,7 +38,7 @@ use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, KeyValue, LeaseKeepAliveStream, LeaseKeeper,
     PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use origin_policy_xds::AdsServer;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -919,22 +919,24 @@ async fn follow(api: Arc<Api>, replica: Arc<Replica>, from: u64) -> Result<(), E
             }
         };
         heard = Instant::now();
-        let message = message
-            .map_err(|e| EtcdError::Unreachable(format!("{endpoint}: {}", brief(&e))))?
-            .ok_or_else(|| EtcdError::Unreachable(format!("{endpoint}: the watch ended")))?;
-        if message.canceled() {
-            if message.compact_revision() > 0 {
-                return Err(EtcdError::Compacted(message.compact_revision()));
+        let mut changes = Vec::new();
+        let mut message = Some(message);
+        // Every message already here goes into one local commit (group
+        // commit): an import's writes arrive one revision each.
+        while let Some(next) = message.take() {
+            let next = next
+                .map_err(|e| EtcdError::Unreachable(format!("{endpoint}: {}", brief(&e))))?
+                .ok_or_else(|| EtcdError::Unreachable(format!("{endpoint}: the watch ended")))?;
+            if next.canceled() {
+                if next.compact_revision() > 0 {
+                    return Err(EtcdError::Compacted(next.compact_revision()));
+                }
+                return Err(EtcdError::Unreachable(format!(
+                    "{endpoint}: the watch was cancelled: {}",
+                    next.cancel_reason()
+                )));
             }
-            return Err(EtcdError::Unreachable(format!(
-                "{endpoint}: the watch was cancelled: {}",
-                message.cancel_reason()
-            )));
-        }
-        let changes: Vec<Change> = message
-            .events()
-            .iter()
-            .filter_map(|event| {
+            changes.extend(next.events().iter().filter_map(|event| {
                 let kv = event.kv()?;
                 let domain = domain_of(kv.key())?.to_owned();
                 let value = match event.event_type() {
@@ -946,8 +948,11 @@ async fn follow(api: Arc<Api>, replica: Arc<Replica>, from: u64) -> Result<(), E
                     seq: kv.mod_revision() as u64,
                     value,
                 })
-            })
-            .collect();
+            }));
+            if changes.len() < APPLY_BATCH {
+                message = responses.message().now_or_never();
+            }
+        }
         let Some(through) = changes.iter().map(|c| c.seq).max() else {
             continue;
         };
