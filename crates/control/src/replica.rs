@@ -124,6 +124,8 @@ pub struct Replica {
     ads: Option<AdsServer>,
     /// Makes each write's token unique.
     writes: AtomicU64,
+    /// The lease this replica's key is under, once granted.
+    lease: Mutex<Option<i64>>,
     started_ms: u64,
 }
 
@@ -186,6 +188,7 @@ impl Replica {
             replicas: Mutex::new(BTreeMap::new()),
             ads,
             writes: AtomicU64::new(0),
+            lease: Mutex::new(None),
             started_ms: now_ms(),
         });
         if api.shared.replica.set(replica.clone()).is_err() {
@@ -284,6 +287,16 @@ impl Replica {
             .map(|(name, r)| (name.clone(), json!({"api": r.api, "ads": r.ads})))
             .collect();
         (store, Value::Object(replicas))
+    }
+
+    /// Stopping: this replica's key goes with its lease at once, so the
+    /// others list it as left now rather than when the lease expires.
+    pub async fn leave(&self) {
+        let Some(id) = lock(&self.lease).take() else {
+            return;
+        };
+        let (_, mut client) = self.etcd.current();
+        let _ = tokio::time::timeout(PROBE_TIMEOUT, client.lease_revoke(id)).await;
     }
 
     fn refuse(&self, shared: &Shared, domain: &str, why: String) -> WriteRefused {
@@ -645,6 +658,7 @@ impl Lease {
             .map_err(|_| "no answer".to_owned())?
             .map_err(|e| brief(&e))?;
         self.id = Some(granted.id());
+        *lock(&replica.lease) = self.id;
         Ok(())
     }
 }

@@ -310,11 +310,15 @@ impl Server {
             std::thread::spawn(move || follow_module(&fleet.envoy, &fleet.wasm));
         }
         eprintln!("serve: ready in {} ms", self.started.elapsed().as_millis());
+        let replica = self.api.shared.replica.get().cloned();
         tokio::select! {
             () = accept(self.api, listener) => {}
             () = stop => {}
         }
         stopping.send_replace(true);
+        if let Some(replica) = replica {
+            replica.leave().await;
+        }
     }
 }
 

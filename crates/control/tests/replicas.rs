@@ -239,6 +239,7 @@ impl Drop for Cluster {
 struct Replica {
     addr: SocketAddr,
     _stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<()>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -271,18 +272,24 @@ impl Replica {
         };
         let server = Server::open(config, runtime.handle()).unwrap_or_else(|e| unreachable!("{e}"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(server.run(listener, async move {
+        let running = runtime.spawn(server.run(listener, async move {
             let _ = stopped.await;
         }));
         Replica {
             addr,
             _stop: stop,
+            running,
             runtime,
         }
     }
 
     fn stop(self) {
         drop(self._stop);
+        // As `serve` on SIGTERM: the server returns, having left etcd.
+        let running = self.running;
+        let _ = self
+            .runtime
+            .block_on(async move { tokio::time::timeout(Duration::from_secs(5), running).await });
         self.runtime.shutdown_timeout(Duration::from_secs(5));
     }
 
@@ -499,7 +506,10 @@ fn a_write_through_either_replica_is_served_by_both_at_the_same_versions() {
         call(r1.addr, "GET", "/healthz", &[], "").json(),
         json!({"serving": true})
     );
+    // r1 stops: r2 lists it as gone.
     r1.stop();
+    assert!(eventually(|| r2.status()["replicas"]["r1"].is_null()));
+    assert!(r2.events().iter().any(|e| e == "replica_left"));
     r2.stop();
 }
 
