@@ -60,8 +60,10 @@ pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
 const LEASE_TTL: i64 = 3;
 /// How long a write tries to get etcd's answer, member after member.
 const WRITE_DEADLINE: Duration = Duration::from_secs(5);
-/// How long a committed write waits to be applied here before it is answered.
-const APPLY_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a committed write waits to be applied here before it is
+/// answered: longer than Envoys have to ACK the clusters it needs (20 s by
+/// default), which comes first.
+const APPLY_DEADLINE: Duration = Duration::from_secs(30);
 /// Writes of one import in flight at once: etcd commits concurrent
 /// proposals together.
 const WRITES_AT_ONCE: usize = 64;
