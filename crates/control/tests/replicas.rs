@@ -238,6 +238,8 @@ impl Drop for Cluster {
 
 struct Replica {
     addr: SocketAddr,
+    /// Its ADS server, when started with one.
+    ads: Option<origin_policy_control::AdsServer>,
     _stop: tokio::sync::oneshot::Sender<()>,
     running: tokio::task::JoinHandle<()>,
     runtime: tokio::runtime::Runtime,
@@ -245,6 +247,11 @@ struct Replica {
 
 impl Replica {
     fn start(name: &str, store: &Path, endpoints: Vec<String>) -> Replica {
+        Replica::start_with(name, store, endpoints, false)
+    }
+
+    /// With `ads`, it serves ADS too (`--ads`, on a port of its own).
+    fn start_with(name: &str, store: &Path, endpoints: Vec<String>, ads: bool) -> Replica {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -256,18 +263,46 @@ impl Replica {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| unreachable!("{e}"));
+        let fleet = ads.then(|| {
+            use origin_policy_control::ads::EnvoyAds;
+            use origin_policy_control::rollout::Fleet;
+            let fleet = Arc::new(Fleet::new(None));
+            let server = origin_policy_control::AdsServer::new();
+            fleet.set_ads(server.clone());
+            // Any bytes: the module is copied and named, not run.
+            let wasm = store.join("filter.wasm");
+            std::fs::write(&wasm, b"\0asm\x01\0\0\0").unwrap_or_else(|e| unreachable!("{e}"));
+            let envoy = Arc::new(EnvoyAds::new(
+                server,
+                fleet.clone(),
+                wasm.clone(),
+                store.join("modules"),
+                Duration::from_secs(2),
+            ));
+            origin_policy_control::FleetServe {
+                ads_listen: "127.0.0.1:0".to_owned(),
+                envoy,
+                fleet,
+                wasm,
+            }
+        });
+        let ads = fleet.as_ref().map(|f| f.envoy.ads.clone());
+        let envoy: Box<dyn EnvoyConfig> = match &fleet {
+            Some(f) => Box::new(f.envoy.clone()),
+            None => Box::new(RecordingEnvoy::default()),
+        };
         let config = ServeConfig {
             store: store.to_path_buf(),
             listen: String::new(),
             watch: Vec::new(),
             settings: None,
-            envoy: Box::new(RecordingEnvoy::default()),
-            fleet: None,
+            envoy,
+            fleet,
             replica: Some(ReplicaConfig {
                 endpoints,
                 name: name.to_owned(),
                 api: format!("http://{addr}"),
-                ads: None,
+                ads: ads.as_ref().map(|_| "127.0.0.1:0".to_owned()),
             }),
         };
         let server = Server::open(config, runtime.handle()).unwrap_or_else(|e| unreachable!("{e}"));
@@ -277,6 +312,7 @@ impl Replica {
         }));
         Replica {
             addr,
+            ads,
             _stop: stop,
             running,
             runtime,
@@ -605,9 +641,14 @@ fn writes_go_on_without_one_member_and_stop_without_a_quorum_until_it_is_back() 
     let _one = one_at_a_time();
     let mut cluster = Cluster::start();
     let (s1, s2) = stores();
-    let r1 = Replica::start("r1", s1.path(), cluster.endpoints());
+    let r1 = Replica::start_with("r1", s1.path(), cluster.endpoints(), true);
     let r2 = Replica::start("r2", s2.path(), cluster.endpoints());
     assert_eq!(r1.put("q.example.com", "a.example.net", &[]).status, 201);
+    let ads = r1.ads.clone().unwrap_or_default();
+    assert_eq!(ads.not_serving(), None);
+    assert!(eventually(
+        || r2.status()["replicas"]["r1"]["ads"] == "127.0.0.1:0"
+    ));
 
     // One member of three killed (the leader: the harder case).
     let leader = cluster.leader().unwrap_or(0);
@@ -652,6 +693,10 @@ fn writes_go_on_without_one_member_and_stop_without_a_quorum_until_it_is_back() 
         assert_eq!(r.changes("0", "").status, 503);
     }
     assert!(r1.events().iter().any(|e| e == "write_refused"));
+    // Its ADS ends its streams and refuses new ones (crates/xds tests how).
+    assert!(ads
+        .not_serving()
+        .is_some_and(|why| why.contains("unreachable")));
     let later = r2.put("q.example.com", "c.example.net", &[]);
     assert_eq!(later.json()["error"], "store_unavailable", "{}", later.body);
 
@@ -671,6 +716,7 @@ fn writes_go_on_without_one_member_and_stop_without_a_quorum_until_it_is_back() 
         );
         assert_eq!(r.status()["store"]["state"], "connected");
     }
+    assert_eq!(ads.not_serving(), None);
     let landed = r2.put("q.example.com", "d.example.net", &[]);
     assert_eq!(landed.status, 200, "{}", landed.body);
     assert_eq!(r2.origin("q.example.com").as_deref(), Some("d.example.net"));
