@@ -128,6 +128,10 @@ pub struct Replica {
     writes: AtomicU64,
     /// The lease this replica's key is under, once granted.
     lease: Mutex<Option<i64>>,
+    /// Held while changes are applied: a watch aborted in the middle of an
+    /// apply (the store went away) may still be applying when the next
+    /// watch delivers the same changes.
+    applying: Mutex<()>,
     started_ms: u64,
 }
 
@@ -191,6 +195,7 @@ impl Replica {
             ads,
             writes: AtomicU64::new(0),
             lease: Mutex::new(None),
+            applying: Mutex::new(()),
             started_ms: now_ms(),
         });
         if api.shared.replica.set(replica.clone()).is_err() {
@@ -776,6 +781,7 @@ async fn connect(api: &Arc<Api>, replica: &Arc<Replica>) -> Result<u64, EtcdErro
         let wiped = api.clone();
         tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
             let shared = &wiped.shared;
+            let _applying = shared.replica.get().map(|r| lock(&r.applying));
             shared.store.clear_domains(epoch)?;
             let loaded = shared.store.load()?;
             *shared.table() = DomainTable::from_store(epoch, 0, Vec::new(), loaded.clusters);
@@ -990,6 +996,7 @@ async fn follow(api: Arc<Api>, replica: Arc<Replica>, from: u64) -> Result<(), E
 /// store and Envoy take them: etcd has them, so they cannot be refused.
 fn apply_changes(api: &Api, changes: Vec<Change>, through: u64, keep_retired: bool) {
     let shared = &api.shared;
+    let _applying = shared.replica.get().map(|r| lock(&r.applying));
     let settings = api.current_settings();
     let mut writes = Vec::with_capacity(changes.len());
     for change in changes {
