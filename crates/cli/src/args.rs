@@ -96,6 +96,18 @@ pub enum Command {
         fleet: FleetArgs,
         #[command(flatten)]
         replicas: Box<ReplicaArgs>,
+        #[command(flatten)]
+        tls: Box<TlsArgs>,
+    },
+    /// Certificates for the control plane's mTLS: a CA, node, server and operator certificates, the CRL.
+    ///
+    /// Each certificate's identity is its SAN URI:
+    /// spiffe://origin-policy/node/ID (an Envoy), .../server/NAME (a
+    /// control-plane server) or .../operator/NAME (the API and /status).
+    /// Keys are ECDSA P-256, written with mode 0600.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
     },
     /// Copy a domain's resources from its primary origin into its secondary.
     ///
@@ -123,6 +135,98 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// A new CA in DIR: ca.pem, ca-key.pem and an empty crl.pem.
+    Init {
+        /// The directory (created if needed; an existing CA is never replaced).
+        dir: PathBuf,
+        /// How long the CA is valid.
+        #[arg(long, value_name = "DAYS", default_value_t = 3650)]
+        days: u32,
+    },
+    /// A certificate signed by DIR's CA: DIR/NAME.pem and DIR/NAME-key.pem (replaced if there).
+    Issue {
+        /// The CA's directory (`certs init`).
+        dir: PathBuf,
+        #[command(flatten)]
+        holder: Holder,
+        /// An address the server is reached at (repeatable; a server only).
+        #[arg(long = "ip", value_name = "ADDRESS", requires = "server")]
+        ips: Vec<std::net::IpAddr>,
+        /// A DNS name the server is reached at (repeatable; a server only).
+        #[arg(long = "dns", value_name = "NAME", requires = "server")]
+        dns: Vec<String>,
+        /// How long the certificate is valid.
+        #[arg(long, value_name = "DAYS", default_value_t = 365)]
+        days: u32,
+    },
+    /// Revokes a certificate: its serial added to DIR/crl.pem (serve --tls-crl reads it again at once).
+    Revoke {
+        /// The CA's directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        holder: RevokedHolder,
+    },
+}
+
+/// Whose certificate `certs issue` makes.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Holder {
+    /// An Envoy, by its node id (its `node.id`; list it in serve --tls-nodes).
+    #[arg(long, value_name = "ID")]
+    pub node: Option<String>,
+    /// A control-plane server (its --tls-cert).
+    #[arg(long, value_name = "NAME")]
+    pub server: Option<String>,
+    /// An operator: the API (/v1/) and /status.
+    #[arg(long, value_name = "NAME")]
+    pub operator: Option<String>,
+}
+
+/// Which certificate `certs revoke` revokes: DIR/NAME.pem, or a serial.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RevokedHolder {
+    /// The certificate in DIR/ID.pem.
+    #[arg(long, value_name = "ID")]
+    pub node: Option<String>,
+    /// The certificate in DIR/NAME.pem.
+    #[arg(long, value_name = "NAME")]
+    pub server: Option<String>,
+    /// The certificate in DIR/NAME.pem.
+    #[arg(long, value_name = "NAME")]
+    pub operator: Option<String>,
+    /// A certificate by its serial, in hex (say one `certs issue` replaced).
+    #[arg(long, value_name = "HEX")]
+    pub serial: Option<String>,
+}
+
+/// mTLS on both of `serve`'s listeners.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// The CA (PEM) client certificates must chain to. With --tls-cert and
+    /// --tls-key, the HTTP and ADS listeners are TLS and every client must
+    /// present a certificate of this CA; without them, serve listens on
+    /// loopback addresses only.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This server's certificate (PEM; `certs issue DIR --server NAME --ip ADDRESS`).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// This server's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+    /// The CRL (PEM; `certs revoke` writes it), read again when it changes.
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_crl: Option<PathBuf>,
+    /// The admitted node ids, one a line (`#` comments), read again when it
+    /// changes. Without it, every node certificate of the CA is admitted.
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_nodes: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -2,6 +2,7 @@
 //! Everything about what a policy means lives in `origin_policy_engine`.
 
 pub mod args;
+pub mod certs;
 pub mod files;
 pub mod mirror;
 mod text;

@@ -15,9 +15,12 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use origin_policy_cli::args::{
-    Cli, Command, Delivery, FleetArgs, MirrorArgs, OutputArgs, ReplicaArgs,
+    CertsCommand, Cli, Command, Delivery, FleetArgs, Holder, MirrorArgs, OutputArgs, ReplicaArgs,
+    RevokedHolder, TlsArgs,
 };
+use origin_policy_cli::certs;
 use origin_policy_control::envoy::EnvoyConfig;
+use origin_policy_control::tls::{Identity, TlsFiles};
 use std::sync::Arc;
 
 /// Envoy applies a 100,000-cluster file in about a minute (BENCHMARKS.md).
@@ -55,6 +58,7 @@ fn serve(
     settings: &Option<PathBuf>,
     fleet: &FleetArgs,
     replicas: &ReplicaArgs,
+    tls: &TlsArgs,
 ) -> Result<(), CliError> {
     if !replicas.etcd.is_empty() && !fleet.canary.is_empty() {
         return Err(CliError::Usage(
@@ -142,8 +146,87 @@ fn serve(
         envoy,
         fleet,
         replica,
+        tls: tls_files(tls),
     })
     .map_err(|e| CliError::Io(e.to_string()))
+}
+
+fn tls_files(tls: &TlsArgs) -> Option<TlsFiles> {
+    match (&tls.tls_ca, &tls.tls_cert, &tls.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            crl: tls.tls_crl.clone(),
+            nodes: tls.tls_nodes.clone(),
+        }),
+        _ => None,
+    }
+}
+
+fn holder_identity(holder: &Holder) -> Option<Identity> {
+    let Holder {
+        node,
+        server,
+        operator,
+    } = holder;
+    node.clone()
+        .map(Identity::Node)
+        .or_else(|| server.clone().map(Identity::Server))
+        .or_else(|| operator.clone().map(Identity::Operator))
+}
+
+fn certs_command(command: &CertsCommand) -> Result<(), CliError> {
+    let wrote = |paths: Vec<PathBuf>| {
+        for path in paths {
+            println!("wrote {}", path.display());
+        }
+    };
+    match command {
+        CertsCommand::Init { dir, days } => wrote(certs::init(dir, *days).map_err(CliError::Io)?),
+        CertsCommand::Issue {
+            dir,
+            holder,
+            ips,
+            dns,
+            days,
+        } => {
+            let identity = holder_identity(holder)
+                .ok_or_else(|| CliError::Usage("--node, --server or --operator".to_owned()))?;
+            wrote(certs::issue(dir, &identity, ips, dns, *days).map_err(CliError::Io)?);
+            println!("identity {identity}");
+        }
+        CertsCommand::Revoke { dir, holder } => {
+            let RevokedHolder {
+                node,
+                server,
+                operator,
+                serial,
+            } = holder;
+            let serial = match (
+                serial,
+                node.as_ref().or(server.as_ref()).or(operator.as_ref()),
+            ) {
+                (Some(serial), _) => serial.clone(),
+                (None, Some(name)) => {
+                    certs::serial_of(&dir.join(format!("{name}.pem"))).map_err(CliError::Io)?
+                }
+                (None, None) => {
+                    return Err(CliError::Usage(
+                        "--node, --server, --operator or --serial".to_owned(),
+                    ))
+                }
+            };
+            let added = certs::revoke(dir, &serial).map_err(CliError::Io)?;
+            let crl = dir.join(certs::CRL_FILE).display().to_string();
+            if added {
+                println!("revoked serial {serial}: wrote {crl}");
+            } else {
+                println!("serial {serial} was revoked already ({crl})");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn load(paths: &[PathBuf]) -> Result<PolicyDocuments, CliError> {
@@ -382,7 +465,9 @@ fn main() -> ExitCode {
             settings,
             fleet,
             replicas,
-        } => serve(output, listen, store, watch, settings, fleet, replicas),
+            tls,
+        } => serve(output, listen, store, watch, settings, fleet, replicas, tls),
+        Command::Certs { command } => certs_command(command),
         Command::Mirror(args) => mirror(args),
         Command::MirrorServe { root, listen } => {
             mirror::serve(root.clone(), listen).map_err(CliError::Io)

@@ -1,9 +1,13 @@
 //! The HTTP server: the per-domain API under `/v1/`, the policy feed
-//! (`/changes`) and the status page (`/status`). Every answer of the API is
+//! (`/changes`), the status page (`/status`) and `/healthz`. With TLS each
+//! request is answered only if the caller's identity may send it
+//! ([`Identity::may_request`]); a node polls the feed as itself. Every answer of the API is
 //! JSON; an error is `{"error": KIND, "message", ...}` with the findings of a
 //! refused policy (domain, JSON pointer, fix).
 
+use crate::events::EventKind;
 use crate::feed::{self, Nodes};
+use crate::tls::{Caller, Identity};
 use crate::validate::{EdgeSettings, Refusal};
 use crate::writer::{Precondition, Shared, WriteOutcome, WriteRefused, WriteRequest};
 use bytes::Bytes;
@@ -34,7 +38,7 @@ pub struct Api {
     pub started_ms: u64,
 }
 
-type Answer = Response<Full<Bytes>>;
+pub type Answer = Response<Full<Bytes>>;
 
 fn respond(status: StatusCode, body: &Value) -> Answer {
     let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
@@ -221,13 +225,34 @@ impl Api {
         self.current_settings()
     }
 
-    pub async fn answer(self: Arc<Self>, request: Request<Incoming>) -> Answer {
+    /// A request refused to `caller`: 403, and an event.
+    pub fn forbidden(&self, caller: &str, why: String) -> Answer {
+        self.shared
+            .events
+            .record(EventKind::FeedRefused, format!("{caller}: {why}"));
+        error(StatusCode::FORBIDDEN, "forbidden", why)
+    }
+
+    pub async fn answer(self: Arc<Self>, request: Request<Incoming>, caller: Caller) -> Answer {
         let path = request.uri().path().to_owned();
         let query = request.uri().query().unwrap_or_default().to_owned();
         let method = request.method().clone();
+        if let Caller::Certified(identity) = &caller {
+            if !identity.may_request(&method, &path) {
+                let may = match identity {
+                    Identity::Node(_) => "GET /changes and /healthz",
+                    Identity::Server(_) => "GET /healthz and /status",
+                    Identity::Operator(_) => "anything",
+                };
+                return self.forbidden(
+                    &identity.uri(),
+                    format!("{method} {path}: {identity} may use {may} only (an operator certificate may use the API)"),
+                );
+            }
+        }
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (&method, parts.as_slice()) {
-            (&Method::GET, ["changes"]) => self.changes(&request, &query).await,
+            (&Method::GET, ["changes"]) => self.changes(&request, &query, &caller).await,
             (&Method::GET, ["status"]) => respond(StatusCode::OK, &self.status()),
             (&Method::GET, ["healthz"]) => match self.shared.not_serving() {
                 None => respond(StatusCode::OK, &json!({"serving": true})),
@@ -314,7 +339,7 @@ impl Api {
         })
     }
 
-    async fn changes(&self, request: &Request<Incoming>, query: &str) -> Answer {
+    async fn changes(&self, request: &Request<Incoming>, query: &str, caller: &Caller) -> Answer {
         let header = |name: &str| {
             request
                 .headers()
@@ -322,7 +347,17 @@ impl Api {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
-        let poll = feed::read_poll(query, header);
+        let mut poll = feed::read_poll(query, header);
+        // A node polls as the identity of its certificate, whatever it says.
+        if let Caller::Certified(Identity::Node(id)) = caller {
+            if let Some(said) = poll.node.as_ref().filter(|said| *said != id) {
+                return self.forbidden(
+                    &format!("{}{id}", crate::tls::NODE_PREFIX),
+                    format!("the poll says it is node {said:?}, its certificate node {id:?}"),
+                );
+            }
+            poll.node = Some(id.clone());
+        }
         if let Some(why) = self.shared.not_serving() {
             return error(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", why);
         }

@@ -14,6 +14,9 @@ pub enum ControlError {
     Envoy(String),
     /// Options that cannot go together.
     Usage(String),
+    /// The TLS files (`--tls-*`) could not be read or used, or a listener
+    /// would be open to the network without them.
+    Tls(String),
 }
 
 impl fmt::Display for ControlError {
@@ -24,6 +27,7 @@ impl fmt::Display for ControlError {
             ControlError::Settings(why) => write!(f, "settings rejected: {why}"),
             ControlError::Envoy(why) => write!(f, "Envoy: {why}"),
             ControlError::Usage(why) => f.write_str(why),
+            ControlError::Tls(why) => write!(f, "TLS: {why}"),
         }
     }
 }

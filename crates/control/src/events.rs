@@ -19,7 +19,12 @@ pub enum EventKind {
     ReplicaJoined,
     ReplicaLeft,
     WriteRefused,
+    /// An ADS connection or stream refused: no or a bad client certificate,
+    /// an identity that may not have xDS, a `node.id` that is not the
+    /// certificate's.
     AdsRefused,
+    /// A connection or request to the HTTP listener refused (the feed, the
+    /// API, the status) for the same reasons.
     FeedRefused,
 }
 
@@ -43,6 +48,9 @@ pub struct Event {
     pub at_ms: u64,
     pub kind: EventKind,
     pub message: String,
+    /// Times it happened: a refused Envoy retries every second, and one
+    /// entry with a count keeps the other events in the list.
+    pub count: u64,
 }
 
 #[derive(Debug, Default)]
@@ -55,14 +63,24 @@ pub fn now_ms() -> u64 {
 }
 
 impl Events {
-    /// Records an event, and logs it.
+    /// Records an event, and logs it. The same kind and message again moves
+    /// the earlier entry to the end with its count raised (logged once).
     pub fn record(&self, kind: EventKind, message: impl Into<String>) {
         let message = message.into();
-        eprintln!("serve: {}: {message}", kind.name());
         let mut events = self
             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let earlier = events
+            .iter()
+            .position(|e| e.kind == kind && e.message == message);
+        let count = match earlier.and_then(|i| events.remove(i)) {
+            Some(e) => e.count + 1,
+            None => {
+                eprintln!("serve: {}: {message}", kind.name());
+                1
+            }
+        };
         if events.len() == KEPT {
             events.pop_front();
         }
@@ -70,6 +88,7 @@ impl Events {
             at_ms: now_ms(),
             kind,
             message,
+            count,
         });
     }
 
@@ -82,12 +101,12 @@ impl Events {
             .collect()
     }
 
-    /// As `/status` lists them: `[{"at_ms", "event", "message"}]`.
+    /// As `/status` lists them: `[{"at_ms", "event", "message", "count"}]`.
     pub fn status(&self) -> Value {
         Value::Array(
             self.list()
                 .into_iter()
-                .map(|e| json!({"at_ms": e.at_ms, "event": e.kind.name(), "message": e.message}))
+                .map(|e| json!({"at_ms": e.at_ms, "event": e.kind.name(), "message": e.message, "count": e.count}))
                 .collect(),
         )
     }
@@ -107,5 +126,24 @@ mod tests {
         assert_eq!(list.len(), KEPT);
         assert_eq!(list[0].message, "50");
         assert_eq!(events.status()[199]["event"], "write_refused");
+    }
+
+    #[test]
+    fn a_repeated_event_is_one_entry_with_a_count() {
+        let events = Events::default();
+        events.record(EventKind::AdsRefused, "a");
+        events.record(EventKind::FeedRefused, "b");
+        events.record(EventKind::AdsRefused, "a");
+        let list = events.status();
+        assert_eq!(list.as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            (&list[0]["message"], &list[0]["count"]),
+            (&json!("b"), &json!(1))
+        );
+        assert_eq!(
+            (&list[1]["message"], &list[1]["count"]),
+            (&json!("a"), &json!(2))
+        );
+        assert_eq!(list[1]["event"], "ads_refused");
     }
 }

@@ -14,6 +14,7 @@
 //! - [`ads`], [`rollout`]: a fleet over ADS, and the canary rollout.
 //! - [`replica`], [`etcd`]: replicas over one etcd cluster (`serve --etcd`).
 //! - [`events`]: what happened, for `/status`.
+//! - [`tls`]: mTLS on both listeners, identities from certificates.
 //! - [`serve`]: the command.
 
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod rollout;
 pub mod serve;
 pub mod store;
 pub mod table;
+pub mod tls;
 pub mod validate;
 pub mod watch;
 pub mod writer;

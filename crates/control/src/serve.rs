@@ -1,16 +1,20 @@
 //! `origin-policy serve`: opens the store, checks the settings, gives Envoy
 //! the clusters and the filter configuration, syncs a watched directory, then
-//! serves the API and the feed until Ctrl-C or SIGTERM.
+//! serves the API and the feed until Ctrl-C or SIGTERM. With `--tls-*` both
+//! listeners are TLS with client certificates ([`crate::tls`]); without, they
+//! may only be on a loopback address.
 
 use crate::ads::EnvoyAds;
 use crate::api::Api;
 use crate::envoy::EnvoyConfig;
 use crate::error::ControlError;
+use crate::events::EventKind;
 use crate::feed::Nodes;
 use crate::replica::{Replica, ReplicaConfig};
 use crate::rollout::Fleet;
 use crate::store::Store;
 use crate::table::DomainTable;
+use crate::tls::{Admission, Caller, Identity, TlsFiles};
 use crate::validate::EdgeSettings;
 use crate::watch::{read_settings, settings_file, DirectoryWatch, SOURCE_PREFIX};
 use crate::writer::Shared;
@@ -35,6 +39,8 @@ pub struct ServeConfig {
     /// One of several replicas over etcd (`--etcd`); `store` is then its
     /// cache and history.
     pub replica: Option<ReplicaConfig>,
+    /// mTLS on both listeners (`--tls-*`).
+    pub tls: Option<TlsFiles>,
 }
 
 /// This machine's name: a replica's name unless `--replica` says otherwise.
@@ -153,6 +159,7 @@ pub struct Server {
     watch: Option<DirectoryWatch>,
     started: std::time::Instant,
     fleet: Option<FleetServe>,
+    admission: Option<Arc<Admission>>,
 }
 
 impl Server {
@@ -171,6 +178,12 @@ impl Server {
                 "--canary cannot be used with --etcd: the canary rollout's stable version is one server's; with replicas every write goes to every node".to_owned(),
             ));
         }
+        // The TLS files first: a server that cannot take them does not start.
+        let admission = config
+            .tls
+            .clone()
+            .map(|files| Admission::load(files).map(Arc::new))
+            .transpose()?;
         let store = Store::open(&config.store)?;
         let loaded = store.load()?;
         // The epoch stays with the store: a restarted server continues every
@@ -273,6 +286,7 @@ impl Server {
             watch,
             started,
             fleet: config.fleet,
+            admission,
         })
     }
 
@@ -288,16 +302,36 @@ impl Server {
             std::thread::spawn(move || crate::watch::follow(watch, watched, handle));
         }
         let (stopping, stopped) = tokio::sync::watch::channel(false);
+        if let Some(admission) = &self.admission {
+            let ads = self.fleet.as_ref().map(|f| f.envoy.ads.clone());
+            if let Some(ads) = &ads {
+                ads.set_admission(ads_admission(admission.clone(), self.api.clone()));
+            }
+            admission.clone().follow(move || {
+                if let Some(ads) = &ads {
+                    ads.check_admission();
+                }
+            });
+        }
         if let Some(fleet) = self.fleet.take() {
             match tokio::net::TcpListener::bind(&fleet.ads_listen).await {
                 Ok(ads_listener) => {
                     let ads = fleet.envoy.ads.clone();
                     let mut stopped = stopped.clone();
+                    let admission = self.admission.clone();
+                    let api = self.api.clone();
                     tokio::spawn(async move {
                         let stop = async move {
                             let _ = stopped.wait_for(|s| *s).await;
                         };
-                        if let Err(e) = ads.serve(ads_listener, stop).await {
+                        let served = match admission {
+                            Some(admission) => {
+                                let incoming = tls_incoming(ads_listener, admission, api);
+                                ads.serve_incoming(incoming, stop).await
+                            }
+                            None => ads.serve(ads_listener, stop).await,
+                        };
+                        if let Err(e) = served {
                             eprintln!("serve: {e}");
                         }
                     });
@@ -312,7 +346,7 @@ impl Server {
         eprintln!("serve: ready in {} ms", self.started.elapsed().as_millis());
         let replica = self.api.shared.replica.get().cloned();
         tokio::select! {
-            () = accept(self.api, listener) => {}
+            () = accept(self.api, listener, self.admission) => {}
             () = stop => {}
         }
         stopping.send_replace(true);
@@ -329,6 +363,12 @@ pub fn serve(config: ServeConfig) -> Result<(), ControlError> {
         .build()
         .map_err(|e| ControlError::Io(format!("cannot start the runtime: {e}")))?;
     let listen = config.listen.clone();
+    if config.tls.is_none() {
+        only_loopback("--listen", &listen)?;
+        if let Some(fleet) = &config.fleet {
+            only_loopback("--ads", &fleet.ads_listen)?;
+        }
+    }
     let server = Server::open(config, runtime.handle())?;
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen)
@@ -342,10 +382,24 @@ pub fn serve(config: ServeConfig) -> Result<(), ControlError> {
     result
 }
 
-async fn accept(api: Arc<Api>, listener: tokio::net::TcpListener) {
+/// Without TLS a listener must not be reachable from another machine.
+fn only_loopback(flag: &str, address: &str) -> Result<(), ControlError> {
+    if crate::tls::is_loopback(address) {
+        return Ok(());
+    }
+    Err(ControlError::Tls(format!(
+        "{flag} {address} is not a loopback address: serving on it needs --tls-ca, --tls-cert and --tls-key (client certificates; docs/api.md)"
+    )))
+}
+
+async fn accept(
+    api: Arc<Api>,
+    listener: tokio::net::TcpListener,
+    admission: Option<Arc<Admission>>,
+) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 eprintln!("serve: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -354,16 +408,130 @@ async fn accept(api: Arc<Api>, listener: tokio::net::TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let api = api.clone();
+        let Some(admission) = admission.clone() else {
+            tokio::spawn(serve_http(api, stream, |_| Ok(Caller::Local)));
+            continue;
+        };
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let api = api.clone();
-                async move { Ok::<_, std::convert::Infallible>(api.answer(request).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let handshake = tokio::time::timeout(
+                crate::tls::HANDSHAKE_TIMEOUT,
+                admission.acceptor().accept(stream),
+            );
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    if let Some(why) = Admission::handshake_refusal(peer, &e) {
+                        api.shared.events.record(EventKind::FeedRefused, why);
+                    }
+                    return;
+                }
+                Err(_) => return,
+            };
+            let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+            // Every request is admitted again: a certificate revoked, or a
+            // node removed, since the handshake is refused from then on.
+            serve_http(api, stream, move |api: &Api| {
+                admission
+                    .admit(certs.as_deref())
+                    .map(Caller::Certified)
+                    .map_err(|why| api.forbidden(&peer.ip().to_string(), why))
+            })
+            .await;
         });
     }
+}
+
+/// HTTP/1.1 on one connection; `caller` says who sends each request, or
+/// answers it (a refusal).
+async fn serve_http<S, F>(api: Arc<Api>, stream: S, caller: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(&Api) -> Result<Caller, crate::api::Answer> + Send + Sync + 'static,
+{
+    let caller = Arc::new(caller);
+    let service = hyper::service::service_fn(move |request| {
+        let api = api.clone();
+        let caller = caller.clone();
+        async move {
+            let answer = match caller(&api) {
+                Ok(caller) => api.answer(request, caller).await,
+                Err(refused) => refused,
+            };
+            Ok::<_, std::convert::Infallible>(answer)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// The ADS listener's connections, each through the TLS handshake; a
+/// refused one is an event.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    admission: Arc<Admission>,
+    api: Arc<Api>,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (accepted, incoming) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    eprintln!("serve: ADS accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if accepted.is_closed() {
+                return;
+            }
+            let _ = stream.set_nodelay(true);
+            let admission = admission.clone();
+            let accepted = accepted.clone();
+            let api = api.clone();
+            tokio::spawn(async move {
+                let handshake = tokio::time::timeout(
+                    crate::tls::HANDSHAKE_TIMEOUT,
+                    admission.acceptor().accept(stream),
+                );
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        let _ = accepted.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        if let Some(why) = Admission::handshake_refusal(peer, &e) {
+                            api.shared.events.record(EventKind::AdsRefused, why);
+                        }
+                    }
+                    Err(_) => {}
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(incoming)
+}
+
+/// Who may have xDS: a node identity whose certificate holds, asking for
+/// its own `node.id`. A refusal is an event.
+fn ads_admission(admission: Arc<Admission>, api: Arc<Api>) -> origin_policy_xds::Admission {
+    Arc::new(move |certs, node_id| {
+        let decided = admission.admit(certs).and_then(|identity| match identity {
+            Identity::Node(id) if id == node_id => Ok(()),
+            Identity::Node(_) => Err(format!(
+                "node.id {node_id:?} is not the certificate's identity {identity}"
+            )),
+            other => Err(format!("{other} is not a node identity: xDS is for nodes")),
+        });
+        if let Err(why) = &decided {
+            api.shared
+                .events
+                .record(EventKind::AdsRefused, format!("node.id {node_id}: {why}"));
+        }
+        decided
+    })
 }
 
 /// Ctrl-C or SIGTERM.

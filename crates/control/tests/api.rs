@@ -101,6 +101,7 @@ fn start(store: &std::path::Path, envoy: RecordingEnvoy) -> Running {
         envoy: Box::new(envoy),
         fleet: None,
         replica: None,
+        tls: None,
     };
     let server = Server::open(config, runtime.handle()).unwrap_or_else(|e| unreachable!("{e}"));
     let listener = runtime

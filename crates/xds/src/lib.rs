@@ -45,10 +45,13 @@
 //! older nonces are ignored. The first request of a type on a stream says
 //! what the node runs (`version_info`): recorded as ACKed, and nothing is sent
 //! if it is the target's version. Delta xDS is answered `UNIMPLEMENTED`.
-//! A node is its `node.id`.
+//! A node is its `node.id`; with TLS, an [`Admission`] decides from the
+//! stream's client certificate whether that `node.id` may be served.
 
 mod resources;
 mod server;
 
 pub use resources::{XdsError, XdsResources, CLUSTER_TYPE, EXTENSION_CONFIG_TYPE};
-pub use server::{AdsServer, Nack, NodeInfo, NodeSelector, NodeStatus, TargetFn, TypeStatus};
+pub use server::{
+    Admission, AdsServer, Nack, NodeInfo, NodeSelector, NodeStatus, TargetFn, TypeStatus,
+};

@@ -10,9 +10,13 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::resources::{TypeResources, XdsError, XdsResources, CLUSTER_TYPE};
@@ -89,6 +93,14 @@ pub struct NodeInfo {
 /// must be quick and must not call the server. `None`: nothing to send.
 pub type TargetFn = Arc<dyn Fn(&NodeInfo) -> Option<Arc<XdsResources>> + Send + Sync>;
 
+/// Whether a stream may serve the node it names, asked with the client
+/// certificates of its TLS connection (`None` without TLS) and the `node.id`
+/// of its first request, before anything of that node is read or sent.
+/// `Err` says why not: the stream ends `PERMISSION_DENIED` with it. Asked
+/// again for every open stream on [`AdsServer::check_admission`].
+pub type Admission =
+    Arc<dyn Fn(Option<&[CertificateDer<'static>]>, &str) -> Result<(), String> + Send + Sync>;
+
 #[derive(Clone)]
 enum Target {
     Fixed(Arc<XdsResources>),
@@ -111,6 +123,10 @@ struct Shared {
     /// `Some(why)`: not serving; open streams are ended with UNAVAILABLE and
     /// new ones refused, so that Envoys move to another control plane.
     not_serving: watch::Sender<Option<String>>,
+    /// Without one, every stream is served.
+    admission: Mutex<Option<Admission>>,
+    /// Bumped when the open streams are to be admitted again.
+    admission_checks: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -281,6 +297,20 @@ impl AdsServer {
         self.shared.status.subscribe()
     }
 
+    /// Who may be served ([`Admission`]); the open streams are checked again.
+    pub fn set_admission(&self, admission: Admission) {
+        if let Ok(mut current) = self.shared.admission.lock() {
+            *current = Some(admission);
+        }
+        self.check_admission();
+    }
+
+    /// Every open stream is admitted again (the admission's files changed,
+    /// say): a node no longer admitted loses its stream.
+    pub fn check_admission(&self) {
+        self.shared.admission_checks.send_modify(|n| *n += 1);
+    }
+
     /// Serves ADS on `listener` until `shutdown` completes; then ends every
     /// open stream (Envoy keeps its configuration and reconnects) and returns.
     pub async fn serve(
@@ -288,6 +318,23 @@ impl AdsServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), XdsError> {
+        self.serve_incoming(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    /// [`AdsServer::serve`] on connections accepted by the caller: TLS
+    /// streams (`tokio_rustls::server::TlsStream<TcpStream>`) carry their
+    /// client certificates to the [`Admission`].
+    pub async fn serve_incoming<I, IO, IE>(
+        &self,
+        incoming: I,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), XdsError>
+    where
+        I: Stream<Item = Result<IO, IE>>,
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let (closing, closed) = watch::channel(false);
         let service = AdsService {
             shared: self.shared.clone(),
@@ -299,7 +346,7 @@ impl AdsServer {
         };
         tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .serve_with_incoming_shutdown(incoming, signal)
             .await
             .map_err(|e| XdsError::Serve(e.to_string()))
     }
@@ -351,7 +398,7 @@ impl AggregatedDiscoveryService for AdsService {
             return Err(Status::unavailable(why));
         }
         let (responses, stream) = mpsc::channel(4);
-        let ads = AdsStream::open(self.shared.clone());
+        let ads = AdsStream::open(self.shared.clone(), request.peer_certs());
         tokio::spawn(ads.run(request.into_inner(), responses, self.closed.clone()));
         Ok(Response::new(ReceiverStream::new(stream)))
     }
@@ -379,6 +426,8 @@ struct AdsStream {
     node: Option<String>,
     types: BTreeMap<String, StreamType>,
     nonces: u64,
+    /// The client certificates of its TLS connection.
+    peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
 #[derive(Default)]
@@ -390,7 +439,7 @@ struct StreamType {
 }
 
 impl AdsStream {
-    fn open(shared: Arc<Shared>) -> Self {
+    fn open(shared: Arc<Shared>, peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>) -> Self {
         let id = {
             let mut state = shared.lock();
             state.streams_opened += 1;
@@ -402,7 +451,32 @@ impl AdsStream {
             node: None,
             types: BTreeMap::new(),
             nonces: 0,
+            peer_certs,
         }
+    }
+
+    /// Whether this stream may serve `node` ([`Admission`]).
+    fn admit(&self, node: &str) -> Result<(), Status> {
+        let admission = self
+            .shared
+            .admission
+            .lock()
+            .map_or_else(|p| p.into_inner().clone(), |a| a.clone());
+        match admission {
+            Some(admit) => admit(self.peer_certs.as_deref().map(Vec::as_slice), node)
+                .map_err(Status::permission_denied),
+            None => Ok(()),
+        }
+    }
+
+    /// A first request is admitted before its node is recorded.
+    fn on_first_request(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+        if self.node.is_none() {
+            if let Some(node) = request.node.as_ref().filter(|n| !n.id.is_empty()) {
+                self.admit(&node.id)?;
+            }
+        }
+        self.on_request(request)
     }
 
     async fn run(
@@ -413,17 +487,31 @@ impl AdsStream {
     ) {
         let mut targets = self.shared.targets.subscribe();
         let mut not_serving = self.shared.not_serving.subscribe();
+        let mut admission_checks = self.shared.admission_checks.subscribe();
         'stream: loop {
             tokio::select! {
                 request = requests.message() => match request {
                     Ok(Some(request)) => {
-                        if let Err(status) = self.on_request(request) {
+                        if let Err(status) = self.on_first_request(request) {
                             let _ = responses.send(Err(status)).await;
                             break;
                         }
                     }
                     Ok(None) | Err(_) => break,
                 },
+                checked = admission_checks.changed() => {
+                    if checked.is_err() {
+                        break;
+                    }
+                    let admitted = match &self.node {
+                        Some(node) => self.admit(node),
+                        None => Ok(()),
+                    };
+                    if let Err(status) = admitted {
+                        let _ = responses.send(Err(status)).await;
+                        break;
+                    }
+                }
                 changed = targets.changed() => {
                     if changed.is_err() {
                         break;
