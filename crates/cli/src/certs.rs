@@ -91,7 +91,10 @@ pub fn init(dir: &Path, days: u32) -> Result<Vec<PathBuf>, String> {
     }
     let key = KeyPair::generate().map_err(|e| rcgen_error("a key", e))?;
     let mut params = CertificateParams::default();
-    params.distinguished_name = name("origin-policy CA");
+    // Named with the time it was made: two CAs never share a name, so a
+    // certificate of the other one is an unknown issuer, not a bad signature.
+    let made = OffsetDateTime::now_utc();
+    params.distinguished_name = name(&format!("origin-policy CA {}", made.unix_timestamp_nanos()));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

@@ -355,9 +355,10 @@ fn certificate_refused(error: &rustls::Error) -> String {
     use rustls::CertificateError;
     match error {
         rustls::Error::NoCertificatesPresented => "no client certificate".to_owned(),
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            "a client certificate not issued by the CA (--tls-ca): unknown issuer".to_owned()
-        }
+        // Another CA with the same name as ours: its signature does not verify.
+        rustls::Error::InvalidCertificate(
+            reason @ (CertificateError::UnknownIssuer | CertificateError::BadSignature),
+        ) => format!("a client certificate not issued by the CA (--tls-ca): {reason:?}"),
         rustls::Error::InvalidCertificate(CertificateError::Revoked) => {
             "a client certificate revoked by the CRL (--tls-crl)".to_owned()
         }
@@ -378,5 +379,308 @@ pub fn is_loopback(address: &str) -> bool {
             !addresses.is_empty() && addresses.iter().all(|a| a.ip().is_loopback())
         }
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::string::Ia5String;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+        RevokedCertParams, SanType, SerialNumber,
+    };
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    fn new_ca() -> Result<Ca, rcgen::Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// A certificate with these SAN URIs and serial: its PEM, its key's PEM, its DER.
+    fn issue(
+        ca: &Ca,
+        uris: &[&str],
+        serial: u64,
+    ) -> Result<(String, String, Vec<u8>), Box<dyn std::error::Error>> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(Ia5String::try_from(*uri)?));
+        }
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &ca.issuer)?;
+        Ok((cert.pem(), key.serialize_pem(), cert.der().to_vec()))
+    }
+
+    fn crl(ca: &Ca, serials: &[u64]) -> Result<String, rcgen::Error> {
+        let now = time::OffsetDateTime::now_utc();
+        CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from(*s),
+                    revocation_time: now,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca.issuer)?
+        .pem()
+    }
+
+    fn der(pem: &str) -> Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error> {
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect()
+    }
+
+    #[test]
+    fn the_identity_is_the_one_san_uri_under_the_prefix() -> TestResult {
+        let ca = new_ca()?;
+        let of = |uris: &[&str]| -> Result<Result<Identity, String>, Box<dyn std::error::Error>> {
+            Ok(Identity::of_certificate(&issue(&ca, uris, 1)?.2))
+        };
+        assert_eq!(
+            of(&["spiffe://origin-policy/node/edge-7"])?,
+            Ok(Identity::Node("edge-7".into()))
+        );
+        assert_eq!(
+            of(&[
+                "https://example.com/",
+                "spiffe://origin-policy/operator/ops"
+            ])?,
+            Ok(Identity::Operator("ops".into()))
+        );
+        assert_eq!(
+            of(&["spiffe://origin-policy/server/a"])?,
+            Ok(Identity::Server("a".into()))
+        );
+        assert!(of(&[])?.is_err_and(|e| e.contains("no identity")));
+        assert!(of(&["spiffe://origin-policy/root/x"])?.is_err());
+        assert!(of(&["spiffe://origin-policy/node/a/b"])?.is_err());
+        assert!(of(&[
+            "spiffe://origin-policy/node/a",
+            "spiffe://origin-policy/operator/b"
+        ])?
+        .is_err_and(|e| e.contains("several")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_node_may_poll_and_check_health_only_an_operator_anything() {
+        use hyper::Method;
+        let node = Identity::Node("n".into());
+        let server = Identity::Server("s".into());
+        let operator = Identity::Operator("o".into());
+        assert!(node.may_request(&Method::GET, "/changes"));
+        assert!(node.may_request(&Method::GET, "/healthz"));
+        for (method, path) in [
+            (Method::GET, "/status"),
+            (Method::GET, "/v1/domains"),
+            (Method::PUT, "/v1/domains/a.example"),
+            (Method::POST, "/changes"),
+            (Method::POST, "/v1/rollout/promote"),
+        ] {
+            assert!(!node.may_request(&method, path), "{method} {path}");
+        }
+        assert!(server.may_request(&Method::GET, "/status"));
+        assert!(!server.may_request(&Method::GET, "/changes"));
+        assert!(!server.may_request(&Method::PUT, "/v1/domains/a.example"));
+        assert!(operator.may_request(&Method::PUT, "/v1/domains/a.example"));
+        assert!(operator.may_request(&Method::GET, "/status"));
+    }
+
+    struct Files {
+        _dir: tempfile::TempDir,
+        files: TlsFiles,
+    }
+
+    fn files(ca: &Ca, crl_pem: &str, nodes: &str) -> Result<Files, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (cert, key, _) = issue(ca, &["spiffe://origin-policy/server/s"], 99)?;
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("ca.pem"), &ca.pem)?;
+        std::fs::write(path("s.pem"), cert)?;
+        std::fs::write(path("s-key.pem"), key)?;
+        std::fs::write(path("crl.pem"), crl_pem)?;
+        std::fs::write(path("nodes"), nodes)?;
+        let files = TlsFiles {
+            ca: path("ca.pem"),
+            cert: path("s.pem"),
+            key: path("s-key.pem"),
+            crl: Some(path("crl.pem")),
+            nodes: Some(path("nodes")),
+        };
+        Ok(Files { _dir: dir, files })
+    }
+
+    #[test]
+    fn a_revoked_a_foreign_and_an_unlisted_certificate_are_refused() -> TestResult {
+        let ca = new_ca()?;
+        let other = new_ca()?;
+        let node = |ca: &Ca, id: &str, serial| {
+            issue(ca, &[&format!("{NODE_PREFIX}{id}")], serial).map(|(pem, _, _)| pem)
+        };
+        let good = der(&node(&ca, "edge-1", 10)?)?;
+        let revoked = der(&node(&ca, "edge-2", 11)?)?;
+        let unlisted = der(&node(&ca, "edge-3", 12)?)?;
+        let foreign = der(&node(&other, "edge-1", 10)?)?;
+        let operator = der(&issue(&ca, &[&format!("{OPERATOR_PREFIX}ops")], 13)?.0)?;
+        let files = files(
+            &ca,
+            &crl(&ca, &[11])?,
+            "# the fleet\nedge-1\nedge-2 # revoked\n",
+        )?;
+        let admission = Admission::load(files.files.clone(), Arc::new(Events::default()))?;
+
+        assert_eq!(
+            admission.admit(Some(&good)),
+            Ok(Identity::Node("edge-1".into()))
+        );
+        assert_eq!(
+            admission.admit(Some(&operator)),
+            Ok(Identity::Operator("ops".into()))
+        );
+        let refused = |certs: &[CertificateDer<'static>]| admission.admit(Some(certs)).err();
+        assert!(refused(&revoked).is_some_and(|e| e.contains("revoked")));
+        assert!(refused(&foreign).is_some_and(|e| e.contains("not issued by the CA")));
+        assert!(refused(&unlisted).is_some_and(|e| e.contains("not an admitted node")));
+        assert_eq!(
+            admission.admit(None),
+            Err("no client certificate".to_owned())
+        );
+
+        // The files change: edge-1 revoked, edge-3 listed.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(
+            files.files.crl.as_deref().ok_or("crl")?,
+            crl(&ca, &[10, 11])?,
+        )?;
+        std::fs::write(
+            files.files.nodes.as_deref().ok_or("nodes")?,
+            "edge-1\nedge-3\n",
+        )?;
+        assert!(admission.reload());
+        assert!(!admission.reload());
+        assert!(refused(&good).is_some_and(|e| e.contains("revoked")));
+        assert_eq!(
+            admission.admit(Some(&unlisted)),
+            Ok(Identity::Node("edge-3".into()))
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_handshake_refuses_a_revoked_client_certificate() -> TestResult {
+        let ca = new_ca()?;
+        let (good_pem, good_key, _) = issue(&ca, &[&format!("{NODE_PREFIX}edge-1")], 10)?;
+        let (revoked_pem, revoked_key, _) = issue(&ca, &[&format!("{NODE_PREFIX}edge-2")], 11)?;
+        let files = files(&ca, &crl(&ca, &[11])?, "edge-1\nedge-2\n")?;
+        let events = Arc::new(Events::default());
+        let admission = Arc::new(Admission::load(files.files.clone(), events.clone())?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let server = admission.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, peer)) = listener.accept().await {
+                match server.acceptor().accept(stream).await {
+                    Ok(mut tls) => {
+                        let certs = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+                        if server.admit(certs.as_deref()).is_ok() {
+                            use tokio::io::AsyncWriteExt;
+                            let _ = tls.write_all(b"y").await;
+                            let _ = tls.flush().await;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    Err(e) => server.handshake_failed(EventKind::FeedRefused, peer, &e),
+                }
+            }
+        });
+        let connect = |cert: String, key: String| {
+            let ca_pem = ca.pem.clone();
+            async move {
+                let mut roots = RootCertStore::empty();
+                for c in der(&ca_pem)? {
+                    roots.add(c)?;
+                }
+                let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    der(&cert)?,
+                    PrivateKeyDer::from_pem_slice(key.as_bytes())?,
+                )?;
+                let stream = tokio::net::TcpStream::connect(address).await?;
+                let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                    .connect("127.0.0.1".try_into()?, stream)
+                    .await?;
+                // TLS 1.3: a refused client certificate shows on the first read.
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                tls.write_all(b"x").await?;
+                let mut byte = [0u8; 1];
+                let read =
+                    tokio::time::timeout(Duration::from_millis(500), tls.read(&mut byte)).await;
+                Ok::<bool, Box<dyn std::error::Error>>(matches!(read, Ok(Ok(1))))
+            }
+        };
+        assert!(connect(good_pem, good_key).await?);
+        assert!(!connect(revoked_pem, revoked_key).await?);
+        let status = events.status();
+        assert!(
+            status
+                .to_string()
+                .contains("TLS refused: a client certificate revoked by the CRL"),
+            "{status}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_nodes_file_is_one_id_a_line_with_comments() {
+        let nodes = parse_nodes("# fleet\n edge-1 \n\nedge-2 # canary\n#edge-3\n");
+        assert_eq!(
+            nodes.into_iter().collect::<Vec<_>>(),
+            vec!["edge-1".to_owned(), "edge-2".to_owned()]
+        );
+    }
+
+    #[test]
+    fn only_loopback_addresses_are_loopback() {
+        assert!(is_loopback("127.0.0.41:18700"));
+        assert!(is_loopback("[::1]:18700"));
+        assert!(!is_loopback("0.0.0.0:18700"));
+        assert!(!is_loopback("192.0.2.1:18700"));
+        assert!(!is_loopback("not an address"));
     }
 }

@@ -489,5 +489,40 @@ async fn a_server_not_serving_ends_its_streams_unavailable_and_refuses_new_ones(
     let mut envoy = FakeEnvoy::connect(running.address, "edge-1").await?;
     envoy.subscribe(CLUSTER_TYPE, "", &[]).await?;
     assert_eq!(names_of(&envoy.next().await?), ["one"]);
+async fn a_node_the_admission_refuses_gets_nothing_and_loses_its_stream_when_refused_later(
+) -> TestResult {
+    let server = AdsServer::new();
+    server.set_target(NodeSelector::All, resources(&[("one", 8001)])?);
+    let admitted = Arc::new(std::sync::Mutex::new(vec!["edge-1".to_owned()]));
+    let list = admitted.clone();
+    server.set_admission(Arc::new(move |certs, node| {
+        // Without TLS there are no certificates to judge.
+        assert!(certs.is_none());
+        match list.lock() {
+            Ok(ids) if ids.iter().any(|id| id == node) => Ok(()),
+            _ => Err(format!("{node} is not admitted")),
+        }
+    }));
+    let running = RunningServer::start(server.clone()).await?;
+
+    let mut stranger = FakeEnvoy::connect(running.address, "edge-2").await?;
+    stranger.subscribe(CLUSTER_TYPE, "", &[]).await?;
+    let refused = timeout(WAIT, stranger.responses.message()).await?;
+    let status = refused.err().ok_or("edge-2 was answered")?;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "edge-2 is not admitted");
+    assert!(node(&server.status(), "edge-2").is_none());
+
+    let mut envoy = FakeEnvoy::connect(running.address, "edge-1").await?;
+    envoy.subscribe(CLUSTER_TYPE, "", &[]).await?;
+    envoy.next().await?;
+    // No longer admitted: its open stream ends.
+    admitted.lock().map_err(|e| e.to_string())?.clear();
+    server.check_admission();
+    let ended = timeout(WAIT, envoy.responses.message()).await?;
+    assert_eq!(
+        ended.err().map(|s| s.code()),
+        Some(tonic::Code::PermissionDenied)
+    );
     running.stop().await
 }
