@@ -14,6 +14,10 @@ instead of from files.
   port): the feed singleton, as on a single edge (`with_feed`).
 - The ADS stream reconnects with a short backoff: when the control plane
   stops, Envoy keeps serving what it has, and resubscribes when it returns.
+- With `tls` (a `NodeTls`), both clusters to the control plane (ADS and the
+  feed) carry an `UpstreamTlsContext`: the node's certificate, and the
+  server's checked against the CA and its SAN URI
+  (`spiffe://origin-policy/server/...`).
 """
 
 from __future__ import annotations
@@ -34,11 +38,25 @@ from edge import (  # noqa: E402
     EdgeError,
     Envoy,
     http_get,
+    upstream_tls,
     with_feed,
 )
 
 CONTROL_PLANE_CLUSTER = "fleet_control_plane"
 FLEET_CLUSTER = "origin-policy-fleet"
+
+
+@dataclass(frozen=True)
+class NodeTls:
+    """A node's files for the control plane's mTLS: the CA the server's
+    certificate must chain to, the node's certificate and key (`certs issue
+    DIR --node ID`; without them the node presents none)."""
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def transport_socket(self) -> dict:
+        return upstream_tls(self.ca, self.cert, self.key)
 
 
 @dataclass(frozen=True)
@@ -58,7 +76,7 @@ def ads_source() -> dict:
     return {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"}
 
 
-def control_plane_cluster(xds_port: int) -> dict:
+def control_plane_cluster(xds_port: int, address: str = "127.0.0.1") -> dict:
     return {
         "name": CONTROL_PLANE_CLUSTER,
         "type": "STATIC",
@@ -72,7 +90,7 @@ def control_plane_cluster(xds_port: int) -> dict:
         "load_assignment": {
             "cluster_name": CONTROL_PLANE_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}],
+                "socket_address": {"address": address, "port_value": xds_port}}}}]}],
         },
     }
 
@@ -102,18 +120,27 @@ def hcm_configs(config: dict):
 
 
 def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int, feed_port: int,
-                module_dir: Path | None = None) -> dict:
-    config = with_feed(edge, feed_port)
-    metadata = {"admin": f"http://127.0.0.1:{ports.admin}"}
+                module_dir: Path | None = None, address: str = "127.0.0.1",
+                server_address: str = "127.0.0.1", feed_address: str | None = None,
+                tls: NodeTls | None = None) -> dict:
+    """`address`: the node's listeners, admin, and the source of its
+    connections to the control plane; `server_address`: the control plane's
+    (`feed_address`: the feed's, when it differs); `tls`: mTLS to it."""
+    transport_socket = tls.transport_socket() if tls else None
+    source = address if address != "127.0.0.1" else None
+    config = with_feed(edge, feed_port, feed_address=feed_address or server_address,
+                       transport_socket=transport_socket, source_address=source)
+    metadata = {"admin": f"http://{address}:{ports.admin}"}
     if module_dir is not None:
         metadata["module_dir"] = str(module_dir)
     config["node"] = {"id": node_id, "cluster": FLEET_CLUSTER, "metadata": metadata}
-    config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}}
+    config["admin"] = {"address": {"socket_address": {"address": address, "port_value": ports.admin}}}
     listen_on = {VIEWER_HTTP_PORT: ports.http, VIEWER_HTTPS_PORT: ports.https}
     for listener in config["static_resources"]["listeners"]:
-        address = listener.get("address", {}).get("socket_address")
-        if address and address.get("port_value") in listen_on:
-            address["port_value"] = listen_on[address["port_value"]]
+        socket = listener.get("address", {}).get("socket_address")
+        if socket and socket.get("port_value") in listen_on:
+            socket["port_value"] = listen_on[socket["port_value"]]
+            socket["address"] = address
     # The anchors in edge.yaml make the two viewer listeners share one HCM
     # dict; deepcopy keeps that, which is harmless here.
     for hcm in hcm_configs(config):
@@ -123,7 +150,12 @@ def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int, feed_
             for g in [f, *upstream]:
                 if "config_discovery" in g:
                     g["config_discovery"]["config_source"] = ads_source()
-    config["static_resources"]["clusters"].append(control_plane_cluster(xds_port))
+    control_plane = control_plane_cluster(xds_port, server_address)
+    if transport_socket is not None:
+        control_plane["transport_socket"] = transport_socket
+    if source is not None:
+        control_plane["upstream_bind_config"] = {"source_address": {"address": source, "port_value": 0}}
+    config["static_resources"]["clusters"].append(control_plane)
     config["dynamic_resources"] = dynamic_resources()
     return config
 
@@ -132,10 +164,12 @@ class FleetEnvoy(Envoy):
     """An Envoy of the fleet, `--concurrency 1`; it can be started without
     waiting for it to be ready (it warms until the control plane answers)."""
 
-    def __init__(self, run_dir: Path, config: dict, node_id: str, ports: NodePorts):
-        super().__init__(run_dir, config, concurrency=1, admin=f"http://127.0.0.1:{ports.admin}")
+    def __init__(self, run_dir: Path, config: dict, node_id: str, ports: NodePorts,
+                 address: str = "127.0.0.1"):
+        super().__init__(run_dir, config, concurrency=1, admin=f"http://{address}:{ports.admin}")
         self.node_id = node_id
         self.ports = ports
+        self.address = address
 
     def spawn(self) -> None:
         if not ENVOY.exists():

@@ -434,7 +434,7 @@ async fn accept(
                 admission
                     .admit(certs.as_deref())
                     .map(Caller::Certified)
-                    .map_err(|why| api.forbidden(&peer.ip().to_string(), why))
+                    .map_err(|why| Box::new(api.forbidden(&peer.ip().to_string(), why)))
             })
             .await;
         });
@@ -446,7 +446,7 @@ async fn accept(
 async fn serve_http<S, F>(api: Arc<Api>, stream: S, caller: F)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    F: Fn(&Api) -> Result<Caller, crate::api::Answer> + Send + Sync + 'static,
+    F: Fn(&Api) -> Result<Caller, Box<crate::api::Answer>> + Send + Sync + 'static,
 {
     let caller = Arc::new(caller);
     let service = hyper::service::service_fn(move |request| {
@@ -455,7 +455,7 @@ where
         async move {
             let answer = match caller(&api) {
                 Ok(caller) => api.answer(request, caller).await,
-                Err(refused) => refused,
+                Err(refused) => *refused,
             };
             Ok::<_, std::convert::Infallible>(answer)
         }
