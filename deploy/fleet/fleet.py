@@ -9,6 +9,11 @@ feed. Also the library the fleet's end-to-end test and benchmark use.
 
 A change is a file edited in the watched directory (the server sees it at
 once) or a write through the API (docs/api.md).
+
+Every channel is mTLS: `up` makes a CA and the certificates under
+run/fleet/pki (`origin-policy certs`): the server's, one per Envoy (listed in
+the server's --tls-nodes), and an operator's, which `status` and `promote`
+use.
 """
 
 from __future__ import annotations
@@ -18,23 +23,99 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from edge import CLI, REPO, WASM, EdgeError, edge_config  # noqa: E402
-from node import FleetEnvoy, NodePorts, node_config  # noqa: E402
+from node import FleetEnvoy, NodePorts, NodeTls, node_config  # noqa: E402
 from origins import DEMO_ORIGINS, Certificates, DemoOrigins  # noqa: E402
 
 XDS_PORT = 18600
 STATUS_PORT = 18601  # the API, the feed and /status: always the ADS port + 1 here
 NODE_PORT_BASE = 12000  # node i listens on 12000+10i (HTTP), +1 (HTTPS), +2 (admin)
+PKI = REPO / "run" / "fleet" / "pki"
+OPERATOR = "operator"
+
+
+class CertsError(Exception):
+    pass
+
+
+class Pki:
+    """A CA and its certificates in `directory`, made by `origin-policy certs`."""
+
+    def __init__(self, directory: Path, cli: Path = CLI):
+        self.directory = directory
+        self.cli = cli
+        if not (directory / "ca.pem").exists():
+            self.certs("init", str(directory))
+
+    def certs(self, *args: str) -> str:
+        out = subprocess.run([str(self.cli), "certs", *args], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise CertsError(f"certs {' '.join(args)}: {out.stdout}{out.stderr}")
+        return out.stdout
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def crl(self) -> Path:
+        return self.directory / "crl.pem"
+
+    def files(self, name: str) -> tuple[Path, Path]:
+        return self.directory / f"{name}.pem", self.directory / f"{name}-key.pem"
+
+    def issue(self, kind: str, name: str, *extra: str) -> tuple[Path, Path]:
+        """`kind`: node, server or operator; the certificate and key."""
+        self.certs("issue", str(self.directory), f"--{kind}", name, *extra)
+        return self.files(name)
+
+    def node(self, node_id: str) -> NodeTls:
+        cert, key = self.issue("node", node_id)
+        return NodeTls(self.ca, cert, key)
+
+    def revoke(self, kind: str, name: str) -> None:
+        self.certs("revoke", str(self.directory), f"--{kind}", name)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """`serve --tls-*`'s files, and the operator certificate the harness
+    calls the API and /status with."""
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path
+    nodes: Path
+    operator: tuple[Path, Path]
+
+    @classmethod
+    def make(cls, pki: Pki, name: str, address: str, nodes: list[str], nodes_file: Path) -> "ServerTls":
+        """A server certificate for `address`, an operator's, and the nodes file."""
+        cert, key = pki.issue("server", name, "--ip", address)
+        nodes_file.write_text("".join(f"{n}\n" for n in nodes))
+        return cls(pki.ca, cert, key, pki.crl, nodes_file, pki.issue("operator", OPERATOR))
+
+    def flags(self) -> list[str]:
+        return ["--tls-ca", str(self.ca), "--tls-cert", str(self.cert), "--tls-key", str(self.key),
+                "--tls-crl", str(self.crl), "--tls-nodes", str(self.nodes)]
+
+    def client(self) -> ssl.SSLContext:
+        """An operator's: the server's certificate checked against the CA."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(*map(str, self.operator))
+        return context
 
 
 class ControlPlane:
@@ -43,15 +124,19 @@ class ControlPlane:
 
     def __init__(self, run_dir: Path, policies: Path, wasm: Path = WASM,
                  xds_port: int = XDS_PORT, status_port: int = STATUS_PORT,
-                 canaries: list[str] = (), extra: list[str] = (), cli: Path = CLI):
+                 canaries: list[str] = (), extra: list[str] = (), cli: Path = CLI,
+                 address: str = "127.0.0.1", tls: ServerTls | None = None):
         self.run_dir = run_dir
         self.xds_port = xds_port
-        self.url = f"http://127.0.0.1:{status_port}"
+        self.address = address
+        self.tls = tls
+        self.context = tls.client() if tls else None
+        self.url = f"{'https' if tls else 'http'}://{address}:{status_port}"
         self.log_path = run_dir / "control-plane.log"
         self.command = [
             str(cli), "serve", "--store", str(run_dir / "store"), "--watch", str(policies),
-            "--wasm", str(wasm), "--ads", f"127.0.0.1:{xds_port}", "--listen", f"127.0.0.1:{status_port}",
-            *(["--canary", ",".join(canaries)] if canaries else []), *extra,
+            "--wasm", str(wasm), "--ads", f"{address}:{xds_port}", "--listen", f"{address}:{status_port}",
+            *(["--canary", ",".join(canaries)] if canaries else []), *(tls.flags() if tls else []), *extra,
         ]
         self.process: subprocess.Popen | None = None
 
@@ -93,34 +178,37 @@ class ControlPlane:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def status(self) -> dict:
-        return fetch_json(f"{self.url}/status")
+        return fetch_json(f"{self.url}/status", context=self.context)
 
     def put(self, domain: str, document: str) -> tuple[int, dict]:
         """PUT /v1/domains/DOMAIN: the answer's status and JSON."""
-        return request_json(f"{self.url}/v1/domains/{domain}", "PUT", document.encode())
+        return request_json(f"{self.url}/v1/domains/{domain}", "PUT", document.encode(),
+                            context=self.context)
 
     def promote(self) -> dict:
-        return fetch_json(f"{self.url}/v1/rollout/promote", method="POST")
+        return fetch_json(f"{self.url}/v1/rollout/promote", method="POST", context=self.context)
 
 
-def request_json(url: str, method: str, body: bytes | None = None, timeout: float = 600) -> tuple[int, dict]:
+def request_json(url: str, method: str, body: bytes | None = None, timeout: float = 600,
+                 context: ssl.SSLContext | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(url, method=method, data=body)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def fetch_json(url: str, method: str = "GET", timeout: float = 600) -> dict:
+def fetch_json(url: str, method: str = "GET", timeout: float = 600,
+               context: ssl.SSLContext | None = None) -> dict:
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(request, timeout=timeout) as r:
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as r:
         return json.loads(r.read())
 
 
 def make_node(run_root: Path, index: int, certs: Certificates, xds_port: int,
               port_base: int = NODE_PORT_BASE, module_dir: Path | None = None,
-              edge: dict | None = None) -> FleetEnvoy:
+              edge: dict | None = None, tls: NodeTls | None = None) -> FleetEnvoy:
     """fleet-INDEX, its working directory run_root/fleet-INDEX with the
     certificates; its feed is the control plane's HTTP port, the ADS port + 1
     (as every control plane here is started)."""
@@ -131,7 +219,8 @@ def make_node(run_root: Path, index: int, certs: Certificates, xds_port: int,
     run_dir.mkdir(parents=True)
     shutil.copytree(certs.directory, run_dir / "certs")
     ports = NodePorts.numbered(port_base, index)
-    config = node_config(edge or edge_config(), node_id, ports, xds_port, xds_port + 1, module_dir)
+    config = node_config(edge or edge_config(), node_id, ports, xds_port, xds_port + 1, module_dir,
+                         tls=tls)
     return FleetEnvoy(run_dir, config, node_id, ports)
 
 
@@ -158,9 +247,13 @@ def up(args: argparse.Namespace) -> int:
     run_root.mkdir(parents=True)
     certs = Certificates(run_root / "certs")
     canaries = [c for c in args.canary.split(",") if c]
+    pki = Pki(PKI)
+    ids = [f"fleet-{i}" for i in range(1, args.envoys + 1)]
+    tls = ServerTls.make(pki, "control-plane", "127.0.0.1", ids, run_root / "nodes")
     control = ControlPlane(run_root, args.policies, canaries=canaries,
-                           extra=["--bake-seconds", str(args.bake_seconds)])
-    nodes = [make_node(run_root, i, certs, XDS_PORT) for i in range(1, args.envoys + 1)]
+                           extra=["--bake-seconds", str(args.bake_seconds)], tls=tls)
+    nodes = [make_node(run_root, i, certs, XDS_PORT, tls=pki.node(f"fleet-{i}"))
+             for i in range(1, args.envoys + 1)]
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     with DemoOrigins(DEMO_ORIGINS, certs):
@@ -185,7 +278,7 @@ def up(args: argparse.Namespace) -> int:
 
 def print_welcome(control: ControlPlane, nodes: list[FleetEnvoy], args: argparse.Namespace) -> None:
     print(f"control plane: ADS 127.0.0.1:{control.xds_port}, API, feed and status {control.url}/ "
-          f"(log {control.log_path})")
+          f"(log {control.log_path}); mTLS, certificates in {PKI}")
     for node in nodes:
         print(f"{node.node_id}: http://127.0.0.1:{node.ports.http}  https://127.0.0.1:{node.ports.https}"
               f"  admin {node.admin}")
@@ -194,6 +287,8 @@ def print_welcome(control: ControlPlane, nodes: list[FleetEnvoy], args: argparse
     print("try:")
     print(CURL_LINES.format(http=nodes[0].ports.http, admin=nodes[0].admin))
     print("  scripts/fleet status")
+    print(f"  curl --cacert {PKI}/ca.pem --cert {PKI}/{OPERATOR}.pem --key {PKI}/{OPERATOR}-key.pem "
+          f"{control.url}/v1/domains")
     print("Ctrl-C stops the fleet.")
 
 
@@ -219,9 +314,19 @@ def status_text(status: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def operator_url(args: argparse.Namespace) -> tuple[str, ssl.SSLContext | None]:
+    """The server's URL and, when `up` made certificates, the operator's TLS."""
+    if not (args.pki / f"{OPERATOR}.pem").exists():
+        return f"http://127.0.0.1:{args.status_port}", None
+    context = ssl.create_default_context(cafile=str(args.pki / "ca.pem"))
+    context.load_cert_chain(str(args.pki / f"{OPERATOR}.pem"), str(args.pki / f"{OPERATOR}-key.pem"))
+    return f"https://127.0.0.1:{args.status_port}", context
+
+
 def show_status(args: argparse.Namespace) -> int:
+    url, context = operator_url(args)
     try:
-        status = fetch_json(f"http://127.0.0.1:{args.status_port}/status", timeout=10)
+        status = fetch_json(f"{url}/status", timeout=10, context=context)
     except OSError as e:
         print(f"no control plane on 127.0.0.1:{args.status_port}: {e}", file=sys.stderr)
         return 1
@@ -230,8 +335,9 @@ def show_status(args: argparse.Namespace) -> int:
 
 
 def promote(args: argparse.Namespace) -> int:
+    url, context = operator_url(args)
     try:
-        result = fetch_json(f"http://127.0.0.1:{args.status_port}/v1/rollout/promote", method="POST")
+        result = fetch_json(f"{url}/v1/rollout/promote", method="POST", context=context)
     except OSError as e:
         print(f"no control plane on 127.0.0.1:{args.status_port}: {e}", file=sys.stderr)
         return 1
@@ -250,6 +356,7 @@ def main(argv: list[str]) -> int:
     for name in ("status", "promote"):
         s = sub.add_parser(name)
         s.add_argument("--status-port", type=int, default=STATUS_PORT)
+        s.add_argument("--pki", type=Path, default=PKI, help="the certificates `up` made")
         if name == "status":
             s.add_argument("--json", action="store_true")
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
