@@ -26,6 +26,19 @@ fn subcommands() -> Vec<String> {
         .collect()
 }
 
+/// A subcommand's own subcommands (`certs init`, ...), without `help`.
+fn nested(name: &str) -> Vec<String> {
+    Cli::command()
+        .find_subcommand(name)
+        .map(|c| {
+            c.get_subcommands()
+                .map(|s| s.get_name().to_owned())
+                .filter(|s| s != "help")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn every_subcommand_prints_its_usage_on_help_and_h() {
     let names = subcommands();
@@ -86,6 +99,12 @@ fn help_section() -> String {
     block("`origin-policy --help`".to_owned(), &["--help"]);
     for name in subcommands().iter().filter(|n| *n != "help") {
         block(format!("`origin-policy {name} --help`"), &[name, "--help"]);
+        for sub in nested(name) {
+            block(
+                format!("`origin-policy {name} {sub} --help`"),
+                &[name, &sub, "--help"],
+            );
+        }
     }
     out
 }
