@@ -256,3 +256,69 @@ pub fn revoke(dir: &Path, serial: &str) -> Result<bool, String> {
     write_file(&crl_path, &crl(&issuer, revoked)?, false)?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn revoked_serials(dir: &Path) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        let text = std::fs::read(dir.join(CRL_FILE))?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&text)?;
+        let (_, list) = x509_parser::parse_x509_crl(&pem.contents)?;
+        Ok(list
+            .iter_revoked_certificates()
+            .map(|r| hex(r.raw_serial()))
+            .collect())
+    }
+
+    #[test]
+    fn a_ca_issues_identities_and_revokes_them_into_its_crl() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let pki = dir.path();
+        init(pki, 30)?;
+        assert!(init(pki, 30).is_err_and(|e| e.contains("exists")));
+        let node = Identity::Node("edge-1".into());
+        issue(pki, &node, &[], &[], 1)?;
+        let server = Identity::Server("cp-1".into());
+        issue(
+            pki,
+            &server,
+            &["127.0.0.41".parse()?],
+            &["cp-1.example".into()],
+            1,
+        )?;
+        assert!(issue(pki, &Identity::Node("a/b".into()), &[], &[], 1).is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for key in [CA_KEY_FILE, "edge-1-key.pem", "cp-1-key.pem"] {
+                let mode = std::fs::metadata(pki.join(key))?.permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{key}");
+            }
+        }
+        let text = std::fs::read(pki.join("cp-1.pem"))?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&text)?;
+        let cert = pem.parse_x509()?;
+        let names = format!("{:?}", cert.subject_alternative_name()?);
+        assert!(
+            names.contains("spiffe://origin-policy/server/cp-1"),
+            "{names}"
+        );
+        assert!(names.contains("cp-1.example"), "{names}");
+        assert_eq!(Identity::of_certificate(&pem.contents), Ok(server.clone()));
+
+        assert_eq!(revoked_serials(pki)?, Vec::<String>::new());
+        let first = serial_of(&pki.join("edge-1.pem"))?;
+        assert!(revoke(pki, &first)?);
+        assert!(!revoke(pki, &first)?);
+        // Re-issued: a new serial; revoking it keeps the first revoked.
+        issue(pki, &node, &[], &[], 1)?;
+        let second = serial_of(&pki.join("edge-1.pem"))?;
+        assert_ne!(first, second);
+        assert!(revoke(pki, &second)?);
+        assert_eq!(revoked_serials(pki)?, vec![first, second]);
+        Ok(())
+    }
+}
