@@ -50,6 +50,8 @@ impl fmt::Display for CliError {
     }
 }
 
+// One argument per group of `serve`'s flags, as clap declares them.
+#[allow(clippy::too_many_arguments)]
 fn serve(
     output: &OutputArgs,
     listen: &str,

@@ -559,7 +559,7 @@ mod tests {
             &crl(&ca, &[11])?,
             "# the fleet\nedge-1\nedge-2 # revoked\n",
         )?;
-        let admission = Admission::load(files.files.clone(), Arc::new(Events::default()))?;
+        let admission = Admission::load(files.files.clone())?;
 
         assert_eq!(
             admission.admit(Some(&good)),
@@ -604,11 +604,12 @@ mod tests {
         let (good_pem, good_key, _) = issue(&ca, &[&format!("{NODE_PREFIX}edge-1")], 10)?;
         let (revoked_pem, revoked_key, _) = issue(&ca, &[&format!("{NODE_PREFIX}edge-2")], 11)?;
         let files = files(&ca, &crl(&ca, &[11])?, "edge-1\nedge-2\n")?;
-        let events = Arc::new(Events::default());
-        let admission = Arc::new(Admission::load(files.files.clone(), events.clone())?);
+        let refusals = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let admission = Arc::new(Admission::load(files.files.clone())?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let server = admission.clone();
+        let refused = refusals.clone();
         tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
                 match server.acceptor().accept(stream).await {
@@ -621,7 +622,13 @@ mod tests {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
                     }
-                    Err(e) => server.handshake_failed(EventKind::FeedRefused, peer, &e),
+                    Err(e) => {
+                        if let (Some(why), Ok(mut list)) =
+                            (Admission::handshake_refusal(peer, &e), refused.lock())
+                        {
+                            list.push(why);
+                        }
+                    }
                 }
             }
         });
@@ -656,12 +663,10 @@ mod tests {
         };
         assert!(connect(good_pem, good_key).await?);
         assert!(!connect(revoked_pem, revoked_key).await?);
-        let status = events.status();
-        assert!(
-            status
-                .to_string()
-                .contains("TLS refused: a client certificate revoked by the CRL"),
-            "{status}"
+        let refusals = refusals.lock().map_err(|e| e.to_string())?.clone();
+        assert_eq!(
+            refusals,
+            vec!["127.0.0.1: TLS refused: a client certificate revoked by the CRL (--tls-crl)"]
         );
         Ok(())
     }
