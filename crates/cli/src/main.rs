@@ -74,10 +74,14 @@ fn serve(
                 .replica
                 .clone()
                 .unwrap_or_else(origin_policy_control::serve::host_name),
-            api: replicas
-                .advertise
-                .clone()
-                .unwrap_or_else(|| format!("http://{listen}")),
+            api: replicas.advertise.clone().unwrap_or_else(|| {
+                let scheme = if tls.tls_ca.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{listen}")
+            }),
             ads: fleet.ads.clone(),
         });
     let wasm = std::fs::canonicalize(&output.wasm)
