@@ -14,10 +14,11 @@ feed clusters (deploy/fleet/node.py).
 3. A man in the middle on a node's feed (its feed cluster points at a relay
    that turns into an impostor), serving a forged page that sends a domain
    to the attacker's origin: with a certificate of another CA, and with a
-   stolen node certificate of the right CA, the Envoy refuses the handshake
-   (its counters and its TLS alert say which check: unknown CA, a client's
-   certificate), keeps serving the real origin, and the attacker's origin
-   gets no request. A stolen *server* certificate then
+   stolen node certificate of the right CA, and with a certificate of the
+   right CA usable by a server but naming a node, the Envoy refuses the
+   handshake (its counters and its TLS alert say which check: unknown CA, a
+   client's certificate, the SAN URI not a server's), keeps serving the
+   real origin, and the attacker's origin gets no request. A stolen *server* certificate then
    does get the page through: the forgery works, only the certificate
    check stops it.
 4. A node revoked while connected loses its ADS stream, and its new
@@ -27,6 +28,7 @@ feed clusters (deploy/fleet/node.py).
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import shutil
 import socket
@@ -112,6 +114,43 @@ class AttackerOrigin:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+def server_usable_node_certificate(pki: Pki, node_id: str, directory: Path) -> tuple[Path, Path]:
+    """What `certs` never issues: a certificate of the CA good for a TLS
+    server (extended key usage serverAuth) whose identity is a node's. Only
+    Envoy's SAN URI match stops it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key((pki.directory / "ca-key.pem").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.UniformResourceIdentifier(f"spiffe://origin-policy/node/{node_id}"),
+            x509.IPAddress(ipaddress.ip_address(SERVER))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{node_id}-server.pem", directory / f"{node_id}-server-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 def origin_policy(domain: str) -> dict:
@@ -304,10 +343,14 @@ def test_a_man_in_the_middle_on_the_feed_cannot_change_a_policy(fleet):
         # Envoy's alert says which check refused it: the CA, or the
         # certificate's purpose (a node's is a client's only; its SAN URI,
         # a node's, would fail the server-identity match next).
-        cases = [("a server certificate of another CA", other_cert, other_key, "UNKNOWN_CA"),
-                 ("a stolen node certificate of the CA", stolen_cert, stolen_key, "UNSUPPORTED_CERTIFICATE")]
-        for what, cert, key, alert in cases:
-            counter = "ssl.fail_verify_error"
+        naming_cert, naming_key = server_usable_node_certificate(pki, "edge-ok", fleet.run)
+        cases = [("a server certificate of another CA", other_cert, other_key, "UNKNOWN_CA",
+                  "ssl.fail_verify_error"),
+                 ("a stolen node certificate of the CA", stolen_cert, stolen_key, "UNSUPPORTED_CERTIFICATE",
+                  "ssl.fail_verify_error"),
+                 ("a server-usable certificate of the CA naming a node", naming_cert, naming_key,
+                  "CERTIFICATE_UNKNOWN", "ssl.fail_verify_san")]
+        for what, cert, key, alert, counter in cases:
             stat = counter
             before_stats = feed_tls_stats(node)
             mitm.impersonate(str(cert), str(key), forged)
@@ -321,7 +364,7 @@ def test_a_man_in_the_middle_on_the_feed_cannot_change_a_policy(fleet):
             assert served_by(node, VICTIM) == "plain", what
             assert len(fleet.attacker.requests) == before + 0, what
         print(f"\nman in the middle refused: {', '.join(f'{c[0]} ({c[3]})' for c in cases)}; "
-              f"{feed_tls_stats(node)['ssl.fail_verify_error']} handshakes refused by the Envoy, "
+              f"{sum(feed_tls_stats(node).values())} handshakes refused by the Envoy, "
               f"the attacker's origin got no request")
         # The control: a stolen server certificate passes both checks, and
         # the same page sends the domain to the attacker.
