@@ -304,6 +304,7 @@ impl Replica {
                 api: format!("http://{addr}"),
                 ads: ads.as_ref().map(|_| "127.0.0.1:0".to_owned()),
             }),
+            tls: None,
         };
         let server = Server::open(config, runtime.handle()).unwrap_or_else(|e| unreachable!("{e}"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -489,6 +489,10 @@ async fn a_server_not_serving_ends_its_streams_unavailable_and_refuses_new_ones(
     let mut envoy = FakeEnvoy::connect(running.address, "edge-1").await?;
     envoy.subscribe(CLUSTER_TYPE, "", &[]).await?;
     assert_eq!(names_of(&envoy.next().await?), ["one"]);
+    running.stop().await
+}
+
+#[tokio::test]
 async fn a_node_the_admission_refuses_gets_nothing_and_loses_its_stream_when_refused_later(
 ) -> TestResult {
     let server = AdsServer::new();
