@@ -629,6 +629,11 @@ impl Lease {
             if self.keeper.is_none() {
                 match tokio::time::timeout(timeout, client.lease_keep_alive(id)).await {
                     Ok(Ok(keeper)) => self.keeper = Some(keeper),
+                    // Expired while the store was away (the client's "lease
+                    // not found": its first answer had no TTL left): a new
+                    // lease, below, or this replica would never be listed
+                    // again.
+                    Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => self.id = None,
                     Ok(Err(e)) => return Err(brief(&e)),
                     Err(_) => return Err("no answer".to_owned()),
                 }
