@@ -8,6 +8,9 @@ Every request is appended to OUT as a JSON line
 connection or protocol error (then reconnected) and the decision host is the
 `host=` of `x-origin-decision`. Runs until SIGTERM or --seconds.
 
+A port may be given as ADDRESS:PORT (an Envoy on an address of its own);
+its records then name it so. A bare port is on 127.0.0.1.
+
 Run: python deploy/fleet/load.py --ports 12110,12120 --hosts a.example,b.example --out FILE
 """
 
@@ -48,8 +51,15 @@ class Records:
                 f.write("".join(json.dumps(r) + "\n" for r in batch))
 
 
-def drive(port: int, hosts: list[str], interval: float, records: Records, stop: threading.Event) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def target(entry: str) -> tuple[str, int, int | str]:
+    """`PORT` or `ADDRESS:PORT`: the address, the port, and how records name it."""
+    address, _, port = entry.rpartition(":")
+    return (address or "127.0.0.1"), int(port), (entry if address else int(port))
+
+
+def drive(entry: str, hosts: list[str], interval: float, records: Records, stop: threading.Event) -> None:
+    address, port, name = target(entry)
+    conn = http.client.HTTPConnection(address, port, timeout=10)
     n = 0
     while not stop.is_set():
         host = hosts[n % len(hosts)]
@@ -58,11 +68,11 @@ def drive(port: int, hosts: list[str], interval: float, records: Records, stop: 
             conn.request("GET", f"/load/{port}/{n}", headers={"host": host})
             r = conn.getresponse()
             r.read()
-            records.add([time.time(), port, host, r.status, decision_host(r.getheader("x-origin-decision"))])
+            records.add([time.time(), name, host, r.status, decision_host(r.getheader("x-origin-decision"))])
         except (OSError, http.client.HTTPException) as e:
-            records.add([time.time(), port, host, -1, type(e).__name__])
+            records.add([time.time(), name, host, -1, type(e).__name__])
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn = http.client.HTTPConnection(address, port, timeout=10)
         stop.wait(interval)
     conn.close()
 
@@ -79,8 +89,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     records = Records(args.out)
     hosts = args.hosts.split(",")
-    threads = [threading.Thread(target=drive, args=(int(port), hosts, args.interval, records, stop))
-               for port in args.ports.split(",")]
+    threads = [threading.Thread(target=drive, args=(entry, hosts, args.interval, records, stop))
+               for entry in args.ports.split(",")]
     for t in threads:
         t.start()
     deadline = time.monotonic() + args.seconds

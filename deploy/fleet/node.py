@@ -18,6 +18,9 @@ instead of from files.
   feed) carry an `UpstreamTlsContext`: the node's certificate, and the
   server's checked against the CA and its SAN URI
   (`spiffe://origin-policy/server/...`).
+- With several control-plane replicas (`replicas=`), the ADS and the feed
+  cluster list each, health-checked on its /healthz, so that a node moves to
+  another replica when one stops serving (`list_replicas`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge import (  # noqa: E402
     ENVOY,
+    FEED_CLUSTER,
     VIEWER_HTTP_PORT,
     VIEWER_HTTPS_PORT,
     EdgeError,
@@ -44,6 +48,18 @@ from edge import (  # noqa: E402
 
 CONTROL_PLANE_CLUSTER = "fleet_control_plane"
 FLEET_CLUSTER = "origin-policy-fleet"
+# Each replica's /healthz: 200 while it can serve, 503 while its store is
+# unreachable or it is catching up.
+HEALTH_PATH = "/healthz"
+
+
+@dataclass(frozen=True)
+class Replica:
+    """How an Envoy reaches one control-plane replica: its address, its ADS
+    port and its HTTP port (the feed, the API, /status and /healthz)."""
+    address: str
+    ads_port: int
+    http_port: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,55 @@ def dynamic_resources() -> dict:
     }
 
 
+def health_checks() -> list[dict]:
+    """GET /healthz once a second; two failures mark a replica unhealthy, one
+    success brings it back. `no_traffic_interval` too: Envoy would otherwise
+    check a cluster it has not used yet only once a minute."""
+    return [{
+        "timeout": "1s",
+        "interval": "1s",
+        "no_traffic_interval": "1s",
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "http_health_check": {"path": HEALTH_PATH},
+    }]
+
+
+# Linux's TCP_USER_TIMEOUT (level IPPROTO_TCP): how long sent data (or a
+# keepalive probe) may go unacknowledged before the connection is dropped.
+TCP_USER_TIMEOUT = {"level": 6, "name": 18}
+
+
+def list_replicas(cluster: dict, replicas: list[Replica], port: str, source: str) -> None:
+    """`cluster` (the ADS cluster with port "ads_port", the feed's with
+    "http_port") pointed at every replica, each health-checked on its HTTP
+    port, its connections made from the node's own address `source`.
+
+    A replica cut off the network answers nothing, not even a reset: a long
+    poll or the ADS stream to it would hang until its own timeout (the
+    feed's is 60 s), and a failed health check only drains connections, it
+    does not end the requests on them. So each connection is probed when
+    idle (TCP keepalive after 1 s, every 1 s) and dropped once anything it
+    sent, data or probe, is 3 s without an answer (TCP_USER_TIMEOUT): the
+    request fails and is made again, to a replica that answers."""
+    lb_endpoints = []
+    for r in replicas:
+        endpoint = {"address": {"socket_address": {"address": r.address, "port_value": getattr(r, port)}}}
+        if getattr(r, port) != r.http_port:
+            endpoint["health_check_config"] = {"port_value": r.http_port}
+        lb_endpoints.append({"endpoint": endpoint})
+    cluster["load_assignment"] = {"cluster_name": cluster["name"], "endpoints": [{"lb_endpoints": lb_endpoints}]}
+    cluster["health_checks"] = health_checks()
+    cluster["close_connections_on_host_health_failure"] = True
+    cluster["upstream_connection_options"] = {
+        "tcp_keepalive": {"keepalive_probes": 3, "keepalive_time": 1, "keepalive_interval": 1}}
+    cluster["upstream_bind_config"] = {
+        "source_address": {"address": source, "port_value": 0},
+        "socket_options": [{**TCP_USER_TIMEOUT, "int_value": 3000, "state": "STATE_PREBIND",
+                            "description": "TCP_USER_TIMEOUT 3 s"}],
+    }
+
+
 def hcm_configs(config: dict):
     for listener in config["static_resources"]["listeners"]:
         for chain in listener.get("filter_chains", []):
@@ -122,10 +187,13 @@ def hcm_configs(config: dict):
 def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int, feed_port: int,
                 module_dir: Path | None = None, address: str = "127.0.0.1",
                 server_address: str = "127.0.0.1", feed_address: str | None = None,
-                tls: NodeTls | None = None) -> dict:
+                tls: NodeTls | None = None, replicas: list[Replica] | None = None) -> dict:
     """`address`: the node's listeners, admin, and the source of its
     connections to the control plane; `server_address`: the control plane's
-    (`feed_address`: the feed's, when it differs); `tls`: mTLS to it."""
+    (`feed_address`: the feed's, when it differs); `tls`: mTLS to it.
+    `replicas`: every control-plane replica, in both the ADS and the feed
+    cluster, each health-checked (`xds_port`, `feed_port`, `server_address`
+    and `feed_address` are then unused)."""
     transport_socket = tls.transport_socket() if tls else None
     source = address if address != "127.0.0.1" else None
     config = with_feed(edge, feed_port, feed_address=feed_address or server_address,
@@ -157,6 +225,12 @@ def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int, feed_
         control_plane["upstream_bind_config"] = {"source_address": {"address": source, "port_value": 0}}
     config["static_resources"]["clusters"].append(control_plane)
     config["dynamic_resources"] = dynamic_resources()
+    if replicas:
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == CONTROL_PLANE_CLUSTER:
+                list_replicas(cluster, replicas, "ads_port", address)
+            elif cluster["name"] == FEED_CLUSTER:
+                list_replicas(cluster, replicas, "http_port", address)
     return config
 
 
