@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from edge import (  # noqa: E402
     POLICIES,
+    EdgeError,
     VIEWER_HTTP_PORT,
     VIEWER_HTTPS_PORT,
     Envoy,
@@ -238,3 +239,22 @@ def edge(tmp_path_factory, demo_origins, name_server):
 def path():
     """A path no other request used, so the edge's cache cannot answer it."""
     return f"/t/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def fault_rules():
+    """The fault tests' iptables rules (tagged `origin-policy-fault`,
+    deploy/fleet/cluster.py): any a killed run left are removed before the
+    tests, and any left then after them."""
+    sys.path.insert(0, str(HERE.parent / "fleet"))
+    from cluster import Faults, require_fault_tools
+
+    try:
+        require_fault_tools()
+    except EdgeError as e:
+        pytest.fail(str(e))
+    Faults.remove_leftovers()
+    try:
+        yield Faults
+    finally:
+        Faults.remove_leftovers()
