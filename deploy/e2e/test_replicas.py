@@ -98,6 +98,8 @@ def check_run(fleet: ReplicatedFleet, run: FaultRun) -> None:
     assert run.lost == [], run.lost
     assert run.acked > 0
     for replica in fleet.replicas:
+        wait_for(lambda: applied(replica) >= run.push_answer["version"], LIMIT,
+                 what=f"{replica.replica} applied the push")
         code, body = replica.get(PUSH_DOMAIN)
         assert code == 200 and body["origin_host"]["value"] == run.push_value, (replica.replica, body)
     for node in fleet.nodes:
