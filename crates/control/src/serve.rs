@@ -19,6 +19,7 @@ use crate::validate::EdgeSettings;
 use crate::watch::{read_settings, settings_file, DirectoryWatch, SOURCE_PREFIX};
 use crate::writer::Shared;
 use hyper_util::rt::TokioIo;
+use origin_policy_xds::Closing;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -428,15 +429,24 @@ async fn accept(
                 Err(_) => return,
             };
             let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-            // Every request is admitted again: a certificate revoked, or a
-            // node removed, since the handshake is refused from then on.
-            serve_http(api, stream, move |api: &Api| {
+            // A certificate revoked, or a node removed, since the handshake
+            // closes the connection, a long poll in flight included; and
+            // every request is admitted again.
+            let refused = admission.clone().refused(certs.clone());
+            let events = api.clone();
+            let served = serve_http(api, stream, move |api: &Api| {
                 admission
                     .admit(certs.as_deref())
                     .map(Caller::Certified)
                     .map_err(|why| Box::new(api.forbidden(&peer.ip().to_string(), why)))
-            })
-            .await;
+            });
+            tokio::select! {
+                () = served => {}
+                why = refused => events.shared.events.record(
+                    EventKind::FeedRefused,
+                    format!("{}: connection closed: {why}", peer.ip()),
+                ),
+            }
         });
     }
 }
@@ -472,7 +482,7 @@ fn tls_incoming(
     admission: Arc<Admission>,
     api: Arc<Api>,
 ) -> tokio_stream::wrappers::ReceiverStream<
-    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    Result<Closing<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, std::io::Error>,
 > {
     let (accepted, incoming) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
@@ -499,7 +509,18 @@ fn tls_incoming(
                 );
                 match handshake.await {
                     Ok(Ok(stream)) => {
-                        let _ = accepted.send(Ok(stream)).await;
+                        // Closed once its certificate is no longer admitted:
+                        // the streams on it end, and Envoy connects again.
+                        let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+                        let refused = admission.refused(certs);
+                        let close = async move {
+                            let why = refused.await;
+                            api.shared.events.record(
+                                EventKind::AdsRefused,
+                                format!("{}: connection closed: {why}", peer.ip()),
+                            );
+                        };
+                        let _ = accepted.send(Ok(Closing::new(stream, close))).await;
                     }
                     Ok(Err(e)) => {
                         if let Some(why) = Admission::handshake_refusal(peer, &e) {

@@ -245,6 +245,8 @@ pub struct Admission {
     files: TlsFiles,
     loaded: RwLock<Arc<Loaded>>,
     stamp: RwLock<Stamp>,
+    /// Bumped every time the files are taken again.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl Admission {
@@ -255,6 +257,7 @@ impl Admission {
             files,
             loaded: RwLock::new(Arc::new(loaded)),
             stamp: RwLock::new(stamp),
+            reloads: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -296,6 +299,29 @@ impl Admission {
         Ok(identity)
     }
 
+    /// Completes, with why, once a connection with these client
+    /// certificates is no longer admitted (its certificate revoked, its node
+    /// removed from the nodes file): the connection is then closed, so that
+    /// neither a request in flight (a feed long poll) nor a stream on it gets
+    /// anything more, and its client connects again, with the certificate it
+    /// has now. Checked every time the files are read again.
+    pub fn refused(
+        self: Arc<Self>,
+        certs: Option<Vec<CertificateDer<'static>>>,
+    ) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut reloads = self.reloads.subscribe();
+        async move {
+            loop {
+                if reloads.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if let Err(why) = self.admit(certs.as_deref()) {
+                    return why;
+                }
+            }
+        }
+    }
+
     /// Why a TLS handshake failed, for an event; `None` when the peer just
     /// went away.
     pub fn handshake_refusal(peer: SocketAddr, error: &std::io::Error) -> Option<String> {
@@ -328,6 +354,7 @@ impl Admission {
                 if let Ok(mut l) = self.loaded.write() {
                     *l = Arc::new(loaded);
                 }
+                self.reloads.send_modify(|n| *n += 1);
                 eprintln!("serve: the TLS files changed: read again");
                 true
             }

@@ -53,5 +53,5 @@ mod server;
 
 pub use resources::{XdsError, XdsResources, CLUSTER_TYPE, EXTENSION_CONFIG_TYPE};
 pub use server::{
-    Admission, AdsServer, Nack, NodeInfo, NodeSelector, NodeStatus, TargetFn, TypeStatus,
+    Admission, AdsServer, Closing, Nack, NodeInfo, NodeSelector, NodeStatus, TargetFn, TypeStatus,
 };

@@ -352,6 +352,92 @@ impl AdsServer {
     }
 }
 
+/// A connection that ends when `close` completes (say, when its client
+/// certificate is revoked): every read and write after that fails, so the
+/// server drops it with every stream on it, and the client has to connect
+/// again (and present a certificate again). For [`AdsServer::serve_incoming`].
+pub struct Closing<IO> {
+    inner: IO,
+    close: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    closed: bool,
+}
+
+impl<IO> Closing<IO> {
+    pub fn new(inner: IO, close: impl Future<Output = ()> + Send + 'static) -> Self {
+        Closing {
+            inner,
+            close: Box::pin(close),
+            closed: false,
+        }
+    }
+
+    /// Whether `close` has completed; registers the task to be woken when it does.
+    fn closed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if !self.closed && self.close.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+        }
+        self.closed
+    }
+}
+
+fn closed_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "the connection's client is no longer admitted",
+    )
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Closing<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.closed(cx) {
+            return std::task::Poll::Ready(Err(closed_error()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Closing<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.closed(cx) {
+            return std::task::Poll::Ready(Err(closed_error()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.closed(cx) {
+            return std::task::Poll::Ready(Err(closed_error()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<IO: Connected> Connected for Closing<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 fn versions_by_node(state: &State) -> HashMap<(String, String), Option<String>> {
     let mut versions = HashMap::new();
     for (id, record) in &state.nodes {
