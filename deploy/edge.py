@@ -194,32 +194,12 @@ FEED_ROOT_ID = "origin-policy-feed"
 SERVER_IDENTITY_PREFIX = "spiffe://origin-policy/server/"
 
 
-def upstream_tls(ca: Path, cert: Path | None = None, key: Path | None = None) -> dict:
-    """The transport socket of a cluster to `origin-policy serve --tls-*`:
-    the node's client certificate (without `cert`, none: a node the server
-    refuses), the server's certificate checked against `ca` and its SAN URI
-    against SERVER_IDENTITY_PREFIX. No ALPN: the ADS cluster speaks HTTP/2
-    by prior knowledge, the feed's HTTP/1.1."""
-    common: dict = {"validation_context": {
-        "trusted_ca": {"filename": str(ca)},
-        "match_typed_subject_alt_names": [
-            {"san_type": "URI", "matcher": {"prefix": SERVER_IDENTITY_PREFIX}}],
-    }}
-    if cert is not None and key is not None:
-        common["tls_certificates"] = [{"certificate_chain": {"filename": str(cert)},
-                                       "private_key": {"filename": str(key)}}]
-    return {"name": "envoy.transport_sockets.tls", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-        "common_tls_context": common,
-    }}  # fmt: skip
-
-
 def with_feed(config: dict, feed_port: int, wasm: Path = WASM, feed_address: str = "127.0.0.1",
               transport_socket: dict | None = None, source_address: str | None = None) -> dict:
     """`config` for `"delivery": "feed"`: the feed singleton (a bootstrap wasm
     service on the main thread, the filter's `vm_id`, so its entries are the
     filter's shared data) and the cluster of the policy source it follows.
-    `transport_socket`: the feed over TLS (`upstream_tls`); `source_address`:
+    `transport_socket`: the feed over TLS (`node.NodeCertificates`); `source_address`:
     the address the feed's connections come from."""
     config = json.loads(json.dumps(config))
     config.setdefault("bootstrap_extensions", []).append({

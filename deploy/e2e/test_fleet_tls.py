@@ -21,8 +21,8 @@ feed clusters (deploy/fleet/node.py).
    real origin, and the attacker's origin gets no request. A stolen *server* certificate then
    does get the page through: the forgery works, only the certificate
    check stops it.
-4. A node revoked while connected loses its ADS stream, and its new
-   streams are refused.
+4. A node revoked while connected loses its connections (the ADS stream's
+   and the feed's), and its new ones are refused in the handshake.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class TlsFleet:
         run_dir.mkdir(parents=True)
         shutil.copytree(self.certs_dir, run_dir / "certs")
         config = node_config(edge_config(), node_id or name, PORTS, ADS_PORT, HTTP_PORT, address=address,
-                             server_address=SERVER, feed_address=feed_address, tls=tls)
+                             server_address=SERVER, feed_address=feed_address, tls=tls, tls_dir=run_dir / "tls")
         node = FleetEnvoy(run_dir, config, node_id or name, PORTS, address=address)
         self.nodes[name] = node
         node.spawn()
@@ -382,9 +382,15 @@ def test_a_node_revoked_while_connected_loses_its_stream(fleet):
     fleet.pki.revoke("node", "edge-ok")
     wait_for(lambda: not fleet.control.status()["nodes"]["edge-ok"]["xds"]["connected"],
              what="edge-ok's stream closed")
-    # Envoy opens a new stream at once, and again: each is refused.
-    wait_for(lambda: (e := fleet.refused("ads_refused", "node.id edge-ok", "revoked by the CRL")) and e["count"] >= 3,
-             what="edge-ok's new streams refused")
+    # Its connections are closed, the ADS one and the feed's: a new stream
+    # needs a new connection, and a new handshake.
+    address = ADDRESSES["edge-ok"]
+    wait_for(lambda: fleet.refused("ads_refused", f"{address}: connection closed", "revoked by the CRL"),
+             what="edge-ok's ADS connection closed")
+    # Envoy connects again at once, and again: each handshake is refused.
+    for kind in ("ads_refused", "feed_refused"):
+        wait_for(lambda: (e := fleet.refused(kind, f"{address}: TLS refused", "revoked by the CRL")) and e["count"] >= 3,
+                 what=f"edge-ok's new connections refused ({kind})")
     assert not fleet.control.status()["nodes"]["edge-ok"]["xds"]["connected"]
     # It keeps serving what it has; the server sends it nothing more.
     assert served_by(node, VICTIM) == "plain"

@@ -220,7 +220,7 @@ def make_node(run_root: Path, index: int, certs: Certificates, xds_port: int,
     shutil.copytree(certs.directory, run_dir / "certs")
     ports = NodePorts.numbered(port_base, index)
     config = node_config(edge or edge_config(), node_id, ports, xds_port, xds_port + 1, module_dir,
-                         tls=tls)
+                         tls=tls, tls_dir=run_dir / "tls")
     return FleetEnvoy(run_dir, config, node_id, ports)
 
 

@@ -17,7 +17,10 @@ instead of from files.
 - With `tls` (a `NodeTls`), both clusters to the control plane (ADS and the
   feed) carry an `UpstreamTlsContext`: the node's certificate, and the
   server's checked against the CA and its SAN URI
-  (`spiffe://origin-policy/server/...`).
+  (`spiffe://origin-policy/server/...`). Envoy reads the certificate, its key
+  and the CA through file-based SDS (`NodeCertificates`): a new certificate
+  put in place (`NodeCertificates.install`) is taken for new connections,
+  with no restart.
 - With several control-plane replicas (`replicas=`), the ADS and the feed
   cluster list each, health-checked on its /healthz, so that a node moves to
   another replica when one stops serving (`list_replicas`).
@@ -25,7 +28,9 @@ instead of from files.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge import (  # noqa: E402
     ENVOY,
     FEED_CLUSTER,
+    SERVER_IDENTITY_PREFIX,
     VIEWER_HTTP_PORT,
     VIEWER_HTTPS_PORT,
     EdgeError,
     Envoy,
     http_get,
-    upstream_tls,
     with_feed,
 )
 
@@ -71,8 +76,95 @@ class NodeTls:
     cert: Path | None = None
     key: Path | None = None
 
-    def transport_socket(self) -> dict:
-        return upstream_tls(self.ca, self.cert, self.key)
+
+# The two SDS resources (Secret) every node reads from its files.
+CERT_SECRET = "origin-policy-node"
+CA_SECRET = "origin-policy-ca"
+
+
+class NodeCertificates:
+    """A node's TLS files as its Envoy reads them, through file-based SDS,
+    in `directory`:
+
+        node-sds.json   the Secret CERT_SECRET: current/node.pem, current/node-key.pem
+        ca-sds.json     the Secret CA_SECRET: current/ca.pem, the server's SAN URI
+        current -> 2/   a symlink to the files in force (2/ca.pem, 2/node.pem, 2/node-key.pem)
+
+    Both Secrets and both SDS sources watch `directory` (`watched_directory`):
+    Envoy reads them again when an entry is moved into it. `install` writes
+    the files into a new numbered directory, then renames a new symlink over
+    `current` (the atomic swap): Envoy then uses the new certificate and CA
+    for its new connections, with no restart; open connections keep the one
+    they were made with."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    @property
+    def current(self) -> Path:
+        return self.directory / "current"
+
+    def generations(self) -> list[int]:
+        if not self.directory.exists():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def install(self, tls: NodeTls) -> Path:
+        """`tls`'s files as the ones in force; the first call also writes the
+        SDS resources. The new generation's directory."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        generation = self.directory / str(max(self.generations(), default=0) + 1)
+        generation.mkdir()
+        shutil.copyfile(tls.ca, generation / "ca.pem")
+        if tls.cert is not None and tls.key is not None:
+            shutil.copyfile(tls.cert, generation / "node.pem")
+            key = generation / "node-key.pem"
+            key.touch(mode=0o600)
+            shutil.copyfile(tls.key, key)
+        self.write_secrets()
+        link = self.directory / ".current.new"
+        link.unlink(missing_ok=True)
+        link.symlink_to(generation.name)
+        os.replace(link, self.current)
+        return generation
+
+    def write_secrets(self) -> None:
+        watched = {"path": str(self.directory)}
+        secrets = {
+            "node-sds.json": {"name": CERT_SECRET, "tls_certificate": {
+                "certificate_chain": {"filename": str(self.current / "node.pem")},
+                "private_key": {"filename": str(self.current / "node-key.pem")},
+                "watched_directory": watched}},
+            "ca-sds.json": {"name": CA_SECRET, "validation_context": {
+                "trusted_ca": {"filename": str(self.current / "ca.pem")},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"prefix": SERVER_IDENTITY_PREFIX}}],
+                "watched_directory": watched}},
+        }  # fmt: skip
+        for name, secret in secrets.items():
+            path = self.directory / name
+            if not path.exists():
+                resource = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                            **secret}
+                path.write_text(json.dumps({"resources": [resource]}, indent=2))
+
+    def sds(self, name: str, file: str) -> dict:
+        return {"name": name, "sds_config": {"path_config_source": {
+            "path": str(self.directory / file), "watched_directory": {"path": str(self.directory)}}}}
+
+    def transport_socket(self, with_certificate: bool = True) -> dict:
+        """The `UpstreamTlsContext` of a cluster to `origin-policy serve --tls-*`:
+        the node's certificate (none without `with_certificate`: a node the
+        server refuses) and the server's checked against the CA and its SAN
+        URI, both from the SDS files. No ALPN: the ADS cluster speaks HTTP/2
+        by prior knowledge, the feed's HTTP/1.1."""
+        common: dict = {"validation_context_sds_secret_config": self.sds(CA_SECRET, "ca-sds.json")}
+        if with_certificate:
+            common["tls_certificate_sds_secret_configs"] = [self.sds(CERT_SECRET, "node-sds.json")]
+        return {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common,
+        }}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -187,14 +279,22 @@ def hcm_configs(config: dict):
 def node_config(edge: dict, node_id: str, ports: NodePorts, xds_port: int, feed_port: int,
                 module_dir: Path | None = None, address: str = "127.0.0.1",
                 server_address: str = "127.0.0.1", feed_address: str | None = None,
-                tls: NodeTls | None = None, replicas: list[Replica] | None = None) -> dict:
+                tls: NodeTls | None = None, tls_dir: Path | None = None,
+                replicas: list[Replica] | None = None) -> dict:
     """`address`: the node's listeners, admin, and the source of its
     connections to the control plane; `server_address`: the control plane's
-    (`feed_address`: the feed's, when it differs); `tls`: mTLS to it.
+    (`feed_address`: the feed's, when it differs); `tls`: mTLS to it, its
+    files installed in `tls_dir` (`NodeCertificates`).
     `replicas`: every control-plane replica, in both the ADS and the feed
     cluster, each health-checked (`xds_port`, `feed_port`, `server_address`
     and `feed_address` are then unused)."""
-    transport_socket = tls.transport_socket() if tls else None
+    transport_socket = None
+    if tls is not None:
+        if tls_dir is None:
+            raise ValueError("tls needs tls_dir: the directory Envoy reads the node's certificates from")
+        certificates = NodeCertificates(tls_dir)
+        certificates.install(tls)
+        transport_socket = certificates.transport_socket(with_certificate=tls.cert is not None)
     source = address if address != "127.0.0.1" else None
     config = with_feed(edge, feed_port, feed_address=feed_address or server_address,
                        transport_socket=transport_socket, source_address=source)
