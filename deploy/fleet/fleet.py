@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -80,6 +81,19 @@ class Pki:
         """`kind`: node, server or operator; the certificate and key."""
         self.certs("issue", str(self.directory), f"--{kind}", name, *extra)
         return self.files(name)
+
+    def reissue(self, kind: str, name: str, *extra: str) -> str:
+        """`certs issue` again for a certificate that exists: the files
+        replaced in place; the serial of the one replaced, as `certs` says it."""
+        out = subprocess.run([str(self.cli), "certs", "issue", str(self.directory), f"--{kind}", name, *extra],
+                             capture_output=True, text=True)
+        replaced = re.search(r"\(serial ([0-9a-f]+)\)", out.stderr)
+        if out.returncode != 0 or replaced is None:
+            raise CertsError(f"certs issue --{kind} {name}: {out.stdout}{out.stderr}")
+        return replaced.group(1)
+
+    def revoke_serial(self, serial: str) -> None:
+        self.certs("revoke", str(self.directory), "--serial", serial)
 
     def node(self, node_id: str) -> NodeTls:
         cert, key = self.issue("node", node_id)
