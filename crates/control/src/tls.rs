@@ -13,8 +13,10 @@
 //!
 //! The CRL, the nodes file and the server's own certificate are read again
 //! when their files change: a new connection is checked against them, and
-//! every request and open ADS stream is checked again (a node revoked or
-//! removed loses its stream and its next poll is refused).
+//! every request and open connection is checked again (a connection whose
+//! certificate is revoked, or whose node is removed, is closed with its ADS
+//! stream or its feed poll: its client connects again, with the certificate
+//! it has now, and a revoked one is refused in the handshake).
 
 use crate::error::ControlError;
 use rustls::pki_types::pem::PemObject;
