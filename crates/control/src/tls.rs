@@ -628,6 +628,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_open_connection_is_refused_once_its_certificate_is_revoked() -> TestResult {
+        let ca = new_ca()?;
+        let node = |id: &str, serial| -> Result<_, Box<dyn std::error::Error>> {
+            Ok(der(
+                &issue(&ca, &[&format!("{NODE_PREFIX}{id}")], serial)?.0
+            )?)
+        };
+        let (old, new) = (node("edge-1", 10)?, node("edge-1", 20)?);
+        let files = files(&ca, &crl(&ca, &[])?, "edge-1\n")?;
+        let admission = Arc::new(Admission::load(files.files.clone())?);
+        let mut old_refused = Box::pin(admission.clone().refused(Some(old)));
+        let mut new_refused = Box::pin(admission.clone().refused(Some(new)));
+        let pending = Duration::from_millis(100);
+        assert!(tokio::time::timeout(pending, &mut old_refused)
+            .await
+            .is_err());
+
+        // A change that keeps both admitted completes neither.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(
+            files.files.nodes.as_deref().ok_or("nodes")?,
+            "edge-1\nedge-2\n",
+        )?;
+        assert!(admission.reload());
+        assert!(tokio::time::timeout(pending, &mut old_refused)
+            .await
+            .is_err());
+
+        // The old serial revoked (the certificate rotated): the connection
+        // made with it is refused, the one made with the new one is not.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(files.files.crl.as_deref().ok_or("crl")?, crl(&ca, &[10])?)?;
+        assert!(admission.reload());
+        let why = tokio::time::timeout(Duration::from_secs(10), &mut old_refused).await?;
+        assert!(why.contains("revoked by the CRL"), "{why}");
+        assert!(tokio::time::timeout(pending, &mut new_refused)
+            .await
+            .is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn the_handshake_refuses_a_revoked_client_certificate() -> TestResult {
         let ca = new_ca()?;
         let (good_pem, good_key, _) = issue(&ca, &[&format!("{NODE_PREFIX}edge-1")], 10)?;
