@@ -306,6 +306,18 @@ pub struct ReplicaArgs {
     /// [default: http://LISTEN].
     #[arg(long, value_name = "URL", requires = "etcd")]
     pub advertise: Option<String>,
+    /// TLS to etcd: the CA the members' certificates are checked against
+    /// (PEM); every --etcd URL is then https://. With --etcd-cert and
+    /// --etcd-key.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_cert", "etcd_key"])]
+    pub etcd_ca: Option<PathBuf>,
+    /// The client certificate this replica presents to etcd (PEM), for
+    /// members started with --client-cert-auth.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_ca", "etcd_cert"])]
+    pub etcd_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

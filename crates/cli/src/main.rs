@@ -83,6 +83,7 @@ fn serve(
                 format!("{scheme}://{listen}")
             }),
             ads: fleet.ads.clone(),
+            tls: etcd_tls(replicas),
         });
     let wasm = std::fs::canonicalize(&output.wasm)
         .map_err(|e| {
@@ -233,6 +234,18 @@ fn certs_command(command: &CertsCommand) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// `--etcd-ca`, `--etcd-cert` and `--etcd-key`, which clap requires together.
+fn etcd_tls(replicas: &ReplicaArgs) -> Option<origin_policy_control::etcd::EtcdTls> {
+    match (&replicas.etcd_ca, &replicas.etcd_cert, &replicas.etcd_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(origin_policy_control::etcd::EtcdTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    }
 }
 
 fn load(paths: &[PathBuf]) -> Result<PolicyDocuments, CliError> {

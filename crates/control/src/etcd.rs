@@ -10,10 +10,15 @@
 //!   replica.
 //! - `/origin-policy/replicas/<name>`: a live replica, [`ReplicaValue`], under
 //!   a lease it keeps alive.
+//!
+//! With [`EtcdTls`] (`--etcd-ca`, `--etcd-cert`, `--etcd-key`) every
+//! connection is TLS (rustls): the members' certificates are checked against
+//! the CA, and the replica presents its own.
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use serde_json::{json, Value};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -36,6 +41,8 @@ pub enum EtcdError {
     Compacted(i64),
     /// A value that is not ours.
     Invalid(String),
+    /// The endpoints or the TLS files cannot be used: which flag, which file.
+    Config(String),
 }
 
 impl std::fmt::Display for EtcdError {
@@ -47,6 +54,7 @@ impl std::fmt::Display for EtcdError {
                 write!(f, "etcd compacted the history up to revision {revision}")
             }
             EtcdError::Invalid(why) => write!(f, "etcd: {why}"),
+            EtcdError::Config(why) => f.write_str(why),
         }
     }
 }
@@ -149,6 +157,59 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
+/// TLS to etcd's members: the CA their certificates are checked against,
+/// and the certificate and key this replica presents (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl EtcdTls {
+    /// The files, read and checked for what they must hold.
+    fn options(&self) -> Result<TlsOptions, EtcdError> {
+        let read = |flag: &str, path: &Path, holds: &str, what: &str| {
+            let bytes = std::fs::read(path)
+                .map_err(|e| EtcdError::Config(format!("{flag} {}: {e}", path.display())))?;
+            if String::from_utf8_lossy(&bytes).contains(holds) {
+                Ok(bytes)
+            } else {
+                Err(EtcdError::Config(format!(
+                    "{flag} {}: no PEM {what} in it",
+                    path.display()
+                )))
+            }
+        };
+        let certificate = "-----BEGIN CERTIFICATE-----";
+        let ca = read("--etcd-ca", &self.ca, certificate, "certificate")?;
+        let cert = read("--etcd-cert", &self.cert, certificate, "certificate")?;
+        let key = read("--etcd-key", &self.key, "PRIVATE KEY-----", "private key")?;
+        Ok(TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key)))
+    }
+}
+
+/// Every endpoint is `https://` with TLS and none is without: a mix would
+/// leave some connections in plain text, or fail on every request.
+pub fn check_endpoints(endpoints: &[String], tls: bool) -> Result<(), EtcdError> {
+    for endpoint in endpoints {
+        let https = endpoint.starts_with("https://");
+        if https && !tls {
+            return Err(EtcdError::Config(format!(
+                "--etcd {endpoint}: an https endpoint needs --etcd-ca, --etcd-cert and --etcd-key"
+            )));
+        }
+        if tls && !https {
+            return Err(EtcdError::Config(format!(
+                "--etcd {endpoint}: with --etcd-ca, --etcd-cert and --etcd-key every endpoint is https://"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One client per member, the one that last answered first: a request that
 /// fails or times out on a member is tried on the next. Each member gets its
 /// own connection, so a member that is down or without a leader costs one
@@ -160,9 +221,11 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Connections are made lazily: this succeeds with every member down.
-    pub async fn connect(endpoints: &[String]) -> Result<Etcd, EtcdError> {
-        let options = ConnectOptions::new()
+    /// Connections are made lazily: this succeeds with every member down
+    /// (or refusing this replica's certificate).
+    pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Etcd, EtcdError> {
+        check_endpoints(endpoints, tls.is_some())?;
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(500))
             // HTTP/2 pings: a member cut off without a reset (a partition)
             // ends its watch within two seconds.
@@ -171,11 +234,24 @@ impl Etcd {
             // A member without a leader refuses at once rather than hang,
             // and cancels its watches.
             .with_require_leader(true);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options()?);
+        }
         let mut clients = Vec::new();
         for endpoint in endpoints {
             let client = Client::connect([endpoint.as_str()], Some(options.clone()))
                 .await
-                .map_err(|e| EtcdError::Unreachable(format!("{endpoint}: {e}")))?;
+                .map_err(|e| match tls {
+                    // The key or a certificate rustls cannot take.
+                    Some(tls) => EtcdError::Config(format!(
+                        "--etcd {endpoint} with --etcd-ca {}, --etcd-cert {}, --etcd-key {}: {}",
+                        tls.ca.display(),
+                        tls.cert.display(),
+                        tls.key.display(),
+                        brief(&e)
+                    )),
+                    None => EtcdError::Unreachable(format!("{endpoint}: {}", brief(&e))),
+                })?;
             clients.push(client);
         }
         if clients.is_empty() {
@@ -234,14 +310,25 @@ impl Etcd {
     }
 }
 
-/// An etcd client error in one line: a gRPC status as its message.
+/// An etcd client error in one line: a gRPC status as its message, and
+/// the errors under it (a TLS failure is a transport error's cause).
 pub fn brief(e: &etcd_client::Error) -> String {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            format!("{:?}: {}", status.code(), status.message())
+    let (mut line, mut source) = match e {
+        etcd_client::Error::GRpcStatus(status) => (
+            format!("{:?}: {}", status.code(), status.message()),
+            std::error::Error::source(status),
+        ),
+        other => (other.to_string(), std::error::Error::source(other)),
+    };
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
         }
-        other => other.to_string(),
+        source = cause.source();
     }
+    line
 }
 
 #[cfg(test)]

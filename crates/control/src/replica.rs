@@ -24,8 +24,8 @@
 use crate::api::Api;
 use crate::error::ControlError;
 use crate::etcd::{
-    brief, domain_key, domain_of, prefix_end, DomainValue, Etcd, EtcdError, ReplicaValue, DOMAINS,
-    EPOCH_KEY, REPLICAS,
+    brief, domain_key, domain_of, prefix_end, DomainValue, Etcd, EtcdError, EtcdTls, ReplicaValue,
+    DOMAINS, EPOCH_KEY, REPLICAS,
 };
 use crate::events::{now_ms, EventKind};
 use crate::store::Put;
@@ -78,8 +78,11 @@ const WATCH_STALLED: Duration = Duration::from_secs(3);
 /// How `serve --etcd` reaches etcd and is reached.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
-    /// etcd's client URLs, e.g. `http://127.0.0.11:2379`.
+    /// etcd's client URLs, e.g. `http://127.0.0.11:2379` (`https://` with
+    /// `tls`).
     pub endpoints: Vec<String>,
+    /// TLS to the members (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+    pub tls: Option<EtcdTls>,
     /// This replica's name in etcd and in `/status`.
     pub name: String,
     /// Its HTTP listener as others reach it.
@@ -173,8 +176,11 @@ impl Replica {
         runtime: &tokio::runtime::Handle,
     ) -> Result<Arc<Replica>, ControlError> {
         let etcd = runtime
-            .block_on(Etcd::connect(&config.endpoints))
-            .map_err(unavailable)?;
+            .block_on(Etcd::connect(&config.endpoints, config.tls.as_ref()))
+            .map_err(|e| match e {
+                EtcdError::Config(why) => ControlError::Usage(why),
+                other => unavailable(other),
+            })?;
         let why = "connecting to etcd".to_owned();
         if let Some(ads) = &ads {
             ads.set_not_serving(Some(why.clone()));
@@ -276,6 +282,15 @@ impl Replica {
             ads.set_not_serving(not_serving.clone());
         }
         self.serving.send_replace(not_serving);
+    }
+
+    /// Still without the store, for another reason: `/healthz`, refused
+    /// writes and `/status` say the latest (e.g. why TLS to etcd failed,
+    /// rather than "connecting to etcd").
+    fn still_unreachable(&self, why: String) {
+        if self.health().error.as_deref() != Some(why.as_str()) {
+            self.set_state(StoreState::Unreachable, Some(why));
+        }
     }
 
     /// `/status`: `store` and `replicas`.
@@ -709,7 +724,7 @@ async fn supervise(api: Arc<Api>, replica: Arc<Replica>) {
                         ),
                     );
                 } else if state == StoreState::Unreachable {
-                    lock(&replica.health).error = Some(why);
+                    replica.still_unreachable(why);
                 }
                 tokio::time::sleep(TICK).await;
                 continue;
@@ -735,7 +750,7 @@ async fn supervise(api: Arc<Api>, replica: Arc<Replica>) {
                     }
                 }
                 Err(e) => {
-                    lock(&replica.health).error = Some(e.to_string());
+                    replica.still_unreachable(e.to_string());
                     tokio::time::sleep(TICK).await;
                     continue;
                 }

@@ -303,6 +303,7 @@ impl Replica {
                 name: name.to_owned(),
                 api: format!("http://{addr}"),
                 ads: ads.as_ref().map(|_| "127.0.0.1:0".to_owned()),
+                tls: None,
             }),
             tls: None,
         };
