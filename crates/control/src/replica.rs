@@ -213,15 +213,23 @@ impl Replica {
         Ok(replica)
     }
 
-    /// Until the replica first serves, saying every 5 s what it waits for.
-    pub async fn wait_serving(&self) {
+    /// Until the replica first serves, saying every 5 s what it waits for;
+    /// with `at_most`, no longer than that. Whether it serves.
+    pub async fn wait_serving(&self, at_most: Option<Duration>) -> bool {
+        let started = Instant::now();
         let mut serving = self.serving.subscribe();
         loop {
-            let waited =
-                tokio::time::timeout(Duration::from_secs(5), serving.wait_for(Option::is_none))
-                    .await;
+            let mut wait = Duration::from_secs(5);
+            if let Some(at_most) = at_most {
+                if started.elapsed() >= at_most {
+                    return self.not_serving().is_none();
+                }
+                wait = wait.min(at_most.saturating_sub(started.elapsed()));
+            }
+            let waited = tokio::time::timeout(wait, serving.wait_for(Option::is_none)).await;
             match waited {
-                Ok(_) => return,
+                Ok(_) => return true,
+                Err(_) if at_most.is_some_and(|at_most| started.elapsed() >= at_most) => {}
                 Err(_) => eprintln!(
                     "serve: waiting for etcd ({}): {}",
                     self.etcd.endpoints.join(","),

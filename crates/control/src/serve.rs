@@ -44,6 +44,10 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
 }
 
+/// How long `serve --etcd` (without `--watch`) waits for etcd before it
+/// listens anyway, not serving.
+pub const LISTEN_WITHOUT_STORE_AFTER: Duration = Duration::from_secs(5);
+
 /// This machine's name: a replica's name unless `--replica` says otherwise.
 pub fn host_name() -> String {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
@@ -245,13 +249,24 @@ impl Server {
         if let Some(replication) = config.replica.clone() {
             let ads = config.fleet.as_ref().map(|f| f.envoy.ads.clone());
             let replica = Replica::start(&api, replication, ads, runtime)?;
-            runtime.block_on(replica.wait_serving());
-            eprintln!(
-                "serve: {} domains from etcd, at revision {} ({} ms)",
-                api.shared.table().live(),
-                replica.applied(),
-                started.elapsed().as_millis()
-            );
+            // A watched directory is synced through etcd: it waits for it.
+            // Without one, a replica that cannot reach etcd (down, or
+            // refusing its certificate) listens after a while, answering
+            // 503 and saying why in /healthz and /status.
+            let at_most = config.watch.is_empty().then_some(LISTEN_WITHOUT_STORE_AFTER);
+            if runtime.block_on(replica.wait_serving(at_most)) {
+                eprintln!(
+                    "serve: {} domains from etcd, at revision {} ({} ms)",
+                    api.shared.table().live(),
+                    replica.applied(),
+                    started.elapsed().as_millis()
+                );
+            } else {
+                eprintln!(
+                    "serve: not serving yet ({}); listening meanwhile: /healthz, the feed and writes answer 503 until this replica has reached etcd and caught up",
+                    replica.not_serving().unwrap_or_default()
+                );
+            }
         }
         let epoch = api.shared.table().epoch;
         // The feed opens once a watched directory is in the store: a snapshot

@@ -6,13 +6,14 @@
 //! The tests share the members' addresses, so they run one at a time.
 
 use origin_policy_control::envoy::EnvoyConfig;
+use origin_policy_control::etcd::EtcdTls;
 use origin_policy_control::replica::ReplicaConfig;
 use origin_policy_control::validate::EdgeSettings;
 use origin_policy_control::{ControlError, ServeConfig, Server};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -130,14 +131,113 @@ fn client_addr(i: usize) -> SocketAddr {
         .unwrap_or_else(|e| unreachable!("{e}"))
 }
 
+/// Where a member says whether it has a leader: its client URL, or with
+/// TLS its plain-HTTP metrics URL (`--listen-metrics-urls`).
+fn health_addr(i: usize, tls: bool) -> SocketAddr {
+    if !tls {
+        return client_addr(i);
+    }
+    format!("{}:2381", member_ip(i))
+        .parse()
+        .unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+/// A certificate and its key, as PEM files.
+struct Pem {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A CA made for a test (rcgen), the certificates it issued in its
+/// directory: one per member (server and client use, the member's IP) at
+/// creation, and client certificates on demand.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let key = KeyPair::generate().unwrap_or_else(|e| unreachable!("{e}"));
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, cert.pem()).unwrap_or_else(|e| unreachable!("{e}"));
+        let pki = Pki {
+            dir,
+            ca,
+            issuer: rcgen::Issuer::new(params, key),
+        };
+        for i in 0..MEMBERS {
+            pki.issue(&format!("m{i}"), vec![member_ip(i)], true);
+        }
+        pki
+    }
+
+    fn issue(&self, name: &str, ips: Vec<String>, server: bool) -> Pem {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().unwrap_or_else(|e| unreachable!("{e}"));
+        let mut params = CertificateParams::new(ips).unwrap_or_else(|e| unreachable!("{e}"));
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if server {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let pem = self.member_files(name);
+        std::fs::write(&pem.cert, cert.pem()).unwrap_or_else(|e| unreachable!("{e}"));
+        std::fs::write(&pem.key, key.serialize_pem()).unwrap_or_else(|e| unreachable!("{e}"));
+        pem
+    }
+
+    fn member_files(&self, name: &str) -> Pem {
+        Pem {
+            cert: self.dir.path().join(format!("{name}.pem")),
+            key: self.dir.path().join(format!("{name}.key")),
+        }
+    }
+
+    fn member(&self, i: usize) -> Pem {
+        self.member_files(&format!("m{i}"))
+    }
+
+    /// A replica's files: a client certificate of this CA, this CA trusted.
+    fn client(&self, name: &str) -> EtcdTls {
+        let pem = self.issue(name, Vec::new(), false);
+        EtcdTls {
+            ca: self.ca.clone(),
+            cert: pem.cert,
+            key: pem.key,
+        }
+    }
+}
+
 /// A 3-member etcd cluster of its own, killed when dropped.
 struct Cluster {
     dir: tempfile::TempDir,
     members: Vec<Option<Child>>,
+    /// Members with TLS on their client URLs and client-cert-auth.
+    tls: Option<Pki>,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    fn start_with(tls: Option<Pki>) -> Cluster {
         let installed = Command::new("etcd")
             .arg("--version")
             .stdout(Stdio::null())
@@ -151,6 +251,7 @@ impl Cluster {
         let mut cluster = Cluster {
             dir,
             members: (0..MEMBERS).map(|_| None).collect(),
+            tls,
         };
         for i in 0..MEMBERS {
             cluster.start_member(i);
@@ -163,9 +264,17 @@ impl Cluster {
         cluster
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     fn endpoints(&self) -> Vec<String> {
         (0..MEMBERS)
-            .map(|i| format!("http://{}", client_addr(i)))
+            .map(|i| format!("{}://{}", self.scheme(), client_addr(i)))
             .collect()
     }
 
@@ -179,12 +288,28 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("m{i}.log")))
             .unwrap_or_else(|e| unreachable!("{e}"));
-        let child = Command::new("etcd")
+        let scheme = self.scheme();
+        let mut command = Command::new("etcd");
+        if let Some(pki) = &self.tls {
+            // Client URLs: TLS, and only clients with a certificate of the
+            // CA. Peers stay plain here (--peer-* would do the same for them).
+            let member = pki.member(i);
+            command
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&pki.ca)
+                .arg("--cert-file")
+                .arg(&member.cert)
+                .arg("--key-file")
+                .arg(&member.key)
+                .args(["--listen-metrics-urls", &format!("http://{ip}:2381")]);
+        }
+        let child = command
             .args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("m{i}")))
-            .args(["--listen-client-urls", &format!("http://{ip}:2379")])
-            .args(["--advertise-client-urls", &format!("http://{ip}:2379")])
+            .args(["--listen-client-urls", &format!("{scheme}://{ip}:2379")])
+            .args(["--advertise-client-urls", &format!("{scheme}://{ip}:2379")])
             .args(["--listen-peer-urls", &format!("http://{ip}:2380")])
             .args([
                 "--initial-advertise-peer-urls",
@@ -213,7 +338,11 @@ impl Cluster {
     fn healthy(&self) -> bool {
         (0..MEMBERS)
             .filter(|i| self.members[*i].is_some())
-            .all(|i| call(client_addr(i), "GET", "/health", &[], "").json()["health"] == "true")
+            .all(|i| {
+                call(health_addr(i, self.tls.is_some()), "GET", "/health", &[], "").json()
+                    ["health"]
+                    == "true"
+            })
     }
 
     /// The member that leads now, if one does.
@@ -252,6 +381,35 @@ impl Replica {
 
     /// With `ads`, it serves ADS too (`--ads`, on a port of its own).
     fn start_with(name: &str, store: &Path, endpoints: Vec<String>, ads: bool) -> Replica {
+        let replica = Replica::open(name, store, endpoints, ads, None);
+        replica.wait_serving();
+        replica
+    }
+
+    /// Over TLS to etcd, with these files.
+    fn start_tls(name: &str, store: &Path, endpoints: Vec<String>, tls: EtcdTls) -> Replica {
+        let replica = Replica::open(name, store, endpoints, false, Some(tls));
+        replica.wait_serving();
+        replica
+    }
+
+    /// Until it serves: a replica that has not reached etcd yet listens
+    /// after a while, answering 503.
+    fn wait_serving(&self) {
+        assert!(
+            eventually(|| call(self.addr, "GET", "/healthz", &[], "").status == 200),
+            "{}",
+            self.status()
+        );
+    }
+
+    fn open(
+        name: &str,
+        store: &Path,
+        endpoints: Vec<String>,
+        ads: bool,
+        tls: Option<EtcdTls>,
+    ) -> Replica {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -303,7 +461,7 @@ impl Replica {
                 name: name.to_owned(),
                 api: format!("http://{addr}"),
                 ads: ads.as_ref().map(|_| "127.0.0.1:0".to_owned()),
-                tls: None,
+                tls,
             }),
             tls: None,
         };
@@ -792,4 +950,64 @@ fn no_acknowledged_write_is_lost_by_concurrent_writers_across_a_member_kill() {
             r.stop();
         }
     }
+}
+
+#[test]
+fn replicas_reach_etcd_over_tls_and_one_with_a_certificate_of_another_ca_cannot() {
+    let _one = one_at_a_time();
+    let pki = Pki::new("origin-policy test etcd CA");
+    let (t1, t2) = (pki.client("r1"), pki.client("r2"));
+    // This CA trusted, but a client certificate of another CA: etcd
+    // (--client-cert-auth) refuses it.
+    let other = Pki::new("another CA");
+    let foreign = EtcdTls {
+        ca: pki.ca.clone(),
+        ..other.client("r3")
+    };
+    let cluster = Cluster::start_with(Some(pki));
+    let endpoints = cluster.endpoints();
+    assert!(endpoints.iter().all(|e| e.starts_with("https://")));
+    let (s1, s2) = stores();
+    let s3 = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+    // It waits for etcd before it listens: meanwhile the others start.
+    let opening = {
+        let (store, endpoints) = (s3.path().to_path_buf(), endpoints.clone());
+        std::thread::spawn(move || Replica::open("r3", &store, endpoints, false, Some(foreign)))
+    };
+    let r1 = Replica::start_tls("r1", s1.path(), endpoints.clone(), t1);
+    let r2 = Replica::start_tls("r2", s2.path(), endpoints.clone(), t2);
+
+    let created = r1.put("tls.example.com", "one.example.net", &[]);
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert!(eventually(
+        || r2.origin("tls.example.com").as_deref() == Some("one.example.net")
+    ));
+    let replaced = r2.put("tls.example.com", "two.example.net", &[("If-Match", "\"1\"")]);
+    assert_eq!(replaced.status, 200, "{}", replaced.body);
+    assert!(eventually(
+        || r1.origin("tls.example.com").as_deref() == Some("two.example.net")
+    ));
+    assert_eq!(r1.status()["store"]["endpoints"], json!(endpoints));
+    assert!(eventually(|| r1.status()["replicas"]["r2"]["api"].is_string()));
+
+    let r3 = opening
+        .join()
+        .unwrap_or_else(|_| unreachable!("r3 did not open"));
+    let health = call(r3.addr, "GET", "/healthz", &[], "");
+    assert_eq!(health.status, 503, "{}", health.body);
+    let reason = health.json()["reason"].as_str().unwrap_or_default().to_owned();
+    eprintln!("r3: {reason}");
+    let refused = r3.put("tls.example.com", "three.example.net", &[]);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["error"], "store_unavailable");
+    let message = refused.json()["message"].as_str().unwrap_or_default().to_owned();
+    eprintln!("r3 write: {message}");
+    assert!(r1.status()["replicas"]["r3"].is_null());
+    assert_eq!(
+        r1.origin("tls.example.com").as_deref(),
+        Some("two.example.net")
+    );
+    r3.stop();
+    r1.stop();
+    r2.stop();
 }
