@@ -16,10 +16,13 @@
 //! the CA, and the replica presents its own.
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const DOMAINS: &str = "/origin-policy/domains/";
@@ -167,27 +170,54 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
-    /// The files, read and checked for what they must hold.
-    fn options(&self) -> Result<TlsOptions, EtcdError> {
-        let read = |flag: &str, path: &Path, holds: &str, what: &str| {
-            let bytes = std::fs::read(path)
-                .map_err(|e| EtcdError::Config(format!("{flag} {}: {e}", path.display())))?;
-            if String::from_utf8_lossy(&bytes).contains(holds) {
-                Ok(bytes)
-            } else {
-                Err(EtcdError::Config(format!(
-                    "{flag} {}: no PEM {what} in it",
-                    path.display()
-                )))
-            }
+    /// The files, read and checked: the client's options, and the same as a
+    /// rustls configuration of its own (for [`Etcd::tls_failure`]).
+    fn load(&self) -> Result<(TlsOptions, Arc<rustls::ClientConfig>), EtcdError> {
+        let config = |flag: &str, path: &Path, why: String| {
+            EtcdError::Config(format!("{flag} {}: {why}", path.display()))
         };
-        let certificate = "-----BEGIN CERTIFICATE-----";
-        let ca = read("--etcd-ca", &self.ca, certificate, "certificate")?;
-        let cert = read("--etcd-cert", &self.cert, certificate, "certificate")?;
-        let key = read("--etcd-key", &self.key, "PRIVATE KEY-----", "private key")?;
-        Ok(TlsOptions::new()
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| config(flag, path, e.to_string()))
+        };
+        let certificates = |flag: &str, path: &Path, pem: &[u8]| {
+            let certificates = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| config(flag, path, format!("not PEM certificates: {e}")))?;
+            if certificates.is_empty() {
+                return Err(config(flag, path, "no PEM certificate in it".to_owned()));
+            }
+            Ok(certificates)
+        };
+        let ca = read("--etcd-ca", &self.ca)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in certificates("--etcd-ca", &self.ca, &ca)? {
+            roots
+                .add(certificate)
+                .map_err(|e| config("--etcd-ca", &self.ca, e.to_string()))?;
+        }
+        let cert = read("--etcd-cert", &self.cert)?;
+        let key = read("--etcd-key", &self.key)?;
+        let chain = certificates("--etcd-cert", &self.cert, &cert)?;
+        let private = PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|e| config("--etcd-key", &self.key, format!("no PEM private key: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| config("--etcd-ca", &self.ca, e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, private)
+            .map_err(|e| {
+                config(
+                    "--etcd-cert",
+                    &self.cert,
+                    format!("with --etcd-key {}: {e}", self.key.display()),
+                )
+            })?;
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let options = TlsOptions::new()
             .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(cert, key)))
+            .identity(Identity::from_pem(cert, key));
+        Ok((options, Arc::new(client)))
     }
 }
 
@@ -218,6 +248,9 @@ pub struct Etcd {
     pub endpoints: Vec<String>,
     clients: Vec<Client>,
     current: AtomicUsize,
+    /// With TLS: the same configuration as the clients', for a handshake of
+    /// its own when a member cannot be reached.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Etcd {
@@ -234,8 +267,11 @@ impl Etcd {
             // A member without a leader refuses at once rather than hang,
             // and cancels its watches.
             .with_require_leader(true);
+        let mut handshake = None;
         if let Some(tls) = tls {
-            options = options.with_tls(tls.options()?);
+            let (tls, config) = tls.load()?;
+            options = options.with_tls(tls);
+            handshake = Some(config);
         }
         let mut clients = Vec::new();
         for endpoint in endpoints {
@@ -261,7 +297,38 @@ impl Etcd {
             endpoints: endpoints.to_vec(),
             clients,
             current: AtomicUsize::new(0),
+            tls: handshake,
         })
+    }
+
+    /// Why TLS with the member at `index` fails, if it does: a handshake of
+    /// our own, then a read, since with TLS 1.3 a member refuses a client
+    /// certificate only after the handshake, with an alert (the gRPC
+    /// client says no more than "connection closed").
+    pub async fn tls_failure(&self, index: usize) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let config = self.tls.clone()?;
+        let endpoint = self.endpoints.get(index)?;
+        let authority = endpoint.strip_prefix("https://")?.split('/').next()?;
+        let (host, _) = authority.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(host.to_owned()).ok()?;
+        let within = Duration::from_millis(500);
+        let tcp = tokio::time::timeout(within, tokio::net::TcpStream::connect(authority))
+            .await
+            .ok()?
+            .ok()?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let mut stream = match tokio::time::timeout(within, connector.connect(name, tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Some(format!("TLS: {e}")),
+            Err(_) => return None,
+        };
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(within, stream.read(&mut byte)).await {
+            Ok(Err(e)) => Some(format!("TLS: {e}")),
+            _ => None,
+        }
     }
 
     /// The member requests go to now, and its client.
@@ -352,6 +419,33 @@ mod tests {
         assert_eq!(DomainValue::decode(&removed.encode()), Ok(removed));
         assert!(DomainValue::decode(b"not json").is_err());
         assert!(DomainValue::decode(b"{\"document\": \"{}\"}").is_err());
+    }
+
+    #[test]
+    fn https_endpoints_go_with_the_tls_files_and_a_missing_file_is_named() {
+        let http = vec!["http://127.0.0.11:2379".to_owned()];
+        let https = vec!["https://127.0.0.11:2379".to_owned()];
+        assert!(check_endpoints(&http, false).is_ok());
+        assert!(check_endpoints(&https, true).is_ok());
+        let without = check_endpoints(&https, false).map_err(|e| e.to_string());
+        assert!(without.is_err_and(|e| e.contains("--etcd https://") && e.contains("--etcd-ca")));
+        let plain = check_endpoints(&http, true).map_err(|e| e.to_string());
+        assert!(plain.is_err_and(|e| e.contains("--etcd http://") && e.contains("https://")));
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let (ca, cert) = (dir.path().join("ca.pem"), dir.path().join("r1.pem"));
+        std::fs::write(&ca, "not a certificate").unwrap_or_else(|e| unreachable!("{e}"));
+        let tls = EtcdTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: dir.path().join("r1.key"),
+        };
+        let why = |tls: &EtcdTls| tls.load().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(why(&tls).starts_with(&format!("--etcd-ca {}: no PEM", ca.display())));
+        let tls = EtcdTls {
+            ca: PathBuf::from("/nonexistent/ca.pem"),
+            ..tls
+        };
+        assert!(why(&tls).starts_with("--etcd-ca /nonexistent/ca.pem: "));
     }
 
     #[test]

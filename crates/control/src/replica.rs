@@ -585,6 +585,12 @@ impl Replica {
         let (index, mut client) = self.etcd.current();
         let options = GetOptions::new().with_prefix();
         let answer = tokio::time::timeout(PROBE_TIMEOUT, client.get(REPLICAS, Some(options))).await;
+        if !matches!(answer, Ok(Ok(_))) {
+            if let Some(tls) = self.etcd.tls_failure(index).await {
+                self.etcd.failed(index);
+                return Err(format!("{}: {tls}", self.etcd.endpoints[index]));
+            }
+        }
         let failed = |why: String| {
             self.etcd.failed(index);
             format!("{}: {why}", self.etcd.endpoints[index])

@@ -253,7 +253,10 @@ impl Server {
             // Without one, a replica that cannot reach etcd (down, or
             // refusing its certificate) listens after a while, answering
             // 503 and saying why in /healthz and /status.
-            let at_most = config.watch.is_empty().then_some(LISTEN_WITHOUT_STORE_AFTER);
+            let at_most = config
+                .watch
+                .is_empty()
+                .then_some(LISTEN_WITHOUT_STORE_AFTER);
             if runtime.block_on(replica.wait_serving(at_most)) {
                 eprintln!(
                     "serve: {} domains from etcd, at revision {} ({} ms)",
