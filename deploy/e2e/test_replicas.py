@@ -3,17 +3,26 @@ cluster and real replicas, each on a loopback address of its own
 (deploy/fleet/cluster.py): etcd members 127.0.0.11-13, replicas r1 and r2
 (`origin-policy serve --etcd`) on 127.0.0.21-22, three Envoys on
 127.0.0.31-33 whose ADS and feed clusters list both replicas, health-checked
-on /healthz. A steady client on every Envoy records each request
-(deploy/fleet/load.py).
+on /healthz. Every replica's HTTP and ADS listeners are mTLS: a CA made with
+`origin-policy certs`, a server certificate per replica naming its address,
+a node certificate per Envoy (listed in `--tls-nodes`) on its ADS and feed
+clusters and their health checks, an operator's for this test's requests.
+A steady client on every Envoy records each request (deploy/fleet/load.py).
 
 1. a write through either replica is visible through both and on every Envoy;
+2. every channel is mTLS: a replica answers a request in the clear, on its
+   HTTP and on its ADS port, with a TLS alert and says so in its events; a
+   client without a certificate is refused in the handshake, a node's
+   certificate gets /healthz but not the API, nor a poll as another node;
+   every Envoy is on an ADS stream and polls the feed as its certificate's
+   identity, and counts TLS handshakes in both clusters;
 then, one at a time, each fault with concurrent writers through both
 replicas and a push made as soon as the fault is in place:
-2. a replica killed (SIGKILL), the push through the other;
-3. a replica's store connection cut (its etcd port reset by iptables), the
+3. a replica killed (SIGKILL), the push through the other;
+4. a replica's store connection cut (its etcd port reset by iptables), the
    push through the other;
-4. a store member killed (the etcd leader, of three), the push through either;
-5. a replica partitioned (every packet to it and from it to the store
+5. a store member killed (the etcd leader, of three), the push through either;
+6. a replica partitioned (every packet to it and from it to the store
    dropped), the push through the other.
 For each: the push reaches every Envoy, every Envoy moves off the faulty
 replica (its health checks fail it, its ADS stream is on the other), every
@@ -27,6 +36,8 @@ Run under `flock /tmp/e2e.lock`.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -45,13 +56,23 @@ from cluster import (  # noqa: E402
     ask,
     back_on,
     push_policy,
+    request,
     run_scenario,
     scenarios,
     wait_for,
 )
+from edge import FEED_CLUSTER  # noqa: E402
+from node import CONTROL_PLANE_CLUSTER  # noqa: E402
 
 # The limits are wide: what they bound is correctness (it happens), not speed.
 LIMIT = 30.0
+# The source of this test's requests in the clear, so that a replica's
+# events name them.
+PLAINTEXT_SOURCE = "127.0.0.71"
+# A TLS record of the alert type, TLS 1.2 framing (TLS 1.3 sends its alerts
+# so too).
+TLS_ALERT = b"\x15\x03\x03"
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +103,17 @@ def names(replica: Replica) -> set[str]:
 
 def applied(replica: Replica) -> int:
     return replica.status()["store"]["applied"]
+
+
+def in_the_clear(address: str, port: int, payload: bytes) -> bytes:
+    """What a listener answers `payload` sent without TLS from
+    PLAINTEXT_SOURCE, until it closes the connection."""
+    with socket.create_connection((address, port), timeout=10, source_address=(PLAINTEXT_SOURCE, 0)) as s:
+        s.sendall(payload)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+        return answer
 
 
 def check_run(fleet: ReplicatedFleet, run: FaultRun) -> None:
@@ -132,6 +164,65 @@ def test_write_through_either_replica_is_visible_everywhere(fleet):
         fleet.visible_everywhere(value, LIMIT)
         print(f"\nwritten through {writer.replica} ({answer['version']}): read through {reader.replica}, "
               f"on every Envoy")
+
+
+def test_every_channel_is_mtls(fleet):
+    since = time.time()
+    ids = {n.node_id for n in fleet.nodes}
+    as_node = fleet.tls.client(as_node="fleet-1")
+    for replica in fleet.replicas:
+        assert replica.url.startswith("https://")
+        # The HTTP listener (API, feed, /status, /healthz) and the ADS one
+        # answer a client in the clear with a TLS alert, nothing else.
+        answer = in_the_clear(replica.address, replica.http_port,
+                              f"GET /status HTTP/1.1\r\nhost: {replica.address}\r\n\r\n".encode())
+        assert answer.startswith(TLS_ALERT) and b"HTTP/" not in answer, answer
+        answer = in_the_clear(replica.address, replica.ads_port, HTTP2_PREFACE)
+        assert answer.startswith(TLS_ALERT), answer
+        # TLS without a client certificate: refused in the handshake.
+        no_certificate = ssl.create_default_context(cafile=str(fleet.tls.ca))
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            request(f"{replica.url}/healthz", context=no_certificate)
+        # A node's certificate: /healthz (what its health checks ask), not
+        # the API or /status, and a poll only as the node it names.
+        assert request(f"{replica.url}/healthz", context=as_node) == (200, {"serving": True})
+        assert request(f"{replica.url}/v1/domains/{PUSH_DOMAIN}", context=as_node)[0] == 403
+        assert request(f"{replica.url}/status", context=as_node)[0] == 403
+        code, body = request(f"{replica.url}/changes", headers={"x-feed-node": "fleet-2"}, context=as_node)
+        assert code == 403 and 'its certificate node "fleet-1"' in body["message"], body
+        # Each refusal is an event, the clear ones by the client's address.
+        refused = events(replica, since, {"feed_refused", "ads_refused"})
+        for kind in ("feed_refused", "ads_refused"):
+            assert any(e["event"] == kind and e["message"].startswith(f"{PLAINTEXT_SOURCE}: TLS refused")
+                       for e in refused), (replica.replica, kind, refused)
+        assert any(e["message"].endswith("TLS refused: no client certificate") for e in refused), refused
+
+    # Every Envoy is on the ADS stream of one replica, and polls the feed,
+    # as the node of its certificate (a node.id or a poll that is not its
+    # certificate's is refused): the replicas list the Envoys by it.
+    def on_ads() -> dict[str, list[str]]:
+        connected: dict[str, list[str]] = {}
+        for r in fleet.replicas:
+            for node, entry in r.status()["nodes"].items():
+                if entry.get("xds", {}).get("connected"):
+                    connected.setdefault(node, []).append(r.replica)
+        return connected
+    connected = wait_for(lambda: (c := on_ads()).keys() == ids and all(len(v) == 1 for v in c.values()) and c,
+                         LIMIT, 0.1, "every Envoy on one replica's ADS stream")
+    polled = set()
+    for r in fleet.replicas:
+        nodes = r.status()["nodes"]
+        assert nodes.keys() <= ids, (r.replica, nodes.keys())
+        polled |= {n for n, entry in nodes.items() if entry.get("version") is not None}
+    assert polled == ids, polled
+    # Envoy's side: both clusters made their connections with TLS, and
+    # their health checks pass (they are over TLS too).
+    for node in fleet.nodes:
+        stats = node.stats()
+        for cluster in (CONTROL_PLANE_CLUSTER, FEED_CLUSTER):
+            assert stats.get(f"cluster.{cluster}.ssl.handshake", 0) > 0, (node.node_id, cluster)
+            assert stats.get(f"cluster.{cluster}.health_check.success", 0) > 0, (node.node_id, cluster)
+    print("\nmTLS: Envoys on ADS " + ", ".join(f"{n} on {v[0]}" for n, v in sorted(connected.items())))
 
 
 def test_replica_killed(fleet):

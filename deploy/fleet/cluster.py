@@ -10,9 +10,15 @@ deploy/fleet/fault_bench.py use it):
   (HTTP 18700: the API, the feed, /status, /healthz; ADS 18701). Replica N
   reaches the store on its own client port, so a fault can cut one
   replica's store traffic by port.
+- `FleetTls`: the fleet's certificates, made with `origin-policy certs`: a
+  CA, a server certificate per replica naming its address, a node
+  certificate per Envoy (all listed in the replicas' `--tls-nodes`) and an
+  operator's, which the harness calls `/v1/*`, `/status` and `/healthz`
+  with. Every replica's HTTP and ADS listeners are then mTLS.
 - `fleet_node`: an Envoy on 127.0.0.3N (its listeners and admin on that
   address) whose ADS and feed clusters list every replica, health-checked
-  on /healthz (deploy/fleet/node.py).
+  on /healthz (deploy/fleet/node.py), over mTLS with the node's
+  certificate.
 - `Faults`: iptables rules in OUTPUT (all loopback traffic passes it), each
   tagged with the comment `origin-policy-fault` and removed when its fault
   ends; `Faults.remove_leftovers()` removes any a killed run left.
@@ -31,6 +37,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -46,7 +53,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from edge import CLI, FEED_CLUSTER, POLICIES, WASM, EdgeError, edge_config  # noqa: E402
 from load import decision_host  # noqa: E402
-from node import CONTROL_PLANE_CLUSTER, FleetEnvoy, NodePorts, node_config  # noqa: E402
+from fleet import OPERATOR, Pki  # noqa: E402
+from node import CONTROL_PLANE_CLUSTER, FleetEnvoy, NodePorts, NodeTls, node_config  # noqa: E402
 from node import Replica as ReplicaEndpoint  # noqa: E402
 
 ETCD = Path(os.environ.get("ETCD_BIN", "/usr/bin/etcd"))
@@ -86,11 +94,12 @@ def wait_for(predicate: Callable, timeout: float = 30.0, step: float = 0.05, wha
 
 
 def request(url: str, method: str = "GET", body: bytes | None = None, timeout: float = 10.0,
-            headers: dict | None = None) -> tuple[int, dict]:
-    """The answer's status and JSON ({} if none); OSError if no answer."""
+            headers: dict | None = None, context: ssl.SSLContext | None = None) -> tuple[int, dict]:
+    """The answer's status and JSON ({} if none); OSError if no answer.
+    `context`: the client's TLS (an https URL)."""
     req = urllib.request.Request(url, method=method, data=body, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             data = r.read()
             status = r.status
     except urllib.error.HTTPError as e:
@@ -261,19 +270,68 @@ class EtcdCluster:
             m.stop()
 
 
+# --- certificates -------------------------------------------------------------------------------
+
+class FleetTls:
+    """The replicated fleet's certificates in `directory` (`origin-policy
+    certs`, fleet.py's `Pki`): the CA and its CRL, a server certificate per
+    replica naming its address (`server(name, address)`), a node
+    certificate per Envoy (`node(id)`), every node listed in `nodes`, the
+    replicas' `--tls-nodes`; and an operator's, for the harness."""
+
+    def __init__(self, directory: Path, node_ids: list[str], cli: Path = CLI):
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        self.pki = Pki(directory, cli)
+        self.nodes_file = directory / "nodes"
+        self.nodes_file.write_text("".join(f"{n}\n" for n in node_ids))
+        self.operator = self.pki.issue("operator", OPERATOR)
+        self.node_tls = {n: self.pki.node(n) for n in node_ids}
+
+    @property
+    def ca(self) -> Path:
+        return self.pki.ca
+
+    def server(self, name: str, address: str) -> list[str]:
+        """`serve --tls-*` for replica `name` on `address`."""
+        cert, key = self.pki.issue("server", name, "--ip", address)
+        return ["--tls-ca", str(self.pki.ca), "--tls-cert", str(cert), "--tls-key", str(key),
+                "--tls-crl", str(self.pki.crl), "--tls-nodes", str(self.nodes_file)]
+
+    def node(self, node_id: str) -> NodeTls:
+        return self.node_tls[node_id]
+
+    def client(self, as_node: str | None = None) -> ssl.SSLContext:
+        """A client's TLS: the server's certificate checked against the CA
+        (and its address), the operator's certificate presented (or node
+        `as_node`'s)."""
+        context = ssl.create_default_context(cafile=str(self.pki.ca))
+        if as_node is None:
+            context.load_cert_chain(*map(str, self.operator))
+        else:
+            tls = self.node(as_node)
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+        return context
+
+
 # --- replicas ----------------------------------------------------------------------------------
 
 class Replica(Process):
     """`origin-policy serve` on 127.0.0.2N. With `endpoints` (etcd's client
-    URLs) one replica of several; without, a single server on its own store."""
+    URLs) one replica of several; without, a single server on its own store.
+    With `tls`, both its listeners are mTLS (its own server certificate) and
+    the harness's requests carry the operator's certificate."""
 
     def __init__(self, index: int, run_dir: Path, endpoints: list[str] | None, settings: Path,
-                 wasm: Path = WASM, extra: list[str] = (), cli: Path = CLI):
+                 wasm: Path = WASM, extra: list[str] = (), cli: Path = CLI, tls: FleetTls | None = None):
         self.index = index
         self.replica = f"r{index}"
         self.address = replica_address(index)
         self.http_port, self.ads_port = REPLICA_HTTP_PORT, REPLICA_ADS_PORT
-        self.url = f"http://{self.address}:{self.http_port}"
+        self.tls = tls
+        self.context = tls.client() if tls else None
+        self.url = f"{'https' if tls else 'http'}://{self.address}:{self.http_port}"
         self.endpoints = endpoints
         self.store_port = CLIENT_PORTS[index - 1]
         self.store_dir = run_dir / self.replica / "store"
@@ -283,6 +341,7 @@ class Replica(Process):
             "--listen", f"{self.address}:{self.http_port}", "--store", str(self.store_dir),
             "--wasm", str(wasm), "--settings", str(settings),
             *(["--etcd", ",".join(endpoints), "--replica", self.replica] if endpoints else []),
+            *(tls.server(self.replica, self.address) if tls else []),
             *extra,
         ]
 
@@ -309,7 +368,7 @@ class Replica(Process):
             self.start()
 
     def healthz(self, timeout: float = 2.0) -> tuple[int, dict]:
-        return request(f"{self.url}/healthz", timeout=timeout)
+        return request(f"{self.url}/healthz", timeout=timeout, context=self.context)
 
     def serving(self) -> bool:
         """/healthz says 200 (a single server without one: /status answers)."""
@@ -332,20 +391,21 @@ class Replica(Process):
             raise EdgeError(f"{e}:\n{self.log_tail()}") from e
 
     def status(self, timeout: float = 5.0) -> dict:
-        code, body = request(f"{self.url}/status", timeout=timeout)
+        code, body = request(f"{self.url}/status", timeout=timeout, context=self.context)
         if code != 200:
             raise OSError(f"{self.replica} /status: {code} {body}")
         return body
 
     def put(self, domain: str, document: dict, timeout: float = 10.0) -> tuple[int, dict]:
-        return request(f"{self.url}/v1/domains/{domain}", "PUT", json.dumps(document).encode(), timeout)
+        return request(f"{self.url}/v1/domains/{domain}", "PUT", json.dumps(document).encode(), timeout,
+                       context=self.context)
 
     def get(self, domain: str, timeout: float = 10.0) -> tuple[int, dict]:
-        return request(f"{self.url}/v1/domains/{domain}", timeout=timeout)
+        return request(f"{self.url}/v1/domains/{domain}", timeout=timeout, context=self.context)
 
     def import_policies(self, documents: list[dict], timeout: float = 60.0) -> tuple[int, dict]:
         body = "".join(json.dumps(d) + "\n" for d in documents).encode()
-        return request(f"{self.url}/v1/import", "POST", body, timeout)
+        return request(f"{self.url}/v1/import", "POST", body, timeout, context=self.context)
 
 
 # --- Envoys --------------------------------------------------------------------------------------
@@ -362,21 +422,26 @@ def module_dir(run_root: Path, wasm: Path = WASM) -> Path:
     return directory
 
 
+def node_id(index: int) -> str:
+    return f"fleet-{index}"
+
+
 def fleet_node(run_root: Path, index: int, certs, replicas: list[Replica],
-               modules: Path | None = None) -> FleetEnvoy:
+               modules: Path | None = None, tls: NodeTls | None = None) -> FleetEnvoy:
     """fleet-INDEX on 127.0.0.(30+INDEX), its ADS and feed clusters listing
-    every replica; its working directory run_root/fleet-INDEX; it reads the
-    module from `modules` (see `module_dir`)."""
-    node_id = f"fleet-{index}"
-    run_dir = run_root / node_id
+    every replica (with `tls`, over mTLS with its node certificate: the
+    health checks too); its working directory run_root/fleet-INDEX; it reads
+    the module from `modules` (see `module_dir`)."""
+    node = node_id(index)
+    run_dir = run_root / node
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     shutil.copytree(certs.directory, run_dir / "certs")
     address = envoy_address(index)
-    config = node_config(edge_config(), node_id, ENVOY_PORTS, REPLICA_ADS_PORT, REPLICA_HTTP_PORT,
-                         module_dir=modules, address=address, replicas=[r.endpoint for r in replicas])
-    return FleetEnvoy(run_dir, config, node_id, ENVOY_PORTS, address=address)
+    config = node_config(edge_config(), node, ENVOY_PORTS, REPLICA_ADS_PORT, REPLICA_HTTP_PORT,
+                         module_dir=modules, address=address, tls=tls, replicas=[r.endpoint for r in replicas])
+    return FleetEnvoy(run_dir, config, node, ENVOY_PORTS, address=address)
 
 
 def ask(node: FleetEnvoy, host: str, path: str = "/probe", timeout: float = 10.0) -> tuple[int, str | None]:
@@ -681,23 +746,29 @@ def push_policy(value: str) -> dict:
 
 class ReplicatedFleet:
     """The etcd cluster, the replicas and the Envoys, with the steady load.
-    `etcd=False`: one replica on its own store (the single server)."""
+    `etcd=False`: one replica on its own store (the single server).
+    `tls` (the default): every replica's HTTP and ADS listeners mTLS, with
+    the certificates of a `FleetTls` in run/pki (`self.tls`); `tls=False`:
+    plaintext (loopback only)."""
 
     def __init__(self, run: Path, certs, envoys: int = 3, replicas: int = 2, etcd: bool = True,
-                 wasm: Path = WASM, replica_extra: list[str] = ()):
+                 wasm: Path = WASM, replica_extra: list[str] = (), tls: bool = True):
         require_fault_tools()
         self.run = run
         self.certs = certs
         self.etcd = EtcdCluster(run / "etcd") if etcd else None
         settings = run / "settings.json"
         settings.write_text((POLICIES / "settings.json").read_text())
+        ids = [node_id(i) for i in range(1, envoys + 1)]
+        self.tls = FleetTls(run / "pki", ids) if tls else None
         self.replicas = [
             Replica(i, run, self.etcd.endpoints(CLIENT_PORTS[i - 1]) if etcd else None, settings, wasm,
-                    list(replica_extra))
+                    list(replica_extra), tls=self.tls)
             for i in range(1, replicas + 1)
         ]
         modules = module_dir(run, wasm)
-        self.nodes = [fleet_node(run, i, certs, self.replicas, modules) for i in range(1, envoys + 1)]
+        self.nodes = [fleet_node(run, i, certs, self.replicas, modules, self.tls.node(ids[i - 1]) if tls else None)
+                      for i in range(1, envoys + 1)]
         self.faults = Faults(self.etcd.members if etcd else [])
         self.load: SteadyLoad | None = None
         self.pushes = 0
