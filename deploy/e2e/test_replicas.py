@@ -66,9 +66,9 @@ from node import CONTROL_PLANE_CLUSTER  # noqa: E402
 
 # The limits are wide: what they bound is correctness (it happens), not speed.
 LIMIT = 30.0
-# The source of this test's requests in the clear, so that a replica's
-# events name them.
-PLAINTEXT_SOURCE = "127.0.0.71"
+# The source of this test's connections in the clear or without a
+# certificate, so that a replica's events name them.
+PROBE_SOURCE = "127.0.0.71"
 # A TLS record of the alert type, TLS 1.2 framing (TLS 1.3 sends its alerts
 # so too).
 TLS_ALERT = b"\x15\x03\x03"
@@ -107,13 +107,24 @@ def applied(replica: Replica) -> int:
 
 def in_the_clear(address: str, port: int, payload: bytes) -> bytes:
     """What a listener answers `payload` sent without TLS from
-    PLAINTEXT_SOURCE, until it closes the connection."""
-    with socket.create_connection((address, port), timeout=10, source_address=(PLAINTEXT_SOURCE, 0)) as s:
+    PROBE_SOURCE, until it closes the connection."""
+    with socket.create_connection((address, port), timeout=10, source_address=(PROBE_SOURCE, 0)) as s:
         s.sendall(payload)
         answer = b""
         while chunk := s.recv(4096):
             answer += chunk
         return answer
+
+
+def without_certificate(address: str, port: int, ca: Path) -> None:
+    """A TLS client from PROBE_SOURCE that checks the server's certificate
+    and presents none: the first read raises the server's alert (TLS 1.3
+    refuses a client's certificate after the client's handshake ended).
+    Nothing is sent, so the server closes cleanly, alert first."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((address, port), timeout=10, source_address=(PROBE_SOURCE, 0)) as raw:
+        with context.wrap_socket(raw, server_hostname=address) as s:
+            s.recv(1)
 
 
 def check_run(fleet: ReplicatedFleet, run: FaultRun) -> None:
@@ -179,10 +190,11 @@ def test_every_channel_is_mtls(fleet):
         assert answer.startswith(TLS_ALERT) and b"HTTP/" not in answer, answer
         answer = in_the_clear(replica.address, replica.ads_port, HTTP2_PREFACE)
         assert answer.startswith(TLS_ALERT), answer
-        # TLS without a client certificate: refused in the handshake.
-        no_certificate = ssl.create_default_context(cafile=str(fleet.tls.ca))
-        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
-            request(f"{replica.url}/healthz", context=no_certificate)
+        # TLS without a client certificate: refused in the handshake, on
+        # either listener.
+        for port in (replica.http_port, replica.ads_port):
+            with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+                without_certificate(replica.address, port, fleet.tls.ca)
         # A node's certificate: /healthz (what its health checks ask), not
         # the API or /status, and a poll only as the node it names.
         assert request(f"{replica.url}/healthz", context=as_node) == (200, {"serving": True})
@@ -190,12 +202,16 @@ def test_every_channel_is_mtls(fleet):
         assert request(f"{replica.url}/status", context=as_node)[0] == 403
         code, body = request(f"{replica.url}/changes", headers={"x-feed-node": "fleet-2"}, context=as_node)
         assert code == 403 and 'its certificate node "fleet-1"' in body["message"], body
-        # Each refusal is an event, the clear ones by the client's address.
-        refused = events(replica, since, {"feed_refused", "ads_refused"})
-        for kind in ("feed_refused", "ads_refused"):
-            assert any(e["event"] == kind and e["message"].startswith(f"{PLAINTEXT_SOURCE}: TLS refused")
-                       for e in refused), (replica.replica, kind, refused)
-        assert any(e["message"].endswith("TLS refused: no client certificate") for e in refused), refused
+        # Each refusal is an event, by the client's address: on each
+        # listener the one without a certificate, and the one in the clear.
+        def refusals_listed() -> bool:
+            refused = [(e["event"], e["message"]) for e in events(replica, since, {"feed_refused", "ads_refused"})]
+            return all(
+                (kind, f"{PROBE_SOURCE}: TLS refused: no client certificate") in refused
+                and any(k == kind and m.startswith(f"{PROBE_SOURCE}: TLS refused: ")
+                        and not m.endswith("no client certificate") for k, m in refused)
+                for kind in ("feed_refused", "ads_refused"))
+        wait_for(refusals_listed, LIMIT, 0.1, f"{replica.replica}'s events listing the refusals")
 
     # Every Envoy is on the ADS stream of one replica, and polls the feed,
     # as the node of its certificate (a node.id or a poll that is not its

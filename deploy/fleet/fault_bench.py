@@ -1,6 +1,7 @@
 """Each fault of deploy/e2e/test_replicas.py once, on the same fleet (three
 etcd members, two replicas, Envoys on addresses of their own, a steady
-client on every Envoy, three concurrent writers), and a markdown table: per
+client on every Envoy, three concurrent writers; every replica's HTTP and
+ADS listeners mTLS, `--plaintext` for none), and a markdown table: per
 fault, the viewer requests served and failed, the time from the push to the
 change on every Envoy (and until the write was acknowledged), the time
 from the fault until every Envoy moved off the faulty
@@ -53,7 +54,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envoys", type=int, default=3)
     p.add_argument("--only", help="comma-separated fault names (default: every fault)")
+    p.add_argument("--plaintext", action="store_true",
+                   help="the replicas' listeners in the clear (default: mTLS, as test_replicas.py runs)")
     args = p.parse_args()
+    tls = not args.plaintext
     try:
         require_fault_tools()
     except EdgeError as e:
@@ -65,7 +69,7 @@ def main() -> int:
         run = Path(tmp)
         certs = Certificates(run / "certs")
         with DemoOrigins(DEMO_ORIGINS, certs):
-            fleet = ReplicatedFleet(run, certs, envoys=args.envoys)
+            fleet = ReplicatedFleet(run, certs, envoys=args.envoys, tls=tls)
             try:
                 started = time.monotonic()
                 fleet.start()
@@ -75,12 +79,18 @@ def main() -> int:
                 for name in names:
                     print(f"{name} ...", file=sys.stderr)
                     runs.append(run_scenario(fleet, chosen[name]))
+                rows = fleet.load.records()
+                span = rows[-1][0] - rows[0][0] if len(rows) > 1 else 0.0
+                rate = len(rows) / span / args.envoys if span else 0.0
             finally:
                 fleet.stop()
                 Faults.remove_leftovers()
-    print(f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores; "
+    print(f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end; "
           f"Envoy {envoy_version()}, etcd {etcd_version()}, the CLI's debug build; "
-          f"{args.envoys} Envoys, 2 replicas, 3 etcd members, 3 writers\n")
+          f"{args.envoys} Envoys, a steady client at {rate:.0f} requests/s on each, 2 replicas, "
+          f"3 etcd members, 3 writers; the replicas' listeners "
+          f"{'mTLS' if tls else 'in the clear'}\n")
     print(table(runs))
     bad = [r.name for r in runs if r.failed or r.lost]
     if bad:
