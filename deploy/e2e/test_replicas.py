@@ -7,6 +7,8 @@ on /healthz. Every replica's HTTP and ADS listeners are mTLS: a CA made with
 `origin-policy certs`, a server certificate per replica naming its address,
 a node certificate per Envoy (listed in `--tls-nodes`) on its ADS and feed
 clusters and their health checks, an operator's for this test's requests.
+etcd's client and peer ports are TLS with client-cert-auth, of a CA of the
+store's own (`serve --etcd-ca/--etcd-cert/--etcd-key`).
 A steady client on every Envoy records each request (deploy/fleet/load.py).
 
 1. a write through either replica is visible through both and on every Envoy;
@@ -16,13 +18,18 @@ A steady client on every Envoy records each request (deploy/fleet/load.py).
    certificate gets /healthz but not the API, nor a poll as another node;
    every Envoy is on an ADS stream and polls the feed as its certificate's
    identity, and counts TLS handshakes in both clusters;
+3. the store is mTLS: each etcd member's client ports answer nothing in the
+   clear and refuse a client without a certificate or with an edge's (of
+   the fleet's CA: the store's is another), and answer a replica's; its
+   peer port refuses a client without a certificate; the replicas' store
+   endpoints are https;
 then, one at a time, each fault with concurrent writers through both
 replicas and a push made as soon as the fault is in place:
-3. a replica killed (SIGKILL), the push through the other;
-4. a replica's store connection cut (its etcd port reset by iptables), the
+4. a replica killed (SIGKILL), the push through the other;
+5. a replica's store connection cut (its etcd port reset by iptables), the
    push through the other;
-5. a store member killed (the etcd leader, of three), the push through either;
-6. a replica partitioned (every packet to it and from it to the store
+6. a store member killed (the etcd leader, of three), the push through either;
+7. a replica partitioned (every packet to it and from it to the store
    dropped), the push through the other.
 For each: the push reaches every Envoy, every Envoy moves off the faulty
 replica (its health checks fail it, its ADS stream is on the other), every
@@ -48,6 +55,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fleet"))
 
 from cluster import (  # noqa: E402
+    CLIENT_PORTS,
+    PEER_PORT,
     PUSH_DOMAIN,
     FaultRun,
     Faults,
@@ -68,7 +77,7 @@ from node import CONTROL_PLANE_CLUSTER  # noqa: E402
 LIMIT = 30.0
 # The source of this test's connections in the clear or without a
 # certificate, so that a replica's events name them.
-PROBE_SOURCE = "127.0.0.71"
+PROBE_SOURCE = "127.0.0.81"
 # A TLS record of the alert type, TLS 1.2 framing (TLS 1.3 sends its alerts
 # so too).
 TLS_ALERT = b"\x15\x03\x03"
@@ -239,6 +248,34 @@ def test_every_channel_is_mtls(fleet):
             assert stats.get(f"cluster.{cluster}.ssl.handshake", 0) > 0, (node.node_id, cluster)
             assert stats.get(f"cluster.{cluster}.health_check.success", 0) > 0, (node.node_id, cluster)
     print("\nmTLS: Envoys on ADS " + ", ".join(f"{n} on {v[0]}" for n, v in sorted(connected.items())))
+
+
+def test_store_is_mtls(fleet):
+    """etcd's client and peer ports are TLS with client-cert-auth, of a CA of
+    the store's own: only the replicas' certificates open it."""
+    etcd_tls = fleet.etcd_tls
+    for replica in fleet.replicas:
+        store = replica.status()["store"]
+        assert store["state"] == "connected" and store["endpoints"], store
+        assert all(e.startswith("https://") for e in store["endpoints"]), store
+    a_node = (fleet.tls.node("fleet-1").cert, fleet.tls.node("fleet-1").key)
+    for member in fleet.etcd.members:
+        for port in CLIENT_PORTS:
+            url = f"https://{member.address}:{port}/version"
+            # In the clear: no answer.
+            answer = in_the_clear(member.address, port,
+                                  f"GET /version HTTP/1.1\r\nhost: {member.address}\r\n\r\n".encode())
+            assert b"etcdserver" not in answer, answer
+            # A replica's certificate: etcd answers.
+            code, body = request(url, context=etcd_tls.client(etcd_tls.clients["r1"]))
+            assert code == 200 and "etcdserver" in body, body
+            # None, or an edge's (of the fleet's CA, not the store's): refused.
+            for certificate in (None, a_node):
+                with pytest.raises(OSError):
+                    request(url, context=etcd_tls.client(certificate))
+        # The peer port too: no member's certificate, no Raft.
+        with pytest.raises(OSError):
+            request(f"https://{member.address}:{PEER_PORT}/members", context=etcd_tls.client())
 
 
 def test_replica_killed(fleet):

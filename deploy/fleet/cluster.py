@@ -4,8 +4,10 @@ deploy/fleet/fault_bench.py use it):
 
 - `EtcdCluster`: three etcd members (`/usr/bin/etcd`) on 127.0.0.11-13, client
   port 2379 (replica 1's) and 2479 (replica 2's), peers on 2380, /health and
-  /metrics on 2381 (this harness's own look), data in a directory of the
-  run; one member can be killed (SIGKILL) and restarted on its data.
+  /metrics on 2381 (this harness's own look, plain HTTP), data in a
+  directory of the run; one member can be killed (SIGKILL) and restarted on
+  its data. With `EtcdTls`, the client and peer ports are TLS with
+  client-cert-auth, of a CA of the store's own.
 - `Replica`: `origin-policy serve --etcd ... --replica rN` on 127.0.0.2N
   (HTTP 18700: the API, the feed, /status, /healthz; ADS 18701). Replica N
   reaches the store on its own client port, so a fault can cut one
@@ -14,7 +16,10 @@ deploy/fleet/fault_bench.py use it):
   CA, a server certificate per replica naming its address, a node
   certificate per Envoy (all listed in the replicas' `--tls-nodes`) and an
   operator's, which the harness calls `/v1/*`, `/status` and `/healthz`
-  with. Every replica's HTTP and ADS listeners are then mTLS.
+  with. Every replica's HTTP and ADS listeners are then mTLS. `EtcdTls`:
+  the store's CA (another one: an edge's certificate must not open etcd),
+  a certificate per member naming its address, one per replica for
+  `serve --etcd-ca/--etcd-cert/--etcd-key`.
 - `fleet_node`: an Envoy on 127.0.0.3N (its listeners and admin on that
   address) whose ADS and feed clusters list every replica, health-checked
   on /healthz (deploy/fleet/node.py), over mTLS with the node's
@@ -168,29 +173,79 @@ class Process:
 
 # --- etcd --------------------------------------------------------------------------------------
 
+class EtcdTls:
+    """The store's certificates in `directory`, of a CA of their own (etcd
+    admits any client certificate of its `--trusted-ca-file`, so not the
+    fleet's CA, whose node certificates the edges hold): a certificate per
+    member naming its address (a server's: etcd uses it as a client too,
+    for its own gateway and its peers), one per replica (a client's)."""
+
+    def __init__(self, directory: Path, cli: Path = CLI):
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        self.pki = Pki(directory, cli)
+        self.clients: dict[str, tuple[Path, Path]] = {}
+
+    @property
+    def ca(self) -> Path:
+        return self.pki.ca
+
+    def member(self, name: str, address: str) -> tuple[Path, Path]:
+        """Its address, and 127.0.0.1: with --peer-client-cert-auth a member
+        admits a peer only from an address its certificate names, and the
+        kernel makes every connection between loopback addresses from
+        127.0.0.1 (on a machine of its own, a member's own address)."""
+        return self.pki.issue("server", name, "--ip", address, "--ip", "127.0.0.1")
+
+    def replica(self, name: str) -> list[str]:
+        """`serve --etcd-*` for replica `name`."""
+        cert, key = self.clients[name] = self.pki.issue("operator", f"etcd-client-{name}")
+        return ["--etcd-ca", str(self.pki.ca), "--etcd-cert", str(cert), "--etcd-key", str(key)]
+
+    def client(self, certificate: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+        """A client of the members: their certificates checked against the
+        store's CA (and their address), `certificate` presented."""
+        context = ssl.create_default_context(cafile=str(self.pki.ca))
+        if certificate is not None:
+            context.load_cert_chain(*map(str, certificate))
+        return context
+
+
 class EtcdMember(Process):
-    def __init__(self, index: int, run_dir: Path, initial_cluster: str):
+    def __init__(self, index: int, run_dir: Path, initial_cluster: str, tls: EtcdTls | None = None):
         self.index = index
         self.member = f"etcd-{index}"
         self.address = MEMBER_ADDRESSES[index - 1]
         self.data_dir = run_dir / self.member
         self.initial_cluster = initial_cluster
+        self.scheme = "https" if tls else "http"
+        self.tls_flags: list[str] = []
+        if tls:
+            cert, key = tls.member(self.member, self.address)
+            self.tls_flags = [
+                "--cert-file", str(cert), "--key-file", str(key),
+                "--client-cert-auth", "--trusted-ca-file", str(tls.ca),
+                "--peer-cert-file", str(cert), "--peer-key-file", str(key),
+                "--peer-client-cert-auth", "--peer-trusted-ca-file", str(tls.ca),
+            ]
         super().__init__(self.member, run_dir / f"{self.member}.log")
 
     def client_url(self, port: int = CLIENT_PORTS[0]) -> str:
-        return f"http://{self.address}:{port}"
+        return f"{self.scheme}://{self.address}:{port}"
 
     def command(self, state: str) -> list[str]:
-        a = self.address
+        a, scheme = self.address, self.scheme
         return [
             str(ETCD), "--name", self.member, "--data-dir", str(self.data_dir),
-            "--listen-client-urls", ",".join(f"http://{a}:{p}" for p in CLIENT_PORTS),
-            "--advertise-client-urls", ",".join(f"http://{a}:{p}" for p in CLIENT_PORTS),
-            "--listen-peer-urls", f"http://{a}:{PEER_PORT}",
-            "--initial-advertise-peer-urls", f"http://{a}:{PEER_PORT}",
+            "--listen-client-urls", ",".join(f"{scheme}://{a}:{p}" for p in CLIENT_PORTS),
+            "--advertise-client-urls", ",".join(f"{scheme}://{a}:{p}" for p in CLIENT_PORTS),
+            "--listen-peer-urls", f"{scheme}://{a}:{PEER_PORT}",
+            "--initial-advertise-peer-urls", f"{scheme}://{a}:{PEER_PORT}",
             "--listen-metrics-urls", f"http://{a}:{METRICS_PORT}",
             "--initial-cluster", self.initial_cluster, "--initial-cluster-token", "origin-policy-faults",
             "--initial-cluster-state", state, "--logger", "zap", "--log-outputs", "stderr",
+            *self.tls_flags,
         ]
 
     def start(self, state: str = "new") -> None:
@@ -221,12 +276,16 @@ class EtcdMember(Process):
 
 
 class EtcdCluster:
-    """Three members, started together; `kill(i)` / `restart(i)` one of them."""
+    """Three members, started together; `kill(i)` / `restart(i)` one of them.
+    With `tls`, their client and peer ports are TLS with client-cert-auth."""
 
-    def __init__(self, run_dir: Path, size: int = 3):
+    def __init__(self, run_dir: Path, size: int = 3, tls: EtcdTls | None = None):
         self.run_dir = run_dir
-        initial = ",".join(f"etcd-{i}=http://{MEMBER_ADDRESSES[i - 1]}:{PEER_PORT}" for i in range(1, size + 1))
-        self.members = [EtcdMember(i, run_dir, initial) for i in range(1, size + 1)]
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        initial = ",".join(f"etcd-{i}={scheme}://{MEMBER_ADDRESSES[i - 1]}:{PEER_PORT}"
+                           for i in range(1, size + 1))
+        self.members = [EtcdMember(i, run_dir, initial, tls) for i in range(1, size + 1)]
 
     def endpoints(self, port: int = CLIENT_PORTS[0]) -> list[str]:
         return [m.client_url(port) for m in self.members]
@@ -440,7 +499,8 @@ def fleet_node(run_root: Path, index: int, certs, replicas: list[Replica],
     shutil.copytree(certs.directory, run_dir / "certs")
     address = envoy_address(index)
     config = node_config(edge_config(), node, ENVOY_PORTS, REPLICA_ADS_PORT, REPLICA_HTTP_PORT,
-                         module_dir=modules, address=address, tls=tls, replicas=[r.endpoint for r in replicas])
+                         module_dir=modules, address=address, tls=tls, tls_dir=run_dir / "tls",
+                         replicas=[r.endpoint for r in replicas])
     return FleetEnvoy(run_dir, config, node, ENVOY_PORTS, address=address)
 
 
@@ -748,22 +808,25 @@ class ReplicatedFleet:
     """The etcd cluster, the replicas and the Envoys, with the steady load.
     `etcd=False`: one replica on its own store (the single server).
     `tls` (the default): every replica's HTTP and ADS listeners mTLS, with
-    the certificates of a `FleetTls` in run/pki (`self.tls`); `tls=False`:
-    plaintext (loopback only)."""
+    the certificates of a `FleetTls` in run/pki (`self.tls`), and the store
+    too: etcd's client and peer ports TLS with client-cert-auth, of an
+    `EtcdTls` in run/etcd-pki; `tls=False`: all in the clear (loopback
+    only)."""
 
     def __init__(self, run: Path, certs, envoys: int = 3, replicas: int = 2, etcd: bool = True,
                  wasm: Path = WASM, replica_extra: list[str] = (), tls: bool = True):
         require_fault_tools()
         self.run = run
         self.certs = certs
-        self.etcd = EtcdCluster(run / "etcd") if etcd else None
+        self.etcd_tls = EtcdTls(run / "etcd-pki") if etcd and tls else None
+        self.etcd = EtcdCluster(run / "etcd", tls=self.etcd_tls) if etcd else None
         settings = run / "settings.json"
         settings.write_text((POLICIES / "settings.json").read_text())
         ids = [node_id(i) for i in range(1, envoys + 1)]
         self.tls = FleetTls(run / "pki", ids) if tls else None
         self.replicas = [
             Replica(i, run, self.etcd.endpoints(CLIENT_PORTS[i - 1]) if etcd else None, settings, wasm,
-                    list(replica_extra), tls=self.tls)
+                    [*(self.etcd_tls.replica(f"r{i}") if self.etcd_tls else []), *replica_extra], tls=self.tls)
             for i in range(1, replicas + 1)
         ]
         modules = module_dir(run, wasm)
