@@ -1,7 +1,8 @@
 """Each fault of deploy/e2e/test_replicas.py once, on the same fleet (three
 etcd members, two replicas, Envoys on addresses of their own, a steady
 client on every Envoy, three concurrent writers; every replica's HTTP and
-ADS listeners mTLS, `--plaintext` for none), and a markdown table: per
+ADS listeners mTLS and etcd TLS with client-cert-auth, `--plaintext` for
+none), and a markdown table: per
 fault, the viewer requests served and failed, the time from the push to the
 change on every Envoy (and until the write was acknowledged), the time
 from the fault until every Envoy moved off the faulty
@@ -55,7 +56,7 @@ def main() -> int:
     p.add_argument("--envoys", type=int, default=3)
     p.add_argument("--only", help="comma-separated fault names (default: every fault)")
     p.add_argument("--plaintext", action="store_true",
-                   help="the replicas' listeners in the clear (default: mTLS, as test_replicas.py runs)")
+                   help="the replicas' listeners and etcd in the clear (default: mTLS, as test_replicas.py runs)")
     args = p.parse_args()
     tls = not args.plaintext
     try:
@@ -90,7 +91,7 @@ def main() -> int:
           f"Envoy {envoy_version()}, etcd {etcd_version()}, the CLI's debug build; "
           f"{args.envoys} Envoys, a steady client at {rate:.0f} requests/s on each, 2 replicas, "
           f"3 etcd members, 3 writers; the replicas' listeners "
-          f"{'mTLS' if tls else 'in the clear'}\n")
+          f"{'mTLS, etcd TLS with client-cert-auth' if tls else 'and etcd in the clear'}\n")
     print(table(runs))
     bad = [r.name for r in runs if r.failed or r.lost]
     if bad:
