@@ -77,28 +77,7 @@ pub enum Command {
     /// write needs are in Envoy before the write is published). With
     /// --watch, a policy directory is kept in the store: only the files that
     /// changed are checked again. Runs until Ctrl-C or SIGTERM.
-    Serve {
-        #[command(flatten)]
-        output: OutputArgs,
-        /// Where the API and the feed listen.
-        #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1:18090")]
-        listen: String,
-        /// The store's directory.
-        #[arg(long, value_name = "STORE", default_value = "run/store")]
-        store: PathBuf,
-        /// A policy directory to keep in the store (settings.json in it: the settings).
-        #[arg(long, value_name = "DIR")]
-        watch: Vec<PathBuf>,
-        /// The settings document, when no watched directory has one.
-        #[arg(long, value_name = "FILE")]
-        settings: Option<PathBuf>,
-        #[command(flatten)]
-        fleet: FleetArgs,
-        #[command(flatten)]
-        replicas: Box<ReplicaArgs>,
-        #[command(flatten)]
-        tls: Box<TlsArgs>,
-    },
+    Serve(ServeArgs),
     /// Certificates for the control plane's mTLS: a CA, node, server and operator certificates, the CRL.
     ///
     /// Each certificate's identity is its SAN URI:
@@ -251,6 +230,31 @@ pub struct OutputArgs {
     /// policy never names a cluster Envoy does not have yet.
     #[arg(long, value_name = "ADDRESS")]
     pub admin: Option<String>,
+}
+
+/// `serve`'s flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// Where the API and the feed listen.
+    #[arg(long, value_name = "ADDRESS", default_value = "127.0.0.1:18090")]
+    pub listen: String,
+    /// The store's directory.
+    #[arg(long, value_name = "STORE", default_value = "run/store")]
+    pub store: PathBuf,
+    /// A policy directory to keep in the store (settings.json in it: the settings).
+    #[arg(long, value_name = "DIR")]
+    pub watch: Vec<PathBuf>,
+    /// The settings document, when no watched directory has one.
+    #[arg(long, value_name = "FILE")]
+    pub settings: Option<PathBuf>,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub replicas: Box<ReplicaArgs>,
+    #[command(flatten)]
+    pub tls: Box<TlsArgs>,
 }
 
 /// `serve` for a fleet of Envoys over ADS, with a canary rollout.

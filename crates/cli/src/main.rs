@@ -15,8 +15,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use origin_policy_cli::args::{
-    CertsCommand, Cli, Command, Delivery, FleetArgs, Holder, MirrorArgs, OutputArgs, ReplicaArgs,
-    RevokedHolder, TlsArgs,
+    CertsCommand, Cli, Command, Delivery, Holder, MirrorArgs, OutputArgs, ReplicaArgs,
+    RevokedHolder, ServeArgs, TlsArgs,
 };
 use origin_policy_cli::certs;
 use origin_policy_control::envoy::EnvoyConfig;
@@ -50,18 +50,17 @@ impl fmt::Display for CliError {
     }
 }
 
-// One argument per group of `serve`'s flags, as clap declares them.
-#[allow(clippy::too_many_arguments)]
-fn serve(
-    output: &OutputArgs,
-    listen: &str,
-    store: &std::path::Path,
-    watch: &[PathBuf],
-    settings: &Option<PathBuf>,
-    fleet: &FleetArgs,
-    replicas: &ReplicaArgs,
-    tls: &TlsArgs,
-) -> Result<(), CliError> {
+fn serve(args: &ServeArgs) -> Result<(), CliError> {
+    let ServeArgs {
+        output,
+        listen,
+        store,
+        watch,
+        settings,
+        fleet,
+        replicas,
+        tls,
+    } = args;
     if !replicas.etcd.is_empty() && !fleet.canary.is_empty() {
         return Err(CliError::Usage(
             "--canary cannot be used with --etcd: the canary rollout is one server's (docs/api.md, \"Replicas\")".to_owned(),
@@ -476,16 +475,7 @@ fn main() -> ExitCode {
             delivery,
             paths,
         } => bundle(output, *delivery, paths),
-        Command::Serve {
-            output,
-            listen,
-            store,
-            watch,
-            settings,
-            fleet,
-            replicas,
-            tls,
-        } => serve(output, listen, store, watch, settings, fleet, replicas, tls),
+        Command::Serve(args) => serve(args),
         Command::Certs { command } => certs_command(command),
         Command::Mirror(args) => mirror(args),
         Command::MirrorServe { root, listen } => {
