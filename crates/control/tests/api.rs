@@ -2,84 +2,12 @@
 //! directory. Envoy is a fake here (`RecordingEnvoy` records what it is
 //! given); the real-Envoy tests are deploy/e2e/test_control_plane.py.
 
-use origin_policy_control::envoy::EnvoyConfig;
-use origin_policy_control::validate::EdgeSettings;
-use origin_policy_control::{ControlError, ServeConfig, Server};
-use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+mod common;
+use common::{call, RecordingEnvoy};
 
-/// A fake Envoy: records every cluster set it is given.
-#[derive(Default, Clone)]
-struct RecordingEnvoy(Arc<Mutex<Vec<usize>>>);
-
-impl EnvoyConfig for RecordingEnvoy {
-    fn clusters(&self, clusters: &[Arc<str>]) -> Result<(), ControlError> {
-        if let Ok(mut sets) = self.0.lock() {
-            sets.push(clusters.len());
-        }
-        Ok(())
-    }
-    fn filter(&self, _: &EdgeSettings) -> Result<(), ControlError> {
-        Ok(())
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request on its own connection.
-fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| unreachable!("connect: {e}"));
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream
-        .write_all(request.as_bytes())
-        .unwrap_or_else(|e| unreachable!("write: {e}"));
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .unwrap_or_else(|e| unreachable!("read: {e}"));
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
+use origin_policy_control::{ServeConfig, Server};
+use serde_json::json;
+use std::net::SocketAddr;
 
 struct Running {
     addr: SocketAddr,

@@ -5,14 +5,15 @@
 //!
 //! The tests share the members' addresses, so they run one at a time.
 
+mod common;
+use common::{call, RecordingEnvoy, Reply};
+
 use origin_policy_control::envoy::EnvoyConfig;
 use origin_policy_control::etcd::EtcdTls;
 use origin_policy_control::replica::ReplicaConfig;
-use origin_policy_control::validate::EdgeSettings;
-use origin_policy_control::{ControlError, ServeConfig, Server};
+use origin_policy_control::{ServeConfig, Server};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,84 +29,6 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 
 /// A wide limit for things that take milliseconds: correctness, not speed.
 const WITHIN: Duration = Duration::from_secs(15);
-
-#[derive(Default, Clone)]
-struct RecordingEnvoy(Arc<Mutex<Vec<usize>>>);
-
-impl EnvoyConfig for RecordingEnvoy {
-    fn clusters(&self, clusters: &[Arc<str>]) -> Result<(), ControlError> {
-        if let Ok(mut sets) = self.0.lock() {
-            sets.push(clusters.len());
-        }
-        Ok(())
-    }
-    fn filter(&self, _: &EdgeSettings) -> Result<(), ControlError> {
-        Ok(())
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request on its own connection (status 0: no answer).
-fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
-    let failed = || Reply {
-        status: 0,
-        headers: Vec::new(),
-        body: String::new(),
-    };
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return failed();
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    if stream.write_all(request.as_bytes()).is_err() {
-        return failed();
-    }
-    let mut text = String::new();
-    if stream.read_to_string(&mut text).is_err() {
-        return failed();
-    }
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
 
 /// Until `done` holds, within [`WITHIN`]; whether it did.
 fn eventually(mut done: impl FnMut() -> bool) -> bool {
