@@ -69,6 +69,19 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def wait_for(predicate, timeout: float = 60.0, step: float = 0.05, what: str = "condition"):
+    """`predicate()`'s first true value; AssertionError after `timeout` (a
+    correctness limit, not a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(step)
+
+
 class Envoy:
     """One Envoy process with its working directory in `run_dir`."""
 

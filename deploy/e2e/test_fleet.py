@@ -43,7 +43,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fleet"))
 
-from edge import POLICIES, WASM  # noqa: E402
+from edge import POLICIES, WASM, wait_for  # noqa: E402
 from fleet import ControlPlane, make_node, start_nodes, status_text  # noqa: E402
 from load import decision_host  # noqa: E402
 from node import FleetEnvoy  # noqa: E402
@@ -136,16 +136,6 @@ def ask(node: FleetEnvoy, host: str, path: str = "/probe") -> tuple[int, str | N
         return r.status, decision_host(r.getheader("x-origin-decision"))
     finally:
         conn.close()
-
-
-def wait_for(predicate, timeout: float = 30.0, step: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def copy_module_to(module: Path, directory: Path) -> Path:

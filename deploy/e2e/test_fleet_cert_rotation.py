@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fleet"))
 
 from conftest import policies_for_tests  # noqa: E402
-from edge import edge_config, http_get  # noqa: E402
+from edge import edge_config, http_get, wait_for  # noqa: E402
 from fleet import ControlPlane, Pki, ServerTls  # noqa: E402
 from load import decision_host  # noqa: E402
 from node import FleetEnvoy, NodeCertificates, NodePorts, NodeTls, node_config  # noqa: E402
@@ -55,16 +55,6 @@ STEADY = ["plain.example.com", "legacy.example.com"]
 CONTROL_PLANE = "cluster.fleet_control_plane."
 FEED = "cluster.origin_policy_feed."
 WIDE = 60  # seconds: a correctness limit, not a timing claim
-
-
-def wait_for(predicate, timeout: float = WIDE, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def serial(pem: bytes) -> int:

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fleet"))
 
 from conftest import policies_for_tests  # noqa: E402
-from edge import edge_config, http_get  # noqa: E402
+from edge import edge_config, http_get, wait_for  # noqa: E402
 from feed_mitm import FeedMitm  # noqa: E402
 from fleet import ControlPlane, Pki, ServerTls  # noqa: E402
 from node import FleetEnvoy, NodePorts, NodeTls, node_config  # noqa: E402
@@ -72,16 +72,6 @@ VICTIM = "plain.example.com"  # the demo origin `plain` answers it
 # in every Envoy, so a forged policy naming that origin would be routed.
 TENANT = "tenant.tls.test"
 WIDE = 60  # seconds: a correctness limit, not a timing claim
-
-
-def wait_for(predicate, timeout: float = WIDE, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 class AttackerOrigin:

@@ -56,7 +56,7 @@ from typing import Callable, Iterator
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from edge import CLI, FEED_CLUSTER, POLICIES, WASM, EdgeError, edge_config  # noqa: E402
+from edge import CLI, FEED_CLUSTER, POLICIES, WASM, EdgeError, edge_config, wait_for  # noqa: E402
 from load import decision_host  # noqa: E402
 from fleet import OPERATOR, Pki  # noqa: E402
 from node import CONTROL_PLANE_CLUSTER, FleetEnvoy, NodePorts, NodeTls, node_config  # noqa: E402
@@ -84,18 +84,6 @@ def replica_address(index: int) -> str:
 
 def envoy_address(index: int) -> str:
     return f"127.0.0.{30 + index}"
-
-
-def wait_for(predicate: Callable, timeout: float = 30.0, step: float = 0.05, what: str = "condition"):
-    """`predicate()`'s first true value; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(step)
 
 
 def request(url: str, method: str = "GET", body: bytes | None = None, timeout: float = 10.0,
