@@ -31,7 +31,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ sys.path.insert(0, str(HERE.parent / "fleet"))
 
 from edge import POLICIES, WASM, wait_for  # noqa: E402
 from fleet import ControlPlane, make_node, start_nodes, status_text  # noqa: E402
-from load import decision_host  # noqa: E402
+from load import LoadProcess, decision_host  # noqa: E402
 from node import FleetEnvoy  # noqa: E402
 
 XDS_PORT = 18610
@@ -56,35 +55,7 @@ BAKE_SECONDS = 2
 DOMAINS = ["plain.example.com", "legacy.example.com", "media.example.com"]
 CHANGED = "plain.example.com"
 NEW_HOST = "fleet-change-1.example.net"  # what the one-domain change sends as its Host
-LOAD = HERE.parent / "fleet" / "load.py"
 FAILING_ORIGIN_PORT = 18084  # deploy/origins.py's www-primary: 503 to everything
-
-
-class Load:
-    """deploy/fleet/load.py on the given ports; its records read back at any time."""
-
-    def __init__(self, out: Path, ports: list[int]):
-        self.out = out
-        self.process = subprocess.Popen(
-            [sys.executable, str(LOAD), "--ports", ",".join(map(str, ports)),
-             "--hosts", ",".join(DOMAINS), "--out", str(out), "--seconds", "300", "--interval", "0.005"]
-        )
-
-    def records(self, start: float = 0.0, end: float = float("inf")) -> list[list]:
-        if not self.out.exists():
-            return []
-        # The last piece may be a line the load process is still writing.
-        complete = self.out.read_text().split("\n")[:-1]
-        rows = [json.loads(line) for line in complete if line]
-        return [r for r in rows if start <= r[0] < end]
-
-    @staticmethod
-    def failed(rows: list[list]) -> list[list]:
-        return [r for r in rows if not 200 <= r[3] < 300]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
 
 
 @dataclass
@@ -193,7 +164,7 @@ def fleet(tmp_path_factory, demo_origins):
     load = None
     try:
         start_nodes(nodes)
-        load = Load(run / "load.jsonl", [n.ports.http for n in nodes])
+        load = LoadProcess(run / "load.jsonl", [str(n.ports.http) for n in nodes], DOMAINS, seconds=300, interval=0.005)
         wait_for(lambda: len(load.records()) > 30, what="load running")
         yield Fleet(run, policies, wasm, control, nodes, load, demo_origins.certs)
     finally:
@@ -395,7 +366,7 @@ def test_control_plane_killed_and_restarted_loses_no_request(fleet, extra_nodes)
     assert {(s, d) for _, s, d in prober.answers} == {(200, NEW_HOST)}
     # One stream each since the restart: every Envoy came back by itself.
     assert {n["xds"]["connections"] for n in fleet.nodes_status().values()} == {1}
-    failed = Load.failed(fleet.load.records(start, time.time()))
+    failed = LoadProcess.failed(fleet.load.records(start, time.time()))
     assert failed == [], failed[:10]
 
 
@@ -403,7 +374,7 @@ def test_no_request_failed_but_the_held_canarys(fleet):
     canary_port = fleet.node(CANARY).ports.http
     begin, end = fleet.canary_window
     rows = fleet.load.records()
-    failed = Load.failed(rows)
+    failed = LoadProcess.failed(rows)
     expected = [r for r in failed if r[1] == canary_port and r[2] == CHANGED and begin <= r[0] <= end]
     unexpected = [r for r in failed if r not in expected]
     print(f"\nload: {len(rows)} requests over {rows[-1][0] - rows[0][0]:.0f} s on three Envoys; "

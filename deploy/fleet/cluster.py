@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from edge import CLI, FEED_CLUSTER, POLICIES, WASM, EdgeError, edge_config, wait_for  # noqa: E402
-from load import decision_host  # noqa: E402
+from load import LoadProcess, decision_host  # noqa: E402
 from fleet import OPERATOR, Pki  # noqa: E402
 from node import CONTROL_PLANE_CLUSTER, FleetEnvoy, NodePorts, NodeTls, node_config  # noqa: E402
 from node import Replica as ReplicaEndpoint  # noqa: E402
@@ -74,7 +74,6 @@ REPLICA_HTTP_PORT = 18700
 REPLICA_ADS_PORT = 18701
 # Every Envoy on its own address, so the same ports for each.
 ENVOY_PORTS = NodePorts(10080, 10443, 9901)
-LOAD = HERE / "load.py"
 FAULT_COMMENT = "origin-policy-fault"
 
 
@@ -620,31 +619,11 @@ class Faults:
 
 # --- load and writers ---------------------------------------------------------------------------
 
-class SteadyLoad:
+class SteadyLoad(LoadProcess):
     """deploy/fleet/load.py on every node's HTTP listener, each request recorded."""
 
     def __init__(self, out: Path, nodes: list[FleetEnvoy], hosts: list[str], interval: float = 0.01):
-        self.out = out
-        self.process = subprocess.Popen(
-            [sys.executable, str(LOAD), "--ports", ",".join(f"{n.address}:{n.ports.http}" for n in nodes),
-             "--hosts", ",".join(hosts), "--out", str(out), "--seconds", "3600", "--interval", str(interval)]
-        )
-
-    def records(self, start: float = 0.0, end: float = float("inf")) -> list[list]:
-        if not self.out.exists():
-            return []
-        complete = self.out.read_text().split("\n")[:-1]  # the last line may be partial
-        rows = [json.loads(line) for line in complete if line]
-        return [r for r in rows if start <= r[0] < end]
-
-    @staticmethod
-    def failed(rows: list[list]) -> list[list]:
-        return [r for r in rows if not 200 <= r[3] < 300]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
+        super().__init__(out, [f"{n.address}:{n.ports.http}" for n in nodes], hosts, seconds=3600, interval=interval)
 
 
 def writer_policy(domain: str, n: int) -> dict:

@@ -20,6 +20,8 @@ import argparse
 import http.client
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -75,6 +77,34 @@ def drive(entry: str, hosts: list[str], interval: float, records: Records, stop:
             conn = http.client.HTTPConnection(address, port, timeout=10)
         stop.wait(interval)
     conn.close()
+
+
+class LoadProcess:
+    """This script run as a process against `targets` (`PORT` or
+    `ADDRESS:PORT`); its records read back at any time."""
+
+    def __init__(self, out: Path, targets: list[str], hosts: list[str], seconds: float, interval: float):
+        self.out = out
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--ports", ",".join(targets), "--hosts", ",".join(hosts),
+             "--out", str(out), "--seconds", str(seconds), "--interval", str(interval)]
+        )
+
+    def records(self, start: float = 0.0, end: float = float("inf")) -> list[list]:
+        if not self.out.exists():
+            return []
+        complete = self.out.read_text().split("\n")[:-1]  # the last line may be partial
+        rows = [json.loads(line) for line in complete if line]
+        return [r for r in rows if start <= r[0] < end]
+
+    @staticmethod
+    def failed(rows: list[list]) -> list[list]:
+        return [r for r in rows if not 200 <= r[3] < 300]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
 
 
 def main() -> int:
